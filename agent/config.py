@@ -92,6 +92,12 @@ class FetchConfig(_Section):
     read_timeout_s: float = 30.0
     retries: int = 4  # per mirror, exponential backoff with jitter
     store_budget_bytes: int | None = None  # None: keep current + previous only
+    # First retry waits about this long, doubling per attempt with full jitter, so a
+    # fleet that lost its mirror at the same moment does not retry in lockstep.
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0  # a retry never waits longer than this
+    # Free space left on the store's disk after a download, so logs and state still fit.
+    disk_margin_bytes: int = 64 * 1024 * 1024
 
 
 class TelemetryConfig(_Section):
