@@ -202,3 +202,60 @@ def read_secret(path: str | None, credential: str, env: dict[str, str] | None = 
         except OSError as exc:
             raise ConfigError(f"cannot read secret {candidate}: {exc.strerror}") from exc
     return None
+
+
+# --- fleet controller (edge-agent fleet serve) -------------------------------------------
+
+
+class FleetAuthConfig(_Section):
+    # Hashes, never secrets: "scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>" or
+    # "pbkdf2_sha256$<iterations>$<salt b64>$<hash b64>", made by `edge-agent fleet hash-secret`,
+    # so a leaked config file does not open the dashboard. hashlib only: no extra dependency.
+    admin_password_hash: str | None = None  # None: password login is off (tokens still work)
+    api_token_hashes: list[str] = []  # bearer tokens for the API, CLI and Prometheus
+    session_max_age_s: int = 12 * 3600  # a dashboard login lasts a working day
+    cookie_secure: bool = False  # set True when the dashboard is served over TLS
+    metrics_public: bool = False  # True lets Prometheus scrape /metrics without a token
+    files_public: bool = True  # devices fetch manifests and models from /files without a token
+
+
+class FleetConfig(_Section):
+    # The controller's own MQTT client id; unique per controller so several can share the
+    # telemetry load through $share/ctl/... while each keeps its own normal subscriptions.
+    controller_id: str = msgspec.field(default_factory=lambda: f"fleet-{socket.gethostname()}")
+    # The same broker settings as a device (host, TLS, credentials file, prefix); username
+    # defaults to controller_id.
+    mqtt: MQTTConfig = msgspec.field(default_factory=MQTTConfig)
+    telemetry_share_group: str = "ctl"  # $share/<group>/<prefix>/+/telemetry
+    http_host: str = "127.0.0.1"  # loopback by default: expose it deliberately (reverse proxy, TLS)
+    http_port: int = 8080
+    # Registry (SQLite, WAL). Default under the state dir so a systemd StateDirectory= holds it.
+    db_path: str = msgspec.field(default_factory=lambda: str(default_state_dir() / "fleet.db"))
+    telemetry_sample_s: float = 10.0  # keep one telemetry point per device per this many seconds
+    telemetry_retention_s: float = 7 * 86400.0  # older points are pruned: the DB stays bounded
+    events_retention_s: float = 30 * 86400.0
+    ingest_flush_s: float = 0.2  # the writer commits one batch per this interval
+    default_telemetry_interval_s: float = 10.0  # when a device does not report its interval
+    stale_after_intervals: float = 3.0  # silent longer than this many intervals: shown stale
+    # Manifests (*.json) and model files served at /files with Range/ETag/If-Range.
+    model_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir() / "fleet-models"))
+    # Base URL devices use to reach /files (manifest URLs in rollouts); None: from the request.
+    public_url: str | None = None
+    command_timeout_s: float = 600.0  # a rollout step without cmd/result by then counts as failed
+    auth: FleetAuthConfig = msgspec.field(default_factory=FleetAuthConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+def load_fleet_config(
+    path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None
+) -> FleetConfig:
+    """FleetConfig from YAML plus only those EDGE_AGENT_* overrides that name a fleet key,
+    so the CLI's EDGE_AGENT_FLEET_URL or the agent's own overrides never break it."""
+    source = dict(os.environ if env is None else env)
+    fields = set(FleetConfig.__struct_fields__)
+    own = {
+        key: value
+        for key, value in source.items()
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower().split("__")[0] in fields
+    }
+    return load_struct(FleetConfig, path, own)
