@@ -1,0 +1,371 @@
+"""The inference worker: a child process that owns one llama_cpp.Llama.
+
+Started by agent.runtime.engine as ``python -m agent.runtime.worker --fds IN,OUT`` and
+spoken to in frames (agent.runtime.protocol) over those two pipe fds. stdout and stderr
+carry only llama.cpp's own noise, never protocol data. A native crash here (SIGSEGV in a
+matmul kernel, an abort in an assert, the OOM killer) ends this process, not the daemon.
+
+Threads: the main thread loads the model and runs one generation at a time; a reader
+thread reads frames, sets the cancel flag that the generation checks after every token,
+and answers ``count`` (tokenize only) frames while a generation runs.
+
+This is the only module that imports llama_cpp. It must not import the engine, MQTT or
+anything else of the daemon.
+
+``python -m agent.runtime.worker --build-info`` prints the llama.cpp build as JSON.
+
+Test hook: ``EDGE_AGENT_WORKER_CRASH_UNLESS=<step>`` raises a real SIGSEGV at the first
+decode unless the fallback step ``<step>`` (e.g. ``no_extra_bufts``) is in effect, which
+is how the native AMX build fails on the machines this agent runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from agent.runtime.protocol import FrameReader, FrameWriter
+
+CRASH_HOOK_ENV = "EDGE_AGENT_WORKER_CRASH_UNLESS"
+
+_KV_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type values (ggml.h)
+
+
+def build_info() -> dict[str, Any]:
+    """The llama.cpp build this worker runs: version, GPU offload, system info."""
+    import llama_cpp
+
+    return {
+        "version": llama_cpp.__version__,
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool) -> Iterator[None]:
+    """Build the Llama with ``use_extra_bufts`` set; Llama() has no argument for it.
+
+    Extra buffer types are where ggml repacks weights for AMX and other CPU kernels; turning
+    them off is the first step of the fallback ladder.
+    """
+    import llama_cpp.llama_cpp as bindings
+
+    original = bindings.llama_model_default_params
+
+    def patched() -> Any:
+        params = original()
+        params.use_extra_bufts = use_extra_bufts
+        return params
+
+    bindings.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = original
+
+
+class _Cancel:
+    """Why the running generation must stop; set by the reader thread."""
+
+    def __init__(self) -> None:
+        self.request_id: str | None = None
+        self.reason: str | None = None
+
+
+class Worker:
+    def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ops: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._cancel = _Cancel()
+        self._cancel_lock = threading.Lock()
+        self._llama: Any = None
+        self._formatter: Any = None
+        self._settings: dict[str, Any] = {}
+        self._crash_unless = os.environ.get(CRASH_HOOK_ENV) or None
+
+    # reader thread ------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        while True:
+            message = self._reader.receive()
+            if message is None:
+                # The parent is gone: a worker must never outlive its engine.
+                os._exit(0)
+            op = message.get("op")
+            if op == "cancel":
+                with self._cancel_lock:
+                    if message.get("id") == self._cancel.request_id:
+                        self._cancel.reason = message.get("reason", "cancelled")
+            elif op == "count":
+                self._answer_count(message)
+            else:
+                self._ops.put(message)
+
+    def _answer_count(self, message: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"type": "count", "tag": message["tag"]}
+        if self._llama is None:
+            reply["error"] = "not_loaded"
+        else:
+            try:
+                tokens, _, _ = self._prompt_tokens(message)
+                reply["n_tokens"] = len(tokens)
+                reply["n_ctx"] = self._llama.n_ctx()
+            except Exception as exc:  # a template that rejects these messages
+                reply["error"] = f"{type(exc).__name__}: {exc}"
+        self._writer.send(reply)
+
+    # main thread ---------------------------------------------------------------------
+
+    def serve(self) -> None:
+        threading.Thread(target=self._read_loop, name="worker-reader", daemon=True).start()
+        while True:
+            message = self._ops.get()
+            op = message.get("op") if message else "stop"
+            if op == "stop":
+                return
+            if op == "load":
+                self._load(message)
+            elif op == "generate":
+                self._generate(message)
+
+    def _load(self, message: dict[str, Any]) -> None:
+        settings = message["settings"]
+        self._settings = settings
+        rss_before = _rss_bytes()
+        started = time.perf_counter()
+        try:
+            import llama_cpp
+            from llama_cpp import llama_chat_format
+
+            rss_before = _rss_bytes()
+            kv = _KV_TYPES[settings.get("kv_type", "f16")]
+            flash_attn = bool(settings.get("flash_attn")) or kv != _KV_TYPES["f16"]
+            with _model_params(settings.get("use_extra_bufts", True)):
+                llama = llama_cpp.Llama(
+                    model_path=settings["model_path"],
+                    n_ctx=settings["n_ctx"],
+                    n_batch=settings["n_batch"],
+                    n_ubatch=settings["n_ubatch"],
+                    n_threads=settings["n_threads"],
+                    n_threads_batch=settings["n_threads"],
+                    n_gpu_layers=settings["n_gpu_layers"],
+                    use_mmap=settings.get("use_mmap", True),
+                    use_mlock=settings.get("use_mlock", False),
+                    flash_attn=flash_attn,
+                    type_k=kv,
+                    # V cache quantization needs flash attention in llama.cpp.
+                    type_v=kv if flash_attn else _KV_TYPES["f16"],
+                    seed=settings.get("seed", 0xFFFFFFFF),
+                    verbose=False,
+                )
+            template = llama.metadata.get("tokenizer.chat_template")
+            if template:
+                eos = llama.token_eos()
+                bos = llama.token_bos()
+                self._formatter = llama_chat_format.Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+                    bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+                    stop_token_ids=[eos],
+                )
+            self._llama = llama
+        except Exception as exc:
+            self._writer.send({"type": "load_failed", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        load_ms = (time.perf_counter() - started) * 1000
+        canary = message.get("canary") or {}
+        canary_text, canary_tokens = "", 0
+        if canary.get("tokens"):
+            try:
+                canary_text, canary_tokens = self._run_canary(canary["prompt"], canary["tokens"])
+            except Exception as exc:
+                self._writer.send(
+                    {"type": "load_failed", "message": f"canary: {type(exc).__name__}: {exc}"}
+                )
+                return
+        self._writer.send(
+            {
+                "type": "loaded",
+                "load_ms": load_ms,
+                "rss_before": rss_before,
+                "rss_after": _rss_bytes(),
+                "n_ctx": llama.n_ctx(),
+                "n_ctx_train": llama.n_ctx_train(),
+                "chat_template": self._formatter is not None,
+                "canary_text": canary_text,
+                "canary_tokens": canary_tokens,
+            }
+        )
+
+    def _maybe_crash(self) -> None:
+        if self._crash_unless and self._crash_unless not in self._settings.get("steps", []):
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+    def _run_canary(self, prompt: str, tokens: int) -> tuple[str, int]:
+        self._maybe_crash()
+        out = self._llama.create_completion(prompt, max_tokens=tokens, temperature=0.0, seed=0)
+        return out["choices"][0]["text"], int(out["usage"]["completion_tokens"])
+
+    def _prompt_tokens(self, message: dict[str, Any]) -> tuple[list[int], list[str], Any]:
+        """Prompt tokens, extra stop strings and a stop-token check, as the chat handler does."""
+        llama = self._llama
+        if message.get("messages") is not None:
+            if self._formatter is None:
+                raise ValueError("the model has no chat template; send a raw prompt")
+            result = self._formatter(messages=message["messages"])
+            tokens = llama.tokenize(
+                result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
+            )
+            return tokens, list(result.stop or []), result.stopping_criteria
+        return llama.tokenize(message["prompt"].encode("utf-8"), add_bos=True), [], None
+
+    def _generate(self, message: dict[str, Any]) -> None:
+        import llama_cpp
+
+        request_id = message["id"]
+        llama = self._llama
+        started = time.perf_counter()
+        try:
+            tokens, extra_stop, template_stop = self._prompt_tokens(message)
+        except Exception as exc:
+            self._final_error(request_id, "bad_request", f"{type(exc).__name__}: {exc}")
+            return
+        n_ctx = llama.n_ctx()
+        if len(tokens) >= n_ctx:
+            self._final_error(
+                request_id, "too_long", f"prompt is {len(tokens)} tokens, context is {n_ctx}"
+            )
+            return
+        with self._cancel_lock:
+            self._cancel.request_id = request_id
+            self._cancel.reason = None
+
+        sampled: list[int] = []
+        first_token_at: list[float] = []
+        last_token_at: list[float] = []
+
+        def watch(input_ids: Any, logits: Any) -> bool:
+            now = time.perf_counter()
+            if not first_token_at:
+                first_token_at.append(now)
+            last_token_at[:] = [now]
+            sampled.append(int(input_ids[-1]))
+            if template_stop is not None and template_stop(input_ids, logits):
+                return True
+            return self._cancel.reason is not None
+
+        self._maybe_crash()
+        llama_cpp.llama_perf_context_reset(llama.ctx)
+        text_parts: list[str] = []
+        finish_reason = "length"
+        seq = 0
+        try:
+            stream = llama.create_completion(
+                tokens,
+                max_tokens=message["max_tokens"],
+                temperature=message["temperature"],
+                top_p=message["top_p"],
+                top_k=message["top_k"],
+                min_p=message["min_p"],
+                repeat_penalty=message["repeat_penalty"],
+                stop=list(message.get("stop") or []) + extra_stop,
+                seed=message.get("seed"),
+                stream=True,
+                stopping_criteria=llama_cpp.StoppingCriteriaList([watch]),
+            )
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                delta = choice["text"]
+                if delta:
+                    text_parts.append(delta)
+                    if message.get("stream", True):
+                        self._writer.send({"type": "chunk", "id": request_id, "seq": seq, "delta": delta})
+                        seq += 1
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+                if self._cancel.reason is not None:
+                    break
+        except Exception as exc:
+            self._final_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            with self._cancel_lock:
+                reason = self._cancel.reason
+                self._cancel.request_id = None
+        if reason is not None:
+            code = "timeout" if reason == "timeout" else "cancelled"
+            self._final_error(request_id, code, f"generation stopped: {reason}", text="".join(text_parts))
+            return
+        finished = time.perf_counter()
+        completion = [t for t in sampled if not llama_cpp.llama_vocab_is_eog(llama._model.vocab, t)]
+        perf = llama_cpp.llama_perf_context(llama.ctx)
+        ttft_s = (first_token_at[0] - started) if first_token_at else finished - started
+        decode_s = (last_token_at[0] - first_token_at[0]) if first_token_at else 0.0
+        if perf.n_p_eval > 0 and perf.t_p_eval_ms > 0:
+            prefill_rate = perf.n_p_eval / (perf.t_p_eval_ms / 1000)
+        else:
+            prefill_rate = len(tokens) / ttft_s if ttft_s > 0 else 0.0
+        self._writer.send(
+            {
+                "type": "final",
+                "id": request_id,
+                "done": True,
+                "text": "".join(text_parts),
+                "finish_reason": finish_reason,
+                "usage": {"prompt_tokens": len(tokens), "completion_tokens": len(completion)},
+                "timings": {
+                    "ttft_ms": round(ttft_s * 1000, 3),
+                    "prefill_tokens_per_s": round(prefill_rate, 2),
+                    "decode_tokens_per_s": round((len(sampled) - 1) / decode_s, 2)
+                    if decode_s > 0 and len(sampled) > 1
+                    else 0.0,
+                    "total_ms": round((finished - started) * 1000, 3),
+                },
+            }
+        )
+
+    def _final_error(self, request_id: str, code: str, message: str, text: str = "") -> None:
+        record: dict[str, Any] = {
+            "type": "final",
+            "id": request_id,
+            "done": True,
+            "error": {"code": code, "message": message},
+        }
+        if text:
+            record["text"] = text
+        self._writer.send(record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.runtime.worker")
+    parser.add_argument("--build-info", action="store_true", help="print the llama.cpp build as JSON")
+    parser.add_argument("--fds", help="IN,OUT: the protocol pipe fds given by the engine")
+    args = parser.parse_args(argv)
+    if args.build_info:
+        print(json.dumps(build_info()))
+        return 0
+    if not args.fds:
+        parser.error("--fds is required (the engine starts this process)")
+    in_fd, out_fd = (int(part) for part in args.fds.split(","))
+    Worker(FrameReader(in_fd), FrameWriter(out_fd)).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
