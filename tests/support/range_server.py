@@ -4,11 +4,13 @@ Faults are set per test on ``server.faults`` and apply to every GET:
 ``drop_after`` (close the connection after that many body bytes, once per entry of a
 list), ``ignore_range`` (answer 200 with the whole file), ``stall_s`` (sleep before the
 body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer this code),
-``size_lie`` (announce a different Content-Length). Counters show what was served.
+``size_lie`` (announce a different Content-Length), ``send_etag`` (False: only
+Last-Modified validates If-Range). Counters show what was served.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import os
 import re
@@ -26,6 +28,7 @@ class Faults:
     stall_s: float = 0.0
     corrupt_at: int | None = None
     status: int | None = None
+    send_etag: bool = True
 
 
 @dataclass
@@ -73,12 +76,14 @@ class RangeServer:
                     return
                 size = path.stat().st_size
                 etag = '"' + hashlib.sha1(f"{path}:{size}:{path.stat().st_mtime_ns}".encode()).hexdigest() + '"'
+                last_modified = email.utils.formatdate(path.stat().st_mtime, usegmt=True)
+                validators = {last_modified, etag} if faults.send_etag else {last_modified}
                 start, end = 0, size - 1
                 status = 200
                 range_header = self.headers.get("Range")
                 if_range = self.headers.get("If-Range")
                 match = re.fullmatch(r"bytes=(\d+)-(\d*)", range_header or "")
-                if match and not faults.ignore_range and (if_range is None or if_range == etag):
+                if match and not faults.ignore_range and (if_range is None or if_range in validators):
                     start = int(match.group(1))
                     end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
                     if start >= size:
@@ -90,7 +95,9 @@ class RangeServer:
                     status = 206
                 self.send_response(status)
                 self.send_header("Content-Length", str(end - start + 1))
-                self.send_header("ETag", etag)
+                if faults.send_etag:
+                    self.send_header("ETag", etag)
+                self.send_header("Last-Modified", last_modified)
                 self.send_header("Accept-Ranges", "bytes")
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")

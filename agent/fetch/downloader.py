@@ -1,0 +1,554 @@
+"""Verified downloads: one file from a list of mirrors into a final path, or not at all.
+
+The bytes go to ``<name>.part`` beside the target while an exclusive ``fcntl`` lock on
+``<name>.lock`` is held, so two processes never write one part. sha256 is computed in the
+same loop that writes; a resumed download hashes the bytes it already has first. Only a
+file whose size and sha256 match is fsynced and renamed into place, so the target path
+either does not exist or holds the right bytes.
+
+Resume uses ``Range`` plus ``If-Range`` (the strong ETag, else Last-Modified, that came
+with the bytes already on disk); a server that answers 200 instead of 206 is followed from
+byte 0. Transient failures (connect, read timeout, dropped connection, 5xx, 429) are
+retried with exponential backoff and full jitter; a 4xx, a size or sha256 mismatch, or
+running out of retries moves on to the next mirror.
+
+This module must not decide which file to fetch or what to keep: that is the store's job
+(agent/fetch/store.py). httpx is imported here and nowhere else outside agent/catalog/gguf.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from agent.config import FetchConfig
+from agent.errors import ChecksumError, DiskFullError, FetchError
+from agent.fetch.progress import ProgressCallback, ProgressReporter
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+# Bytes per read when hashing or copying local files. httpx hands over what each socket
+# read gave (up to 64 KiB); those chunks are written and hashed as they come, because
+# gathering them into bigger blocks would cost a copy of every byte.
+CHUNK_BYTES = 1 << 20
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# 4xx answers that can succeed when asked again: timeout, too many requests.
+_RETRYABLE_CLIENT_STATUS = {408, 425, 429}
+
+
+@dataclass
+class MirrorFailure:
+    url: str
+    reason: str
+    offline: bool = False  # the mirror could not be reached at all (connect error/timeout)
+    mismatch: bool = False  # the mirror served bytes that do not match the manifest
+
+
+class _Transient(Exception):
+    """This attempt failed in a way that asking the same mirror again may fix."""
+
+    def __init__(self, reason: str, *, connect: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.connect = connect
+
+
+class _MirrorRejected(Exception):
+    """This mirror will not give the file (4xx, size or hash mismatch): try the next one."""
+
+    def __init__(self, reason: str, *, mismatch: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.mismatch = mismatch
+
+
+class FileLock:
+    """An exclusive ``fcntl.flock`` on a lock file, held for the ``with`` block.
+
+    The lock file is never deleted: removing it while another process waits on it would
+    let a third process lock a new inode and both would write.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("fetch_lock_wait", lock=str(self.path))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd = fd
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class _Part:
+    """``<name>.part`` open for writing, its running sha256, and where its bytes came from.
+
+    ``<name>.part.json`` remembers the URL and validator (ETag or Last-Modified) of the
+    response that produced the bytes, so a later process can resume with If-Range.
+    """
+
+    path: Path
+    fd: int
+    offset: int = 0
+    hasher: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    source_url: str | None = None
+    validator: str | None = None
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    @classmethod
+    def open(cls, path: Path, size: int) -> _Part:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        part = cls(path=path, fd=fd)
+        try:
+            meta = json.loads(part.meta_path.read_text())
+            part.source_url, part.validator = meta.get("url"), meta.get("validator")
+        except (OSError, ValueError, AttributeError):
+            pass  # no record: resume without If-Range; the final sha256 still guards
+        existing = os.fstat(fd).st_size
+        if existing > size:
+            part.reset()
+        else:
+            part._hash_existing(existing)
+        return part
+
+    def _hash_existing(self, length: int) -> None:
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        remaining = length
+        while remaining:
+            chunk = os.read(self.fd, min(CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            self.hasher.update(chunk)
+            remaining -= len(chunk)
+        self.offset = length - remaining
+        os.ftruncate(self.fd, self.offset)
+        os.lseek(self.fd, self.offset, os.SEEK_SET)
+
+    def reset(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self.offset = 0
+        self.hasher = hashlib.sha256()
+        self.source_url = self.validator = None
+        self.meta_path.unlink(missing_ok=True)
+
+    def remember_source(self, url: str, validator: str | None) -> None:
+        if (url, validator) == (self.source_url, self.validator):
+            return
+        self.source_url, self.validator = url, validator
+        self.meta_path.write_text(json.dumps({"url": url, "validator": validator}))
+
+    def write(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        self.hasher.update(chunk)
+        self.offset += len(chunk)
+
+    def install(self, dest: Path) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.path, dest)
+        self.meta_path.unlink(missing_ok=True)
+        fsync_directory(dest.parent)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.meta_path.unlink(missing_ok=True)
+
+
+def _validator(response: httpx.Response) -> str | None:
+    """The If-Range value for the bytes of this response: a strong ETag, else Last-Modified."""
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Downloader:
+    """Fetches one file, verified by size and sha256, from mirrors or a local file."""
+
+    def __init__(self, config: FetchConfig | None = None) -> None:
+        self.config = config or FetchConfig()
+
+    # ---- public -------------------------------------------------------------------
+
+    def download(
+        self,
+        urls: list[str],
+        dest: Path,
+        *,
+        size: int,
+        sha256: str,
+        on_progress: ProgressCallback | None = None,
+    ) -> Path:
+        """Put the file at ``dest``; returns ``dest``. Raises FetchError and subclasses."""
+        if not urls:
+            raise FetchError(f"{dest.name}: no URL to fetch it from", file=dest.name)
+        sha256 = sha256.lower()
+        with FileLock(dest.with_name(dest.name + ".lock")):
+            if self._already_there(dest, size, sha256):
+                return dest
+            reporter = ProgressReporter(on_progress, file=dest.name, total=size)
+            part = _Part.open(dest.with_name(dest.name + ".part"), size)
+            try:
+                self._check_free_space(dest, size - part.offset)
+                failures = self._from_mirrors(urls, part, dest, size, sha256, reporter)
+            except DiskFullError:
+                # Before the start the part is kept for a later resume; a disk that filled
+                # up midway has already had it removed (see _disk_full_midway).
+                reporter.state("failed", part.offset, error="disk_full")
+                raise
+            finally:
+                part.close()
+            if not failures:
+                return dest
+            if part.offset == 0 or any(f.mismatch for f in failures):
+                part.discard()
+            reporter.state("failed", part.offset)
+            raise self._all_failed(dest.name, failures)
+
+    def copy_local(
+        self,
+        source: Path,
+        dest: Path,
+        *,
+        size: int,
+        sha256: str,
+        on_progress: ProgressCallback | None = None,
+    ) -> Path:
+        """Install a local file at ``dest`` after checking its size and sha256.
+
+        A hard link when both are on one filesystem (no second copy of a large model),
+        else a copy through ``<name>.part`` hashed on the way.
+        """
+        sha256 = sha256.lower()
+        try:
+            actual_size = source.stat().st_size
+        except OSError as exc:
+            raise FetchError(
+                f"{dest.name}: cannot read {source}: {exc.strerror}", file=dest.name
+            ) from exc
+        if actual_size != size:
+            raise ChecksumError(
+                f"{source}: size {actual_size} bytes, the manifest says {size}",
+                file=dest.name, expected_size=size, actual_size=actual_size,
+            )
+        with FileLock(dest.with_name(dest.name + ".lock")):
+            if self._already_there(dest, size, sha256):
+                return dest
+            reporter = ProgressReporter(on_progress, file=dest.name, total=size)
+            reporter.mirror = str(source)
+            reporter.state("starting", 0)
+            if source.stat().st_dev == dest.parent.stat().st_dev:
+                self._check_sha256(source, sha256, dest.name)
+                os.link(source, dest)
+                fsync_directory(dest.parent)
+            else:
+                self._copy_through_part(source, dest, size, sha256, reporter)
+            reporter.state("complete", size)
+            log.info("fetch_complete", file=dest.name, mirror=str(source), size=size)
+            return dest
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _already_there(self, dest: Path, size: int, sha256: str) -> bool:
+        """True when another process (or an earlier run) already installed the file."""
+        try:
+            if dest.stat().st_size == size and sha256_of(dest) == sha256:
+                log.info("fetch_already_installed", file=dest.name)
+                return True
+        except FileNotFoundError:
+            return False
+        log.warning("fetch_replacing_damaged_file", file=dest.name)
+        dest.unlink()
+        return False
+
+    def _check_sha256(self, path: Path, sha256: str, name: str) -> None:
+        actual = sha256_of(path)
+        if actual != sha256:
+            raise ChecksumError(
+                f"{path}: sha256 {actual}, the manifest says {sha256}",
+                file=name, expected_sha256=sha256, actual_sha256=actual,
+            )
+
+    def _copy_through_part(
+        self, source: Path, dest: Path, size: int, sha256: str, reporter: ProgressReporter
+    ) -> None:
+        self._check_free_space(dest, size)
+        part = _Part.open(dest.with_name(dest.name + ".part"), size)
+        try:
+            part.reset()
+            with open(source, "rb", buffering=0) as src:
+                while chunk := src.read(CHUNK_BYTES):
+                    part.write(chunk)
+                    reporter.advance(part.offset)
+            actual = part.hasher.hexdigest()
+            if part.offset != size or actual != sha256:
+                part.discard()
+                raise ChecksumError(
+                    f"{source}: sha256 {actual}, the manifest says {sha256}",
+                    file=dest.name, expected_sha256=sha256, actual_sha256=actual,
+                )
+            part.install(dest)
+        except OSError as exc:
+            part.discard()
+            if _is_disk_full(exc):
+                raise self._disk_full_midway(dest.name, exc) from exc
+            raise FetchError(f"{dest.name}: copy failed: {exc}", file=dest.name) from exc
+        finally:
+            part.close()
+
+    def _check_free_space(self, dest: Path, remaining: int) -> None:
+        needed = remaining + self.config.disk_margin_bytes
+        free = shutil.disk_usage(dest.parent).free
+        if free < needed:
+            raise DiskFullError(
+                f"{dest.name}: needs {remaining} bytes plus a {self.config.disk_margin_bytes}-byte"
+                f" margin on {dest.parent}, only {free} free; free some space or lower"
+                " fetch.disk_margin_bytes",
+                file=dest.name, needed_bytes=needed, free_bytes=free,
+            )
+
+    def _disk_full_midway(self, name: str, exc: OSError) -> DiskFullError:
+        # The part is deleted, not kept for a resume: a device whose disk is full stops
+        # writing its logs and state, and the bytes are cheap to fetch again.
+        return DiskFullError(
+            f"{name}: the disk filled up during the download ({exc.strerror}); the partial"
+            " file was removed",
+            file=name,
+        )
+
+    def _backoff_s(self, attempt: int) -> float:
+        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling)
+
+    def _from_mirrors(
+        self,
+        urls: list[str],
+        part: _Part,
+        dest: Path,
+        size: int,
+        sha256: str,
+        reporter: ProgressReporter,
+    ) -> list[MirrorFailure]:
+        """Try each mirror in turn; an empty list means the file is installed at ``dest``."""
+        failures: list[MirrorFailure] = []
+        timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s)
+        with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+            for url in urls:
+                reporter.mirror = url
+                try:
+                    failure = self._from_mirror(client, url, part, size, sha256, reporter)
+                except DiskFullError:
+                    part.discard()
+                    raise
+                if failure is None:
+                    part.install(dest)
+                    reporter.state("complete", size)
+                    log.info("fetch_complete", file=dest.name, mirror=url, size=size)
+                    return []
+                failures.append(failure)
+                log.warning("fetch_mirror_failed", file=dest.name, mirror=url,
+                            reason=failure.reason)
+        return failures
+
+    def _from_mirror(
+        self,
+        client: httpx.Client,
+        url: str,
+        part: _Part,
+        size: int,
+        sha256: str,
+        reporter: ProgressReporter,
+    ) -> MirrorFailure | None:
+        """Fetch from one mirror with retries; None when the part is complete and verified."""
+        attempt = 0
+        reporter.state("starting", part.offset)
+        while True:
+            before = part.offset
+            try:
+                self._attempt(client, url, part, size, reporter)
+                break
+            except _Transient as exc:
+                # Progress made in this attempt resets the count: a link that drops every
+                # few megabytes still finishes, a dead one gives up after `retries`.
+                attempt = 1 if part.offset > before else attempt + 1
+                if attempt > self.config.retries:
+                    return MirrorFailure(
+                        url, f"{exc.reason} (after {attempt} attempts)", offline=exc.connect
+                    )
+                delay = self._backoff_s(attempt)
+                log.info("fetch_retry", file=part.path.name, mirror=url, attempt=attempt,
+                         delay_s=round(delay, 3), reason=exc.reason, have_bytes=part.offset)
+                reporter.state("retrying", part.offset, attempt=attempt, error=exc.reason)
+                time.sleep(delay)
+                reporter.restart_window()
+            except _MirrorRejected as exc:
+                if exc.mismatch:
+                    part.reset()
+                return MirrorFailure(url, exc.reason, mismatch=exc.mismatch)
+            except OSError as exc:
+                if _is_disk_full(exc):
+                    raise self._disk_full_midway(part.path.name, exc) from exc
+                raise FetchError(
+                    f"{part.path.name}: cannot write {part.path}: {exc.strerror}",
+                    file=part.path.name,
+                ) from exc
+        reporter.state("verifying", part.offset)
+        actual = part.hasher.hexdigest()
+        if part.offset != size or actual != sha256:
+            part.reset()
+            return MirrorFailure(
+                url, f"sha256 {actual}, the manifest says {sha256}", mismatch=True
+            )
+        return None
+
+    def _attempt(
+        self, client: httpx.Client, url: str, part: _Part, size: int, reporter: ProgressReporter
+    ) -> None:
+        """One GET that appends to the part until it holds ``size`` bytes or fails."""
+        if part.offset == size:
+            return  # a previous run got every byte; the sha256 check decides
+        # identity: the part must hold the file's bytes, not a gzip of them.
+        headers = {"Accept-Encoding": "identity"}
+        if part.offset:
+            headers["Range"] = f"bytes={part.offset}-"
+            # Another mirror's validator means nothing here; the manifest's sha256 still
+            # catches a mirror whose bytes differ.
+            if part.validator and part.source_url == url:
+                headers["If-Range"] = part.validator
+        try:
+            with client.stream("GET", url, headers=headers) as response:
+                self._accept(response, url, part, size)
+                for chunk in response.iter_raw():
+                    if part.offset + len(chunk) > size:
+                        raise _MirrorRejected(
+                            f"sent more than the manifest's {size} bytes", mismatch=True
+                        )
+                    part.write(chunk)
+                    reporter.advance(part.offset)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Transient(_describe(exc), connect=True) from exc
+        except httpx.UnsupportedProtocol as exc:
+            raise _MirrorRejected(_describe(exc)) from exc
+        except httpx.TransportError as exc:
+            raise _Transient(_describe(exc)) from exc
+        if part.offset < size:
+            raise _Transient(f"connection closed at byte {part.offset} of {size}")
+
+    def _accept(self, response: httpx.Response, url: str, part: _Part, size: int) -> None:
+        """Check the status and headers; reset the part when the body starts at byte 0."""
+        status = response.status_code
+        if status >= 500 or status in _RETRYABLE_CLIENT_STATUS:
+            raise _Transient(f"HTTP {status}")
+        if status == 416:
+            # Our part does not fit the file the mirror has: start over from byte 0.
+            part.reset()
+            raise _Transient("HTTP 416 (range not satisfiable), restarting from byte 0")
+        if status not in (200, 206):
+            raise _MirrorRejected(f"HTTP {status}")
+        if status == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != part.offset:
+                part.reset()
+                raise _Transient(
+                    f"206 with Content-Range {response.headers.get('Content-Range')!r} for"
+                    f" bytes={part.offset}-, restarting from byte 0"
+                )
+            if match.group(3) != "*" and int(match.group(3)) != size:
+                raise _MirrorRejected(
+                    f"file is {match.group(3)} bytes, the manifest says {size}", mismatch=True
+                )
+        else:
+            if part.offset:
+                # Range ignored, or If-Range said the file changed: this body is the
+                # whole file, so it replaces what we had.
+                log.info("fetch_range_ignored", file=part.path.name, mirror=url,
+                         discarded_bytes=part.offset)
+                part.reset()
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) != size:
+                raise _MirrorRejected(
+                    f"file is {length} bytes, the manifest says {size}", mismatch=True
+                )
+        part.remember_source(url, _validator(response))
+
+    def _all_failed(self, name: str, failures: list[MirrorFailure]) -> FetchError:
+        listing = "; ".join(f"{f.url}: {f.reason}" for f in failures)
+        details = {
+            "file": name,
+            "mirrors": [{"url": f.url, "reason": f.reason} for f in failures],
+            "offline": all(f.offline for f in failures),
+        }
+        if any(f.mismatch for f in failures):
+            return ChecksumError(
+                f"{name}: no mirror served the file the manifest describes ({listing})",
+                **details,
+            )
+        return FetchError(f"{name}: every mirror failed ({listing})", **details)
