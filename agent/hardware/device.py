@@ -13,9 +13,11 @@ import msgspec
 class CPUCluster(msgspec.Struct, kw_only=True):
     """One performance cluster (big.LITTLE): the logical CPUs sharing a max frequency."""
 
-    cpus: list[int]
+    cpus: list[int]  # empty where the OS does not say which ids (macOS perflevels)
     max_mhz: float | None = None
     part: str | None = None  # e.g. "Cortex-A76"
+    count: int = 0  # logical CPUs in the cluster (len(cpus) where ids are known)
+    name: str | None = None  # macOS perflevel name: "Performance", "Efficiency"
 
 
 class CPUInfo(msgspec.Struct, kw_only=True):
@@ -26,6 +28,14 @@ class CPUInfo(msgspec.Struct, kw_only=True):
     logical_cores: int = 1
     flags: list[str] = []  # normalised ISA names: avx2, avx512f, amx_int8, neon, dotprod, i8mm, sve …
     clusters: list[CPUCluster] = []
+
+    @property
+    def performance_cores(self) -> int:
+        """Cores worth a decode thread: the fastest cluster when clusters differ, else all
+        physical cores (a LITTLE core slows a thread team down to its pace)."""
+        if len(self.clusters) > 1 and self.clusters[0].count:
+            return self.clusters[0].count
+        return self.physical_cores
 
 
 class MemoryInfo(msgspec.Struct, kw_only=True):

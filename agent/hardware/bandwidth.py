@@ -1,0 +1,99 @@
+"""Memory bandwidth, measured in about a second, for predicting decode tokens/s.
+
+Token generation streams every weight once per token, so its speed is bounded by how fast
+memory can be read. This copies a buffer several times larger than the last-level cache
+with one thread per core (numpy releases the GIL for large copies) and reports the best
+of a few short runs in GB/s, counting bytes read plus bytes written (STREAM "copy").
+
+It must stay cheap: at most MAX_BUFFER_BYTES twice over, never more than an eighth of the
+memory budget, and about TIME_BUDGET_S of wall time. numpy is imported lazily (it comes
+with llama-cpp-python); without it the result is None.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from agent.hardware.sysfs import read_first_line, under
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+TIME_BUDGET_S = 0.8
+MIN_BUFFER_BYTES = 32 * 1024 * 1024
+MAX_BUFFER_BYTES = 256 * 1024 * 1024
+MAX_THREADS = 8
+MAX_RUNS = 50
+
+
+def read_cache_sizes(root: str = "/") -> list[str]:
+    """cpu0's raw cache "size" values ("32K", "1024K", "32768K")."""
+    base = under(root, "/sys/devices/system/cpu/cpu0/cache")
+    try:
+        names = sorted(p.name for p in base.iterdir() if p.name.startswith("index"))
+    except OSError:
+        return []
+    sizes = []
+    for name in names:
+        raw = read_first_line(root, f"/sys/devices/system/cpu/cpu0/cache/{name}/size")
+        if raw is not None:
+            sizes.append(raw)
+    return sizes
+
+
+def parse_cache_size(raw: str) -> int | None:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    raw = raw.strip().upper()
+    if raw[-1:] in units and raw[:-1].isdigit():
+        return int(raw[:-1]) * units[raw[-1]]
+    return int(raw) if raw.isdigit() else None
+
+
+def buffer_bytes(last_level_cache: int | None, budget_bytes: int) -> int:
+    """Four times the LLC (so the copy cannot be served from cache), within the limits."""
+    wanted = max(4 * (last_level_cache or 0), MIN_BUFFER_BYTES)
+    ceiling = min(MAX_BUFFER_BYTES, budget_bytes // 8) if budget_bytes else MAX_BUFFER_BYTES
+    return max(min(wanted, ceiling), 1024 * 1024)
+
+
+def measure_bandwidth(
+    *, threads: int = 1, root: str = "/", budget_bytes: int = 0, time_budget_s: float = TIME_BUDGET_S
+) -> float | None:
+    """Best copy bandwidth in GB/s (10^9 bytes), or None when it cannot be measured."""
+    try:
+        import numpy as np
+    except ImportError:
+        log.info("bandwidth_skipped", reason="numpy not installed")
+        return None
+    caches = [s for s in (parse_cache_size(r) for r in read_cache_sizes(root)) if s]
+    size = buffer_bytes(max(caches) if caches else None, budget_bytes)
+    threads = max(1, min(threads, MAX_THREADS))
+    started = time.perf_counter()
+    try:
+        src = np.ones(size // 8, dtype=np.float64)  # touch every page before timing
+        dst = np.empty_like(src)
+    except MemoryError:
+        return None
+    chunks = np.array_split(np.arange(src.size), threads)
+    bounds = [(int(c[0]), int(c[-1]) + 1) for c in chunks if c.size]
+
+    def copy(bound: tuple[int, int]) -> None:
+        np.copyto(dst[bound[0] : bound[1]], src[bound[0] : bound[1]])
+
+    best = 0.0
+    runs = 0
+    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+        list(pool.map(copy, bounds))  # warm-up: page in dst, start the threads
+        # At least one timed run; then as many as fit in the time budget.
+        while True:
+            t0 = time.perf_counter()
+            list(pool.map(copy, bounds))
+            elapsed = time.perf_counter() - t0
+            if elapsed > 0:
+                best = max(best, 2 * src.nbytes / elapsed / 1e9)
+            runs += 1
+            if time.perf_counter() - started >= time_budget_s or runs >= MAX_RUNS:
+                break
+    log.debug("bandwidth_measured", gbps=round(best, 2), buffer_bytes=src.nbytes, threads=len(bounds), runs=runs)
+    return round(best, 2) if best else None
