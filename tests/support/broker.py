@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,9 @@ class Broker:
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true" if "allow_anonymous" not in extra_config else "",
+            # As root, mosquitto drops to user "mosquitto", which cannot write the persistence
+            # file under pytest's 0700 tmp dirs; sessions would then not survive restart().
+            "user root" if os.geteuid() == 0 and "user " not in extra_config else "",
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {workdir}/",
             "autosave_interval 1",
