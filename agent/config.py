@@ -61,6 +61,12 @@ class MQTTConfig(_Section):
     max_payload_bytes: int = 256 * 1024
     pool: str | None = None  # join edge/v1/pool/<pool>/prompt through a shared subscription
     topic_prefix: str = "edge/v1"
+    # QoS 1 replies/events kept by paho while the broker is away; bounded so a long outage
+    # cannot eat the device's memory (past it the publish is refused and logged).
+    outgoing_queue_limit: int = 10000
+    # How many recent request ids (and their final replies) are remembered, so a redelivered
+    # prompt or cmd is answered once.
+    dedup_entries: int = 1024
 
 
 class ModelConfig(_Section):

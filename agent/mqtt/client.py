@@ -1,0 +1,286 @@
+"""The paho-mqtt 2.x wrapper used by the device daemon (and reusable by the fleet controller).
+
+What it guarantees:
+
+- MQTT 5 by default, 3.1.1 selectable; TLS with verification on by default; username and a
+  password read by the caller from a file or ``$CREDENTIALS_DIRECTORY``.
+- A persistent session (clean start off + Session Expiry Interval on MQTT 5, clean session off
+  on 3.1.1), so QoS 1 messages sent to the device while it was away are delivered.
+- Reconnect with exponential backoff (paho's own loop), re-subscribe from a local registry on
+  every connect, and no retrying at all once the broker says the credentials are bad.
+- QoS 1 messages published while the broker is away stay in paho's outgoing queue (bounded by
+  ``outgoing_queue_limit``) and go out after the reconnect.
+
+What it must not do: run application code on paho's network thread. Callbacks only decode a
+message into an :class:`Inbound` or a :class:`ConnectionChange` and put it on the caller's
+queue; the caller's dispatcher thread does the rest.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import MQTTConfig
+from agent.errors import ConfigError
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+# CONNACK reason codes after which retrying cannot help: identifier rejected, bad user name or
+# password, not authorized, banned, bad authentication method. paho maps MQTT 3.1.1 return
+# codes 2, 4 and 5 onto 133, 134 and 135, so one set covers both protocols.
+FATAL_CONNACK_CODES = frozenset({133, 134, 135, 138, 140})
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One received message, decoded on the network thread and handled elsewhere."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None  # MQTT 5 Response Topic
+    correlation_data: bytes | None = None  # MQTT 5 Correlation Data
+    received_at: float = 0.0  # time.monotonic() on arrival
+
+
+@dataclass(frozen=True)
+class ConnectionChange:
+    connected: bool
+    session_present: bool = False
+    reason: str = ""
+    fatal: bool = False  # the broker refused the credentials; the client gave up
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+    delay_s: int = 0  # MQTT 5 Will Delay Interval; ignored on 3.1.1
+
+
+class MQTTClient:
+    def __init__(
+        self,
+        config: MQTTConfig,
+        *,
+        client_id: str,
+        inbox: queue.Queue[Inbound | ConnectionChange],
+        password: str | None = None,
+        will: Will | None = None,
+    ) -> None:
+        self.config = config
+        self.client_id = client_id
+        self.inbox = inbox
+        self.is_v5 = config.protocol == "5"
+        self.fatal_reason: str | None = None
+        self._connected = threading.Event()
+        self._subscriptions: dict[str, int] = {}
+        self._subscriptions_lock = threading.Lock()
+        # QoS 1 message ids published and not yet acknowledged, for flush(). paho may report
+        # the ack before publish() returns to us, so early acks are remembered briefly.
+        self._ack_lock = threading.Condition()
+        self._unacked: set[int] = set()
+        self._early_acks: OrderedDict[int, None] = OrderedDict()
+
+        self._client = paho.Client(
+            callback_api_version=paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if self.is_v5 else paho.MQTTv311,
+            clean_session=None if self.is_v5 else False,
+        )
+        self._client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
+        self._client.max_queued_messages_set(config.outgoing_queue_limit)
+        self._client.reconnect_delay_set(
+            max(1, round(config.reconnect_min_s)), max(1, round(config.reconnect_max_s))
+        )
+        username = config.username or client_id
+        self._client.username_pw_set(username, password)
+        if config.tls.enabled:
+            self._configure_tls()
+        if will is not None:
+            self._client.will_set(
+                will.topic, will.payload, qos=will.qos, retain=will.retain,
+                properties=self._will_properties(will) if self.is_v5 else None,
+            )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho's thread keeps reconnecting until stop()."""
+        properties = None
+        if self.is_v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = self.config.session_expiry_s
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive_s,
+            clean_start=False if self.is_v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        self._client.loop_start()
+        log.info("mqtt_connecting", host=self.config.host, port=self.config.port,
+                 protocol=self.config.protocol, client_id=self.client_id, tls=self.config.tls.enabled)
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every QoS 1 message published so far was acknowledged; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._ack_lock:
+            while self._unacked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._ack_lock.wait(remaining)
+        return True
+
+    def stop(self) -> None:
+        """A normal disconnect (the broker discards the Will), then stop paho's thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    # -- subscriptions and publishing -----------------------------------------------------
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Add ``topic`` to the registry; it is (re-)subscribed on every connect."""
+        with self._subscriptions_lock:
+            self._subscriptions[topic] = qos
+        if self.connected:
+            self._client.subscribe(topic, qos)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> bool:
+        """Publish now or, for QoS 1 while disconnected, after the reconnect.
+
+        False when the message was dropped: QoS 0 while disconnected, or the outgoing queue
+        is full (logged).
+        """
+        properties = None
+        if correlation_data is not None and self.is_v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
+            log.error("mqtt_outgoing_queue_full", topic=topic, limit=self.config.outgoing_queue_limit)
+            return False
+        if qos == 0:
+            return info.rc == paho.MQTT_ERR_SUCCESS
+        with self._ack_lock:
+            if info.mid in self._early_acks:
+                del self._early_acks[info.mid]
+            else:
+                self._unacked.add(info.mid)
+        return True
+
+    # -- paho callbacks (network thread: decode and enqueue only) ---------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
+                    reason_code: ReasonCode, properties: Any) -> None:
+        if reason_code.is_failure:
+            if reason_code.value in FATAL_CONNACK_CODES:
+                self.fatal_reason = str(reason_code)
+                log.error("mqtt_credentials_rejected", reason=self.fatal_reason,
+                          username=self.config.username or self.client_id, host=self.config.host,
+                          hint="check mqtt.username and the password file; not retrying")
+                client.disconnect()  # ends paho's reconnect loop
+                self.inbox.put(ConnectionChange(False, reason=self.fatal_reason, fatal=True))
+            else:
+                log.warning("mqtt_connect_refused", reason=str(reason_code))
+            return
+        with self._subscriptions_lock:
+            wanted = list(self._subscriptions.items())
+        if wanted:
+            client.subscribe(wanted)
+        self._connected.set()
+        log.info("mqtt_connected", session_present=bool(flags.session_present),
+                 subscriptions=len(wanted))
+        self.inbox.put(ConnectionChange(True, session_present=bool(flags.session_present)))
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
+                       reason_code: ReasonCode, properties: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected:
+            log.warning("mqtt_disconnected", reason=str(reason_code))
+            self.inbox.put(ConnectionChange(False, reason=str(reason_code)))
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        response_topic = correlation_data = None
+        props = message.properties
+        if props is not None:
+            response_topic = getattr(props, "ResponseTopic", None)
+            correlation_data = getattr(props, "CorrelationData", None)
+        # Blocks when the dispatcher is far behind: TCP back-pressure instead of unbounded memory.
+        self.inbox.put(Inbound(
+            topic=message.topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retain=bool(message.retain),
+            response_topic=response_topic,
+            correlation_data=bytes(correlation_data) if correlation_data is not None else None,
+            received_at=time.monotonic(),
+        ))
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
+                    reason_code: ReasonCode, properties: Any) -> None:
+        with self._ack_lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                if not self._unacked:
+                    self._ack_lock.notify_all()
+            else:
+                self._early_acks[mid] = None
+                while len(self._early_acks) > 4096:  # QoS 0 "acks" land here too; keep it small
+                    self._early_acks.popitem(last=False)
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _will_properties(self, will: Will) -> Properties:
+        properties = Properties(PacketTypes.WILLMESSAGE)
+        properties.WillDelayInterval = will.delay_s
+        return properties
+
+    def _configure_tls(self) -> None:
+        tls = self.config.tls
+        try:
+            self._client.tls_set(
+                ca_certs=tls.ca_file,
+                certfile=tls.cert_file,
+                keyfile=tls.key_file,
+                cert_reqs=ssl.CERT_REQUIRED if tls.verify else ssl.CERT_NONE,
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConfigError(f"mqtt.tls: cannot set up TLS: {exc}", key="mqtt.tls") from exc
