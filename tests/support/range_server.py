@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,7 +69,7 @@ class RangeServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                path = (server.root / self.path.lstrip("/").split("?")[0]).resolve()
+                path = (server.root / urllib.parse.unquote(self.path.lstrip("/").split("?")[0])).resolve()
                 if server.root.resolve() not in path.parents or not path.is_file():
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
