@@ -12,6 +12,8 @@ from typing import Literal
 
 import msgspec
 
+from agent.errors import RequestError
+
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant"]
@@ -33,3 +35,42 @@ class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream: bool = True
     timeout_s: float | None = None  # None: the runtime's request_timeout_s
     reply_to: str | None = None  # MQTT only: where replies go when no Response Topic was set
+
+
+MAX_STOP_STRINGS = 16  # each stop string is checked against the text after every token
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise RequestError(f"{field}: {message}", field=field)
+
+
+def validate_request(request: GenerateRequest) -> None:
+    """Raise RequestError naming the first field that is out of range. Pure."""
+    _check(bool(request.id), "id", "must be a non-empty string")
+    _check(
+        (request.messages is None) != (request.prompt is None),
+        "messages",
+        "give exactly one of messages or prompt",
+    )
+    if request.messages is not None:
+        _check(len(request.messages) > 0, "messages", "must not be empty")
+    if request.prompt is not None:
+        _check(request.prompt != "", "prompt", "must not be empty")
+    if request.max_tokens is not None:
+        _check(request.max_tokens >= 1, "max_tokens", f"must be >= 1, got {request.max_tokens}")
+    _check(0.0 <= request.temperature <= 5.0, "temperature", f"must be in [0, 5], got {request.temperature}")
+    _check(0.0 < request.top_p <= 1.0, "top_p", f"must be in (0, 1], got {request.top_p}")
+    _check(request.top_k >= 0, "top_k", f"must be >= 0 (0: off), got {request.top_k}")
+    _check(0.0 <= request.min_p <= 1.0, "min_p", f"must be in [0, 1], got {request.min_p}")
+    _check(
+        0.0 < request.repeat_penalty <= 5.0,
+        "repeat_penalty",
+        f"must be in (0, 5], got {request.repeat_penalty}",
+    )
+    _check(len(request.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} strings")
+    _check(all(request.stop), "stop", "stop strings must not be empty")
+    if request.seed is not None:
+        _check(0 <= request.seed < 2**32, "seed", f"must be in [0, 2**32), got {request.seed}")
+    if request.timeout_s is not None:
+        _check(request.timeout_s > 0, "timeout_s", f"must be > 0, got {request.timeout_s}")

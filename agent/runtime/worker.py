@@ -206,7 +206,7 @@ class Worker:
                 "rss_before": rss_before,
                 "rss_after": _rss_bytes(),
                 "n_ctx": llama.n_ctx(),
-                "n_ctx_train": llama.n_ctx_train(),
+                "n_ctx_train": llama._model.n_ctx_train(),
                 "chat_template": self._formatter is not None,
                 "canary_text": canary_text,
                 "canary_tokens": canary_tokens,
