@@ -13,6 +13,7 @@ This module reads YAML files and nothing else; matching is pure.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -67,11 +68,12 @@ def default_profiles_dir() -> Path:
 
 
 def _key_path(error: msgspec.ValidationError) -> str:
-    text = str(error)
-    message, marker, where = text.partition(" - at `$")
-    if marker:
-        return f"{where.rstrip('`').lstrip('.') or '(top level)'}: {message}"
-    return text
+    """msgspec's "message - at `$.a.b`" → "a.b: message"; an unknown key is named in full."""
+    message, marker, where = str(error).partition(" - at `$")
+    path = where.rstrip("`").lstrip(".") if marker else ""
+    if unknown := re.fullmatch(r"Object contains unknown field `(.+)`", message):
+        return f"{path + '.' if path else ''}{unknown.group(1)}: unknown key"
+    return f"{path or '(top level)'}: {message}"
 
 
 def load_profile(path: Path) -> Profile:
