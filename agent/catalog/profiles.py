@@ -89,7 +89,8 @@ def load_profile(path: Path) -> Profile:
         raise ConfigError(f"{path}: {_key_path(exc)}", file=str(path)) from exc
     if profile.name != path.stem:
         raise ConfigError(
-            f"{path}: name: {profile.name!r} differs from the file name {path.stem!r}", file=str(path)
+            f"{path}: name: {profile.name!r} differs from the file name {path.stem!r}",
+            file=str(path),
         )
     if profile.policy.n_ctx_floor > profile.policy.n_ctx_target:
         raise ConfigError(f"{path}: policy.n_ctx_floor: larger than n_ctx_target", file=str(path))

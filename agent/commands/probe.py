@@ -68,14 +68,18 @@ def format_table(device: DeviceInfo, profile: str, reasons: list[str]) -> str:
         label = cluster.name or cluster.part or "cluster"
         where = f"cpus {','.join(map(str, cluster.cpus))}" if cluster.cpus else ""
         speed = f"{cluster.max_mhz:.0f} MHz" if cluster.max_mhz else ""
-        rows.append(("  cluster", " ".join(x for x in (f"{cluster.count}x {label}", where, speed) if x)))
+        rows.append(
+            ("  cluster", " ".join(x for x in (f"{cluster.count}x {label}", where, speed) if x))
+        )
     rows.append(("ISA flags", " ".join(cpu.flags) or "none"))
     memory = f"{_gib(mem.total_bytes)} total, {_gib(mem.available_bytes)} available"
     if mem.swap_total_bytes:
         memory += f", swap {_gib(mem.swap_total_bytes)}"
     rows.append(("memory", memory))
     if mem.cgroup_limit_bytes is not None:
-        used = f", {_gib(mem.cgroup_usage_bytes)} used" if mem.cgroup_usage_bytes is not None else ""
+        used = (
+            f", {_gib(mem.cgroup_usage_bytes)} used" if mem.cgroup_usage_bytes is not None else ""
+        )
         rows.append(("cgroup limit", f"{_gib(mem.cgroup_limit_bytes)}{used}"))
     rows.append(("memory budget", _gib(mem.budget_bytes)))
     if device.gpus:
@@ -84,16 +88,29 @@ def format_table(device: DeviceInfo, profile: str, reasons: list[str]) -> str:
             if gpu.vram_free_bytes is not None and not gpu.unified_memory:
                 vram += f" ({_gib(gpu.vram_free_bytes)} free)"
             extra = ", ".join(
-                x for x in (gpu.driver, f"compute {gpu.compute_capability}" if gpu.compute_capability else None) if x
+                x
+                for x in (
+                    gpu.driver,
+                    f"compute {gpu.compute_capability}" if gpu.compute_capability else None,
+                )
+                if x
             )
-            rows.append((f"GPU {gpu.index}", f"[{gpu.vendor}] {gpu.name}, {vram}" + (f", {extra}" if extra else "")))
+            rows.append(
+                (
+                    f"GPU {gpu.index}",
+                    f"[{gpu.vendor}] {gpu.name}, {vram}" + (f", {extra}" if extra else ""),
+                )
+            )
     else:
         rows.append(("GPU", "none"))
     rows += [
         ("board", device.board or "unknown"),
         ("OS", device.os or "unknown"),
         ("kernel", device.kernel or "unknown"),
-        ("disk free", _gib(device.disk_free_bytes) if device.disk_free_bytes is not None else "unknown"),
+        (
+            "disk free",
+            _gib(device.disk_free_bytes) if device.disk_free_bytes is not None else "unknown",
+        ),
         (
             "temperatures",
             ", ".join(f"{k} {v:.1f}°C" for k, v in device.temperatures_c.items()) or "none",
@@ -116,7 +133,10 @@ def format_table(device: DeviceInfo, profile: str, reasons: list[str]) -> str:
         rows.append(("llama.cpp", f"{device.llama.version}, {offload}"))
         rows.append(("  features", " ".join(device.llama.features) or "none"))
     rows.append(
-        ("bandwidth", f"{device.bandwidth_gbps:.1f} GB/s" if device.bandwidth_gbps else "not measured")
+        (
+            "bandwidth",
+            f"{device.bandwidth_gbps:.1f} GB/s" if device.bandwidth_gbps else "not measured",
+        )
     )
     rows.append(("profile", f"{profile} ({'; '.join(reasons)})"))
     if device.probe_ms is not None:

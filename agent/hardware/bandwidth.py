@@ -61,7 +61,11 @@ def buffer_bytes(last_level_cache: int | None, budget_bytes: int) -> int:
 
 
 def measure_bandwidth(
-    *, threads: int = 1, root: str = "/", budget_bytes: int = 0, time_budget_s: float = TIME_BUDGET_S
+    *,
+    threads: int = 1,
+    root: str = "/",
+    budget_bytes: int = 0,
+    time_budget_s: float = TIME_BUDGET_S,
 ) -> float | None:
     """Best copy bandwidth in GB/s (10^9 bytes), or None when it cannot be measured."""
     try:
@@ -99,5 +103,11 @@ def measure_bandwidth(
             spent = time.perf_counter() - started
             if runs >= MAX_RUNS or (runs >= MIN_RUNS and spent >= time_budget_s):
                 break
-    log.debug("bandwidth_measured", gbps=round(best, 2), buffer_bytes=src.nbytes, threads=len(bounds), runs=runs)
+    log.debug(
+        "bandwidth_measured",
+        gbps=round(best, 2),
+        buffer_bytes=src.nbytes,
+        threads=len(bounds),
+        runs=runs,
+    )
     return round(best, 2) if best else None

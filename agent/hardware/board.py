@@ -45,7 +45,7 @@ def parse_device_tree_string(raw: str) -> str | None:
 
 
 def parse_dmi(fields: dict[str, str]) -> str | None:
-    """"LENOVO" + "20XW0026GE" → "LENOVO 20XW0026GE"; placeholders are dropped."""
+    """ "LENOVO" + "20XW0026GE" → "LENOVO 20XW0026GE"; placeholders are dropped."""
     product = fields.get("product_name", "").strip()
     if product.lower() in _DMI_PLACEHOLDERS:
         return None

@@ -117,7 +117,9 @@ def read_cpu_max_freqs(root: str = "/") -> dict[int, str]:
         match = re.fullmatch(r"cpu(\d+)", entry.name)
         if not match:
             continue
-        raw = read_first_line(root, f"/sys/devices/system/cpu/{entry.name}/cpufreq/cpuinfo_max_freq")
+        raw = read_first_line(
+            root, f"/sys/devices/system/cpu/{entry.name}/cpufreq/cpuinfo_max_freq"
+        )
         if raw is not None:
             found[int(match.group(1))] = raw
     return found
@@ -205,7 +207,9 @@ def _physical_cores(processors: list[dict[str, str]], logical: int) -> int:
     per_package = processors[0].get("cpu cores") if processors else None
     packages = {p.get("physical id") for p in processors if "physical id" in p}
     # A capture may hold only the first processor block; "cpu cores" still states the total.
-    stated = int(per_package) * max(len(packages), 1) if per_package and per_package.isdigit() else 0
+    stated = (
+        int(per_package) * max(len(packages), 1) if per_package and per_package.isdigit() else 0
+    )
     if cores or stated:
         return max(len(cores), stated, 1)
     return logical  # ARM: one thread per core

@@ -23,7 +23,14 @@ from agent.log import get_logger
 
 log = get_logger(__name__)
 
-NVIDIA_SMI_FIELDS = ("index", "name", "memory.total", "memory.free", "driver_version", "compute_cap")
+NVIDIA_SMI_FIELDS = (
+    "index",
+    "name",
+    "memory.total",
+    "memory.free",
+    "driver_version",
+    "compute_cap",
+)
 NVIDIA_SMI_ARGS = (
     f"--query-gpu={','.join(NVIDIA_SMI_FIELDS)}",
     "--format=csv,noheader,nounits",
@@ -45,12 +52,19 @@ def run_tool(args: list[str]) -> str | None:
     if shutil.which(args[0]) is None:
         return None
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False)
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.info("tool_failed", tool=args[0], error=str(exc))
         return None
     if done.returncode != 0:
-        log.info("tool_failed", tool=args[0], returncode=done.returncode, stderr=done.stderr.strip()[:200])
+        log.info(
+            "tool_failed",
+            tool=args[0],
+            returncode=done.returncode,
+            stderr=done.stderr.strip()[:200],
+        )
         return None
     return done.stdout
 
@@ -121,7 +135,9 @@ def parse_nvidia_smi(text: str) -> list[GPUInfo]:
     """nvidia-smi CSV → GPUs. Without a header the columns are NVIDIA_SMI_FIELDS; with one
     (``--format=csv``) the header names them, in any order and with units such as
     "memory.total [MiB]" (values then carry " MiB" too). "[N/A]" fields are None."""
-    rows = [r for r in csv.reader(io.StringIO(text), skipinitialspace=True) if any(c.strip() for c in r)]
+    rows = [
+        r for r in csv.reader(io.StringIO(text), skipinitialspace=True) if any(c.strip() for c in r)
+    ]
     if not rows:
         return []
     fields: list[str] = list(NVIDIA_SMI_FIELDS)
@@ -130,7 +146,7 @@ def parse_nvidia_smi(text: str) -> list[GPUInfo]:
         rows = rows[1:]
     gpus = []
     for position, row in enumerate(rows):
-        values = {f: _na(v) for f, v in zip(fields, row)}
+        values = {f: _na(v) for f, v in zip(fields, row, strict=False)}
         name = values.get("name")
         if not name:
             continue
@@ -187,7 +203,9 @@ def parse_amd_sysfs(cards: dict[str, dict[str, str]]) -> list[GPUInfo]:
     for card, files in sorted(cards.items()):
         if files.get("vendor", "").lower() != "0x1002" or "mem_info_vram_total" not in files:
             continue
-        total = int(files["mem_info_vram_total"]) if files["mem_info_vram_total"].isdigit() else None
+        total = (
+            int(files["mem_info_vram_total"]) if files["mem_info_vram_total"].isdigit() else None
+        )
         used = files.get("mem_info_vram_used", "")
         gpus.append(
             GPUInfo(
@@ -203,6 +221,7 @@ def parse_amd_sysfs(cards: dict[str, dict[str, str]]) -> list[GPUInfo]:
 
 
 # --- Apple Silicon ------------------------------------------------------------------
+
 
 def parse_apple_gpu(values: dict[str, str]) -> list[GPUInfo]:
     """Apple Silicon's GPU from sysctl values: unified memory, so VRAM = hw.memsize."""
@@ -235,7 +254,7 @@ def read_device_tree_compatible(root: str = "/") -> str | None:
 
 
 def parse_tegra_release(text: str) -> str | None:
-    """"# R35 (release), REVISION: 3.1, …" → "L4T R35.3.1"."""
+    """ "# R35 (release), REVISION: 3.1, …" → "L4T R35.3.1"."""
     match = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
     return f"L4T R{match.group(1)}.{match.group(2)}" if match else None
 
@@ -277,11 +296,17 @@ def probe_gpus(
 ) -> list[GPUInfo]:
     """Every GPU found, discrete first. A failing source is skipped, never fatal."""
     jetson = parse_jetson_gpu(
-        read_tegra_release(root), read_device_tree_compatible(root), board, memory_total, memory_available
+        read_tegra_release(root),
+        read_device_tree_compatible(root),
+        board,
+        memory_total,
+        memory_available,
     )
     nvidia: list[GPUInfo] = []
     # JetPack 6 ships an nvidia-smi that lists the integrated GPU with no memory figures;
     # the Jetson entry already describes that GPU.
     if not jetson:
-        nvidia = (read_nvml() if is_live(root) else None) or parse_nvidia_smi(read_nvidia_smi(root) or "")
+        nvidia = (read_nvml() if is_live(root) else None) or parse_nvidia_smi(
+            read_nvidia_smi(root) or ""
+        )
     return nvidia + parse_amd_sysfs(read_amd_sysfs(root)) + parse_apple_gpu(sysctl) + jetson

@@ -42,14 +42,18 @@ def read_build_info() -> str | None:
         log.info("llama_build_info_failed", error=str(exc))
         return None
     if done.returncode != 0:
-        log.info("llama_build_info_failed", returncode=done.returncode, stderr=done.stderr.strip()[-300:])
+        log.info(
+            "llama_build_info_failed", returncode=done.returncode, stderr=done.stderr.strip()[-300:]
+        )
         return None
     return done.stdout
 
 
 def parse_system_info(system_info: str) -> list[str]:
-    """"CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 0 | …" → ["avx2", "sse3"] (the ones on)."""
-    return sorted({m.group(1).lower() for m in re.finditer(r"([A-Za-z0-9_]+)\s*=\s*1\b", system_info)})
+    """ "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 0 | …" → ["avx2", "sse3"] (the ones on)."""
+    return sorted(
+        {m.group(1).lower() for m in re.finditer(r"([A-Za-z0-9_]+)\s*=\s*1\b", system_info)}
+    )
 
 
 def parse_build_info(text: str) -> LlamaBuildInfo | None:

@@ -70,7 +70,7 @@ def parse_cgroup_value(text: str | None) -> int | None:
 
 
 def _ancestors(path: str) -> list[str]:
-    """"/a/b/c" → ["/a/b/c", "/a/b", "/a", "/"]."""
+    """ "/a/b/c" → ["/a/b/c", "/a/b", "/a", "/"]."""
     path = posixpath.normpath("/" + path.strip("/"))
     chain = [path]
     while path != "/":
@@ -92,7 +92,10 @@ def _cgroup_dirs(paths: CgroupPaths) -> list[str]:
     """
     dirs: list[str] = []
     if paths.v2 is not None:
-        dirs += [posixpath.join("/sys/fs/cgroup", cg.lstrip("/")).rstrip("/") for cg in _ancestors(paths.v2)]
+        dirs += [
+            posixpath.join("/sys/fs/cgroup", cg.lstrip("/")).rstrip("/")
+            for cg in _ancestors(paths.v2)
+        ]
     if paths.v1_memory is not None:
         dirs += [
             posixpath.join("/sys/fs/cgroup/memory", cg.lstrip("/")).rstrip("/")
@@ -137,7 +140,8 @@ def parse_memory(meminfo: dict[str, int], cgroup: CgroupMemory) -> MemoryInfo:
     total = meminfo.get("MemTotal", 0)
     # Kernels before 3.14 have no MemAvailable; free + page cache is the old estimate.
     available = meminfo.get(
-        "MemAvailable", meminfo.get("MemFree", 0) + meminfo.get("Cached", 0) + meminfo.get("Buffers", 0)
+        "MemAvailable",
+        meminfo.get("MemFree", 0) + meminfo.get("Cached", 0) + meminfo.get("Buffers", 0),
     )
     limit = cgroup.limit_bytes
     if limit is not None and total and limit >= total:

@@ -30,7 +30,9 @@ def read_power_supplies(root: str = "/") -> dict[str, dict[str, str]]:
 
 def parse_power_supplies(supplies: dict[str, dict[str, str]]) -> PowerInfo | None:
     # "Device"-scoped batteries are peripherals (a mouse), not what powers this machine.
-    batteries = [s for s in supplies.values() if s.get("type") == "Battery" and s.get("scope") != "Device"]
+    batteries = [
+        s for s in supplies.values() if s.get("type") == "Battery" and s.get("scope") != "Device"
+    ]
     mains = [s for s in supplies.values() if s.get("type") in ("Mains", "USB", "USB_C", "USB_PD")]
     if not batteries and not mains:
         return None
@@ -40,7 +42,9 @@ def parse_power_supplies(supplies: dict[str, dict[str, str]]) -> PowerInfo | Non
         on_ac = any(s.get("online") == "1" for s in mains)
     elif batteries and batteries[0].get("status") in ("Charging", "Full", "Discharging"):
         on_ac = batteries[0]["status"] != "Discharging"
-    return PowerInfo(battery_percent=float(capacity) if capacity is not None else None, on_ac_power=on_ac)
+    return PowerInfo(
+        battery_percent=float(capacity) if capacity is not None else None, on_ac_power=on_ac
+    )
 
 
 def read_psutil_battery(root: str = "/") -> PowerInfo | None:

@@ -110,7 +110,9 @@ def probe(
 
 def _probe_cpu(root: str, cpuinfo: str | None, sysctl: dict[str, str]) -> CPUInfo:
     if cpuinfo:
-        return parse_cpuinfo(cpuinfo, machine=read_machine(root), max_freqs_khz=read_cpu_max_freqs(root))
+        return parse_cpuinfo(
+            cpuinfo, machine=read_machine(root), max_freqs_khz=read_cpu_max_freqs(root)
+        )
     if sysctl:
         return parse_sysctl_cpu(sysctl)
     machine = read_machine(root)
@@ -135,7 +137,9 @@ def _probe_memory(root: str, sysctl: dict[str, str]) -> MemoryInfo:
 
 def _bandwidth(root: str, cpu: CPUInfo, memory: MemoryInfo) -> float | None:
     try:
-        return measure_bandwidth(threads=cpu.performance_cores, root=root, budget_bytes=memory.budget_bytes)
+        return measure_bandwidth(
+            threads=cpu.performance_cores, root=root, budget_bytes=memory.budget_bytes
+        )
     except Exception as exc:  # noqa: BLE001 - a failed measurement must not fail the probe
         log.warning("bandwidth_failed", error=str(exc))
         return None

@@ -26,7 +26,7 @@ SYSCTL_NAMES = (
 
 
 def read_sysctl(root: str = "/") -> str | None:
-    """"name: value" lines for SYSCTL_NAMES, or None off macOS."""
+    """ "name: value" lines for SYSCTL_NAMES, or None off macOS."""
     if not is_live(root):
         return read_text(root, "/.captured/sysctl.txt")
     if platform.system() != "Darwin" or shutil.which("sysctl") is None:
@@ -35,7 +35,11 @@ def read_sysctl(root: str = "/") -> str | None:
         # A name this macOS lacks makes sysctl exit non-zero after printing the rest,
         # so stdout is used whatever the exit status.
         done = subprocess.run(
-            ["sysctl", *SYSCTL_NAMES], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+            ["sysctl", *SYSCTL_NAMES],
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT_S,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None

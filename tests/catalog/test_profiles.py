@@ -13,7 +13,14 @@ from agent.hardware.probe import probe
 
 FIXTURES = Path(__file__).parents[1] / "hardware" / "fixtures"
 GIB = 1024**3
-REQUIRED = {"default", "raspberry-pi-5", "raspberry-pi-4", "jetson-orin-nano", "x86-avx2", "apple-silicon"}
+REQUIRED = {
+    "default",
+    "raspberry-pi-5",
+    "raspberry-pi-4",
+    "jetson-orin-nano",
+    "x86-avx2",
+    "apple-silicon",
+}
 
 
 def test_repo_profiles_load_and_include_the_required_ones():
@@ -45,7 +52,9 @@ def test_match_on_captured_devices(fixture, expected, reason):
 
 
 def _device(**cpu) -> DeviceInfo:
-    return DeviceInfo(cpu=CPUInfo(**cpu), memory=MemoryInfo(total_bytes=8 * GIB, available_bytes=6 * GIB))
+    return DeviceInfo(
+        cpu=CPUInfo(**cpu), memory=MemoryInfo(total_bytes=8 * GIB, available_bytes=6 * GIB)
+    )
 
 
 def test_a_failed_rule_rejects_the_profile():
@@ -70,8 +79,17 @@ policy: {memory_headroom_bytes: 1, n_ctx_target: 512, n_ctx_floor: 256, kv_type:
 
 def test_memory_range_and_specificity(tmp_path):
     _write(tmp_path, "default", DEFAULT)
-    _write(tmp_path, "small", DEFAULT.replace("name: default", "name: small") + "match: {memory_max_gib: 4}\n")
-    _write(tmp_path, "big", DEFAULT.replace("name: default", "name: big") + "match: {memory_min_gib: 4, arch: [x86_64]}\n")
+    _write(
+        tmp_path,
+        "small",
+        DEFAULT.replace("name: default", "name: small") + "match: {memory_max_gib: 4}\n",
+    )
+    _write(
+        tmp_path,
+        "big",
+        DEFAULT.replace("name: default", "name: big")
+        + "match: {memory_min_gib: 4, arch: [x86_64]}\n",
+    )
     profiles = load_profiles(tmp_path)
     profile, reasons = match_profile(_device(arch="x86_64"), profiles)
     assert profile.name == "big"

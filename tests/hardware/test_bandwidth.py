@@ -15,7 +15,10 @@ from agent.hardware.bandwidth import (
 MIB = 1024 * 1024
 
 
-@pytest.mark.parametrize(("raw", "size"), [("32K", 32 * 1024), ("32768K", 32 * MIB), ("2M", 2 * MIB), ("512", 512), ("x", None)])
+@pytest.mark.parametrize(
+    ("raw", "size"),
+    [("32K", 32 * 1024), ("32768K", 32 * MIB), ("2M", 2 * MIB), ("512", 512), ("x", None)],
+)
 def test_parse_cache_size(raw, size):
     assert parse_cache_size(raw) == size
 

@@ -44,7 +44,10 @@ def test_cpuinfo_model_line_is_the_fallback():
         ({"sys_vendor": "LENOVO", "product_name": "20XW0026GE"}, "LENOVO 20XW0026GE"),
         ({"sys_vendor": "Dell Inc.", "product_name": "OptiPlex 7080"}, "Dell Inc. OptiPlex 7080"),
         ({"sys_vendor": "System manufacturer", "product_name": "System Product Name"}, None),
-        ({"sys_vendor": "QEMU", "product_name": "QEMU Standard PC (Q35 + ICH9, 2009)"}, "QEMU Standard PC (Q35 + ICH9, 2009)"),
+        (
+            {"sys_vendor": "QEMU", "product_name": "QEMU Standard PC (Q35 + ICH9, 2009)"},
+            "QEMU Standard PC (Q35 + ICH9, 2009)",
+        ),
         ({}, None),
     ],
 )
@@ -53,14 +56,22 @@ def test_parse_dmi(fields, board):
 
 
 def test_device_tree_wins_over_dmi():
-    assert parse_board("Raspberry Pi 5 Model B Rev 1.0\0", {"product_name": "X"}, None, {}) == "Raspberry Pi 5 Model B Rev 1.0"
+    assert (
+        parse_board("Raspberry Pi 5 Model B Rev 1.0\0", {"product_name": "X"}, None, {})
+        == "Raspberry Pi 5 Model B Rev 1.0"
+    )
 
 
 def test_os_release_and_kernel_from_a_captured_root():
     root = str(FIXTURES / "epyc-zen4-vm")
-    assert read_os_name(root) == parse_os_release((FIXTURES / "epyc-zen4-vm/etc/os-release").read_text())
+    assert read_os_name(root) == parse_os_release(
+        (FIXTURES / "epyc-zen4-vm/etc/os-release").read_text()
+    )
     assert read_os_name(root).startswith("Debian GNU/Linux")
-    assert read_kernel(root) == (FIXTURES / "epyc-zen4-vm/proc/sys/kernel/osrelease").read_text().strip()
+    assert (
+        read_kernel(root)
+        == (FIXTURES / "epyc-zen4-vm/proc/sys/kernel/osrelease").read_text().strip()
+    )
 
 
 def test_missing_os_and_kernel_are_none():

@@ -29,7 +29,9 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "vendor", "model", "arch", "physical", "logical", "present", "absent"), CASES)
+@pytest.mark.parametrize(
+    ("name", "vendor", "model", "arch", "physical", "logical", "present", "absent"), CASES
+)
 def test_parse_cpuinfo(name, vendor, model, arch, physical, logical, present, absent):
     cpu = parse_cpuinfo((FIXTURES / name / "proc/cpuinfo").read_text())
     assert (cpu.vendor, cpu.model, cpu.arch) == (vendor, model, arch)
@@ -47,8 +49,13 @@ def test_machine_overrides_what_cpuinfo_implies():
 def test_big_little_clusters_from_cpufreq_fastest_first():
     # Pi 5 cores with a made-up frequency split, to exercise the grouping only.
     text = (FIXTURES / "raspberry-pi-5/proc/cpuinfo").read_text()
-    cpu = parse_cpuinfo(text, max_freqs_khz={0: "1800000", 1: "1800000", 2: "2400000", 3: "2400000"})
-    assert [(c.cpus, c.max_mhz, c.count) for c in cpu.clusters] == [([2, 3], 2400.0, 2), ([0, 1], 1800.0, 2)]
+    cpu = parse_cpuinfo(
+        text, max_freqs_khz={0: "1800000", 1: "1800000", 2: "2400000", 3: "2400000"}
+    )
+    assert [(c.cpus, c.max_mhz, c.count) for c in cpu.clusters] == [
+        ([2, 3], 2400.0, 2),
+        ([0, 1], 1800.0, 2),
+    ]
     assert cpu.performance_cores == 2
 
 
@@ -66,7 +73,10 @@ def test_x86_has_no_clusters_without_cpufreq():
     ("raw", "expected"),
     [
         (["pni", "ssse3", "lm"], ["sse3", "ssse3"]),
-        (["asimd", "asimdhp", "asimddp", "i8mm", "sve", "sve2"], ["dotprod", "fp16", "i8mm", "neon", "sve", "sve2"]),
+        (
+            ["asimd", "asimdhp", "asimddp", "i8mm", "sve", "sve2"],
+            ["dotprod", "fp16", "i8mm", "neon", "sve", "sve2"],
+        ),
         (["half", "thumb", "vfp", "neon", "vfpv4"], ["neon"]),  # armv7 Features
         ([], []),
     ],
@@ -76,7 +86,9 @@ def test_normalise_flags(raw, expected):
 
 
 def test_apple_sysctl():
-    cpu = parse_sysctl_cpu(parse_sysctl((FIXTURES / "apple-m3-max/.captured/sysctl.txt").read_text()))
+    cpu = parse_sysctl_cpu(
+        parse_sysctl((FIXTURES / "apple-m3-max/.captured/sysctl.txt").read_text())
+    )
     assert (cpu.vendor, cpu.model, cpu.arch) == ("Apple", "Apple M3 Max", "aarch64")
     assert (cpu.physical_cores, cpu.logical_cores) == (14, 14)
     assert set(cpu.flags) == {"neon", "fp16", "dotprod", "i8mm", "bf16"}  # FEAT_SME is 0

@@ -22,7 +22,9 @@ def test_nvidia_smi_with_header_in_any_column_order():
         (0, "NVIDIA TITAN V", "7.0", "570.86.15"),
         (1, "NVIDIA RTX 5880 Ada Generation", "8.9", "570.86.15"),
     ]
-    assert all(g.vendor == "nvidia" and g.vram_total_bytes is None for g in gpus)  # not queried there
+    assert all(
+        g.vendor == "nvidia" and g.vram_total_bytes is None for g in gpus
+    )  # not queried there
 
 
 def test_nvidia_smi_noheader_nounits_uses_the_probe_query_order():
@@ -69,7 +71,12 @@ def test_jetson_gpu_from_release_and_device_tree():
         8 * 1024**3,
         6 * 1024**3,
     )
-    assert (gpu.vendor, gpu.unified_memory, gpu.compute_capability, gpu.driver) == ("jetson", True, "8.7", "L4T R35.3.1")
+    assert (gpu.vendor, gpu.unified_memory, gpu.compute_capability, gpu.driver) == (
+        "jetson",
+        True,
+        "8.7",
+        "L4T R35.3.1",
+    )
     assert gpu.vram_total_bytes == 8 * 1024**3
 
 
@@ -85,15 +92,28 @@ def test_not_a_jetson():
 
 def test_amd_sysfs_needs_the_amd_vendor_id():
     cards = {
-        "card0": {"vendor": "0x1002", "mem_info_vram_total": "17163091968", "mem_info_vram_used": "163091968"},
+        "card0": {
+            "vendor": "0x1002",
+            "mem_info_vram_total": "17163091968",
+            "mem_info_vram_used": "163091968",
+        },
         "card1": {"vendor": "0x8086"},  # an Intel iGPU: not counted
     }
     [gpu] = parse_amd_sysfs(cards)
-    assert (gpu.vendor, gpu.index, gpu.vram_total_bytes, gpu.vram_free_bytes) == ("amd", 0, 17163091968, 17000000000)
+    assert (gpu.vendor, gpu.index, gpu.vram_total_bytes, gpu.vram_free_bytes) == (
+        "amd",
+        0,
+        17163091968,
+        17000000000,
+    )
 
 
 def test_probe_gpus_on_fake_roots():
-    nvidia = probe_gpus(str(FIXTURES / "nvidia-two-gpus"), sysctl={}, board=None, memory_total=0, memory_available=0)
+    nvidia = probe_gpus(
+        str(FIXTURES / "nvidia-two-gpus"), sysctl={}, board=None, memory_total=0, memory_available=0
+    )
     assert [g.name for g in nvidia] == ["NVIDIA TITAN V", "NVIDIA RTX 5880 Ada Generation"]
-    none = probe_gpus(str(FIXTURES / "raspberry-pi-5"), sysctl={}, board=None, memory_total=0, memory_available=0)
+    none = probe_gpus(
+        str(FIXTURES / "raspberry-pi-5"), sysctl={}, board=None, memory_total=0, memory_available=0
+    )
     assert none == []

@@ -9,8 +9,8 @@ from agent.hardware.memory import (
     CgroupPaths,
     parse_cgroup_memory,
     parse_cgroup_value,
-    parse_memory,
     parse_meminfo,
+    parse_memory,
     parse_proc_self_cgroup,
     probe_memory,
     read_cgroup_memory,
@@ -41,7 +41,9 @@ def test_parse_proc_self_cgroup(name, expected):
     assert parse_proc_self_cgroup((FIXTURES / name / "proc/self/cgroup").read_text()) == expected
 
 
-@pytest.mark.parametrize(("raw", "value"), [("max", None), ("4194304000\n", 4194304000), ("", None), (None, None)])
+@pytest.mark.parametrize(
+    ("raw", "value"), [("max", None), ("4194304000\n", 4194304000), ("", None), (None, None)]
+)
 def test_parse_cgroup_value(raw, value):
     assert parse_cgroup_value(raw) == value
 
@@ -74,18 +76,25 @@ def test_budget_is_limit_minus_usage_when_tighter_than_available():
 
 def test_budget_is_available_when_the_limit_is_looser():
     meminfo = parse_meminfo((FIXTURES / "epyc-zen4-vm/proc/meminfo").read_text())
-    memory = parse_memory(meminfo, CgroupMemory(limit_bytes=9223372036854771712, usage_bytes=42557440))
+    memory = parse_memory(
+        meminfo, CgroupMemory(limit_bytes=9223372036854771712, usage_bytes=42557440)
+    )
     assert memory.cgroup_limit_bytes is None and memory.cgroup_usage_bytes is None
     assert memory.budget_bytes == meminfo["MemAvailable"]
 
 
 def test_budget_never_negative():
-    memory = parse_memory({"MemTotal": 8 * GIB, "MemAvailable": 6 * GIB}, CgroupMemory(limit_bytes=GIB, usage_bytes=2 * GIB))
+    memory = parse_memory(
+        {"MemTotal": 8 * GIB, "MemAvailable": 6 * GIB},
+        CgroupMemory(limit_bytes=GIB, usage_bytes=2 * GIB),
+    )
     assert memory.budget_bytes == 0
 
 
 def test_old_kernel_without_memavailable():
-    memory = parse_memory({"MemTotal": 1000, "MemFree": 100, "Cached": 200, "Buffers": 50}, CgroupMemory())
+    memory = parse_memory(
+        {"MemTotal": 1000, "MemFree": 100, "Cached": 200, "Buffers": 50}, CgroupMemory()
+    )
     assert memory.available_bytes == 350
 
 

@@ -28,7 +28,9 @@ def edge_agent(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 
 
 def test_probe_json_on_the_pi5_fake_root():
-    done = edge_agent("probe", "--json", env={"EDGE_AGENT_PROBE_ROOT": str(FIXTURES / "raspberry-pi-5")})
+    done = edge_agent(
+        "probe", "--json", env={"EDGE_AGENT_PROBE_ROOT": str(FIXTURES / "raspberry-pi-5")}
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["cpu"]["arch"] == "aarch64"
@@ -63,13 +65,23 @@ def test_table_on_an_empty_root_says_none_and_exits_0(tmp_path):
     done = edge_agent("probe", env={"EDGE_AGENT_PROBE_ROOT": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
-    lines = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in done.stdout.splitlines() if "  " in line.strip())
+    lines = dict(
+        re.split(r"\s{2,}", line.strip(), maxsplit=1)
+        for line in done.stdout.splitlines()
+        if "  " in line.strip()
+    )
     assert lines["GPU"] == "none" and lines["power"] == "none" and lines["temperatures"] == "none"
     assert lines["profile"].startswith("default")
 
 
 def test_forcing_an_unknown_profile_is_a_config_error():
-    done = edge_agent("probe", "--json", "--profile", "nope", env={"EDGE_AGENT_PROBE_ROOT": str(FIXTURES / "raspberry-pi-5")})
+    done = edge_agent(
+        "probe",
+        "--json",
+        "--profile",
+        "nope",
+        env={"EDGE_AGENT_PROBE_ROOT": str(FIXTURES / "raspberry-pi-5")},
+    )
     assert done.returncode == 2
     assert "config_invalid" in done.stderr and "raspberry-pi-5" in done.stderr
 
@@ -94,7 +106,9 @@ def test_probe_json_on_this_machine():
     for flag in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16", "neon"):
         assert flag in NORMALISED_FLAGS
         assert (flag in report["cpu"]["flags"]) == (flag in normalise_flags(raw))
-    mem_total_kib = int(re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1))
+    mem_total_kib = int(
+        re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M).group(1)
+    )
     assert report["memory"]["total_bytes"] == mem_total_kib * 1024
     assert 0 < report["memory"]["budget_bytes"] <= report["memory"]["total_bytes"]
     has_gpu = Path("/dev/nvidia0").exists() or any(Path("/sys/class/drm").glob("card*"))

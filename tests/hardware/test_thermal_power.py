@@ -29,7 +29,10 @@ def test_thermal_zones_in_celsius_with_unique_names(tmp_path):
             "sys/class/thermal/thermal_zone2/temp": "N/A\n",
         },
     )
-    assert parse_thermal_zones(read_thermal_zones(str(tmp_path))) == {"cpu-thermal": 53.55, "cpu-thermal-1": -2.0}
+    assert parse_thermal_zones(read_thermal_zones(str(tmp_path))) == {
+        "cpu-thermal": 53.55,
+        "cpu-thermal-1": -2.0,
+    }
 
 
 def test_no_sensors_is_an_empty_dict(tmp_path):
@@ -55,7 +58,9 @@ def test_laptop_battery_and_mains(tmp_path):
 
 
 def test_battery_status_says_charging_when_there_is_no_mains_entry():
-    power = parse_power_supplies({"BAT0": {"type": "Battery", "capacity": "40", "status": "Charging"}})
+    power = parse_power_supplies(
+        {"BAT0": {"type": "Battery", "capacity": "40", "status": "Charging"}}
+    )
     assert power is not None and (power.battery_percent, power.on_ac_power) == (40.0, True)
 
 
