@@ -97,6 +97,7 @@ class Worker:
         self._llama: Any = None
         self._formatter: Any = None
         self._settings: dict[str, Any] = {}
+        self._sampled: list[tuple[int, float]] = []
         self._crash_unless = os.environ.get(CRASH_HOOK_ENV) or None
 
     # reader thread ------------------------------------------------------------------
@@ -184,6 +185,7 @@ class Worker:
                     bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
                     stop_token_ids=[eos],
                 )
+            self._watch_sampling(llama)
             self._llama = llama
         except Exception as exc:
             self._writer.send({"type": "load_failed", "message": f"{type(exc).__name__}: {exc}"})
@@ -212,6 +214,19 @@ class Worker:
                 "canary_tokens": canary_tokens,
             }
         )
+
+    def _watch_sampling(self, llama: Any) -> None:
+        """Record every sampled token and when: usage and timings need exact counts, and
+        create_completion's stream does not report them."""
+        sample = llama.sample
+        sampled = self._sampled
+
+        def timed_sample(*args: Any, **kwargs: Any) -> int:
+            token = sample(*args, **kwargs)
+            sampled.append((token, time.perf_counter()))
+            return token
+
+        llama.sample = timed_sample
 
     def _maybe_crash(self) -> None:
         if self._crash_unless and self._crash_unless not in self._settings.get("steps", []):
@@ -256,16 +271,10 @@ class Worker:
             self._cancel.request_id = request_id
             self._cancel.reason = None
 
-        sampled: list[int] = []
-        first_token_at: list[float] = []
-        last_token_at: list[float] = []
+        sampled = self._sampled
+        sampled.clear()
 
         def watch(input_ids: Any, logits: Any) -> bool:
-            now = time.perf_counter()
-            if not first_token_at:
-                first_token_at.append(now)
-            last_token_at[:] = [now]
-            sampled.append(int(input_ids[-1]))
             if template_stop is not None and template_stop(input_ids, logits):
                 return True
             return self._cancel.reason is not None
@@ -313,10 +322,10 @@ class Worker:
             self._final_error(request_id, code, f"generation stopped: {reason}", text="".join(text_parts))
             return
         finished = time.perf_counter()
-        completion = [t for t in sampled if not llama_cpp.llama_vocab_is_eog(llama._model.vocab, t)]
+        completion = [t for t, _ in sampled if not llama_cpp.llama_vocab_is_eog(llama._model.vocab, t)]
         perf = llama_cpp.llama_perf_context(llama.ctx)
-        ttft_s = (first_token_at[0] - started) if first_token_at else finished - started
-        decode_s = (last_token_at[0] - first_token_at[0]) if first_token_at else 0.0
+        ttft_s = (sampled[0][1] - started) if sampled else finished - started
+        decode_s = (sampled[-1][1] - sampled[0][1]) if sampled else 0.0
         if perf.n_p_eval > 0 and perf.t_p_eval_ms > 0:
             prefill_rate = perf.n_p_eval / (perf.t_p_eval_ms / 1000)
         else:
