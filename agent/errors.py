@@ -21,7 +21,8 @@ stable machine-readable ``code`` and a message that says what to do::
     ├── NoModelError           no_model           no model is loaded (yet)
     ├── WorkerCrashedError     worker_crashed     the inference worker died mid-request
     ├── ModelLoadError         load_failed        every setting of the fallback ladder failed
-    └── SignatureError         bad_signature      a manifest signature is missing or wrong
+    ├── SignatureError         bad_signature      a manifest signature is missing or wrong
+    └── BrokerError            broker_failed      the embedded MQTT broker cannot start (port in use)
 
 Third-party errors are translated at the boundary (``raise FetchError(...) from exc``),
 never leaked. Code never classifies errors by matching message text; it uses ``code``.
@@ -117,3 +118,7 @@ class ModelLoadError(EdgeAgentError):
 
 class SignatureError(EdgeAgentError):
     code = "bad_signature"
+
+
+class BrokerError(EdgeAgentError):
+    code = "broker_failed"
