@@ -22,6 +22,7 @@ stable machine-readable ``code`` and a message that says what to do::
     ├── WorkerCrashedError     worker_crashed     the inference worker died mid-request
     ├── ModelLoadError         load_failed        every setting of the fallback ladder failed
     ├── SignatureError         bad_signature      a manifest signature is missing or wrong
+    ├── FleetAPIError          (the controller's) the fleet controller's API refused a call or is unreachable
     └── BrokerError            broker_failed      the embedded MQTT broker cannot start (port in use)
 
 Third-party errors are translated at the boundary (``raise FetchError(...) from exc``),
@@ -118,6 +119,17 @@ class ModelLoadError(EdgeAgentError):
 
 class SignatureError(EdgeAgentError):
     code = "bad_signature"
+
+
+class FleetAPIError(EdgeAgentError):
+    """Raised by the fleet API client; ``code`` is the one the controller answered with
+    (``unauthorized``, ``not_found``, ``unknown_op`` …) or ``unreachable``."""
+
+    code = "fleet_api"
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.code = code
 
 
 class BrokerError(EdgeAgentError):
