@@ -18,7 +18,7 @@ import msgspec
 
 from agent.errors import RequestError, UnknownOpError
 from agent.mqtt.topics import is_valid_level, is_valid_publish_topic
-from agent.runtime.request import GenerateRequest
+from agent.runtime.request import GenerateRequest, validate_request
 
 MAX_ID_CHARS = 128  # ids become a topic level and a key of the idempotency record
 
@@ -161,33 +161,7 @@ def decode_prompt(payload: bytes, *, max_bytes: int) -> GenerateRequest:
     except msgspec.DecodeError as exc:
         raise _field_error(exc, "prompt") from None
     _check_id(request.id)
-    _require(
-        (request.messages is None) != (request.prompt is None),
-        "messages",
-        "give exactly one of `messages` or `prompt`",
-    )
-    if request.messages is not None:
-        _require(len(request.messages) > 0, "messages", "must not be empty")
-    _require(request.max_tokens is None or request.max_tokens >= 1, "max_tokens", "must be >= 1")
-    _require(
-        math.isfinite(request.temperature) and request.temperature >= 0,
-        "temperature", "must be a finite number >= 0",
-    )
-    _require(0 < request.top_p <= 1, "top_p", "must be in (0, 1]")
-    _require(request.top_k >= 0, "top_k", "must be >= 0")
-    _require(0 <= request.min_p <= 1, "min_p", "must be in [0, 1]")
-    _require(
-        math.isfinite(request.repeat_penalty) and request.repeat_penalty > 0,
-        "repeat_penalty", "must be a finite number > 0",
-    )
-    _require(
-        request.timeout_s is None or (math.isfinite(request.timeout_s) and request.timeout_s > 0),
-        "timeout_s", "must be a finite number > 0",
-    )
-    _require(
-        all(stop for stop in request.stop) and len(request.stop) <= 16,
-        "stop", "at most 16 non-empty strings",
-    )
+    validate_request(request)
     _require(
         request.reply_to is None or is_valid_publish_topic(request.reply_to),
         "reply_to", "must be a topic without wildcards",
@@ -254,9 +228,9 @@ def cmd_result(command_id: str | None, *, result: Any = None, error: dict[str, A
     return {"id": command_id, "ok": True, "result": result}
 
 
-def event(kind: str, **fields: Any) -> dict[str, Any]:
+def event(name: str, /, **fields: Any) -> dict[str, Any]:
     """An ``events`` record: ``{event, ts, ...}``."""
-    return {"event": kind, "ts": round(time.time(), 3), **fields}
+    return {"event": name, "ts": round(time.time(), 3), **fields}
 
 
 def status(state: State, *, session: int, version: str, ts: float | None = None) -> Status:

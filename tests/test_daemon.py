@@ -1,0 +1,285 @@
+"""The daemon as users run it: `edge-agent run --config F` as a real subprocess, a real mosquitto,
+the real SmolLM2 ladder, prompts sent with mosquitto_pub and paho, replies watched with paho."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.mqtt.conftest import Observer
+from tests.support.broker import Broker
+
+DEVICE = "dev-test"
+BASE = f"edge/v1/{DEVICE}"
+EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
+
+
+class RunningDaemon:
+    """One `edge-agent run` process with its config, log and sd_notify socket."""
+
+    def __init__(self, workdir: Path, broker: Broker, ladder_dir: Path, **overrides) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "device_id": DEVICE,
+            "state_dir": str(workdir / "state"),
+            "cache_dir": str(workdir / "models"),
+            "mqtt": {"host": broker.host, "port": broker.port, "will_delay_s": 2,
+                     "reconnect_min_s": 1, "reconnect_max_s": 2, "max_payload_bytes": 4096},
+            "model": {"manifest": str(ladder_dir / "manifest.json"), "pin": "Q4_K_M"},
+            "runtime": {"default_max_tokens": 16, "queue_size": 64},
+            "telemetry": {"interval_s": 1.0},
+            "log": {"json": True, "level": "info"},
+        }
+        for section, values in overrides.items():
+            config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
+        self.config_path = workdir / "agent.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.notify_path = workdir / "notify.sock"
+        self.notify_path.unlink(missing_ok=True)  # left by an earlier run on the same workdir
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(0.2)
+        self.notifications: list[str] = []
+        self.log_path = workdir / "daemon.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "RunningDaemon":
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "WATCHDOG_USEC": "2000000",
+               "PYTHONUNBUFFERED": "1"}
+        env.pop("WATCHDOG_PID", None)
+        self.process = subprocess.Popen([EDGE_AGENT, "run", "--config", str(self.config_path)],
+                                        stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def read_notifications(self, until: str | None = None, timeout: float = 90) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.notifications.append(self.notify.recv(4096).decode())
+            except socket.timeout:
+                if until is None:
+                    return self.notifications
+            if until is not None and any(until in n for n in self.notifications):
+                return self.notifications
+            if self.process and self.process.poll() is not None and until is not None:
+                raise AssertionError(f"daemon exited {self.process.returncode}: {self.log_path.read_text()[-3000:]}")
+        raise AssertionError(f"no {until!r} within {timeout}s; log: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.notify.close()
+
+
+def wait_ready(daemon: RunningDaemon) -> None:
+    daemon.read_notifications(until="READY=1")
+
+
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory):
+    broker = Broker(tmp_path_factory.mktemp("broker")).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, module_broker, ladder_dir):
+    running = RunningDaemon(tmp_path_factory.mktemp("daemon"), module_broker, ladder_dir).start()
+    wait_ready(running)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def watch(module_broker):
+    made: list[Observer] = []
+
+    def connect(*subscriptions: str) -> Observer:
+        observer = Observer(module_broker.host, module_broker.port)
+        for topic in subscriptions:
+            observer.subscribe(topic)
+        made.append(observer)
+        return observer
+
+    yield connect
+    for observer in made:
+        observer.close()
+
+
+def finals(observer: Observer, topic: str) -> list[dict]:
+    return [json.loads(m.payload) for m in observer.on(topic) if json.loads(m.payload).get("done")]
+
+
+def wait_final(observer: Observer, topic: str, timeout: float = 60) -> dict:
+    message = observer.wait_for(lambda m: m.topic == topic and json.loads(m.payload).get("done"), timeout)
+    return json.loads(message.payload)
+
+
+def mosquitto_pub(broker: Broker, topic: str, payload: str, *extra: str) -> None:
+    subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-q", "1",
+                    "-t", topic, "-m", payload, *extra], check=True, timeout=10)
+
+
+def test_ready_notify_and_retained_status_and_meta(daemon, watch):
+    notes = "\n".join(daemon.read_notifications())
+    assert "READY=1" in notes and "STATUS=ready" in notes
+    assert "WATCHDOG=1" in notes  # pinged from the main loop at half of WATCHDOG_USEC
+    observer = watch(f"{BASE}/status", f"{BASE}/meta")
+    status = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/status").payload)
+    assert status["state"] in ("ready", "busy") and status["session"] >= 1
+    meta_message = observer.wait_for(lambda m: m.topic == f"{BASE}/meta")
+    assert meta_message.retain
+    meta = json.loads(meta_message.payload)
+    assert meta["selection"]["quant"] == "Q4_K_M" and meta["selection"]["candidates"]
+    assert meta["probe"]["cpu"]["logical_cores"] >= 1 and meta["version"]
+
+
+def test_mqtt5_response_topic_and_correlation_data_from_mosquitto_pub(daemon, watch, module_broker):
+    reply_topic = f"client/{uuid.uuid4().hex[:6]}/answers"
+    observer = watch(reply_topic)
+    mosquitto_pub(module_broker, f"{BASE}/prompt",
+                  json.dumps({"id": "mp-1", "prompt": "The capital of France is", "max_tokens": 8,
+                              "temperature": 0, "seed": 1}),
+                  "-V", "mqttv5", "-D", "publish", "response-topic", reply_topic,
+                  "-D", "publish", "correlation-data", "corr-42")
+    final = wait_final(observer, reply_topic)
+    assert final["id"] == "mp-1" and "error" not in final, final
+    assert final["usage"]["completion_tokens"] >= 1 and final["timings"]["ttft_ms"] > 0
+    chunks = [json.loads(m.payload) for m in observer.on(reply_topic) if "delta" in json.loads(m.payload)]
+    assert [c["seq"] for c in chunks] == list(range(len(chunks))) and chunks
+    assert "".join(c["delta"] for c in chunks) == final["text"]
+    assert all(m.correlation_data == b"corr-42" for m in observer.on(reply_topic))
+
+
+def test_chat_messages_with_reply_to_and_default_reply_topic(daemon, watch):
+    observer = watch("mine/chat", f"{BASE}/reply/#")
+    observer.publish(f"{BASE}/prompt", json.dumps({
+        "id": "chat-1", "messages": [{"role": "user", "content": "Say hi"}],
+        "max_tokens": 6, "temperature": 0, "reply_to": "mine/chat", "stream": False}).encode())
+    observer.publish(f"{BASE}/prompt", json.dumps({"id": "plain-1", "prompt": "One, two,", "max_tokens": 4}).encode())
+    chat = wait_final(observer, "mine/chat")
+    assert chat["id"] == "chat-1" and chat["usage"]["completion_tokens"] >= 1
+    assert len(observer.on("mine/chat")) == 1  # stream: false sends only the final
+    plain = wait_final(observer, f"{BASE}/reply/plain-1")
+    assert plain["id"] == "plain-1" and "text" in plain
+
+
+def test_duplicates_are_answered_once(daemon, watch):
+    observer = watch("dup/r")
+    body = json.dumps({"id": "dup-1", "prompt": "Count: 1, 2,", "max_tokens": 12, "temperature": 0,
+                       "reply_to": "dup/r"}).encode()
+    observer.publish(f"{BASE}/prompt", body)
+    observer.publish(f"{BASE}/prompt", body)  # while the first is in flight: ignored
+    first = wait_final(observer, "dup/r")
+    time.sleep(0.5)
+    assert len(finals(observer, "dup/r")) == 1
+    observer.publish(f"{BASE}/prompt", body)  # after it finished: the stored final again
+    observer.wait_for(lambda m: len(finals(observer, "dup/r")) == 2, timeout=10)
+    again = finals(observer, "dup/r")[1]
+    assert again == first
+    seqs = [json.loads(m.payload)["seq"] for m in observer.on("dup/r") if "delta" in json.loads(m.payload)]
+    assert seqs.count(0) == 1  # generated once
+
+
+def test_bad_input_gets_stable_codes_and_does_not_block(daemon, watch):
+    observer = watch("bad/r", f"{BASE}/events", f"{BASE}/cmd/result")
+    observer.publish(f"{BASE}/prompt", b"{not json", response_topic="bad/r", correlation_data=b"c1")
+    observer.publish(f"{BASE}/prompt", json.dumps({"id": "b2", "prompt": "x", "max_tokens": "many",
+                                                    "reply_to": "bad/r"}).encode())
+    observer.publish(f"{BASE}/prompt", json.dumps({"id": "b3", "prompt": "x", "colour": 1,
+                                                    "reply_to": "bad/r"}).encode())
+    observer.publish(f"{BASE}/prompt", json.dumps({"id": "b4", "prompt": "x" * 5000,
+                                                    "reply_to": "bad/r"}).encode(), response_topic="bad/r")
+    observer.publish(f"{BASE}/prompt", b"\x00\x01 garbage with no way back")
+    observer.publish(f"{BASE}/cmd", json.dumps({"id": "c-x", "op": "format_disk"}).encode())
+    observer.publish(f"{BASE}/prompt", json.dumps({"id": "ok-after", "prompt": "Hi", "max_tokens": 3,
+                                                    "reply_to": "bad/r"}).encode())
+    observer.wait_for(lambda m: len(finals(observer, "bad/r")) == 5, timeout=60)
+    answered = finals(observer, "bad/r")
+    by_id = {f["id"]: f for f in answered if f["id"]}
+    anonymous = sorted(f["error"]["message"] for f in answered if f["id"] is None)
+    assert all(f["error"]["code"] == "bad_request" for f in answered if "error" in f)
+    assert anonymous[0].startswith("payload:") and "max_payload_bytes" in anonymous[0]  # b4: not parsed
+    assert anonymous[1].startswith("prompt: not valid JSON")  # answered via its Response Topic
+    assert by_id["b2"]["error"]["message"].startswith("max_tokens:")
+    assert by_id["b3"]["error"]["message"].startswith("colour:")
+    assert "text" in by_id["ok-after"]
+    event = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/events"
+                                         and json.loads(m.payload)["event"] == "rejected_input").payload)
+    assert event["error"]["code"] == "bad_request"
+    result = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/cmd/result").payload)
+    assert result == {"id": "c-x", "ok": False, "error": result["error"]} and result["error"]["code"] == "unknown_op"
+
+
+def test_commands(daemon, watch):
+    observer = watch(f"{BASE}/cmd/result", f"{BASE}/status")
+
+    def command(op: str, topic: str = f"{BASE}/cmd", **args) -> dict:
+        command_id = f"{op}-{uuid.uuid4().hex[:6]}"
+        observer.publish(topic, json.dumps({"id": command_id, "op": op, "args": args}).encode())
+        return json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/cmd/result"
+                                            and json.loads(m.payload)["id"] == command_id, timeout=120).payload)
+
+    drained = command("drain")
+    assert drained["ok"] and drained["result"]["state"] == "draining"
+    observer.wait_for(lambda m: m.topic == f"{BASE}/status" and json.loads(m.payload)["state"] == "draining")
+    assert command("resume")["result"]["state"] in ("ready", "busy")
+    assert command("rebirth", topic="edge/v1/all/cmd")["ok"]  # broadcast reaches the device
+    selected = command("select", pin="Q2_K")
+    assert selected["ok"] and selected["result"]["quant"] == "Q2_K"
+    assert command("reload")["result"]["changed"] is False
+    bench = command("bench", max_tokens=4)
+    assert bench["ok"] and bench["result"]["usage"]["completion_tokens"] >= 1
+    fetched = command("fetch")
+    assert fetched["ok"] and Path(fetched["result"]["path"]).exists()
+    bad_manifest = command("set_manifest", source="/nonexistent/manifest.json")
+    assert not bad_manifest["ok"] and bad_manifest["error"]["code"]
+    bad_args = command("pin", quant=7)
+    assert bad_args["error"]["code"] == "bad_request" and bad_args["error"]["message"].startswith("args.quant")
+
+
+def test_telemetry_is_published(daemon, watch):
+    observer = watch(f"{BASE}/telemetry")
+    first = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/telemetry", timeout=10).payload)
+    for key in ("cpu_percent", "mem", "queue_depth", "decode_tps", "ttft_ms", "requests_ok", "worker_rss_bytes", "seq"):
+        assert key in first
+    assert first["worker_rss_bytes"] > 0
+    later = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/telemetry"
+                                         and json.loads(m.payload)["seq"] > first["seq"], timeout=10).payload)
+    assert later["requests_ok"] >= 1
+
+
+def test_broker_restart_mid_stream_loses_no_final(daemon, watch, module_broker):
+    observer = watch("restart/r")
+    observer.publish(f"{BASE}/prompt", json.dumps({"id": "rs-1", "prompt": "Tell a long story about a cat.",
+                                                    "max_tokens": 96, "reply_to": "restart/r"}).encode())
+    observer.wait_for(lambda m: m.topic == "restart/r", timeout=60)  # streaming has begun
+    module_broker.restart(down_for_s=1.0)
+    final = wait_final(observer, "restart/r", timeout=60)
+    assert final["id"] == "rs-1" and "usage" in final, final
+
+
+def test_graceful_stop_publishes_stopped_and_exits_zero(daemon, watch):
+    observer = watch(f"{BASE}/status")
+    assert daemon.stop(signal.SIGTERM) == 0
+    observer.wait_for(lambda m: json.loads(m.payload)["state"] == "stopped", timeout=10)
+    notes = "\n".join(daemon.read_notifications())
+    assert "STOPPING=1" in notes
