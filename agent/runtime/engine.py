@@ -258,6 +258,7 @@ class Engine:
             out["worker"] = {
                 "pid": loaded.worker.pid,
                 "rss_bytes": loaded.worker.rss_bytes(),
+                "peak_rss_bytes": loaded.worker.peak_rss_bytes(),
                 "fallback_step": loaded.step,
                 "settings": {k: v for k, v in loaded.settings.items() if k != "model_path"},
                 "load_ms": round(loaded.info.get("load_ms", 0.0), 3),

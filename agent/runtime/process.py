@@ -142,6 +142,17 @@ class WorkerProcess:
         except psutil.Error:
             return None
 
+    def peak_rss_bytes(self) -> int | None:
+        """The worker's high-water RSS (Linux VmHWM); None where /proc has no such line."""
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:
             os.kill(self.pid, sig)
