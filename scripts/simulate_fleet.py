@@ -57,6 +57,7 @@ class SimDevice:
     interval_s: float
     manifest: str | None = None
     pin: str | None = None
+    quant_by_manifest: dict = field(default_factory=dict)  # what each manifest it ran gave it
     seq: int = 0
     next_due: float = 0.0
     requests_ok: int = 0
@@ -122,7 +123,8 @@ class SimDevice:
 class SimulatedFleet:
     def __init__(self, host: str, port: int, count: int, *, prefix: str = "edge/v1", interval_s: float = 1.0,
                  per_connection: int = 250, own_connection: int = 0, pool: str | None = None,
-                 id_prefix: str = "sim", seed: int = 1, will_delay_s: int = 0) -> None:
+                 id_prefix: str = "sim", seed: int = 1, will_delay_s: int = 0,
+                 manifest: str = "http://127.0.0.1:9/fleet-default.json") -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self.interval_s = interval_s
         self.will_delay_s = will_delay_s
@@ -130,7 +132,8 @@ class SimulatedFleet:
         session = int(time.time() * 1000)
         self.devices = [
             SimDevice(id=f"{id_prefix}-{i:05d}", index=i, session=session, pool=pool,
-                      quant=rng.choice(QUANTS[1:5]), board=BOARDS[i % len(BOARDS)], interval_s=interval_s)
+                      quant=rng.choice(QUANTS[1:5]), board=BOARDS[i % len(BOARDS)], interval_s=interval_s,
+                      manifest=manifest)
             for i in range(count)
         ]
         self.by_id = {d.id: d for d in self.devices}
@@ -281,7 +284,9 @@ class SimulatedFleet:
             return
         result: dict[str, Any] = {"op": op}
         if op == "set_manifest":
-            quant = device.pin or self._manifest_quant(args.get("source"))
+            device.quant_by_manifest[device.manifest] = device.quant
+            source = args.get("source")
+            quant = device.pin or device.quant_by_manifest.get(source) or self._manifest_quant(source)
             for done in (0.5, 1.0):
                 self.event(device, "download", file=f"smollm2-135m-instruct.{quant}.gguf",
                            bytes=int(done * 100e6), total=int(100e6), rate_bps=50e6, state="downloading" if done < 1 else "done")

@@ -1,0 +1,206 @@
+"""``edge-agent fleet``: run the controller (``serve``) or drive one through its HTTP API.
+
+Client subcommands take the controller URL from ``--url`` or EDGE_AGENT_FLEET_URL and the
+API token from ``--token-file`` or EDGE_AGENT_FLEET_TOKEN (never from argv: it would show
+in ps and shell history). ``hash-secret`` reads a secret from stdin and prints the hash for
+the config's auth section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from typing import Any
+
+from agent.config import read_secret
+from agent.errors import RequestError
+
+HELP = "fleet controller, dashboard and its API client"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+
+    serve = sub.add_parser("serve", help="run the controller, dashboard, API and model hosting")
+    serve.add_argument("--config", help="fleet YAML config (FleetConfig)")
+
+    hashing = sub.add_parser("hash-secret", help="hash a password or token (read from stdin) for the config")
+    hashing.add_argument("--method", choices=["scrypt", "pbkdf2_sha256"], default="scrypt")
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--url", default=os.environ.get("EDGE_AGENT_FLEET_URL"), help="controller URL")
+        p.add_argument("--token-file", help="file holding the API token (default: $EDGE_AGENT_FLEET_TOKEN)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    devices = client("devices", "list devices with state, model and throughput")
+    devices.add_argument("--state", help="only devices in this state (ready, stale, lost …)")
+
+    device = client("device", "one device's status, meta and latest telemetry")
+    device.add_argument("device")
+
+    prompt = client("prompt", "send a prompt to a device and stream the reply")
+    prompt.add_argument("device")
+    prompt.add_argument("text")
+    prompt.add_argument("--max-tokens", type=int, default=128)
+    prompt.add_argument("--temperature", type=float, default=0.7)
+    prompt.add_argument("--system", help="a system message before the prompt")
+
+    cmd = client("cmd", "send a command (reload, drain, resume, rebirth, bench, pin, select, fetch, set_manifest)")
+    cmd.add_argument("device")
+    cmd.add_argument("op")
+    cmd.add_argument("--args", default="{}", help="the op's args as JSON, e.g. '{\"quant\": \"Q4_K_M\"}'")
+    cmd.add_argument("--wait", type=float, default=60.0, help="seconds to wait for cmd/result (0: do not wait)")
+
+    manifests = client("manifests", "list manifests hosted by the controller, or publish one")
+    manifests.add_argument("--publish", metavar="FILE", help="publish this manifest file (its name is kept)")
+
+    rollout = client("rollout", "start, watch or roll back a rollout")
+    rollout.add_argument("action", choices=["start", "status", "list", "rollback"])
+    rollout.add_argument("rollout_id", nargs="?", help="for status and rollback")
+    rollout.add_argument("--manifest", help="hosted manifest name or URL (start)")
+    rollout.add_argument("--pin", help="pin this quant after the manifest is set")
+    rollout.add_argument("--group", help="glob on device ids, e.g. 'store-*'")
+    rollout.add_argument("--pool", help="devices of this pool")
+    rollout.add_argument("--device", action="append", default=[], help="a device id (repeatable)")
+    rollout.add_argument("--rate", type=float, default=10.0, help="devices per minute")
+    rollout.add_argument("--abort-percent", type=float, default=20.0, help="stop when more than this %% fail")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fleet_command == "serve":
+        return _serve(args)
+    if args.fleet_command == "hash-secret":
+        from agent.fleet.auth import hash_secret
+
+        secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("secret: ")
+        if not secret:
+            raise RequestError("secret: empty", field="secret")
+        print(hash_secret(secret, method=args.method))
+        return 0
+    from agent.fleet.client import FleetClient
+
+    token = read_secret(args.token_file, "fleet-token") if args.token_file else os.environ.get("EDGE_AGENT_FLEET_TOKEN")
+    client = FleetClient(args.url, token)
+    return {
+        "devices": _devices, "device": _device, "prompt": _prompt, "cmd": _cmd,
+        "manifests": _manifests, "rollout": _rollout,
+    }[args.fleet_command](client, args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from agent.config import load_fleet_config
+    from agent.fleet.service import FleetService
+    from agent.log import configure_logging
+
+    config = load_fleet_config(args.config)
+    configure_logging(config.log.level, config.log.json)
+    FleetService(config).serve_forever()
+    return 0
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _fmt(value: Any, spec: str = "", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _devices(client, args) -> int:
+    data = client.devices(args.state)
+    if args.json:
+        _print_json(data)
+        return 0
+    summary = data["summary"]
+    counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items() if n)
+    print(f"{summary['devices']} devices ({counts or 'none'}), {summary['decode_tps_total']} tok/s total")
+    header = f"{'DEVICE':24} {'STATE':9} {'MODEL':24} {'QUANT':8} {'TOK/S':>7} {'TEMP':>6}  BOARD"
+    print(header)
+    for row in data["devices"]:
+        print(f"{row['id'][:24]:24} {row['state']:9} {row['model'][:24]:24} {row['quant']:8} "
+              f"{_fmt(row['decode_tps'], '.1f'):>7} {_fmt(row['temp_c'], '.0f'):>6}  {row['board']}")
+    return 0
+
+
+def _device(client, args) -> int:
+    _print_json(client.device(args.device))
+    return 0
+
+
+def _prompt(client, args) -> int:
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.text}
+    ]
+    request = {"messages": messages, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    streamed = False
+    for record in client.prompt(args.device, request):
+        if args.json:
+            print(json.dumps(record), flush=True)
+        elif "delta" in record:
+            streamed = True
+            print(record["delta"], end="", flush=True)
+        if record.get("done"):
+            if "error" in record:
+                error = record["error"]
+                print(f"\nedge-agent: error [{error.get('code')}]: {error.get('message')}", file=sys.stderr)
+                return 1
+            if not args.json:
+                if not streamed:
+                    print(record.get("text", ""), end="")
+                print()
+    return 0
+
+
+def _cmd(client, args) -> int:
+    try:
+        command_args = json.loads(args.args)
+    except ValueError as exc:
+        raise RequestError(f"--args: not valid JSON ({exc})", field="args") from None
+    result = client.command(args.device, args.op, command_args, wait_s=args.wait)
+    _print_json(result)
+    if result.get("pending"):
+        return 0 if args.wait == 0 else 3  # no cmd/result in time; the command may still complete
+    return 0 if result.get("ok") else 1
+
+
+def _manifests(client, args) -> int:
+    if args.publish:
+        with open(args.publish, encoding="utf-8") as handle:
+            _print_json(client.publish_manifest(os.path.basename(args.publish), handle.read()))
+        return 0
+    data = client.manifests()
+    if args.json:
+        _print_json(data)
+        return 0
+    for manifest in data["manifests"]:
+        for model in manifest.get("models", []):
+            quants = " ".join(v["quant"] for v in model["variants"])
+            print(f"{manifest['name']:32} {model['id']:28} {quants}")
+        if "error" in manifest:
+            print(f"{manifest['name']:32} INVALID: {manifest['error']}")
+    return 0
+
+
+def _rollout(client, args) -> int:
+    if args.action == "list":
+        _print_json(client.rollouts())
+        return 0
+    if args.action in ("status", "rollback"):
+        if not args.rollout_id:
+            raise RequestError(f"rollout {args.action}: give the rollout id", field="rollout_id")
+        _print_json(client.rollout(args.rollout_id) if args.action == "status" else client.rollback(args.rollout_id))
+        return 0
+    if not args.manifest:
+        raise RequestError("rollout start: --manifest is required", field="manifest")
+    spec: dict[str, Any] = {"manifest": args.manifest, "rate_per_min": args.rate, "abort_percent": args.abort_percent,
+                            "devices": args.device}
+    for key in ("pin", "group", "pool"):
+        if getattr(args, key):
+            spec[key] = getattr(args, key)
+    _print_json(client.start_rollout(spec))
+    return 0

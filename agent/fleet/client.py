@@ -1,0 +1,89 @@
+"""A thin client of the controller's HTTP API, for ``edge-agent fleet devices|prompt|cmd|rollout``.
+
+urllib from the standard library (httpx stays in agent/fetch); bearer token auth; the
+prompt endpoint's NDJSON is read line by line so a reply streams to the terminal. API
+errors come back as EdgeAgentError subclasses keyed by their ``code``, never by message.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any, Iterator
+from urllib.parse import quote
+
+from agent.errors import ConfigError, FleetAPIError, RequestError
+
+TIMEOUT_S = 30.0
+
+
+class FleetClient:
+    def __init__(self, url: str | None, token: str | None) -> None:
+        if not url:
+            raise ConfigError("no controller URL: pass --url or set EDGE_AGENT_FLEET_URL")
+        if not token:
+            raise ConfigError("no API token: pass --token-file or set EDGE_AGENT_FLEET_TOKEN")
+        self.url = url.rstrip("/")
+        self.token = token
+
+    def _open(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S,
+              accept: str = "application/json"):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json", "Accept": accept},
+        )
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            try:
+                error = json.loads(exc.read())["error"]
+                raise FleetAPIError(error["code"], error["message"], status=exc.code) from None
+            except (ValueError, KeyError, TypeError):
+                raise FleetAPIError("http_error", f"HTTP {exc.code} from {self.url}{path}", status=exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise FleetAPIError("unreachable", f"cannot reach the controller at {self.url}: {reason}") from None
+
+    def _json(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S) -> Any:
+        with self._open(method, path, body, timeout) as response:
+            return json.loads(response.read() or b"null")
+
+    def devices(self, state: str | None = None) -> dict[str, Any]:
+        return self._json("GET", "/api/devices" + (f"?state={quote(state)}" if state else ""))
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/devices/{quote(device_id, safe='')}")
+
+    def command(self, device_id: str, op: str, args: dict[str, Any] | None = None, wait_s: float = 60.0) -> dict[str, Any]:
+        return self._json("POST", f"/api/devices/{quote(device_id, safe='')}/cmd",
+                          {"op": op, "args": args or {}, "wait_s": wait_s}, timeout=wait_s + TIMEOUT_S)
+
+    def prompt(self, device_id: str, request: dict[str, Any], timeout_s: float = 330.0) -> Iterator[dict[str, Any]]:
+        """Yield the reply's records as they arrive: chunks, then the final record."""
+        if "id" in request and not isinstance(request["id"], str):
+            raise RequestError("id: must be a string", field="id")
+        with self._open("POST", f"/api/devices/{quote(device_id, safe='')}/prompt", request,
+                        timeout=timeout_s, accept="application/x-ndjson") as response:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
+
+    def manifests(self) -> dict[str, Any]:
+        return self._json("GET", "/api/manifests")
+
+    def publish_manifest(self, name: str, manifest: str | dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/api/manifests", {"name": name, "manifest": manifest})
+
+    def start_rollout(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/api/rollouts", spec)
+
+    def rollouts(self) -> dict[str, Any]:
+        return self._json("GET", "/api/rollouts")
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/rollouts/{quote(rollout_id, safe='')}")
+
+    def rollback(self, rollout_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/rollouts/{quote(rollout_id, safe='')}/rollback", {})

@@ -1,0 +1,194 @@
+"""The fleet controller's core: broker connection, registry, ingest, commands, prompts, rollouts.
+
+Threads and who owns what:
+
+- paho's network thread (inside agent.mqtt.client.MQTTClient) only decodes and enqueues.
+- ``fleet-dispatch`` takes each inbound message: prompt replies and cmd results go straight
+  to their waiter (a callback registered by the web side), device messages go to the
+  ingest queue.
+- ``fleet-ingest`` (agent.fleet.ingest) owns batched writes to the registry and calls
+  ``_on_batch``, which feeds command results and download events to the rollout manager.
+- ``fleet-rollout`` (agent.fleet.rollout) paces rollouts.
+- The web server (uvicorn, agent.fleet.web) calls ``send_command``/``send_prompt`` from its
+  event loop; those only publish and register waiters.
+
+Subscriptions: status, meta, events, cmd/result and replies on normal subscriptions
+(retained status/meta are not delivered to shared subscribers); telemetry through
+``$share/<group>/…`` so several controllers split the load. Start order is registry →
+ingest → rollouts → MQTT → dispatch; stop is the reverse.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import msgspec
+
+from agent.config import FleetConfig, read_secret
+from agent.errors import RequestError
+from agent.fleet.ingest import Ingest
+from agent.fleet.registry import BatchOutcome, Registry
+from agent.fleet.rollout import RolloutManager
+from agent.log import get_logger
+from agent.mqtt import payloads
+from agent.mqtt.client import ConnectionChange, Inbound, MQTTClient
+from agent.mqtt.topics import DeviceTopics, device_of, is_valid_level
+
+log = get_logger(__name__)
+
+Waiter = Callable[[dict[str, Any]], None]
+
+
+class FleetController:
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.prefix = config.mqtt.topic_prefix
+        self.registry = Registry(
+            config.db_path,
+            telemetry_sample_s=config.telemetry_sample_s,
+            telemetry_retention_s=config.telemetry_retention_s,
+            events_retention_s=config.events_retention_s,
+        )
+        self.ingest = Ingest(self.registry, prefix=self.prefix, flush_s=config.ingest_flush_s,
+                             on_batch=self._on_batch)
+        self.rollouts = RolloutManager(self, command_timeout_s=config.command_timeout_s)
+        self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=200_000)
+        self.mqtt = MQTTClient(
+            config.mqtt,
+            client_id=config.controller_id,
+            inbox=self._inbox,
+            password=read_secret(config.mqtt.password_file, "mqtt-password"),
+        )
+        self._waiters: dict[str, Waiter] = {}
+        self._waiters_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._dispatch_thread: threading.Thread | None = None
+        self.started_at = time.time()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> "FleetController":
+        self.ingest.start()
+        self.rollouts.start()
+        p = self.prefix
+        for kind in ("status", "meta", "events", "cmd/result"):
+            self.mqtt.subscribe(f"{p}/+/{kind}", 1)
+        self.mqtt.subscribe(f"{p}/+/reply/+", 1)
+        self.mqtt.subscribe(f"$share/{self.config.telemetry_share_group}/{p}/+/telemetry", 0)
+        self._dispatch_thread = threading.Thread(target=self._dispatch, name="fleet-dispatch", daemon=True)
+        self._dispatch_thread.start()
+        self.mqtt.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.mqtt.stop()
+        if self._dispatch_thread:
+            self._dispatch_thread.join(5)
+        self.rollouts.stop()
+        self.ingest.stop()
+        self.registry.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.mqtt.connected
+
+    # --- inbound -------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if isinstance(item, ConnectionChange):
+                log.info("broker_connection", connected=item.connected, reason=item.reason, fatal=item.fatal)
+                continue
+            try:
+                self._route(item)
+            except Exception:  # one bad message must not stop the dispatcher
+                log.exception("dispatch_failed", topic=item.topic)
+
+    def _route(self, message: Inbound) -> None:
+        split = device_of(message.topic, self.prefix)
+        if split is None:
+            return
+        device_id, rest = split
+        if rest.startswith("reply/"):
+            self._deliver(rest[len("reply/"):], message.payload)
+            return
+        if rest == "cmd/result":
+            try:
+                body = msgspec.json.decode(message.payload)
+            except msgspec.DecodeError:
+                body = None
+            if isinstance(body, dict) and isinstance(body.get("id"), str):
+                self._deliver(body["id"], message.payload, body)
+        self.ingest.offer(message.topic, message.payload)
+
+    def _deliver(self, key: str, payload: bytes, body: dict | None = None) -> None:
+        with self._waiters_lock:
+            waiter = self._waiters.get(key)
+        if waiter is None:
+            return
+        if body is None:
+            try:
+                body = msgspec.json.decode(payload)
+            except msgspec.DecodeError:
+                log.warning("reply_not_json", request=key)
+                return
+        if isinstance(body, dict):
+            waiter(body)
+
+    def _on_batch(self, outcome: BatchOutcome) -> None:
+        for device_id, body in outcome.cmd_results:
+            self.rollouts.on_cmd_result(device_id, body)
+        for device_id, body in outcome.events:
+            self.rollouts.on_event(device_id, body)
+
+    def add_waiter(self, key: str, waiter: Waiter) -> None:
+        with self._waiters_lock:
+            self._waiters[key] = waiter
+
+    def remove_waiter(self, key: str) -> None:
+        with self._waiters_lock:
+            self._waiters.pop(key, None)
+
+    # --- outbound ------------------------------------------------------------------------
+
+    def _topics(self, device_id: str) -> DeviceTopics:
+        if not is_valid_level(device_id):
+            raise RequestError(f"device: {device_id!r} is not a valid device id", field="device")
+        return DeviceTopics(device_id, self.prefix)
+
+    def send_command(self, device_id: str, op: str, args: dict[str, Any] | None = None, *,
+                     source: str = "api", waiter: Waiter | None = None) -> str:
+        """Validate against the contract, record, publish; returns the command id."""
+        command_id = uuid.uuid4().hex
+        body = {"id": command_id, "op": op, "args": args or {}}
+        encoded = payloads.encode(body)
+        payloads.decode_command(encoded, max_bytes=self.config.mqtt.max_payload_bytes)
+        topics = self._topics(device_id)
+        self.registry.record_command(command_id, device_id, op, body["args"], source)
+        if waiter is not None:
+            self.add_waiter(command_id, waiter)
+        self.mqtt.publish(topics.cmd, encoded, qos=1)
+        log.info("command_sent", device=device_id, op=op, command=command_id, source=source)
+        return command_id
+
+    def send_prompt(self, device_id: str, request: dict[str, Any], waiter: Waiter) -> str:
+        """Publish a prompt whose records go to ``waiter`` (from the dispatch thread)."""
+        topics = self._topics(device_id)
+        body = dict(request)
+        body.setdefault("id", uuid.uuid4().hex)
+        body["reply_to"] = topics.reply(str(body["id"]))
+        encoded = payloads.encode(body)
+        payloads.decode_prompt(encoded, max_bytes=self.config.mqtt.max_payload_bytes)
+        self.add_waiter(body["id"], waiter)
+        self.mqtt.publish(topics.prompt, encoded, qos=1)
+        log.info("prompt_sent", device=device_id, request=body["id"])
+        return body["id"]

@@ -1,0 +1,523 @@
+"""The controller's HTTP side: dashboard pages, JSON API, SSE, /metrics and model hosting.
+
+Starlette on uvicorn's event loop. Handlers read the registry's in-memory device records
+and small SQLite queries, and act through FleetController (send_command, send_prompt); the
+bridge from the controller's dispatch thread into a streaming response is an asyncio queue
+fed with ``loop.call_soon_threadsafe``.
+
+Auth: every page and API call needs a dashboard session (cookie, HttpOnly, SameSite=Strict)
+or a bearer token; a POST with a session must also carry the session's CSRF token (form
+field ``csrf`` or header ``X-CSRF-Token``), a POST with a bearer token needs none because
+browsers never attach it on their own. /files (model hosting) and /api/health are public
+by default, /metrics when configured. Everything the pages use is served from /static:
+no CDN. This module must not touch MQTT or SQL directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+from urllib.parse import quote
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from agent.config import FleetConfig
+from agent.errors import EdgeAgentError, RequestError
+from agent.fleet.auth import Authenticator, Session
+from agent.fleet.controller import FleetController
+from agent.fleet.hosting import ModelDirectory
+from agent.fleet.registry import telemetry_point
+from agent.fleet.metrics import render_metrics
+from agent.fleet.rollout import RolloutSpec
+from agent.fleet.view import device_row, fleet_summary, format_bytes, hardware
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "edge_fleet_session"
+LOGIN_COOKIE = "edge_fleet_login"  # double-submit token that protects the login form itself
+STREAM_TICK_S = 1.0
+PROMPT_GRACE_S = 30.0  # on top of the request's own timeout, for queueing on the device
+HTTP_STATUS = {"bad_request": 400, "too_long": 400, "unknown_op": 400, "manifest_invalid": 400,
+               "no_fit": 409, "busy": 429}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class FleetWeb:
+    def __init__(self, controller: FleetController, config: FleetConfig,
+                 models: ModelDirectory | None = None) -> None:
+        self.controller = controller
+        self.config = config
+        self.registry = controller.registry
+        self.models = models or ModelDirectory(config.model_dir)
+        self.auth = Authenticator(config.auth.admin_password_hash, config.auth.api_token_hashes,
+                                  session_max_age_s=config.auth.session_max_age_s)
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        self.templates.env.filters["bytes"] = format_bytes
+        self.templates.env.filters["ago"] = lambda ts: _ago(ts)
+        self.app = Starlette(routes=self._routes(), exception_handlers={EdgeAgentError: self._on_error})
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _routes(self) -> list:
+        return [
+            Route("/", self.fleet_page),
+            Route("/login", self.login_page, methods=["GET"]),
+            Route("/login", self.login_submit, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/devices/{device_id}", self.device_page),
+            Route("/models", self.models_page),
+            Route("/models/publish", self.publish_form, methods=["POST"]),
+            Route("/ui/stream", self.ui_stream),
+            Route("/api/health", self.health),
+            Route("/api/devices", self.api_devices),
+            Route("/api/devices/{device_id}", self.api_device),
+            Route("/api/devices/{device_id}/telemetry", self.api_telemetry),
+            Route("/api/devices/{device_id}/events", self.api_events),
+            Route("/api/devices/{device_id}/commands", self.api_commands),
+            Route("/api/devices/{device_id}/prompt", self.api_prompt, methods=["POST"]),
+            Route("/api/devices/{device_id}/cmd", self.api_cmd, methods=["POST"]),
+            Route("/api/commands/{command_id}", self.api_command),
+            Route("/api/manifests", self.api_manifests, methods=["GET", "POST"]),
+            Route("/api/rollouts", self.api_rollouts, methods=["GET", "POST"]),
+            Route("/api/rollouts/{rollout_id}", self.api_rollout),
+            Route("/api/rollouts/{rollout_id}/rollback", self.api_rollback, methods=["POST"]),
+            Route("/metrics", self.metrics),
+            Route("/files/{name}", self.files, methods=["GET", "HEAD"]),
+            Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        ]
+
+    async def _on_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, EdgeAgentError)
+        return error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+
+    def _session(self, request: Request) -> Session | None:
+        return self.auth.session(request.cookies.get(SESSION_COOKIE))
+
+    def _bearer(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and self.auth.check_token(token.strip())
+
+    async def _authorize(self, request: Request, form: Any = None) -> Response | None:
+        """None when the caller may proceed; else the 401/403 response."""
+        if self._bearer(request):
+            return None
+        session = self._session(request)
+        if session is None:
+            return error_response(401, "unauthorized", "log in or send Authorization: Bearer <token>")
+        if request.method not in ("GET", "HEAD"):
+            offered = request.headers.get("x-csrf-token") or (form.get("csrf") if form is not None else None)
+            if not self.auth.csrf_matches(session, offered):
+                return error_response(403, "csrf_failed", "missing or wrong CSRF token; reload the page")
+        return None
+
+    def _page_guard(self, request: Request) -> Session | Response:
+        session = self._session(request)
+        if session is None:
+            return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
+        return session
+
+    def _render(self, request: Request, name: str, session: Session, **context: Any) -> Response:
+        context.update(csrf=session.csrf, user=session.user, page=name.removesuffix(".html"))
+        response = self.templates.TemplateResponse(request, name, context)
+        response.headers["cache-control"] = "no-store"
+        response.headers["x-frame-options"] = "DENY"
+        response.headers["content-security-policy"] = (
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+        )
+        return response
+
+    def _rows(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [
+            device_row(record, now, default_interval_s=self.config.default_telemetry_interval_s,
+                       stale_after_intervals=self.config.stale_after_intervals)
+            for record in self.registry.snapshot()
+        ]
+
+    def _record(self, device_id: str):
+        return self.registry.devices.get(device_id)
+
+    def _device_detail(self, device_id: str) -> dict[str, Any] | None:
+        record = self._record(device_id)
+        if record is None:
+            return None
+        row = device_row(record, time.time(), default_interval_s=self.config.default_telemetry_interval_s,
+                         stale_after_intervals=self.config.stale_after_intervals)
+        return {"row": row, "meta": record.meta, "telemetry": record.telemetry,
+                "status": {"state": record.state, "session": record.session, "ts": record.status_ts}}
+
+    def _base_url(self, request: Request) -> str:
+        return (self.config.public_url or str(request.base_url)).rstrip("/")
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as exc:
+            raise _bad(f"body: not valid JSON ({exc})", "body") from None
+        if not isinstance(body, dict):
+            raise _bad("body: must be a JSON object", "body")
+        return body
+
+    # --- login ---------------------------------------------------------------------------
+
+    async def login_page(self, request: Request) -> Response:
+        token = request.cookies.get(LOGIN_COOKIE) or _random()
+        response = self.templates.TemplateResponse(
+            request, "login.html", {"login_token": token, "error": None, "next": _safe_next(request.query_params.get("next"))}
+        )
+        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=self.config.auth.cookie_secure)
+        return response
+
+    async def login_submit(self, request: Request) -> Response:
+        form = await request.form()
+        next_url = _safe_next(str(form.get("next") or "/"))
+        cookie_token = request.cookies.get(LOGIN_COOKIE)
+        if not cookie_token or form.get("login_token") != cookie_token:
+            return error_response(403, "csrf_failed", "login form expired; reload /login")
+        secret = str(form.get("secret") or "")
+        user = await asyncio.to_thread(self.auth.check_login, secret)  # scrypt: keep the loop free
+        if user is None:
+            log.warning("login_failed", client=request.client.host if request.client else None)
+            response = self.templates.TemplateResponse(
+                request, "login.html", {"login_token": cookie_token, "error": "wrong password or token", "next": next_url},
+                status_code=401,
+            )
+            return response
+        session = self.auth.open_session(user)
+        log.info("login", user=user)
+        response = RedirectResponse(next_url, status_code=303)
+        response.set_cookie(SESSION_COOKIE, session.id, httponly=True, samesite="strict",
+                            secure=self.config.auth.cookie_secure, max_age=self.config.auth.session_max_age_s)
+        response.delete_cookie(LOGIN_COOKIE)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        form = await request.form()
+        denied = await self._authorize(request, form)
+        if denied:
+            return denied
+        self.auth.close_session(request.cookies.get(SESSION_COOKIE))
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    # --- pages ---------------------------------------------------------------------------
+
+    async def fleet_page(self, request: Request) -> Response:
+        session = self._page_guard(request)
+        if isinstance(session, Response):
+            return session
+        rows = sorted(self._rows(), key=lambda r: r["id"])
+        return self._render(request, "fleet.html", session, rows=rows, summary=fleet_summary(rows))
+
+    async def device_page(self, request: Request) -> Response:
+        session = self._page_guard(request)
+        if isinstance(session, Response):
+            return session
+        device_id = request.path_params["device_id"]
+        detail = self._device_detail(device_id)
+        if detail is None:
+            return PlainTextResponse(f"no device {device_id!r} known to this controller", status_code=404)
+        meta = detail["meta"]
+        selection = meta.get("selection") or {}
+        return self._render(
+            request, "device.html", session, device_id=device_id, row=detail["row"], meta=meta,
+            hardware=hardware(meta), selection=selection, candidates=selection.get("candidates") or [],
+            events=self.registry.events(device_id, limit=30), commands=self.registry.commands(device_id, 10),
+            meta_json=json.dumps(meta, indent=2, default=str),
+        )
+
+    async def models_page(self, request: Request) -> Response:
+        session = self._page_guard(request)
+        if isinstance(session, Response):
+            return session
+        return self._render(
+            request, "models.html", session, manifests=self.models.manifests(),
+            rollouts=[r.to_dict() for r in self.controller.rollouts.listing()],
+            files_base=self._base_url(request) + "/files/", message=request.query_params.get("message"),
+        )
+
+    async def publish_form(self, request: Request) -> Response:
+        form = await request.form()
+        denied = await self._authorize(request, form)
+        if denied:
+            return denied
+        try:
+            self.models.publish(str(form.get("name") or ""), str(form.get("manifest") or ""))
+            message = f"published {form.get('name')}"
+        except EdgeAgentError as exc:
+            message = f"not published: {exc.message}"
+        return RedirectResponse(f"/models?message={quote(message)}", status_code=303)
+
+    async def ui_stream(self, request: Request) -> Response:
+        denied = await self._authorize(request)
+        if denied:
+            return denied
+        device_id = request.query_params.get("device")
+        return StreamingResponse(self._ui_events(request, device_id), media_type="text/event-stream",
+                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+    async def _ui_events(self, request: Request, device_id: str | None) -> AsyncIterator[str]:
+        """Every tick: the fleet summary and changed rows; for a device page its new points,
+        events and commands. Only changes are sent, so a quiet fleet costs almost nothing."""
+        sent_versions: dict[str, tuple[int, str]] = {}
+        last_event_id = 0
+        last_point_ts = None
+        last_commands = ""
+        if device_id:
+            known = self.registry.events(device_id, limit=1)
+            last_event_id = known[-1]["id"] if known else 0
+        while not await request.is_disconnected():
+            rows = self._rows()
+            changed = []
+            for row in rows:
+                key = (self.registry.devices[row["id"]].version, row["state"])
+                if sent_versions.get(row["id"]) != key:
+                    sent_versions[row["id"]] = key
+                    changed.append(row)
+            payload: dict[str, Any] = {"summary": fleet_summary(rows), "rows": changed, "now": time.time()}
+            if device_id and (record := self._record(device_id)) is not None:
+                if record.telemetry_ts != last_point_ts and record.telemetry:
+                    last_point_ts = record.telemetry_ts
+                    payload["point"] = {"ts": record.telemetry_ts, **telemetry_point(record.telemetry)}
+                events = self.registry.events(device_id, after_id=last_event_id, limit=50)
+                if events:
+                    last_event_id = events[-1]["id"]
+                    payload["events"] = events
+                commands = self.registry.commands(device_id, 10)
+                fingerprint = json.dumps(commands, default=str)
+                if fingerprint != last_commands:
+                    last_commands = fingerprint
+                    payload["commands"] = commands
+            yield f"data: {json.dumps(payload, default=str)}\n\n"
+            await asyncio.sleep(STREAM_TICK_S)
+
+    # --- API -----------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"ok": True, "mqtt_connected": self.controller.connected,
+                             "devices": len(self.registry.devices)})
+
+    async def api_devices(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        rows = sorted(self._rows(), key=lambda r: r["id"])
+        state = request.query_params.get("state")
+        if state:
+            rows = [r for r in rows if r["state"] == state]
+        return JSONResponse({"summary": fleet_summary(rows), "devices": rows})
+
+    async def api_device(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        detail = self._device_detail(request.path_params["device_id"])
+        if detail is None:
+            return error_response(404, "not_found", "no such device")
+        return JSONResponse(detail)
+
+    async def api_telemetry(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        since = _float(request.query_params.get("since"), 0.0)
+        return JSONResponse({"points": self.registry.series(request.path_params["device_id"], since)})
+
+    async def api_events(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        after = int(_float(request.query_params.get("after"), 0))
+        return JSONResponse({"events": self.registry.events(request.path_params["device_id"], after_id=after)})
+
+    async def api_commands(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        return JSONResponse({"commands": self.registry.commands(request.path_params["device_id"], 50)})
+
+    async def api_command(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        found = self.registry.command(request.path_params["command_id"])
+        if found is None:
+            return error_response(404, "not_found", "no such command")
+        return JSONResponse(found)
+
+    async def api_cmd(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        device_id = request.path_params["device_id"]
+        body = await self._json_body(request)
+        if self._record(device_id) is None:
+            return error_response(404, "not_found", f"no device {device_id!r} known to this controller")
+        op = body.get("op")
+        if not isinstance(op, str):
+            raise _bad("op: required, a string", "op")
+        wait_s = min(_float(body.get("wait_s"), 30.0), 600.0)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def on_result(result: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+        command_id = self.controller.send_command(device_id, op, body.get("args") or {}, source="api",
+                                                  waiter=on_result if wait_s > 0 else None)
+        try:
+            if wait_s > 0:
+                result = await asyncio.wait_for(done, wait_s)
+                return JSONResponse({"id": command_id, "device_id": device_id, "op": op, **result})
+            return JSONResponse({"id": command_id, "device_id": device_id, "op": op, "pending": True}, status_code=202)
+        except asyncio.TimeoutError:
+            return JSONResponse({"id": command_id, "device_id": device_id, "op": op, "pending": True}, status_code=202)
+        finally:
+            self.controller.remove_waiter(command_id)
+
+    async def api_prompt(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        device_id = request.path_params["device_id"]
+        if self._record(device_id) is None:
+            return error_response(404, "not_found", f"no device {device_id!r} known to this controller")
+        body = await self._json_body(request)
+        sse = "text/event-stream" in request.headers.get("accept", "")
+        loop = asyncio.get_running_loop()
+        records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        request_id = self.controller.send_prompt(
+            device_id, body, lambda record: loop.call_soon_threadsafe(records.put_nowait, record)
+        )
+        deadline = _float(body.get("timeout_s"), 300.0) + PROMPT_GRACE_S
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                end = loop.time() + deadline
+                while True:
+                    try:
+                        record = await asyncio.wait_for(records.get(), max(0.1, end - loop.time()))
+                    except asyncio.TimeoutError:
+                        record = {"id": request_id, "done": True,
+                                  "error": {"code": "timeout", "message": f"no final reply within {deadline:g} s"}}
+                    line = json.dumps(record)
+                    yield f"data: {line}\n\n" if sse else line + "\n"
+                    if record.get("done"):
+                        return
+            finally:
+                self.controller.remove_waiter(request_id)
+
+        if body.get("stream") is False:
+            final: dict[str, Any] = {}
+            async for line in stream():
+                final = json.loads(line.removeprefix("data: "))
+            return JSONResponse(final)
+        return StreamingResponse(stream(), media_type="text/event-stream" if sse else "application/x-ndjson",
+                                 headers={"cache-control": "no-store", "x-request-id": request_id})
+
+    async def api_manifests(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        if request.method == "POST":
+            body = await self._json_body(request)
+            document = body.get("manifest")
+            if not isinstance(document, (dict, str)):
+                raise _bad("manifest: required, an object or YAML/JSON text", "manifest")
+            path = self.models.publish(str(body.get("name") or ""), document)
+            return JSONResponse({"name": path.name, "url": f"{self._base_url(request)}/files/{path.name}"}, status_code=201)
+        return JSONResponse({"manifests": self.models.manifests(), "files_base": self._base_url(request) + "/files/"})
+
+    async def api_rollouts(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        if request.method == "GET":
+            return JSONResponse({"rollouts": [r.to_dict() for r in self.controller.rollouts.listing()]})
+        body = await self._json_body(request)
+        try:
+            spec = msgspec.convert(body, RolloutSpec)
+        except msgspec.ValidationError as exc:
+            raise _bad(f"rollout: {exc}", "rollout") from None
+        if spec.manifest.startswith(("http://", "https://")):
+            source = spec.manifest
+        elif self.models.resolve(spec.manifest) is not None:
+            source = f"{self._base_url(request)}/files/{spec.manifest}"
+        else:
+            raise _bad(f"manifest: {spec.manifest!r} is neither a URL nor a manifest hosted here", "manifest")
+        rollout = self.controller.rollouts.create(spec, source)
+        return JSONResponse(rollout.to_dict(), status_code=201)
+
+    async def api_rollout(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        rollout = self.controller.rollouts.get(request.path_params["rollout_id"])
+        if rollout is None:
+            return error_response(404, "not_found", "no such rollout")
+        return JSONResponse(rollout.to_dict())
+
+    async def api_rollback(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        return JSONResponse(self.controller.rollouts.rollback(request.path_params["rollout_id"]).to_dict())
+
+    async def metrics(self, request: Request) -> Response:
+        if not self.config.auth.metrics_public and (denied := await self._authorize(request)):
+            return denied
+        text = render_metrics(self._rows(), self.controller)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def files(self, request: Request) -> Response:
+        if not self.config.auth.files_public and (denied := await self._authorize(request)):
+            return denied
+        path = self.models.resolve(request.path_params["name"])
+        if path is None:
+            return error_response(404, "not_found", "no such file")
+        return FileResponse(path)  # Range, If-Range, ETag and Last-Modified come from Starlette
+
+
+def _bad(message: str, field: str) -> EdgeAgentError:
+    return RequestError(message, field=field)
+
+
+def _random() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _safe_next(value: str | None) -> str:
+    """Only same-site paths: an open redirect after login would help phishing."""
+    if not value or not value.startswith("/") or value.startswith("//"):
+        return "/"
+    return value
+
+
+def _float(value: Any, default: float) -> float:
+    try:
+        return float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _ago(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "never"
+    seconds = max(0, time.time() - ts)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
