@@ -20,6 +20,7 @@ class MemoryEstimate(msgspec.Struct, kw_only=True):
     kv_bytes: int = 0
     compute_bytes: int = 0
     overhead_bytes: int = 0
+    process_bytes: int = 0  # the worker process itself (interpreter + llama_cpp), part of ram_bytes
     learned_ram_bytes: int | None = None  # measured on this device for the same key, if known
 
 
