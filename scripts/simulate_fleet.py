@@ -87,10 +87,9 @@ class SimDevice:
             "version": VERSION,
             "session": self.session,
             "pool": self.pool,
-            "telemetry_interval_s": self.interval_s,
-            "manifest": self.manifest,
-            "pin": self.pin,
-            "device": {
+            "protocol": "5",
+            "runtime": {"version": "0.3.36", "gpu_offload": bool(gpus), "system_info": "CPU : NEON = 1 |"},
+            "probe": {
                 "cpu": {"arch": arch, "logical_cores": cores, "physical_cores": cores, "flags": flags,
                         "model": name.split(" Model")[0]},
                 "memory": {"total_bytes": ram_gib * GIB, "available_bytes": ram_gib * GIB // 2,
@@ -111,12 +110,14 @@ class SimDevice:
         self.seq += 1
         wave = math.sin(now / 30 + self.index)
         return {
-            "seq": self.seq, "ts": round(now, 3), "interval_s": self.interval_s,
-            "cpu_percent": round(35 + 20 * wave, 1), "mem_used_bytes": int((1.2 + 0.1 * wave) * GIB),
+            "seq": self.seq, "ts": round(now, 3), "state": self.state,
+            "cpu_percent": round(35 + 20 * wave, 1),
+            "mem": {"total_bytes": 4 * GIB, "available_bytes": int((2.8 - 0.1 * wave) * GIB),
+                    "percent": round(30 + 2.5 * wave, 1)},
             "temp_c": round(52 + 6 * wave, 1), "disk_free_bytes": 20 * GIB, "queue_depth": 0,
             "prefill_tps": round(180 + 20 * wave, 1), "decode_tps": round(24 + 4 * wave, 2),
-            "ttft_ms": 120, "requests_ok": self.requests_ok, "requests_err": 0,
-            "worker_rss_bytes": int(0.4 * GIB),
+            "ttft_ms": 120, "requests_ok": self.requests_ok, "requests_error": 0,
+            "worker_rss_bytes": int(0.4 * GIB), "model": f"smollm2-135m-instruct {self.quant}",
         }
 
 
@@ -293,13 +294,13 @@ class SimulatedFleet:
                 time.sleep(0.05)
             device.manifest = args.get("source")
             if quant and quant != device.quant:
-                self.event(device, "model_switch", previous=device.quant, quant=quant)
+                self.event(device, "model_switch", before=device.quant, after=quant)
                 device.quant = quant
             result["quant"] = device.quant
         elif op == "pin":
             device.pin = args.get("quant")
             if device.pin:
-                self.event(device, "model_switch", previous=device.quant, quant=device.pin)
+                self.event(device, "model_switch", before=device.quant, after=device.pin)
                 device.quant = device.pin
             result["quant"] = device.quant
         elif op == "drain":

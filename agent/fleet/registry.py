@@ -123,10 +123,17 @@ def telemetry_point(payload: dict[str, Any]) -> dict[str, Any]:
     point: dict[str, Any] = {}
     for column, names in TELEMETRY_FIELDS.items():
         value = pick(payload, names)
-        if isinstance(value, dict):  # {"mem": {"used_bytes": …}} style nesting
-            value = pick(value, ("used_bytes", "value", "max"))
+        if column == "mem_bytes" and value is None:
+            value = _memory_used(payload.get("mem"))
         point[column] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
     return point
+
+
+def _memory_used(mem: Any) -> int | None:
+    """The daemon sends ``mem: {total_bytes, available_bytes, percent}``; used = total - available."""
+    if isinstance(mem, dict) and isinstance(mem.get("total_bytes"), int) and isinstance(mem.get("available_bytes"), int):
+        return mem["total_bytes"] - mem["available_bytes"]
+    return None
 
 
 @dataclass
@@ -145,6 +152,9 @@ class DeviceRecord:
     telemetry: dict[str, Any] = field(default_factory=dict)
     telemetry_ts: float | None = None
     last_sample_ts: float = 0.0
+    # Seen spacing of telemetry (EWMA): the stale rule needs each device's own interval even
+    # when the device does not state it.
+    interval_estimate_s: float | None = None
     version: int = 0
 
 
@@ -280,6 +290,10 @@ class Registry:
                 record.telemetry = body
                 sent = body.get("ts")
                 sent = sent if isinstance(sent, (int, float)) else message.received
+                if record.telemetry_ts is not None and 0 < sent - record.telemetry_ts < 3600:
+                    gap = sent - record.telemetry_ts
+                    estimate = record.interval_estimate_s
+                    record.interval_estimate_s = gap if estimate is None else 0.8 * estimate + 0.2 * gap
                 record.telemetry_ts = sent
                 record.last_seen = max(record.last_seen, message.received)
                 if outcome.oldest_sent is None or sent < outcome.oldest_sent:

@@ -2,7 +2,8 @@
 
 The effective state adds ``stale``: a device that is neither lost nor stopped but has been
 silent for longer than ``stale_after_intervals`` telemetry intervals (its own interval
-from meta or telemetry, else the configured default). Summaries read the ``meta`` layout
+(stated in meta or telemetry, else measured from its telemetry timestamps, else the
+configured default). Summaries read the ``meta`` layout
 the daemon publishes (``device`` = the probe's DeviceInfo, ``selection`` = the Selection)
 and tolerate missing parts: a device that sent only a status still gets a row.
 No I/O here.
@@ -21,6 +22,8 @@ STATES = ("starting", "ready", "busy", "degraded", "draining", "stopped", "lost"
 
 def telemetry_interval(record: DeviceRecord, default_s: float) -> float:
     value = pick(record.telemetry, ("interval_s",)) or pick(record.meta, ("telemetry_interval_s",))
+    if not isinstance(value, (int, float)) or value <= 0:
+        value = record.interval_estimate_s
     return float(value) if isinstance(value, (int, float)) and value > 0 else default_s
 
 
