@@ -63,7 +63,7 @@ def _selection(args: argparse.Namespace, config):
 
 def run(args: argparse.Namespace) -> int:
     from agent.runtime.engine import Engine
-    from agent.runtime.request import GenerateRequest
+    from agent.runtime.request import GenerateRequest, validate_request
 
     configure_logging(level=os.environ.get("EDGE_AGENT_LOG__LEVEL", "warning"))
     config = load_config(args.config)
@@ -73,25 +73,26 @@ def run(args: argparse.Namespace) -> int:
         if event["event"] == "canary_fallback":
             print(f"edge-agent: {event['message']}", file=sys.stderr)
 
+    messages = None
+    if not args.raw:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.text}
+        ]
+    request = msgspec.convert(
+        {
+            "id": uuid.uuid4().hex,
+            "messages": messages,
+            "prompt": args.text if args.raw else None,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+        },
+        GenerateRequest,
+    )
+    validate_request(request)  # before the model loads: bad input costs nothing
     engine = Engine(config.runtime, state_dir=Path(config.state_dir), device_id=config.device_id, on_event=on_event)
     try:
         engine.load(selection, smaller=smaller)
-        messages = None
-        if not args.raw:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-                {"role": "user", "content": args.text}
-            ]
-        request = msgspec.convert(
-            {
-                "id": uuid.uuid4().hex,
-                "messages": messages,
-                "prompt": args.text if args.raw else None,
-                "max_tokens": args.max_tokens,
-                "temperature": args.temperature,
-                "seed": args.seed,
-            },
-            GenerateRequest,
-        )
         final: dict = {}
         for record in engine.generate(request):
             if record.get("done"):
