@@ -34,14 +34,14 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class Requires(_Strict):
+class Requires(_Strict, kw_only=True):
     """Where a variant can run: empty lists mean anywhere."""
 
     arch: list[str] = []  # platform.machine() names as the probe reports them: x86_64, aarch64
     cpu_flags: list[str] = []  # all of these ISA flags must be present, e.g. ["avx2"]
 
 
-class Variant(_Strict):
+class Variant(_Strict, kw_only=True):
     quant: str
     file: str  # a bare file name, never a path
     size: int
@@ -51,13 +51,13 @@ class Variant(_Strict):
     requires: Requires = msgspec.field(default_factory=Requires)
 
 
-class ModelEntry(_Strict):
+class ModelEntry(_Strict, kw_only=True):
     id: str
     family: str | None = None
     variants: list[Variant]
 
 
-class Manifest(_Strict):
+class Manifest(_Strict, kw_only=True):
     schema: Literal[1]
     models: list[ModelEntry]
     # Where it was loaded from; set by load_manifest, not read from the document.

@@ -1,0 +1,386 @@
+"""Choose the variant and llama.cpp settings for this device, and say why.
+
+``choose`` is pure: device facts, the matched profile, config overrides, the manifest
+and the GGUF headers in; a Selection with one explained Candidate per variant out.
+``plan_selection`` does the I/O around it (probe, profiles, manifest, headers, learned
+corrections) and is what the CLI and the daemon call.
+
+The rule: among variants that can run here (architecture and CPU flags), take the highest
+``quality`` whose memory need fits the effective budget (budget - headroom for RAM, free
+VRAM for offloaded layers) and whose predicted decode speed meets the minimum; ties go to
+the smaller file. For each variant the context starts at the target and is halved towards
+the floor (then the KV cache is quantized to q8_0 when f16 was only a preference) until
+it fits, so a better variant can win at a smaller context. GPU layers: all when VRAM
+allows, else the most that fit. A pinned variant that does not fit is an error here, not
+an out-of-memory later.
+
+Predicted decode speed = measured memory bandwidth x efficiency / bytes read per token
+(the weights the matmuls stream plus half the KV cache). Without a measured bandwidth no
+variant is rejected for speed and the reason says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from agent.catalog.estimate import estimate_memory, kv_cache_bytes, repack_rules
+from agent.catalog.gguf import GGUFInfo, read_gguf_header
+from agent.catalog.learned import LearnedMemory, settings_key_for
+from agent.catalog.manifest import Manifest, ModelEntry, Variant, load_manifest, location_next_to
+from agent.catalog.profiles import Policy, Profile, load_profiles, match_profile
+from agent.catalog.selection import Candidate, KVType, MemoryEstimate, Selection
+from agent.config import AgentConfig, ModelConfig
+from agent.errors import ConfigError, EdgeAgentError, SelectionError
+from agent.hardware.device import DeviceInfo
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+# Fraction of the measured read bandwidth a decode step achieves on CPU; on-device
+# benchmarks (edge-agent bench) are meant to refine it.
+DEFAULT_EFFICIENCY = 0.55
+MAX_UBATCH = 512
+
+# learned(sha256, settings_key) -> measured RSS growth, or None
+LearnedLookup = Callable[[str, str], "int | None"]
+
+
+def format_bytes(n: int | float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Budget:
+    ram_bytes: int  # what the worker may use: budget - headroom
+    vram_bytes: int  # free dedicated VRAM
+    headroom_bytes: int
+    raw_ram_bytes: int
+    unified_memory: bool
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One way to load a variant: settings, estimate and what is charged to the budget."""
+
+    n_ctx: int
+    kv_type: KVType
+    n_gpu_layers: int
+    estimate: MemoryEstimate
+    ram_needed: int
+    vram_needed: int
+    tokens_per_s: float | None
+
+
+def _budget(device: DeviceInfo, policy: Policy, cfg: ModelConfig,
+            memory_bytes: int | None, vram_bytes: int | None) -> Budget:
+    raw = memory_bytes if memory_bytes is not None else (
+        device.memory.budget_bytes or device.memory.available_bytes)
+    headroom = cfg.memory_headroom_bytes if cfg.memory_headroom_bytes is not None else policy.memory_headroom_bytes
+    vram = vram_bytes if vram_bytes is not None else device.vram_free_bytes
+    unified = any(g.unified_memory for g in device.gpus) and vram_bytes is None
+    return Budget(max(raw - headroom, 0), max(vram, 0), headroom, raw, unified)
+
+
+def _context_ladder(target: int, floor: int) -> list[int]:
+    sizes = [target]
+    while sizes[-1] // 2 >= floor and sizes[-1] > floor:
+        sizes.append(max(sizes[-1] // 2, floor))
+    if sizes[-1] != floor and floor < target:
+        sizes.append(floor)
+    return sizes
+
+
+def _bytes_per_token(info: GGUFInfo, n_ctx: int, kv_type: KVType) -> int:
+    tied = not any(t.name == "output.weight" for t in info.tensors)
+    streamed = sum(t.nbytes for t in info.tensors if t.name != "token_embd.weight" or tied)
+    return streamed + kv_cache_bytes(info, n_ctx, kv_type) // 2
+
+
+def predict_tokens_per_s(info: GGUFInfo, n_ctx: int, kv_type: KVType,
+                         bandwidth_gbps: float | None, efficiency: float = DEFAULT_EFFICIENCY) -> float | None:
+    if not bandwidth_gbps:
+        return None
+    return bandwidth_gbps * 1e9 * efficiency / _bytes_per_token(info, n_ctx, kv_type)
+
+
+def _requires_problem(variant: Variant, device: DeviceInfo) -> str | None:
+    if variant.requires.arch and device.cpu.arch not in variant.requires.arch:
+        return f"needs arch {'/'.join(variant.requires.arch)}, this is {device.cpu.arch}"
+    missing = [f for f in variant.requires.cpu_flags if f not in device.cpu.flags]
+    if missing:
+        return f"needs CPU flags {', '.join(missing)}"
+    return None
+
+
+def _gpu_offload_possible(device: DeviceInfo, budget: Budget) -> bool:
+    if device.llama is not None and not device.llama.gpu_offload:
+        return False
+    return budget.unified_memory or budget.vram_bytes > 0
+
+
+def _plan_variant(
+    variant: Variant, info: GGUFInfo, device: DeviceInfo, budget: Budget, *, contexts: list[int],
+    kv_types: list[KVType], n_batch: int, gpu_layers: int | None, flash_attn: bool, use_mmap: bool,
+    min_tokens_per_s: float, efficiency: float, learned: LearnedLookup | None,
+) -> tuple[_Plan | None, _Plan, str]:
+    """The best way to load ``variant`` within the budget (or None) and, for the explain
+    table, the smallest plan tried with the reason it failed."""
+    repack = repack_rules(device.cpu.arch, _build_flags(device))
+    offload = _gpu_offload_possible(device, budget)
+    n_ubatch = min(n_batch, MAX_UBATCH)
+    smallest: _Plan | None = None
+    failure = ""
+    for kv_type in kv_types:
+        for n_ctx in contexts:
+            layer_options = (
+                [gpu_layers] if gpu_layers is not None
+                else list(range(info.block_count + 1, -1, -1)) if offload else [0]
+            )
+            for n_gpu in layer_options:
+                estimate = estimate_memory(
+                    info, variant.size, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, kv_type=kv_type,
+                    n_gpu_layers=n_gpu, flash_attn=flash_attn or kv_type != "f16", use_mmap=use_mmap,
+                    repack=None if n_gpu > info.block_count else repack,
+                )
+                key = settings_key_for(n_ctx, n_batch, n_ubatch, kv_type, n_gpu, flash_attn or kv_type != "f16")
+                learned_growth = learned(variant.sha256, key) if learned else None
+                if learned_growth is not None:
+                    estimate = msgspec.structs.replace(
+                        estimate, learned_ram_bytes=learned_growth + estimate.process_bytes)
+                ram = estimate.learned_ram_bytes or estimate.ram_bytes
+                vram = estimate.vram_bytes
+                if budget.unified_memory:
+                    ram, vram = ram + vram, 0
+                speed = predict_tokens_per_s(info, n_ctx, kv_type, device.bandwidth_gbps, efficiency)
+                plan = _Plan(n_ctx, kv_type, n_gpu, estimate, ram, vram, speed)
+                if ram > budget.ram_bytes:
+                    failure = f"needs {format_bytes(ram)}, budget {format_bytes(budget.ram_bytes)}"
+                elif vram > budget.vram_bytes:
+                    failure = f"needs {format_bytes(vram)} VRAM, free {format_bytes(budget.vram_bytes)}"
+                    continue  # fewer layers on the GPU may fit
+                elif speed is not None and speed < min_tokens_per_s:
+                    failure = f"predicted {speed:.1f} tok/s, below {min_tokens_per_s:g}"
+                else:
+                    return plan, plan, ""
+                if smallest is None or ram < smallest.ram_needed:
+                    smallest = plan
+                break  # fewer GPU layers only moves memory to RAM, which is already short
+    return None, smallest or plan, failure
+
+
+def _build_flags(device: DeviceInfo) -> list[str]:
+    """The ISA the llama.cpp build uses: its reported features, else the CPU's flags."""
+    if device.llama is not None and device.llama.features:
+        return device.llama.features
+    return device.cpu.flags
+
+
+def choose(
+    device: DeviceInfo,
+    profile: Profile,
+    manifest: Manifest,
+    model_cfg: ModelConfig,
+    headers: Mapping[str, GGUFInfo],
+    learned: LearnedLookup | None = None,
+    *,
+    memory_bytes: int | None = None,
+    vram_bytes: int | None = None,
+    flash_attn: bool | None = None,
+    use_mmap: bool = True,
+    use_mlock: bool = False,
+    efficiency: float = DEFAULT_EFFICIENCY,
+) -> Selection:
+    """Pick the variant and settings (pure). ``headers`` maps variant file -> GGUFInfo;
+    a variant without a header is rejected with the reason. Raises SelectionError."""
+    policy = profile.policy
+    model = manifest.model(model_cfg.model_id)
+    budget = _budget(device, policy, model_cfg, memory_bytes, vram_bytes)
+    # Flash attention: the CPU backend has it and it keeps the score matrices out of RAM.
+    flash = True if flash_attn is None else flash_attn
+    n_batch = policy.n_batch
+    min_speed = model_cfg.min_tokens_per_s if model_cfg.min_tokens_per_s is not None else policy.min_tokens_per_s
+    kv_pref: KVType = model_cfg.kv_type or policy.kv_type
+    kv_types: list[KVType] = [kv_pref]
+    if model_cfg.kv_type is None and kv_pref == "f16" and flash:
+        kv_types.append("q8_0")
+    n_threads = model_cfg.n_threads or policy.n_threads or device.cpu.physical_cores or 1
+
+    if model_cfg.pin is not None and not any(v.quant == model_cfg.pin for v in model.variants):
+        raise ConfigError(
+            f"model.pin: {model_cfg.pin!r} is not a variant of {model.id} "
+            f"(it has: {', '.join(v.quant for v in model.variants)})"
+        )
+
+    rows: list[tuple[Variant, _Plan | None, str]] = []
+    plans: dict[str, tuple[_Plan, str]] = {}
+    for variant in model.variants:
+        if model_cfg.pin is not None and variant.quant != model_cfg.pin:
+            rows.append((variant, None, f"not the pinned variant ({model_cfg.pin})"))
+            continue
+        problem = _requires_problem(variant, device)
+        info = headers.get(variant.file)
+        if problem is None and info is None:
+            problem = "GGUF header unavailable"
+        if problem:
+            rows.append((variant, None, problem))
+            continue
+        target = model_cfg.n_ctx_target or policy.n_ctx_target
+        if info.context_length:
+            target = min(target, info.context_length)
+        floor = min(model_cfg.n_ctx_floor or policy.n_ctx_floor, target)
+        fitting, tried, failure = _plan_variant(
+            variant, info, device, budget, contexts=_context_ladder(target, floor), kv_types=kv_types,
+            n_batch=n_batch, gpu_layers=model_cfg.n_gpu_layers, flash_attn=flash, use_mmap=use_mmap,
+            min_tokens_per_s=min_speed, efficiency=efficiency, learned=learned,
+        )
+        if fitting is not None:
+            plans[variant.file] = (fitting, "")
+            rows.append((variant, fitting, ""))
+        else:
+            plans[variant.file] = (tried, failure)
+            rows.append((variant, None, failure))
+
+    fitting_variants = [v for v, plan, _ in rows if plan is not None]
+    if not fitting_variants:
+        raise SelectionError(_no_fit_message(model, rows, plans, budget, model_cfg.pin),
+                             budget_bytes=budget.ram_bytes, vram_budget_bytes=budget.vram_bytes)
+    best = max(fitting_variants, key=lambda v: (v.quality, -v.size))
+    chosen_plan = plans[best.file][0]
+
+    candidates = []
+    for variant, plan, reason in rows:
+        shown = plan or plans.get(variant.file, (None, ""))[0]
+        if variant is best:
+            verdict, reason = "chosen", _chosen_reason(best, chosen_plan, budget, device)
+        elif plan is not None:
+            verdict = "fits"
+            reason = (f"lower quality than {best.quant}" if variant.quality < best.quality
+                      else f"same quality as {best.quant}, larger file")
+        else:
+            verdict = "rejected"
+        candidates.append(Candidate(
+            quant=variant.quant, file=variant.file, size=variant.size, quality=variant.quality,
+            n_ctx=shown.n_ctx if shown else 0, kv_type=shown.kv_type if shown else kv_pref,
+            n_gpu_layers=shown.n_gpu_layers if shown else 0,
+            estimate=shown.estimate if shown else MemoryEstimate(ram_bytes=0),
+            predicted_tokens_per_s=shown.tokens_per_s if shown else None,
+            verdict=verdict, reason=reason,
+        ))
+    selection = Selection(
+        model_id=model.id, quant=best.quant, file=best.file, size=best.size, sha256=best.sha256,
+        urls=list(best.urls), quality=best.quality, n_ctx=chosen_plan.n_ctx, n_batch=n_batch,
+        n_ubatch=min(n_batch, MAX_UBATCH), kv_type=chosen_plan.kv_type,
+        n_gpu_layers=chosen_plan.n_gpu_layers, n_threads=n_threads,
+        flash_attn=flash or chosen_plan.kv_type != "f16", use_mmap=use_mmap, use_mlock=use_mlock,
+        estimate=chosen_plan.estimate, predicted_tokens_per_s=chosen_plan.tokens_per_s,
+        budget_bytes=budget.ram_bytes, vram_budget_bytes=budget.vram_bytes, profile=profile.name,
+        candidates=candidates, manifest_url=manifest.source,
+    )
+    log.info("selected", model=model.id, quant=best.quant, n_ctx=chosen_plan.n_ctx,
+             kv_type=chosen_plan.kv_type, n_gpu_layers=chosen_plan.n_gpu_layers,
+             ram_bytes=chosen_plan.ram_needed, budget_bytes=budget.ram_bytes)
+    return selection
+
+
+def _chosen_reason(best: Variant, plan: _Plan, budget: Budget, device: DeviceInfo) -> str:
+    parts = [f"highest quality that fits: needs {format_bytes(plan.ram_needed)}, "
+             f"budget {format_bytes(budget.ram_bytes)}"]
+    if plan.vram_needed:
+        parts.append(f"{format_bytes(plan.vram_needed)} VRAM of {format_bytes(budget.vram_bytes)}")
+    if plan.estimate.learned_ram_bytes is not None:
+        parts.append(f"learned figure (raw estimate {format_bytes(plan.estimate.ram_bytes)})")
+    if device.bandwidth_gbps is None:
+        parts.append("speed not checked: no measured bandwidth")
+    return "; ".join(parts)
+
+
+def _no_fit_message(model: ModelEntry, rows: list, plans: dict, budget: Budget, pin: str | None) -> str:
+    tried = [plans[v.file][0] for v, _, _ in rows if v.file in plans]
+    budget_text = (f"budget {format_bytes(budget.ram_bytes)} "
+                   f"({format_bytes(budget.raw_ram_bytes)} - {format_bytes(budget.headroom_bytes)} headroom)")
+    if budget.vram_bytes:
+        budget_text += f" + {format_bytes(budget.vram_bytes)} VRAM"
+    if not tried:
+        reasons = "; ".join(f"{v.quant}: {reason}" for v, _, reason in rows)
+        return f"no variant of {model.id} can run on this device ({reasons})"
+    smallest_variant, smallest = min(
+        ((v, plans[v.file][0]) for v, _, _ in rows if v.file in plans), key=lambda item: item[1].ram_needed)
+    what = f"pinned variant {pin}" if pin else f"no variant of {model.id} fits"
+    return (f"{what}: the smallest need is {smallest_variant.quant} at n_ctx {smallest.n_ctx} "
+            f"({smallest.kv_type} KV) with {format_bytes(smallest.ram_needed)}, {budget_text}; "
+            f"{plans[smallest_variant.file][1]}")
+
+
+def _header_sources(manifest: Manifest, variant: Variant, store_dir: Path | None) -> list[str]:
+    """Where to read a variant's header from, cheapest first: the model store, next to the
+    manifest, then its mirrors (HTTP Range)."""
+    sources = []
+    if store_dir is not None:
+        sources.append(str(store_dir / variant.file))
+    if manifest.source is not None:
+        sources.append(location_next_to(manifest.source, variant.file))
+    sources.extend(variant.urls)
+    return sources
+
+
+def read_headers(manifest: Manifest, model: ModelEntry, store_dir: Path | None = None) -> dict[str, GGUFInfo]:
+    """GGUF headers of every variant that can be read; failures are logged and left out."""
+    headers: dict[str, GGUFInfo] = {}
+    for variant in model.variants:
+        for source in _header_sources(manifest, variant, store_dir):
+            if "://" not in source and not os.path.exists(source):
+                continue
+            try:
+                headers[variant.file] = read_gguf_header(source)
+                break
+            except EdgeAgentError as exc:
+                log.warning("gguf_header_unreadable", file=variant.file, source=source, error=exc.message)
+    return headers
+
+
+def plan_selection(
+    config: AgentConfig,
+    *,
+    device: DeviceInfo | None = None,
+    manifest_source: str | None = None,
+    memory_bytes: int | None = None,
+    vram_bytes: int | None = None,
+    profile: str | None = None,
+    state_dir: str | None = None,
+) -> Selection:
+    """Probe (unless ``device`` is given), match the profile, load the manifest, read the
+    GGUF headers and learned corrections, then choose. ``memory_bytes``/``vram_bytes``
+    replace the probed budget ("what would a 2 GiB device get")."""
+    source = manifest_source or config.model.manifest
+    if not source:
+        raise ConfigError("model.manifest: no manifest given (config or --manifest)")
+    if device is None:
+        from agent.hardware.probe import probe
+
+        device = probe(model_dir=config.cache_dir)
+    matched, reasons = match_profile(device, load_profiles(), profile or config.model.profile)
+    log.debug("profile_matched", profile=matched.name, reasons=reasons)
+    manifest = load_manifest(source)
+    model = manifest.model(config.model.model_id)
+    headers = read_headers(manifest, model, Path(config.cache_dir))
+
+    learned = None
+    if state_dir or config.state_dir:
+        memory = LearnedMemory(Path(state_dir or config.state_dir))
+
+        def learned(sha256: str, key: str) -> int | None:
+            return memory.lookup(config.device_id, sha256, key)
+
+    return choose(
+        device, matched, manifest, config.model, headers, learned,
+        memory_bytes=memory_bytes, vram_bytes=vram_bytes, flash_attn=config.runtime.flash_attn,
+        use_mmap=config.runtime.use_mmap, use_mlock=config.runtime.use_mlock,
+    )
