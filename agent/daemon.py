@@ -575,8 +575,13 @@ class Daemon:
         return {"quant": selection.quant, "file": selection.file, "path": selection.model_path}
 
     def _op_reload(self, args: payloads.NoArgs) -> dict[str, Any]:
+        return self._reload(strict=False)
+
+    def _reload(self, *, strict: bool) -> dict[str, Any]:
+        """Plan, fetch, swap when the choice changed. ``strict``: a planning failure is the
+        answer (pin, set_manifest asked for exactly this), not a reason to keep the last good."""
         assert self.engine is not None
-        selection = self._fetched(self._plan_or_last_good())
+        selection = self._fetched(self._plan() if strict else self._plan_or_last_good())
         current = self.engine.selection
         if current is not None and current.sha256 == selection.sha256 and current.n_ctx == selection.n_ctx \
                 and current.kv_type == selection.kv_type and current.n_gpu_layers == selection.n_gpu_layers:
@@ -591,14 +596,20 @@ class Daemon:
         return {"changed": True, "quant": loaded.quant, "model_id": loaded.model_id}
 
     def _op_pin(self, args: payloads.PinArgs) -> dict[str, Any]:
+        previous = self.state.overrides().get("pin")
         self.state.set_override("pin", args.quant)
-        return {"pin": args.quant, **self._op_reload(payloads.NoArgs())}
+        try:
+            result = self._reload(strict=True)
+        except EdgeAgentError:
+            self.state.set_override("pin", previous)  # a pin that cannot load must not stick
+            raise
+        return {"pin": args.quant, **result}
 
     def _op_set_manifest(self, args: payloads.SetManifestArgs) -> dict[str, Any]:
         previous = self.state.overrides().get("manifest")
         self.state.set_override("manifest", args.source)
         try:
-            result = self._op_reload(payloads.NoArgs())
+            result = self._reload(strict=True)
         except EdgeAgentError:
             self.state.set_override("manifest", previous)  # a bad manifest must not stick
             raise

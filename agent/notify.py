@@ -36,6 +36,8 @@ class Notifier:
         try:
             if self._socket is None:
                 self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # A reader that stopped reading must never stall the daemon's main loop.
+                self._socket.setblocking(False)
             self._socket.sendto(message, self.address)
             return True
         except OSError as exc:

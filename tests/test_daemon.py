@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +52,9 @@ class RunningDaemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(0.2)
         self.notifications: list[str] = []
+        # Read all the time, as systemd does: the daemon must see a reader, never a full queue.
+        self._reader = threading.Thread(target=self._read_notify, daemon=True)
+        self._reader.start()
         self.log_path = workdir / "daemon.log"
         self.process: subprocess.Popen | None = None
 
@@ -62,19 +66,25 @@ class RunningDaemon:
                                         stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, env=env)
         return self
 
-    def read_notifications(self, until: str | None = None, timeout: float = 90) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def _read_notify(self) -> None:
+        while True:
             try:
                 self.notifications.append(self.notify.recv(4096).decode())
             except socket.timeout:
-                if until is None:
-                    return self.notifications
-            if until is not None and any(until in n for n in self.notifications):
-                return self.notifications
-            if self.process and self.process.poll() is not None and until is not None:
+                continue
+            except OSError:
+                return
+
+    def read_notifications(self, until: str | None = None, timeout: float = 90) -> list[str]:
+        """What the daemon sent so far; with ``until``, wait for a notification containing it."""
+        deadline = time.monotonic() + timeout
+        while until is not None and not any(until in n for n in list(self.notifications)):
+            if self.process and self.process.poll() is not None:
                 raise AssertionError(f"daemon exited {self.process.returncode}: {self.log_path.read_text()[-3000:]}")
-        raise AssertionError(f"no {until!r} within {timeout}s; log: {self.log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {until!r} within {timeout}s; log: {self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        return list(self.notifications)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.process is not None
