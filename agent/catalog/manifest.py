@@ -162,6 +162,11 @@ def parse_manifest(text: str | bytes, source: str | None = None) -> Manifest:
             raise ManifestError(f"{label}: neither valid YAML nor JSON: {exc}", source=label) from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{label}: the top level must be a mapping", source=label)
+    if data.get("schema") != 1:
+        raise ManifestError(
+            f"{label}: schema: {data.get('schema')!r} is not supported (this agent reads schema 1)",
+            key="schema", source=label,
+        )
     if "source" in data:
         raise ManifestError(f"{label}: source: unknown field", key="source", source=label)
     try:
