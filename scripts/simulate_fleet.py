@@ -234,7 +234,9 @@ class SimulatedFleet:
                 if device.state in ("killed", "stopped"):
                     continue
                 if device.next_due <= now:
-                    self._publish(client, f"{self.prefix}/{device.id}/telemetry", device.telemetry(now))
+                    # Stamped at the moment of publishing, as the daemon does: the controller's
+                    # lag figure must not include this loop's own walk over its devices.
+                    self._publish(client, f"{self.prefix}/{device.id}/telemetry", device.telemetry(time.time()))
                     device.next_due += self.interval_s
                     if device.next_due < now:  # fell behind: skip, never burst
                         device.next_due = now + self.interval_s

@@ -13,7 +13,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 import msgspec
@@ -27,6 +28,7 @@ log = get_logger(__name__)
 
 KINDS = frozenset({"status", "meta", "telemetry", "events", "cmd/result"})
 PRUNE_EVERY_S = 60.0
+LAG_WINDOW_S = 10.0
 
 
 @dataclass
@@ -39,8 +41,13 @@ class IngestStats:
     last_batch_size: int = 0
     last_flush_ms: float = 0.0
     last_age_s: float = 0.0  # device ts -> committed, the oldest telemetry of the last batch
-    max_age_s: float = 0.0  # the same, the worst since the counters were last read by take_max_age
     last_commit: float = 0.0
+    recent_ages: deque = field(default_factory=lambda: deque(maxlen=512))  # (commit time, age)
+
+    def worst_age(self, window_s: float = LAG_WINDOW_S) -> float:
+        """The worst batch age committed in the last ``window_s`` (what "lag" means for alerts)."""
+        since = time.time() - window_s
+        return max((age for at, age in list(self.recent_ages) if at >= since), default=0.0)
 
 
 class Ingest:
@@ -74,11 +81,6 @@ class Ingest:
     @property
     def backlog(self) -> int:
         return self._queue.qsize()
-
-    def take_max_age(self) -> float:
-        """The worst message age since the last call (the benchmark reads this)."""
-        worst, self.stats.max_age_s = self.stats.max_age_s, 0.0
-        return worst
 
     def start(self) -> "Ingest":
         self._thread = threading.Thread(target=self._run, name="fleet-ingest", daemon=True)
@@ -148,7 +150,7 @@ class Ingest:
         stats.last_commit = time.time()
         # Age at commit: broker hop + queueing + decode + SQL, what "ingest lag" means.
         stats.last_age_s = stats.last_commit - outcome.oldest_sent if outcome.oldest_sent else 0.0
-        stats.max_age_s = max(stats.max_age_s, stats.last_age_s)
+        stats.recent_ages.append((stats.last_commit, stats.last_age_s))
         if self.on_batch:
             self.on_batch(outcome)
         return outcome

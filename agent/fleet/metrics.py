@@ -60,6 +60,8 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
            [("", stats.ignored_stale_status)])
     metric("edge_fleet_ingest_lag_seconds", "gauge", "Device timestamp to commit, oldest of the last batch",
            [("", stats.last_age_s)])
+    metric("edge_fleet_ingest_lag_max_seconds", "gauge", "Worst batch lag (device timestamp to commit) over the last 10 s",
+           [("", stats.worst_age())])
     metric("edge_fleet_ingest_backlog", "gauge", "Messages waiting for the ingest writer",
            [("", controller.ingest.backlog)])
     metric("edge_fleet_ingest_flush_milliseconds", "gauge", "Time the last batch took to commit",

@@ -1,0 +1,194 @@
+"""Fleet ingest benchmark: the most simulated devices at 1 telemetry msg/s each that one
+controller ingests with lag under 1 s, with mosquitto, the controller and the simulator all
+on this machine.
+
+    /root/.cache/edge-agent/venv/bin/python scripts/bench_fleet.py [--json out.json]
+        [--steps 500,1000,2000,3000,4000] [--measure-s 12] [--max-seconds 300]
+
+Each step starts ``scripts/simulate_fleet.py N`` (a separate process), lets it warm up, then
+reads the controller's /metrics every 0.5 s: lag is ``edge_fleet_ingest_lag_max_seconds``
+(device timestamp to SQLite commit, worst batch of the last 10 s) and the ingest rate comes
+from ``edge_fleet_ingest_messages_total``. A step passes when the worst lag stays under 1 s and
+the controller ingests at least 95 % of the offered rate. The controller's CPU (percent of
+one core) and RSS come from psutil on its process. Steps stop at the first failure or when
+``--max-seconds`` is spent: the benchmark always ends by itself. ``run() -> dict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+LAG_LIMIT_S = 1.0
+MIN_RATE_FRACTION = 0.95
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout_s} s")
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"(edge_fleet_[a-z_]+)(\{[^}]*\})? (\S+)", line)
+        if match:
+            values[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return values
+
+
+def start_stack(workdir: Path) -> tuple[list[subprocess.Popen], str, int, psutil.Process]:
+    mqtt_port, http_port = free_port(), free_port()
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 100000\n")
+    broker = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(mqtt_port)
+    config = workdir / "fleet.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "controller_id": "fleet-bench",
+        "mqtt": {"host": "127.0.0.1", "port": mqtt_port},
+        "http_port": http_port,
+        "db_path": str(workdir / "fleet.db"),
+        "model_dir": str(workdir / "models"),
+        "auth": {"metrics_public": True},
+        "log": {"level": "warning", "json": True},
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    controller = subprocess.Popen([PYTHON, "-m", "agent.cli", "fleet", "serve", "--config", str(config)],
+                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / "controller.log", "wb"))
+    wait_listening(http_port)
+    return [broker, controller], f"http://127.0.0.1:{http_port}", mqtt_port, psutil.Process(controller.pid)
+
+
+def measure_step(count: int, url: str, mqtt_port: int, process: psutil.Process, *, warmup_s: float,
+                 measure_s: float) -> dict:
+    simulator = subprocess.Popen(
+        [PYTHON, str(REPO / "scripts" / "simulate_fleet.py"), str(count), "--port", str(mqtt_port),
+         "--interval", "1.0", "--duration", str(warmup_s + measure_s + 30), "--id-prefix", f"b{count}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(warmup_s)
+        start = read_metrics(url)
+        cpu_start, wall_start = process.cpu_times(), time.monotonic()
+        worst_lag, backlog_max, rss_max, flush_max = 0.0, 0.0, 0, 0.0
+        lags = []
+        while time.monotonic() - wall_start < measure_s:
+            time.sleep(0.5)
+            metrics = read_metrics(url)
+            worst_lag = max(worst_lag, metrics.get("edge_fleet_ingest_lag_max_seconds", 0.0))
+            lags.append(metrics.get("edge_fleet_ingest_lag_seconds", 0.0))
+            flush_max = max(flush_max, metrics.get("edge_fleet_ingest_flush_milliseconds", 0.0))
+            backlog_max = max(backlog_max, metrics.get("edge_fleet_ingest_backlog", 0.0))
+            rss_max = max(rss_max, process.memory_info().rss)
+        wall = time.monotonic() - wall_start
+        cpu_end = process.cpu_times()
+        end = read_metrics(url)
+    finally:
+        simulator.terminate()
+        try:
+            simulator.wait(15)
+        except subprocess.TimeoutExpired:
+            simulator.kill()
+    rate = (end["edge_fleet_ingest_messages_total"] - start["edge_fleet_ingest_messages_total"]) / wall
+    cpu = (cpu_end.user + cpu_end.system - cpu_start.user - cpu_start.system) / wall * 100
+    passed = worst_lag < LAG_LIMIT_S and rate >= MIN_RATE_FRACTION * count
+    return {"devices": count, "offered_msg_s": count, "ingested_msg_s": round(rate, 1),
+            "median_lag_s": round(sorted(lags)[len(lags) // 2], 3) if lags else None,
+            "worst_lag_s": round(worst_lag, 3), "backlog_max": int(backlog_max), "flush_ms_max": round(flush_max, 1),
+            "controller_cpu_percent": round(cpu, 1), "controller_rss_mib": round(rss_max / 2**20, 1),
+            "passed": passed}
+
+
+def run(steps: list[int] | None = None, *, warmup_s: float = 8.0, measure_s: float = 12.0,
+        max_seconds: float = 300.0) -> dict:
+    steps = steps or [500, 1000, 2000, 3000, 4000]
+    began = time.monotonic()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        processes, url, mqtt_port, controller = start_stack(Path(tmp))
+        try:
+            for count in steps:
+                if time.monotonic() - began + warmup_s + measure_s > max_seconds:
+                    break
+                result = measure_step(count, url, mqtt_port, controller, warmup_s=warmup_s, measure_s=measure_s)
+                results.append(result)
+                print(f"  {count:>5} devices: ingested {result['ingested_msg_s']:>7} msg/s, lag median "
+                      f"{result['median_lag_s']:.3f} s worst {result['worst_lag_s']:.3f} s, controller {result['controller_cpu_percent']} % CPU, "
+                      f"{result['controller_rss_mib']} MiB RSS -> {'ok' if result['passed'] else 'FAIL'}",
+                      file=sys.stderr)
+                if not result["passed"]:
+                    break
+        finally:
+            for process in reversed(processes):
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    best = max((r for r in results if r["passed"]), key=lambda r: r["devices"], default=None)
+    return {
+        "benchmark": "fleet_ingest",
+        "cpus": os.cpu_count(),
+        "telemetry_interval_s": 1.0,
+        "lag_limit_s": LAG_LIMIT_S,
+        "steps": results,
+        "max_devices": best["devices"] if best else 0,
+        "at_max": best,
+        "seconds": round(time.monotonic() - began, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--steps", default="500,1000,2000,3000,4000", help="device counts to try, in order")
+    parser.add_argument("--warmup-s", type=float, default=8.0)
+    parser.add_argument("--measure-s", type=float, default=12.0)
+    parser.add_argument("--max-seconds", type=float, default=300.0)
+    args = parser.parse_args()
+    result = run([int(n) for n in args.steps.split(",")], warmup_s=args.warmup_s, measure_s=args.measure_s,
+                 max_seconds=args.max_seconds)
+    print(f"\n{'devices':>8} {'msg/s in':>9} {'median lag':>11} {'worst lag':>10} {'ctl CPU %':>10} {'ctl RSS MiB':>12}  result")
+    for r in result["steps"]:
+        print(f"{r['devices']:>8} {r['ingested_msg_s']:>9} {r['median_lag_s']:>11.3f} {r['worst_lag_s']:>10.3f} {r['controller_cpu_percent']:>10} "
+              f"{r['controller_rss_mib']:>12}  {'ok' if r['passed'] else 'FAIL'}")
+    print(f"\nhighest N with lag < {LAG_LIMIT_S:g} s at 1 msg/device/s: {result['max_devices']} "
+          f"({result['cpus']} CPUs, mosquitto + controller + simulator on this machine)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
