@@ -411,11 +411,7 @@ class Downloader:
             reporter = ProgressReporter(on_progress, file=dest.name, total=size)
             reporter.mirror = str(source)
             reporter.state("starting", 0)
-            if source.stat().st_dev == dest.parent.stat().st_dev:
-                self._check_sha256(source, sha256, dest.name)
-                os.link(source, dest)
-                fsync_directory(dest.parent)
-            else:
+            if not self._link_verified(source, dest, sha256):
                 self._copy_through_part(source, dest, size, sha256, reporter)
             reporter.state("complete", size)
             log.info("fetch_complete", file=dest.name, mirror=str(source), size=size)
@@ -434,6 +430,20 @@ class Downloader:
         log.warning("fetch_replacing_damaged_file", file=dest.name)
         dest.unlink()
         return False
+
+    def _link_verified(self, source: Path, dest: Path, sha256: str) -> bool:
+        """Hard-link ``source`` to ``dest`` after checking its sha256; False where the
+        filesystem cannot (another device, no hard links), so the caller copies instead."""
+        if source.stat().st_dev != dest.parent.stat().st_dev:
+            return False
+        self._check_sha256(source, sha256, dest.name)
+        try:
+            os.link(source, dest)
+        except OSError as exc:
+            log.info("fetch_link_unavailable", file=dest.name, error=exc.strerror)
+            return False
+        fsync_directory(dest.parent)
+        return True
 
     def _check_sha256(self, path: Path, sha256: str, name: str) -> None:
         actual = sha256_of(path)
@@ -469,6 +479,16 @@ class Downloader:
             raise FetchError(f"{dest.name}: copy failed: {exc}", file=dest.name) from exc
         finally:
             part.close()
+
+    def _install(self, part: _Part, dest: Path) -> None:
+        try:
+            part.install(dest)
+        except OSError as exc:  # the fsync is where a delayed-allocation ENOSPC shows up
+            if _is_disk_full(exc):
+                raise self._disk_full_midway(dest.name, exc) from exc
+            raise FetchError(
+                f"{dest.name}: cannot install {part.path}: {exc.strerror}", file=dest.name
+            ) from exc
 
     def _check_free_space(self, dest: Path, remaining: int) -> None:
         needed = remaining + self.config.disk_margin_bytes
@@ -511,11 +531,12 @@ class Downloader:
                 reporter.mirror = url
                 try:
                     failure = self._from_mirror(client, url, part, size, sha256, reporter)
+                    if failure is None:
+                        self._install(part, dest)
                 except DiskFullError:
                     part.discard()
                     raise
                 if failure is None:
-                    part.install(dest)
                     reporter.state("complete", size)
                     log.info("fetch_complete", file=dest.name, mirror=url, size=size)
                     return []
