@@ -2,7 +2,10 @@
 
 Precedence: defaults < YAML file < environment. An environment override names the key
 path with double underscores: ``EDGE_AGENT_MQTT__HOST=broker.lan``,
-``EDGE_AGENT_MODEL__PIN=Q4_K_M``; its value is read as a YAML scalar.
+``EDGE_AGENT_MODEL__PIN=Q4_K_M``; its value is read as a YAML scalar. Only variables whose
+first segment is a key of the config being loaded are overrides, so the tools' own
+variables (EDGE_AGENT_VENV, EDGE_AGENT_FLEET_URL, …) never break a config; a typo inside a
+real section (EDGE_AGENT_MQTT__HSOT) is still rejected.
 
 Secrets never come from argv or the YAML itself: ``mqtt.password_file`` names a file, and
 under systemd's ``LoadCredential=`` the file ``$CREDENTIALS_DIRECTORY/mqtt-password`` is
@@ -142,11 +145,13 @@ class AgentConfig(_Section):
 T = TypeVar("T", bound=msgspec.Struct)
 
 
-def _apply_env(data: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+def _apply_env(data: dict[str, Any], env: dict[str, str], keys: set[str]) -> dict[str, Any]:
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
         path = key[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in keys:
+            continue
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -180,7 +185,7 @@ def load_struct(
             raise ConfigError(f"{source}: not valid YAML: {exc}", file=source) from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level must be a mapping", file=source)
-    data = _apply_env(data, dict(os.environ if env is None else env))
+    data = _apply_env(data, dict(os.environ if env is None else env), set(cls.__struct_fields__))
     try:
         return msgspec.convert(data, cls)
     except msgspec.ValidationError as exc:
@@ -255,13 +260,4 @@ class FleetConfig(_Section):
 def load_fleet_config(
     path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None
 ) -> FleetConfig:
-    """FleetConfig from YAML plus only those EDGE_AGENT_* overrides that name a fleet key,
-    so the CLI's EDGE_AGENT_FLEET_URL or the agent's own overrides never break it."""
-    source = dict(os.environ if env is None else env)
-    fields = set(FleetConfig.__struct_fields__)
-    own = {
-        key: value
-        for key, value in source.items()
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower().split("__")[0] in fields
-    }
-    return load_struct(FleetConfig, path, own)
+    return load_struct(FleetConfig, path, env)

@@ -65,3 +65,10 @@ def test_secret_from_file_then_credentials_directory(tmp_path: Path) -> None:
     assert read_secret(None, "mqtt-password", env={}) is None
     with pytest.raises(ConfigError, match="does not exist"):
         read_secret(str(tmp_path / "nope"), "mqtt-password", env={})
+
+
+def test_tool_variables_are_not_config_keys(tmp_path: Path) -> None:
+    env = {"EDGE_AGENT_VENV": "/opt/venv", "EDGE_AGENT_LADDER": "/tmp/l", "EDGE_AGENT_FLEET_URL": "http://x"}
+    assert load_config(None, env=env).mqtt.host == "localhost"
+    with pytest.raises(ConfigError, match="hsot"):
+        load_config(None, env={"EDGE_AGENT_MQTT__HSOT": "broker.lan"})
