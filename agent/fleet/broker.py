@@ -12,8 +12,9 @@ enforcement (1.5 x) and session takeover.
 What it must not do: face a network. There is NO AUTHENTICATION (every client is anonymous;
 a username or password is accepted and ignored), no TLS and no ACLs, so it binds to loopback
 by default and warns when told otherwise. All state lives in memory: sessions, queued and
-retained messages survive ``stop()``/``start()`` of the same object but not the process. For
-a real fleet use Mosquitto or any MQTT 5 broker; the agent speaks plain MQTT to either.
+retained messages survive ``stop()``/``start()`` of the same object (wills still waiting for
+their delay do not) but not the process. For a real fleet use Mosquitto or any MQTT 5
+broker; the agent speaks plain MQTT to either.
 
 Deliberate limits, each answered the way the spec asks:
 - QoS 2. MQTT 5 clients are told Maximum QoS 1 in CONNACK, so a QoS 2 PUBLISH from them is a
@@ -57,8 +58,10 @@ __all__ = ["EmbeddedBroker", "topic_matches", "valid_topic_filter", "main"]
 MQTT_311 = 4
 MQTT_5 = 5
 DEFAULT_MAX_PACKET_SIZE = 1 << 20
-# Per offline session: bounded so a device that never comes back cannot exhaust memory.
-DEFAULT_MAX_QUEUED = 1000
+# QoS 1 messages waiting per session beyond the in-flight window (offline, or online and
+# not keeping up), oldest dropped past it: a device that never comes back cannot exhaust
+# memory. Same meaning and value as max_queued_messages in the project's Mosquitto config.
+DEFAULT_MAX_QUEUED = 10000
 # Unacknowledged QoS 1 sends per client; a v5 client's Receive Maximum can only lower it.
 DEFAULT_MAX_INFLIGHT = 100
 # A subscriber whose socket buffer grows past this is not reading: QoS 0 to it is dropped
@@ -581,7 +584,8 @@ class _Connection(asyncio.Protocol):
         return self.session.client_id if self.session else None
 
     def send(self, data: bytes) -> None:
-        if not self.closed:
+        # is_closing: the peer may be gone before connection_lost has run.
+        if not self.closed and not self.transport.is_closing():
             self.transport.write(data)
 
     def congested(self) -> bool:
@@ -644,7 +648,8 @@ class _Connection(asyncio.Protocol):
         limit = self.keepalive_s * 1.5
         idle = self.loop.time() - self.last_received
         if idle >= limit:
-            log.info("broker_keepalive_timeout", client_id=self.client_id, keepalive_s=self.keepalive_s)
+            log.info("broker_keepalive_timeout", client_id=self.client_id,
+                     keepalive_s=self.keepalive_s)
             self.close(RC_KEEP_ALIVE_TIMEOUT)
         else:
             self.timer = self.loop.call_later(limit - idle, self._check_keepalive)
@@ -766,10 +771,10 @@ class _Connection(asyncio.Protocol):
             # 3.1.1 exactly-once: forward on first receipt, ignore resends until PUBREL.
             if packet_id not in self.session.awaiting_release:
                 self.session.awaiting_release.add(packet_id)
-                self.broker.publish_message(message)
+                self.broker._publish(message)
             self.send(bytes((PUBREC << 4, 2)) + id_bytes)
             return
-        self.broker.publish_message(message)
+        self.broker._publish(message)
         if qos == 1:
             self.send(bytes((PUBACK << 4, 2)) + id_bytes)
 
@@ -1027,7 +1032,7 @@ class EmbeddedBroker:
 
     def _publish_will(self, session: _Session, will: _Will) -> None:
         session.will_timer = None
-        self.publish_message(_message(will.topic, will.payload, will.qos, will.retain,
+        self._publish(_message(will.topic, will.payload, will.qos, will.retain,
                                       will.properties, session.client_id, self._loop.time()))
 
     def _expire_session(self, session: _Session) -> None:
@@ -1115,7 +1120,7 @@ class EmbeddedBroker:
 
     # routing ----------------------------------------------------------------
 
-    def publish_message(self, message: _Message) -> None:
+    def _publish(self, message: _Message) -> None:
         """Store (if retained) and forward one application message."""
         if message.retain:
             if message.payload:

@@ -315,7 +315,8 @@ def test_wildcards_route_each_topic_to_exactly_the_matching_subscribers(any_brok
     }  # filter -> subscribe as MQTT 5 (else 3.1.1)
     expected = {
         "sport/tennis/+": {"sport/tennis/player1"},
-        "sport/#": {"sport", "sport/tennis", "sport/tennis/player1", "sport/tennis/player1/ranking"},
+        "sport/#": {"sport", "sport/tennis", "sport/tennis/player1",
+                    "sport/tennis/player1/ranking"},
         "#": {"sport", "sport/tennis", "sport/tennis/player1", "sport/tennis/player1/ranking",
               "/finance"},
         "+/+": {"sport/tennis", "/finance"},
@@ -722,7 +723,8 @@ def test_qos2_is_downgraded_to_qos1_with_the_documented_policy(embedded):
                                                   + b"\x01"), 0xA1),
     ("311 subscribe with wrong header flags",
      connect_packet(b"bad-flags") + packet(0x80, b"\x00\x01" + mqtt_string(b"a") + b"\x01"), None),
-    ("311 publish with wildcard topic", connect_packet(b"wild") + packet(0x30, mqtt_string(b"a/#")), None),
+    ("311 publish with wildcard topic",
+     connect_packet(b"wild") + packet(0x30, mqtt_string(b"a/#")), None),
 ])
 def test_malformed_input_closes_only_that_connection(embedded, name, opening, expected_disconnect):
     bystander = Peer(embedded.port)
