@@ -1,10 +1,11 @@
 """Verified downloads: one file from a list of mirrors into a final path, or not at all.
 
 The bytes go to ``<name>.part`` beside the target while an exclusive ``fcntl`` lock on
-``<name>.lock`` is held, so two processes never write one part. sha256 is computed in the
-same loop that writes; a resumed download hashes the bytes it already has first. Only a
-file whose size and sha256 match is fsynced and renamed into place, so the target path
-either does not exist or holds the right bytes.
+``<name>.lock`` is held, so two processes never write one part. sha256 is computed as the
+bytes are written (one writer thread does both, beside the receive loop); a resumed
+download hashes the bytes it already has first. Only a file whose size and sha256 match
+is fsynced and renamed into place, so the target path either does not exist or holds the
+right bytes.
 
 Resume uses ``Range`` plus ``If-Range`` (the strong ETag, else Last-Modified, that came
 with the bytes already on disk); a server that answers 200 instead of 206 is followed from

@@ -140,7 +140,9 @@ def test_corrupted_byte_is_a_checksum_error_and_removes_the_part(
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("claimed_delta", [-1000, +1000], ids=["manifest-smaller", "manifest-larger"])
+@pytest.mark.parametrize(
+    "claimed_delta", [-1000, +1000], ids=["manifest-smaller", "manifest-larger"]
+)
 def test_wrong_size_is_a_checksum_error(tmp_path, range_server, fast_fetch, claimed_delta):
     payload = write_payload(tmp_path, "model.gguf", 2 * MiB)
     url = served_file(range_server, payload)

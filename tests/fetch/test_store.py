@@ -106,7 +106,9 @@ def test_offline_uses_the_store_and_names_each_mirror_otherwise(
     assert error.details["offline"] is True
     assert all(url in error.message for url in offline)
     assert "the store has have.gguf" in error.message
-    assert error.details["cached"] == [{"file": "have.gguf", "sha256": have.sha256, "current": True}]
+    assert error.details["cached"] == [
+        {"file": "have.gguf", "sha256": have.sha256, "current": True}
+    ]
     assert any(log["event"] == "fetch_offline" for log in logs)
 
 
