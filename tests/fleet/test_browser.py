@@ -166,7 +166,7 @@ def real_agent(tmp_path, broker, fleet, ladder_dir):
         process.wait()
 
 
-def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir):
+def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir, credentials):
     device = "real-agent-1"
 
     def agent_log() -> str:
@@ -195,8 +195,20 @@ def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir):
     reply = page.locator("#reply").inner_text()
     assert reply.strip(), "the reply is empty"
     assert "tokens" in page.locator("#reply-meta").inner_text()
+    # the charts fill from live telemetry (decode tok/s appears once the agent has served a request)
     page.wait_for_function("() => document.querySelectorAll('#chart-mem_bytes polyline').length === 1", timeout=30_000)
+    page.wait_for_function(
+        "() => { const line = document.querySelector('#chart-decode_tps polyline');"
+        " return line && line.getAttribute('points').split(' ').length >= 2; }", timeout=30_000)
     page.screenshot(path=str(artifacts_dir() / "device-page.png"), full_page=True)
+
+    # the shell client streams a reply from the same real agent
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")},
+           "EDGE_AGENT_FLEET_URL": fleet.url, "EDGE_AGENT_FLEET_TOKEN": credentials.token}
+    shell = subprocess.run([EDGE_AGENT, "fleet", "prompt", device, "Say hello.", "--max-tokens", "8",
+                            "--temperature", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.strip(), "edge-agent fleet prompt printed nothing"
 
     # publish a Q2_K-only manifest and roll it out from the Models page
     q2 = json.dumps(ladder_subset(ladder_dir, ["Q2_K"]))
