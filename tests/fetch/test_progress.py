@@ -65,8 +65,17 @@ def test_bar_draws_on_a_tty_only():
              "state": "downloading"})
         bar({"file": "m.gguf", "bytes": 10 * MiB, "total": 10 * MiB, "rate_bps": 2 * MiB,
              "state": "complete"})
-    drawn = os.read(leader, 4096).decode()
+    drawn = b""
+    while True:  # the follower is closed: read what it wrote until the pty says EIO
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        drawn += data
     os.close(leader)
+    drawn = drawn.decode()
     assert "m.gguf [#####.....]  50.0% 5.0/10.0 MiB 2.0 MiB/s downloading" in drawn
     assert "[##########] 100.0%" in drawn and drawn.endswith("\r\n")
 
