@@ -198,7 +198,7 @@ def test_stalled_server_times_out_then_next_mirror(
     payload = write_payload(tmp_path, "model.gguf", MiB)
     stalled = served_file(range_server, payload)
     good = served_file(second_server, payload)
-    range_server.faults.stall_s = 3.0
+    range_server.faults.stall_s = 30.0
     fast_fetch.retries = 1
 
     started = time.monotonic()
@@ -209,7 +209,7 @@ def test_stalled_server_times_out_then_next_mirror(
     assert sha256_of(path) == payload.sha256
     assert range_server.served.requests == 2  # one try and one retry, each timed out
     assert second_server.served.requests == 1
-    assert time.monotonic() - started < 2.5  # two 0.5 s read timeouts, not two 3 s stalls
+    assert time.monotonic() - started < 20  # two 0.5 s read timeouts, not two 30 s stalls
 
 
 def test_connect_failures_are_marked_offline(tmp_path, fast_fetch):

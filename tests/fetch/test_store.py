@@ -216,8 +216,8 @@ print(ModelStore(sys.argv[2], fetch=FetchConfig(read_timeout_s=10)).ensure(selec
 def test_two_processes_ensuring_one_file_download_it_once(tmp_path, range_server):
     payload = write_payload(tmp_path, "model.gguf", 4 * MiB)
     selection = selection_for(payload, [served_file(range_server, payload)])
-    # The body waits a second, so the second process arrives while the first holds the lock.
-    range_server.faults.stall_s = 1.0
+    # The body waits, so the second process arrives while the first holds the lock.
+    range_server.faults.stall_s = 2.0
     argv = [sys.executable, "-c", CONCURRENT_ENSURE,
             msgspec.json.encode(selection).decode(), str(tmp_path / "store")]
 
