@@ -92,6 +92,7 @@ class Ingest:
         if self._thread:
             self._thread.join(timeout_s)
         self.flush()  # whatever arrived during shutdown is still committed
+        self.registry.persist_latest()
 
     def _run(self) -> None:
         next_prune = time.monotonic() + PRUNE_EVERY_S

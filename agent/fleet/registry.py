@@ -177,6 +177,11 @@ class BatchOutcome:
     oldest_sent: float | None = None  # the device's own ts of the oldest telemetry in the batch
 
 
+_UPSERT_TELEMETRY = (
+    "INSERT INTO devices (id, first_seen, last_seen, telemetry, telemetry_ts) VALUES (?,?,?,?,?)"
+    " ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen,"
+    " telemetry=excluded.telemetry, telemetry_ts=excluded.telemetry_ts"
+)
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
 
@@ -298,11 +303,13 @@ class Registry:
                 record.last_seen = max(record.last_seen, message.received)
                 if outcome.oldest_sent is None or sent < outcome.oldest_sent:
                     outcome.oldest_sent = sent
-                seen_rows[record.id] = (record.id, record.first_seen, record.last_seen, _dumps(body), sent)
                 if sent - record.last_sample_ts >= self.telemetry_sample_s:
+                    # The latest telemetry lives in memory; SQLite gets it once per sample
+                    # period (and at shutdown), which keeps the write rate per device bounded.
                     record.last_sample_ts = sent
                     point = telemetry_point(body)
                     samples.append((record.id, sent, *point.values()))
+                    seen_rows[record.id] = (record.id, record.first_seen, record.last_seen, _dumps(body), sent)
             elif message.kind == "events":
                 kind = str(body.get("event") or body.get("type") or "event")
                 ts = body.get("ts") if isinstance(body.get("ts"), (int, float)) else message.received
@@ -339,12 +346,7 @@ class Registry:
                         list(meta_rows.values()),
                     )
                 if seen_rows:
-                    conn.executemany(
-                        "INSERT INTO devices (id, first_seen, last_seen, telemetry, telemetry_ts) VALUES (?,?,?,?,?)"
-                        " ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen,"
-                        " telemetry=excluded.telemetry, telemetry_ts=excluded.telemetry_ts",
-                        list(seen_rows.values()),
-                    )
+                    conn.executemany(_UPSERT_TELEMETRY, list(seen_rows.values()))
                 if samples:
                     conn.executemany(
                         "INSERT INTO telemetry (device_id, ts, decode_tps, prefill_tps, mem_bytes, rss_bytes,"
@@ -364,6 +366,13 @@ class Registry:
                 conn.execute("ROLLBACK")
                 raise
         return outcome
+
+    def persist_latest(self) -> None:
+        """Write every device's latest telemetry and last_seen (at shutdown)."""
+        rows = [(r.id, r.first_seen, r.last_seen, _dumps(r.telemetry), r.telemetry_ts)
+                for r in self.snapshot() if r.telemetry]
+        with self._write_lock:
+            self._writer.executemany(_UPSERT_TELEMETRY, rows)
 
     def prune(self, now: float | None = None) -> int:
         """Drop telemetry and events past their retention; returns rows removed."""

@@ -22,7 +22,9 @@ def test_database_is_wal_and_survives_a_restart(tmp_path):
     path = tmp_path / "fleet.db"
     registry = Registry(path)
     now = time.time()
-    registry.apply_batch([status("pi-1", "ready", 5, now), telemetry("pi-1", now, 31.5)])
+    registry.apply_batch([status("pi-1", "ready", 5, now), telemetry("pi-1", now, 30.0)])
+    registry.apply_batch([telemetry("pi-1", now + 1, 31.5)])  # inside the sample period: memory only
+    registry.persist_latest()  # what ingest does at shutdown
     registry.close()
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
