@@ -370,6 +370,8 @@ class Downloader:
                 # Before the start the part is kept for a later resume; a disk that filled
                 # up midway has already had it removed (see _disk_full_midway).
                 reporter.state("failed", part.offset, error="disk_full")
+                if part.offset == 0:
+                    part.discard()
                 raise
             finally:
                 part.close()

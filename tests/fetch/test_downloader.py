@@ -234,6 +234,7 @@ def test_not_enough_disk_before_starting(small_tmpfs, tmp_path, range_server, fa
     assert caught.value.code == "disk_full"
     assert caught.value.details["needed_bytes"] == payload.size
     assert range_server.served.requests == 0
+    assert leftovers(small_tmpfs) == []
 
 
 def test_disk_filling_up_midway_is_disk_full_and_frees_the_part(
