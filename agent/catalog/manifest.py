@@ -23,6 +23,8 @@ from urllib.parse import urljoin, urlparse
 import msgspec
 import yaml
 
+from agent.catalog.signing import SIGNATURE_SUFFIX, verify_manifest
+from agent.config import SigningConfig
 from agent.errors import ManifestError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # a manifest is text; more is a wrong URL, not a manifest
@@ -195,15 +197,31 @@ def _read_url(url: str) -> bytes:
     return body
 
 
-def load_manifest(source: str) -> Manifest:
-    """Load and validate a manifest from a local path or an http(s) URL."""
+def _read_source(source: str) -> bytes:
     if is_url(source):
-        return parse_manifest(_read_url(source), source)
+        return _read_url(source)
     path = Path(source)
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{source}: larger than {MAX_MANIFEST_BYTES} bytes", source=source)
-        text = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise ManifestError(f"{source}: cannot read: {exc.strerror}", source=source) from exc
-    return parse_manifest(text, str(path.resolve()))
+
+
+def _read_signature(source: str) -> bytes | None:
+    try:
+        return _read_source(source + SIGNATURE_SUFFIX)
+    except ManifestError:
+        return None
+
+
+def load_manifest(source: str, signing: SigningConfig | None = None) -> Manifest:
+    """Load and validate a manifest from a local path or an http(s) URL.
+
+    With ``signing.required`` the detached ``<source>.sig`` must verify against the
+    configured key before a single field of the manifest is trusted."""
+    raw = _read_source(source)
+    if signing is not None and signing.required:
+        verify_manifest(raw, _read_signature(source), signing.public_key)
+    return parse_manifest(raw, source if is_url(source) else str(Path(source).resolve()))

@@ -368,7 +368,7 @@ def plan_selection(
         device = probe(model_dir=config.cache_dir)
     matched, reasons = match_profile(device, load_profiles(), profile or config.model.profile)
     log.debug("profile_matched", profile=matched.name, reasons=reasons)
-    manifest = load_manifest(source)
+    manifest = load_manifest(source, config.signing)
     model = manifest.model(config.model.model_id)
     headers = read_headers(manifest, model, Path(config.cache_dir))
 

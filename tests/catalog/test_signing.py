@@ -55,3 +55,27 @@ def test_operator_tool_signs_a_manifest(tmp_path: Path) -> None:
     subprocess.run([REPO / "scripts/sign-manifest", "sign", manifest, key], check=True,
                    capture_output=True)
     verify_manifest(manifest.read_bytes(), (tmp_path / "manifest.json.sig").read_text(), public)
+
+
+def test_load_manifest_enforces_signatures_when_required(tmp_path: Path, ladder_dir: Path, range_server) -> None:
+    from agent.catalog.manifest import load_manifest
+    from agent.config import SigningConfig
+
+    private, public = generate_keypair()
+    required = SigningConfig(required=True, public_key=public)
+    manifest = range_server.root / "manifest.json"
+    manifest.write_bytes((ladder_dir / "manifest.json").read_bytes())
+
+    for source in (str(manifest), f"{range_server.url}/manifest.json"):
+        with pytest.raises(SignatureError, match="no signature"):
+            load_manifest(source, required)
+        assert load_manifest(source, SigningConfig()).models  # not required: unsigned is fine
+
+    (range_server.root / "manifest.json.sig").write_text(sign_manifest(manifest.read_bytes(), private))
+    for source in (str(manifest), f"{range_server.url}/manifest.json"):
+        assert load_manifest(source, required).models[0].id == "smollm2-135m-instruct"
+
+    manifest.write_bytes(manifest.read_bytes().replace(b"Q2_K", b"Q2_X"))
+    for source in (str(manifest), f"{range_server.url}/manifest.json"):
+        with pytest.raises(SignatureError, match="tampered"):
+            load_manifest(source, required)
