@@ -10,6 +10,7 @@ through here: they go straight to their waiter (agent.fleet.controller).
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 import time
@@ -29,6 +30,7 @@ log = get_logger(__name__)
 KINDS = frozenset({"status", "meta", "telemetry", "events", "cmd/result"})
 PRUNE_EVERY_S = 60.0
 LAG_WINDOW_S = 10.0
+LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass
@@ -43,6 +45,9 @@ class IngestStats:
     last_age_s: float = 0.0  # device ts -> committed, the oldest telemetry of the last batch
     last_commit: float = 0.0
     recent_ages: deque = field(default_factory=lambda: deque(maxlen=512))  # (commit time, age)
+    # Histogram of every telemetry message's lag; the last slot counts those above the last bound.
+    lag_buckets: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS_S) + 1))
+    lag_sum_s: float = 0.0
 
     def worst_age(self, window_s: float = LAG_WINDOW_S) -> float:
         """The worst batch age committed in the last ``window_s`` (what "lag" means for alerts)."""
@@ -150,8 +155,13 @@ class Ingest:
         stats.last_flush_ms = (time.perf_counter() - started) * 1000
         stats.last_commit = time.time()
         # Age at commit: broker hop + queueing + decode + SQL, what "ingest lag" means.
-        stats.last_age_s = stats.last_commit - outcome.oldest_sent if outcome.oldest_sent else 0.0
-        stats.recent_ages.append((stats.last_commit, stats.last_age_s))
+        if outcome.sent_times:
+            stats.last_age_s = stats.last_commit - min(outcome.sent_times)
+            stats.recent_ages.append((stats.last_commit, stats.last_age_s))
+            for sent in outcome.sent_times:
+                age = stats.last_commit - sent
+                stats.lag_buckets[bisect.bisect_left(LAG_BUCKETS_S, age)] += 1
+                stats.lag_sum_s += age
         if self.on_batch:
             self.on_batch(outcome)
         return outcome

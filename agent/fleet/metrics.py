@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from agent.fleet.ingest import LAG_BUCKETS_S
 from agent.fleet.view import STATES, fleet_summary
 
 if TYPE_CHECKING:
@@ -39,12 +40,14 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, Any]]) -> None:
+        """``samples`` are (suffix, value); a suffix is ``{labels}`` or, for histograms,
+        ``_bucket{le=…}``, ``_sum``, ``_count``."""
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
+        for suffix, value in samples:
             text = _number(value)
             if text:
-                lines.append(f"{name}{labels} {text}")
+                lines.append(f"{name}{suffix} {text}")
 
     summary = fleet_summary(rows)
     metric("edge_fleet_devices", "gauge", "Devices known to the controller by effective state",
@@ -58,8 +61,14 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
            [("", stats.rejected)])
     metric("edge_fleet_ingest_stale_status_total", "counter", "Status messages of an older session, ignored",
            [("", stats.ignored_stale_status)])
-    metric("edge_fleet_ingest_lag_seconds", "gauge", "Device timestamp to commit, oldest of the last batch",
+    metric("edge_fleet_ingest_last_batch_lag_seconds", "gauge", "Device timestamp to commit, oldest of the last batch",
            [("", stats.last_age_s)])
+    cumulative, buckets = 0, []
+    for bound, count in zip((*LAG_BUCKETS_S, "+Inf"), stats.lag_buckets):
+        cumulative += count
+        buckets.append((f'_bucket{{le="{bound}"}}', cumulative))
+    metric("edge_fleet_telemetry_lag_seconds", "histogram", "Device timestamp to commit of each telemetry message",
+           [*buckets, ("_sum", stats.lag_sum_s), ("_count", cumulative)])
     metric("edge_fleet_ingest_lag_max_seconds", "gauge", "Worst batch lag (device timestamp to commit) over the last 10 s",
            [("", stats.worst_age())])
     metric("edge_fleet_ingest_backlog", "gauge", "Messages waiting for the ingest writer",

@@ -174,7 +174,7 @@ class BatchOutcome:
     ignored_stale_status: int = 0
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     cmd_results: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    oldest_sent: float | None = None  # the device's own ts of the oldest telemetry in the batch
+    sent_times: list[float] = field(default_factory=list)  # the devices' own ts of each telemetry
 
 
 _UPSERT_TELEMETRY = (
@@ -301,8 +301,7 @@ class Registry:
                     record.interval_estimate_s = gap if estimate is None else 0.8 * estimate + 0.2 * gap
                 record.telemetry_ts = sent
                 record.last_seen = max(record.last_seen, message.received)
-                if outcome.oldest_sent is None or sent < outcome.oldest_sent:
-                    outcome.oldest_sent = sent
+                outcome.sent_times.append(sent)
                 if sent - record.last_sample_ts >= self.telemetry_sample_s:
                     # The latest telemetry lives in memory; SQLite gets it once per sample
                     # period (and at shutdown), which keeps the write rate per device bounded.

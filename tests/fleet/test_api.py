@@ -107,6 +107,9 @@ def test_metrics_is_prometheus_text(api, sim):
     first = devices.devices[0]
     assert re.search(rf'edge_device_decode_tokens_per_second{{device="{first.id}"}} \d+\.\d+', text)
     assert f'quant="{first.quant}"' in text
+    buckets = [float(v) for v in re.findall(r'edge_fleet_telemetry_lag_seconds_bucket\{le="[^"]+"\} (\S+)', text)]
+    count = float(re.search(r"edge_fleet_telemetry_lag_seconds_count (\S+)", text).group(1))
+    assert count > 0 and buckets == sorted(buckets) and buckets[-1] == count
     for line in text.splitlines():  # every sample line is `name{labels} number`
         assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+', line), line
 
