@@ -60,10 +60,13 @@ def measure_peak_rss(
     kv_type: str = "f16",
     flash_attn: bool = True,
     use_mmap: bool = True,
-    fill: bool = True,
+    fill: bool = False,
     python: str = sys.executable,
 ) -> dict:
-    """Run one load + eval in a fresh process; returns the child's figures plus ``growth``."""
+    """Run one load + eval in a fresh process; returns the child's figures plus ``growth``.
+
+    ``fill`` evaluates up to n_ctx instead of one ubatch (minutes at 8192 on 2 cores).
+    """
     params = dict(model=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
                   n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn, use_mmap=use_mmap, fill=fill)
     done = subprocess.run(
