@@ -4,8 +4,10 @@ Faults are set per test on ``server.faults`` and apply to every GET:
 ``drop_after`` (close the connection after that many body bytes, once per entry of a
 list), ``ignore_range`` (answer 200 with the whole file), ``stall_s`` (sleep before the
 body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer this code),
-``size_lie`` (announce a different Content-Length), ``send_etag`` (False: only
-Last-Modified validates If-Range). Counters show what was served.
+``send_etag`` (False: only
+Last-Modified validates If-Range), ``rate_bps`` (pace the body so a test can act
+mid-download). Counters show what was served; ``body_bytes`` counts only bytes the client
+took.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Faults:
     corrupt_at: int | None = None
     status: int | None = None
     send_etag: bool = True
+    rate_bps: float | None = None  # pace the body, so a test can act mid-download
 
 
 @dataclass
@@ -128,17 +131,21 @@ class RangeServer:
                             self.close_connection = True
                             self.connection.shutdown(2)
                             break
-                        self._write(chunk)
+                        if not self._write(chunk):
+                            break  # the client went away: count only what was delivered
                         sent += len(chunk)
                         remaining -= len(chunk)
+                        if faults.rate_bps:
+                            time.sleep(len(chunk) / faults.rate_bps)
                 with server._lock:
                     server.served.body_bytes += sent
 
-            def _write(self, data: bytes) -> None:
+            def _write(self, data: bytes) -> bool:
                 try:
                     self.wfile.write(data)
+                    return True
                 except (BrokenPipeError, ConnectionResetError):
-                    pass
+                    return False
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
