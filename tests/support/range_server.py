@@ -4,9 +4,8 @@ Faults are set per test on ``server.faults`` and apply to every GET:
 ``drop_after`` (close the connection after that many body bytes, once per entry of a
 list), ``ignore_range`` (answer 200 with the whole file), ``stall_s`` (sleep before the
 body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer this code),
-``send_etag`` (False: only
-Last-Modified validates If-Range), ``rate_bps`` (pace the body so a test can act
-mid-download). Counters show what was served; ``body_bytes`` counts only bytes the client
+``send_etag`` (False: only Last-Modified validates If-Range), ``rate_bps`` (pace the
+body so a test can act mid-download). Counters show what was served; ``body_bytes`` counts only bytes the client
 took.
 """
 
