@@ -9,7 +9,6 @@ e.g. ``messages[0].role: Expected `str`, got `int```. Nothing here does I/O or t
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from typing import Any, Literal
