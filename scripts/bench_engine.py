@@ -187,6 +187,7 @@ def run(variants: tuple[str, ...] = VARIANTS, max_tokens: int = 96, rounds: int 
             ):
                 time.sleep(SETTLE_S)
                 measured[name] = measure()
+                print(f"bench_engine: {quant} {name} {measured[name]['decode_tps']:.2f} tok/s", file=sys.stderr, flush=True)
             texts_match &= measured["engine"]["text"] == measured["in_process"]["text"]
             for name, result in measured.items():
                 runs[name].append(result["decode_tps"])

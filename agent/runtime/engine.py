@@ -73,9 +73,15 @@ class _Job:
         self.cancel_reason: str | None = None
         self.cancel_sent: float | None = None
 
+    def deliver(self, record: dict[str, Any]) -> None:
+        try:
+            self.on_record(record)
+        except Exception:  # a broken consumer must not take the engine thread down with it
+            log.exception("on_record_failed", request_id=self.request.id)
+
     def fail(self, code: str, message: str) -> dict[str, Any]:
         final = {"id": self.request.id, "done": True, "error": {"code": code, "message": message}}
-        self.on_record(final)
+        self.deliver(final)
         return final
 
 
@@ -343,7 +349,10 @@ class Engine:
 
     def _emit(self, event: dict[str, Any]) -> None:
         log.info(event["event"], **{k: v for k, v in event.items() if k != "event"})
-        self._on_event(event)
+        try:
+            self._on_event(event)
+        except Exception:  # same as on_record: the engine's own work goes on
+            log.exception("on_event_failed", event=event["event"])
 
     def _start(
         self,
@@ -432,6 +441,8 @@ class Engine:
         )
 
     def _record_learned(self, loaded: _Loaded, measured: int) -> None:
+        if not loaded.selection.sha256:
+            return  # a bare --model file: nothing the selector could look it up by
         try:
             from agent.catalog.learned import LearnedMemory, settings_key
         except ImportError:  # the catalog's learned corrections are optional for the runtime
@@ -582,9 +593,9 @@ class Engine:
                 continue
             kind = record.pop("type", None)
             if kind == "chunk":
-                job.on_record(record)
+                job.deliver(record)
             elif kind == "final":
-                job.on_record(record)
+                job.deliver(record)
                 self._metrics.record(record)
                 return
             elif kind == "exit":
@@ -612,6 +623,9 @@ class Engine:
             self._emit({"event": "restart_failed", "reason": exc.message, "quant": crashed.selection.quant})
         finally:
             with self._cond:
-                self._loaded = restarted
+                closed = self._closed
+                self._loaded = None if closed else restarted
                 self._transitions -= 1
                 self._cond.notify_all()
+            if closed and restarted is not None:
+                restarted.worker.stop()

@@ -79,21 +79,14 @@ def _model_params(use_extra_bufts: bool) -> Iterator[None]:
         bindings.llama_model_default_params = original
 
 
-class _Cancel:
-    """Why the running generation must stop; set by the reader thread."""
-
-    def __init__(self) -> None:
-        self.request_id: str | None = None
-        self.reason: str | None = None
-
-
 class Worker:
     def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
         self._reader = reader
         self._writer = writer
         self._ops: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._cancel = _Cancel()
-        self._cancel_lock = threading.Lock()
+        # request id -> why it must stop; set by the reader thread, read after every token.
+        # A cancel can arrive before its generation starts, so it is kept until then.
+        self._cancelled: dict[str, str] = {}
         self._llama: Any = None
         self._formatter: Any = None
         self._settings: dict[str, Any] = {}
@@ -110,9 +103,7 @@ class Worker:
                 os._exit(0)
             op = message.get("op")
             if op == "cancel":
-                with self._cancel_lock:
-                    if message.get("id") == self._cancel.request_id:
-                        self._cancel.reason = message.get("reason", "cancelled")
+                self._cancelled[message["id"]] = message.get("reason", "cancelled")
             elif op == "count":
                 self._answer_count(message)
             else:
@@ -267,9 +258,10 @@ class Worker:
                 request_id, "too_long", f"prompt is {len(tokens)} tokens, context is {n_ctx}"
             )
             return
-        with self._cancel_lock:
-            self._cancel.request_id = request_id
-            self._cancel.reason = None
+        # Cancels for requests that have already finished are stale now.
+        for stale in [key for key in self._cancelled if key != request_id]:
+            self._cancelled.pop(stale, None)
+        cancelled = self._cancelled
 
         sampled = self._sampled
         sampled.clear()
@@ -277,7 +269,7 @@ class Worker:
         def watch(input_ids: Any, logits: Any) -> bool:
             if template_stop is not None and template_stop(input_ids, logits):
                 return True
-            return self._cancel.reason is not None
+            return request_id in cancelled
 
         self._maybe_crash()
         llama_cpp.llama_perf_context_reset(llama.ctx)
@@ -308,18 +300,16 @@ class Worker:
                         seq += 1
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
-                if self._cancel.reason is not None:
+                if request_id in cancelled:
                     break
         except Exception as exc:
             self._final_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
             return
         finally:
-            with self._cancel_lock:
-                reason = self._cancel.reason
-                self._cancel.request_id = None
+            reason = cancelled.pop(request_id, None)
         if reason is not None:
             code = "timeout" if reason == "timeout" else "cancelled"
-            self._final_error(request_id, code, f"generation stopped: {reason}", text="".join(text_parts))
+            self._final_error(request_id, code, f"generation stopped: {reason}")
             return
         finished = time.perf_counter()
         completion = [t for t, _ in sampled if not llama_cpp.llama_vocab_is_eog(llama._model.vocab, t)]
@@ -349,16 +339,10 @@ class Worker:
             }
         )
 
-    def _final_error(self, request_id: str, code: str, message: str, text: str = "") -> None:
-        record: dict[str, Any] = {
-            "type": "final",
-            "id": request_id,
-            "done": True,
-            "error": {"code": code, "message": message},
-        }
-        if text:
-            record["text"] = text
-        self._writer.send(record)
+    def _final_error(self, request_id: str, code: str, message: str) -> None:
+        self._writer.send(
+            {"type": "final", "id": request_id, "done": True, "error": {"code": code, "message": message}}
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ def selection_for(ladder_model, ladder_manifest):
             n_ctx=512,
             n_batch=256,
             n_ubatch=256,
-            n_threads=2,
+            n_threads=1,  # one thread: robust on a shared 2-core machine
             estimate=MemoryEstimate(ram_bytes=300 * 1024 * 1024),
             model_path=str(path),
         )

@@ -55,7 +55,7 @@ def test_every_setting_failing_moves_to_the_smaller_variant(make_engine, selecti
     broken.write_bytes(b"GGUF" + os.urandom(4096))  # a truncated download that passed no check
     events: list[dict] = []
     engine = make_engine(events)
-    big = selection_for("Q8_0", model_path=str(broken), sha256="0" * 64)
+    big = selection_for("Q8_0", model_path=str(broken), sha256="0" * 64, n_threads=2)
     engine.load(big, smaller=lambda s: selection_for("Q4_K_M") if s.quant == "Q8_0" else None)
 
     steps = [(e["failed_step"], e["step"]) for e in events if e["event"] == "canary_fallback"]
