@@ -2,10 +2,11 @@
 
 Threads and who owns what:
 
-- paho's network thread (inside agent.mqtt.client.MQTTClient) only decodes and enqueues.
-- ``fleet-dispatch`` takes each inbound message: prompt replies and cmd results go straight
-  to their waiter (a callback registered by the web side), device messages go to the
-  ingest queue.
+- paho's network thread (inside agent.mqtt.client.MQTTClient) only decodes and enqueues. Its
+  "queue" is ``_InboxRouter``: status/meta/telemetry/events go straight onto the ingest queue
+  (the bulk of the traffic, one hop fewer), everything else onto the dispatch queue.
+- ``fleet-dispatch`` takes prompt replies and cmd results to their waiter (a callback
+  registered by the web side); cmd results then also go to ingest.
 - ``fleet-ingest`` (agent.fleet.ingest) owns batched writes to the registry and calls
   ``_on_batch``, which feeds command results and download events to the rollout manager.
 - ``fleet-rollout`` (agent.fleet.rollout) paces rollouts.
@@ -41,6 +42,26 @@ from agent.mqtt.topics import DeviceTopics, device_of, is_valid_level
 log = get_logger(__name__)
 
 Waiter = Callable[[dict[str, Any]], None]
+BULK_KINDS = frozenset({"status", "meta", "telemetry", "events"})
+
+
+class _InboxRouter:
+    """The MQTT client's inbox: device state messages to ingest, the rest to dispatch.
+
+    Runs on paho's thread, so it only classifies a topic and enqueues (``Ingest.offer``)."""
+
+    def __init__(self, ingest: Ingest, dispatch: "queue.Queue[Inbound | ConnectionChange]", prefix: str) -> None:
+        self.ingest = ingest
+        self.dispatch = dispatch
+        self.prefix = prefix
+
+    def put(self, item: Inbound | ConnectionChange) -> None:
+        if isinstance(item, Inbound):
+            split = device_of(item.topic, self.prefix)
+            if split is not None and split[1] in BULK_KINDS:
+                self.ingest.offer(item.topic, item.payload)
+                return
+        self.dispatch.put(item)
 
 
 class FleetController:
@@ -56,11 +77,11 @@ class FleetController:
         self.ingest = Ingest(self.registry, prefix=self.prefix, flush_s=config.ingest_flush_s,
                              on_batch=self._on_batch)
         self.rollouts = RolloutManager(self, command_timeout_s=config.command_timeout_s)
-        self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=200_000)
+        self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10_000)
         self.mqtt = MQTTClient(
             config.mqtt,
             client_id=config.controller_id,
-            inbox=self._inbox,
+            inbox=_InboxRouter(self.ingest, self._inbox, self.prefix),  # type: ignore[arg-type]
             password=read_secret(config.mqtt.password_file, "mqtt-password"),
         )
         self._waiters: dict[str, Waiter] = {}
@@ -117,7 +138,7 @@ class FleetController:
         split = device_of(message.topic, self.prefix)
         if split is None:
             return
-        device_id, rest = split
+        rest = split[1]
         if rest.startswith("reply/"):
             self._deliver(rest[len("reply/"):], message.payload)
             return
