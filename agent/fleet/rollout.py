@@ -34,6 +34,7 @@ log = get_logger(__name__)
 
 TICK_S = 0.25
 FINISHED = ("done", "failed")
+IN_FLIGHT = ("set_manifest", "pin", "rolling_back", "rolling_back_pin")
 
 
 class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -103,6 +104,7 @@ class RolloutManager:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self.restore()
         self._thread = threading.Thread(target=self._run, name="fleet-rollout", daemon=True)
         self._thread.start()
 
@@ -110,6 +112,26 @@ class RolloutManager:
         self._stop.set()
         if self._thread:
             self._thread.join(5)
+
+    def restore(self) -> None:
+        """Rollouts from the registry, so a restarted controller shows them and paces on."""
+        registry = self.controller.registry
+        for row in registry.query("SELECT id, created_ts, spec, state, reason FROM rollouts"):
+            spec = msgspec.json.decode(row["spec"], type=RolloutSpec)
+            steps_rows = registry.query(
+                "SELECT * FROM rollout_devices WHERE rollout_id=? ORDER BY position", (row["id"],))
+            source = spec.manifest
+            rollout = Rollout(id=row["id"], spec=spec, source=source, created=row["created_ts"],
+                              state=row["state"], reason=row["reason"])
+            for step_row in steps_rows:
+                step = DeviceStep(step_row["device_id"], step_row["position"], state=step_row["state"],
+                                  previous=msgspec.json.decode(step_row["previous"] or "{}"),
+                                  cmd_id=step_row["cmd_id"], sent_at=step_row["updated_ts"] or 0.0,
+                                  progress=step_row["progress"], error=step_row["error"])
+                rollout.steps.append(step)
+                if step.cmd_id and step.state in IN_FLIGHT:
+                    self._by_command[step.cmd_id] = (rollout, step)
+            self.rollouts[rollout.id] = rollout
 
     # --- API -----------------------------------------------------------------------------
 
@@ -140,8 +162,10 @@ class RolloutManager:
             self.rollouts[rollout.id] = rollout
         self.controller.registry.execute(
             "INSERT INTO rollouts (id, created_ts, spec, state) VALUES (?,?,?,?)",
-            (rollout.id, rollout.created, msgspec.json.encode(spec).decode(), rollout.state),
+            (rollout.id, rollout.created, msgspec.json.encode(msgspec.structs.replace(spec, manifest=source)).decode(),
+             rollout.state),
         )
+        self._persist(rollout)
         log.info("rollout_created", rollout=rollout.id, devices=len(chosen), source=source,
                  rate_per_min=spec.rate_per_min, abort_percent=spec.abort_percent)
         return rollout
@@ -268,7 +292,7 @@ class RolloutManager:
             for rollout in list(self.rollouts.values()):
                 changed = False
                 for step in rollout.steps:
-                    in_flight = step.state in ("set_manifest", "pin") or step.state.startswith("rolling_back")
+                    in_flight = step.state in IN_FLIGHT
                     if in_flight and now - step.sent_at > self.command_timeout_s:
                         self._by_command.pop(step.cmd_id or "", None)
                         step.state = "failed" if rollout.state == "running" else "rollback_failed"

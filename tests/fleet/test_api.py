@@ -194,3 +194,19 @@ def test_rollout_input_errors(api, sim, spec, message):
     wait_for(lambda: api.get("/api/devices").json()["devices"], what="a device")
     response = api.post("/api/rollouts", json=spec)
     assert response.status_code == 400 and response.json()["error"]["message"].startswith(message)
+
+
+def test_rollouts_are_restored_from_the_registry(api, sim, ladder_model, fleet):
+    from agent.fleet.rollout import RolloutManager
+
+    sim(2)
+    wait_for(lambda: len(api.get("/api/devices").json()["devices"]) == 2, what="2 devices")
+    api.post("/api/manifests", json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")})
+    rollout = api.post("/api/rollouts", json={"manifest": "q2.json", "group": "*", "rate_per_min": 600}).json()
+    wait_for(lambda: api.get(f"/api/rollouts/{rollout['id']}").json()["state"] == "completed", what="completed")
+    restarted = RolloutManager(fleet.controller)  # what a restarted controller builds from the same DB
+    restarted.restore()
+    again = restarted.get(rollout["id"])
+    assert again.state == "completed" and [s.state for s in again.steps] == ["done", "done"]
+    assert again.source == rollout["source"] and again.source.endswith("/files/q2.json")
+    assert [s.previous for s in again.steps] == [d["previous"] for d in rollout["devices"]]
