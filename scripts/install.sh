@@ -153,6 +153,12 @@ for group in video render; do
 done
 
 # --- source and virtual environment ---------------------------------------------------
+# What a running service was started from; when it changes, an upgrade restarts it.
+installed_digest() {
+  { cat "$unit_dir"/edge-agent.service "$unit_dir"/edge-agent.service.d/50-install-gpu.conf \
+      "$unit_dir"/edge-fleet.service "$prefix/venv/.edge-agent-setup" 2>/dev/null || true; } | sha256sum
+}
+units_before=$(installed_digest)
 # setup builds from a copy: a regular install writes build files into the source tree,
 # and the checkout it runs from may be read-only.
 if [ "$repo" != "$prefix/src" ]; then
@@ -169,6 +175,13 @@ extras=signing
 [ "$fleet" = 1 ] && extras=fleet,signing
 EDGE_AGENT_VENV="$prefix/venv" EDGE_AGENT_EDITABLE=0 EDGE_AGENT_CACHE="$cache" EXTRAS="$extras" \
   PYTHON="$python" "$prefix/src/scripts/setup"
+# The device profiles (profiles/*.yaml) are not package data: the catalog looks for them
+# next to the package, which in a copied install is site-packages. Point that at the copy.
+profiles_dir=$("$prefix/venv/bin/python" -c \
+  'from agent.catalog.profiles import default_profiles_dir; print(default_profiles_dir())')
+if [ ! -d "$profiles_dir" ]; then
+  ln -sfn "$prefix/src/profiles" "$profiles_dir"
+fi
 
 # --- configuration --------------------------------------------------------------------
 install -d -m 0755 "$config_dir"
@@ -191,8 +204,6 @@ elif [ ! -e "$config_dir/mqtt-password" ]; then
 fi
 
 # --- units ----------------------------------------------------------------------------
-units_before=$(cat "$unit_dir"/edge-agent.service "$unit_dir"/edge-agent.service.d/50-install-gpu.conf \
-  "$unit_dir"/edge-fleet.service "$prefix/venv/.edge-agent-setup" 2>/dev/null | sha256sum)
 install -m 0644 "$repo/systemd/edge-agent.service" "$unit_dir/edge-agent.service"
 # The CUDA driver JIT-compiles kernels into writable+executable memory.
 if ls /dev/nvidiactl /dev/nvhost-ctrl-gpu >/dev/null 2>&1; then
@@ -205,8 +216,7 @@ if [ "$fleet" = 1 ]; then
   [ -e "$config_dir/fleet-mqtt-password" ] \
     || install -m 0600 -o root -g root /dev/null "$config_dir/fleet-mqtt-password"
 fi
-units_after=$(cat "$unit_dir"/edge-agent.service "$unit_dir"/edge-agent.service.d/50-install-gpu.conf \
-  "$unit_dir"/edge-fleet.service "$prefix/venv/.edge-agent-setup" 2>/dev/null | sha256sum)
+units_after=$(installed_digest)
 systemctl daemon-reload
 
 services=(edge-agent.service)
