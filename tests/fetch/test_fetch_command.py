@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.catalog.selection import MemoryEstimate, Selection
 from agent.fetch.downloader import sha256_of
+from agent.fetch.store import ModelStore
 from tests.support.range_server import link_into
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,12 +60,26 @@ def test_fetch_resumes_an_interrupted_download(tmp_path, served_ladder, range_se
     assert range_server.served.ranges == ["", f"bytes={drop_at}-"]
     assert range_server.served.body_bytes == variant["size"]  # resumed, not restarted
 
-    again = edge_agent("fetch", "--manifest", str(manifest_path), "--config", str(config),
-                       "--memory", "8GiB", "--pin", "Q2_K", "--store", str(store), "--json")
-    assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout) == {"path": str(path), "sha256": variant["sha256"],
-                                        "quant": "Q2_K", "size": variant["size"]}
-    assert range_server.served.requests == 2  # the second run used the store
+
+def test_fetch_uses_what_the_store_has(tmp_path, served_ladder, range_server, ladder_dir):
+    manifest_path, config, manifest = served_ladder
+    variant = next(v for v in manifest["models"][0]["variants"] if v["quant"] == "Q3_K_M")
+    store = tmp_path / "store"
+    store.mkdir()
+    first = ModelStore(store).ensure(
+        Selection(model_id="smollm2-135m-instruct", quant="Q3_K_M", file=variant["file"],
+                  size=variant["size"], sha256=variant["sha256"], urls=[], quality=1.0,
+                  n_ctx=512, estimate=MemoryEstimate(ram_bytes=0),
+                  manifest_url=str(ladder_dir / "manifest.json"))
+    )
+
+    result = edge_agent("fetch", "--manifest", str(manifest_path), "--config", str(config),
+                        "--memory", "8GiB", "--pin", "Q3_K_M", "--store", str(store), "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"path": str(first), "sha256": variant["sha256"],
+                                         "quant": "Q3_K_M", "size": variant["size"]}
+    assert range_server.served.requests == 0
 
 
 def test_fetch_reports_a_corrupt_mirror_with_its_code(tmp_path, served_ladder, range_server):
