@@ -139,6 +139,8 @@ def measure_step(count: int, url: str, mqtt_port: int, process: psutil.Process, 
             "median_batch_lag_s": round(sorted(lags)[len(lags) // 2], 3) if lags else None,
             "worst_lag_s": round(worst_lag, 3), "backlog_max": int(backlog_max), "flush_ms_max": round(flush_max, 1),
             "controller_cpu_percent": round(cpu, 1), "controller_rss_mib": round(rss_max / 2**20, 1),
+            # The machine is shared: a load far above the CPU count means other work competed.
+            "loadavg_1min": round(os.getloadavg()[0], 2),
             "passed": passed}
 
 
@@ -157,7 +159,7 @@ def run(steps: list[int] | None = None, *, warmup_s: float = 8.0, measure_s: flo
                 results.append(result)
                 print(f"  {count:>5} devices: ingested {result['ingested_msg_s']:>7} msg/s, lag mean "
                       f"{result['mean_lag_s']} s, {result['under_1s_percent']} % < 1 s, worst {result['worst_lag_s']:.3f} s, controller {result['controller_cpu_percent']} % CPU, "
-                      f"{result['controller_rss_mib']} MiB RSS -> {'ok' if result['passed'] else 'FAIL'}",
+                      f"{result['controller_rss_mib']} MiB RSS, load {result['loadavg_1min']} -> {'ok' if result['passed'] else 'FAIL'}",
                       file=sys.stderr)
                 if not result["passed"]:
                     break
