@@ -3,11 +3,14 @@
 ``FleetService`` starts the FleetController (broker, ingest, rollouts) and then uvicorn
 with the web app; it stops them in reverse. ``serve_forever`` runs uvicorn in the calling
 thread (the CLI; uvicorn handles SIGINT/SIGTERM); ``start`` runs it in a thread and
-returns once the port is listening (tests, benchmarks). Nothing else lives here.
+returns once the port is listening (tests, benchmarks). SIGTERM and SIGINT end
+``serve_forever`` cleanly: the last ingest batch and every device's latest telemetry are
+committed before the process exits. Nothing else lives here.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -41,10 +44,16 @@ class FleetService:
         self.controller.start()
         log.info("fleet_serving", url=self.url, broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
                  db=self.config.db_path, models=self.config.model_dir)
+        # uvicorn re-raises SIGINT/SIGTERM once it has shut down; with these no-op handlers in
+        # place that re-raise returns here, so the controller still flushes its last batch.
+        previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.server.run()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.controller.stop()
+            log.info("fleet_stopped")
         if not self.server.started:
             raise ConfigError(f"cannot listen on {self.config.http_host}:{self.config.http_port}",
                               key="http_port")

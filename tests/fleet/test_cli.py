@@ -77,3 +77,46 @@ def test_hash_secret_reads_stdin(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("hunter2\n"))
     assert main(["fleet", "hash-secret", "--method", "pbkdf2_sha256"]) == 0
     assert verify_secret("hunter2", capsys.readouterr().out.strip())
+
+
+def test_fleet_serve_runs_until_sigterm_and_rejects_a_bad_config(tmp_path, broker):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    import yaml
+
+    from tests.support.broker import free_port
+
+    edge_agent = str(Path(sys.executable).with_name("edge-agent"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    port = free_port()
+    config = tmp_path / "fleet.yaml"
+    config.write_text(yaml.safe_dump({"mqtt": {"host": broker.host, "port": broker.port}, "http_port": port,
+                                      "db_path": str(tmp_path / "fleet.db"), "model_dir": str(tmp_path / "m")}))
+    process = subprocess.Popen([edge_agent, "fleet", "serve", "--config", str(config)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def healthy():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as response:
+                    return json.loads(response.read())["mqtt_connected"]
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout_s=20, what="the controller's health")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert (tmp_path / "fleet.db").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    config.write_text(yaml.safe_dump({"http_prot": 1}))
+    bad = subprocess.run([edge_agent, "fleet", "serve", "--config", str(config)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "[config_invalid]" in bad.stderr and "http_prot" in bad.stderr
