@@ -93,17 +93,19 @@ def start_stack(workdir: Path) -> tuple[list[subprocess.Popen], str, int, psutil
     return [broker, controller], f"http://127.0.0.1:{http_port}", mqtt_port, psutil.Process(controller.pid)
 
 
-def measure_step(count: int, url: str, mqtt_port: int, process: psutil.Process, *, warmup_s: float,
+def measure_step(count: int, url: str, mqtt_port: int, process: psutil.Process, broker: psutil.Process, *, warmup_s: float,
                  measure_s: float) -> dict:
     simulator = subprocess.Popen(
         [PYTHON, str(REPO / "scripts" / "simulate_fleet.py"), str(count), "--port", str(mqtt_port),
          "--interval", "1.0", "--duration", str(warmup_s + measure_s + 30), "--id-prefix", f"b{count}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    simulator_process = psutil.Process(simulator.pid)
     try:
         time.sleep(warmup_s)
         start = read_metrics(url)
         cpu_start, wall_start = process.cpu_times(), time.monotonic()
+        others_start = [p.cpu_times() for p in (simulator_process, broker)]
         worst_lag, backlog_max, rss_max, flush_max = 0.0, 0.0, 0, 0.0
         lags = []
         while time.monotonic() - wall_start < measure_s:
@@ -116,6 +118,8 @@ def measure_step(count: int, url: str, mqtt_port: int, process: psutil.Process, 
             rss_max = max(rss_max, process.memory_info().rss)
         wall = time.monotonic() - wall_start
         cpu_end = process.cpu_times()
+        others = [(p.cpu_times().user + p.cpu_times().system - t.user - t.system) / wall * 100
+                  for p, t in zip((simulator_process, broker), others_start)]
         end = read_metrics(url)
     finally:
         simulator.terminate()
@@ -141,6 +145,7 @@ def measure_step(count: int, url: str, mqtt_port: int, process: psutil.Process, 
             "controller_cpu_percent": round(cpu, 1), "controller_rss_mib": round(rss_max / 2**20, 1),
             # The machine is shared: a load far above the CPU count means other work competed.
             "loadavg_1min": round(os.getloadavg()[0], 2),
+            "simulator_cpu_percent": round(others[0], 1), "mosquitto_cpu_percent": round(others[1], 1),
             "passed": passed}
 
 
@@ -155,11 +160,13 @@ def run(steps: list[int] | None = None, *, warmup_s: float = 8.0, measure_s: flo
             for count in steps:
                 if time.monotonic() - began + warmup_s + measure_s > max_seconds:
                     break
-                result = measure_step(count, url, mqtt_port, controller, warmup_s=warmup_s, measure_s=measure_s)
+                result = measure_step(count, url, mqtt_port, controller, psutil.Process(processes[0].pid),
+                                      warmup_s=warmup_s, measure_s=measure_s)
                 results.append(result)
                 print(f"  {count:>5} devices: ingested {result['ingested_msg_s']:>7} msg/s, lag mean "
                       f"{result['mean_lag_s']} s, {result['under_1s_percent']} % < 1 s, worst {result['worst_lag_s']:.3f} s, controller {result['controller_cpu_percent']} % CPU, "
-                      f"{result['controller_rss_mib']} MiB RSS, load {result['loadavg_1min']} -> {'ok' if result['passed'] else 'FAIL'}",
+                      f"{result['controller_rss_mib']} MiB RSS (simulator {result['simulator_cpu_percent']} %, "
+                      f"mosquitto {result['mosquitto_cpu_percent']} %), load {result['loadavg_1min']} -> {'ok' if result['passed'] else 'FAIL'}",
                       file=sys.stderr)
                 if not result["passed"]:
                     break
