@@ -38,6 +38,7 @@ class Faults:
 class Served:
     requests: int = 0
     body_bytes: int = 0
+    bytes_by_path: dict[str, int] = field(default_factory=dict)
     ranges: list[str] = field(default_factory=list)
 
 
@@ -138,6 +139,8 @@ class RangeServer:
                             time.sleep(len(chunk) / faults.rate_bps)
                 with server._lock:
                     server.served.body_bytes += sent
+                    by_path = server.served.bytes_by_path
+                    by_path[path.name] = by_path.get(path.name, 0) + sent
 
             def _write(self, data: bytes) -> bool:
                 try:
