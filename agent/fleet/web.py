@@ -55,6 +55,10 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "edge_fleet_session"
 LOGIN_COOKIE = "edge_fleet_login"  # double-submit token that protects the login form itself
 STREAM_TICK_S = 1.0
+# Past this many devices the fleet stream slows to BIG_FLEET_TICK_S: every row changes with
+# every telemetry message, and a browser re-rendering thousands of rows each second is no use.
+BIG_FLEET_ROWS = 500
+BIG_FLEET_TICK_S = 5.0
 PROMPT_GRACE_S = 30.0  # on top of the request's own timeout, for queueing on the device
 HTTP_STATUS = {"bad_request": 400, "too_long": 400, "unknown_op": 400, "manifest_invalid": 400,
                "no_fit": 409, "busy": 429}
@@ -291,7 +295,11 @@ class FleetWeb:
             known = self.registry.events(device_id, limit=1)
             last_event_id = known[-1]["id"] if known else 0
         while not await request.is_disconnected():
-            rows = self._rows()
+            if device_id:  # a device page needs its own row only, not the whole fleet's
+                detail = self._device_detail(device_id)
+                rows = [detail["row"]] if detail else []
+            else:
+                rows = self._rows()
             changed = []
             for row in rows:
                 key = (self.registry.devices[row["id"]].version, row["state"])
@@ -313,7 +321,7 @@ class FleetWeb:
                     last_commands = fingerprint
                     payload["commands"] = commands
             yield f"data: {json.dumps(payload, default=str)}\n\n"
-            await asyncio.sleep(STREAM_TICK_S)
+            await asyncio.sleep(BIG_FLEET_TICK_S if len(rows) > BIG_FLEET_ROWS else STREAM_TICK_S)
 
     # --- API -----------------------------------------------------------------------------
 

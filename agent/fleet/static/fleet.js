@@ -69,50 +69,57 @@ function updateCounts(summary) {
 // --- fleet page ------------------------------------------------------------------------
 
 function fleetPage() {
+  // Rows are indexed by id and cells by column position, and sort keys are computed once
+  // per pass, so a table of thousands of devices stays responsive.
   const table = document.getElementById("devices");
   const body = table.tBodies[0];
-  const keys = [...table.tHead.rows[0].cells].map((th) => th.dataset.key);
+  const headers = [...table.tHead.rows[0].cells];
+  const keys = headers.map((th) => th.dataset.key);
+  const numeric = new Set(headers.filter((th) => th.dataset.type === "num").map((th) => th.dataset.key));
+  const stateColumn = keys.indexOf("state"), seenColumn = keys.indexOf("last_seen");
   const filter = document.getElementById("filter");
   const stateFilter = document.getElementById("state-filter");
+  const byId = new Map([...body.rows].map((tr) => [tr.dataset.id, tr]));
   let sortKey = "id", sortDir = 1;
 
   function render(tr, row) {
     tr.dataset.id = row.id;
-    tr.dataset.state = row.state;
     keys.forEach((key, i) => {
-      let td = tr.cells[i];
-      if (!td) { td = tr.insertCell(); td.dataset.key = key; }
+      const td = tr.cells[i] || tr.insertCell();
+      td.dataset.key = key;
       const content = CELL[key](row);
       td.replaceChildren(content instanceof Node ? content : document.createTextNode(content));
       const raw = row[key];
       td.dataset.value = raw === null || raw === undefined ? "" : raw;
     });
+    tr.searchText = undefined;
   }
 
-  function value(tr, key) {
-    const td = tr.querySelector(`td[data-key="${key}"]`);
-    const th = table.querySelector(`th[data-key="${key}"]`);
-    const text = td ? (td.dataset.value ?? td.textContent) : "";
-    if (th.dataset.type === "num") return text === "" ? -Infinity : Number(text);
-    return (td ? td.textContent : "").toLowerCase();
+  function sortValue(tr, column) {
+    const td = tr.cells[column];
+    if (numeric.has(keys[column])) return td.dataset.value === "" || td.dataset.value === undefined ? -Infinity : Number(td.dataset.value);
+    return td.textContent.toLowerCase();
   }
 
   function apply() {
     const needle = filter.value.trim().toLowerCase();
     const state = stateFilter.value;
-    const rows = [...body.rows];
-    rows.sort((a, b) => { const x = value(a, sortKey), y = value(b, sortKey); return x < y ? -sortDir : x > y ? sortDir : 0; });
+    const column = keys.indexOf(sortKey);
+    const keyed = [...byId.values()].map((tr) => [sortValue(tr, column), tr]);
+    keyed.sort((a, b) => (a[0] < b[0] ? -sortDir : a[0] > b[0] ? sortDir : 0));
     let shown = 0;
-    rows.forEach((tr) => {
-      const state_ = tr.querySelector('td[data-key="state"]').textContent.trim();
-      const visible = (!needle || tr.textContent.toLowerCase().includes(needle)) && (!state || state_ === state);
-      tr.hidden = !visible;
+    const fragment = document.createDocumentFragment();
+    for (const [, tr] of keyed) {
+      if (tr.searchText === undefined) tr.searchText = tr.textContent.toLowerCase();
+      const visible = (!needle || tr.searchText.includes(needle)) && (!state || tr.cells[stateColumn].textContent.trim() === state);
+      if (tr.hidden === visible) tr.hidden = !visible;
       if (visible) shown += 1;
-      body.appendChild(tr);
-    });
-    document.getElementById("shown").textContent = `${shown} of ${rows.length} shown`;
-    table.querySelectorAll("th").forEach((th) => th.removeAttribute("aria-sort"));
-    table.querySelector(`th[data-key="${sortKey}"]`).setAttribute("aria-sort", sortDir > 0 ? "ascending" : "descending");
+      fragment.appendChild(tr);
+    }
+    body.appendChild(fragment);
+    document.getElementById("shown").textContent = `${shown} of ${keyed.length} shown`;
+    headers.forEach((th) => th.removeAttribute("aria-sort"));
+    headers[column].setAttribute("aria-sort", sortDir > 0 ? "ascending" : "descending");
   }
 
   table.tHead.addEventListener("click", (event) => {
@@ -129,12 +136,15 @@ function fleetPage() {
   stream("/ui/stream", (data) => {
     updateCounts(data.summary);
     for (const row of data.rows) {
-      let tr = body.querySelector(`tr[data-id="${CSS.escape(row.id)}"]`);
-      if (!tr) { tr = body.insertRow(); document.getElementById("empty")?.remove(); }
+      let tr = byId.get(row.id);
+      if (!tr) { tr = body.insertRow(); byId.set(row.id, tr); document.getElementById("empty")?.remove(); }
       render(tr, row);
     }
     if (data.rows.length) apply();
-    body.querySelectorAll('td[data-key="last_seen"]').forEach((td) => { td.textContent = ago(Number(td.dataset.value)); });
+    for (const tr of byId.values()) {
+      const td = tr.cells[seenColumn];
+      td.textContent = ago(Number(td.dataset.value));
+    }
   });
 }
 
