@@ -38,6 +38,7 @@ import msgspec  # noqa: E402
 
 from agent.catalog.selection import Selection  # noqa: E402
 from agent.config import AgentConfig, ModelConfig, RuntimeConfig  # noqa: E402
+from agent.log import configure_logging  # noqa: E402
 from agent.runtime.engine import Engine  # noqa: E402
 from agent.runtime.local import selection_for_file  # noqa: E402
 from agent.runtime.request import GenerateRequest  # noqa: E402
@@ -160,10 +161,20 @@ def parent_rss(selection: Selection) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(variants: tuple[str, ...] = VARIANTS, max_tokens: int = 96, rounds: int = 3) -> dict[str, Any]:
+def run(
+    variants: tuple[str, ...] = VARIANTS,
+    max_tokens: int = 96,
+    rounds: int = 3,
+    same_threads: int | None = None,
+) -> dict[str, Any]:
+    """``same_threads`` fixes the thread count of the same-settings pair (default: physical
+    cores). One thread isolates the engine's own overhead on a machine whose cores are
+    busy with other work, where multi-threaded decode stalls on preempted threads."""
     import llama_cpp
 
     by_quant = ladder_selections()
+    if same_threads:
+        by_quant = {q: msgspec.structs.replace(s, n_threads=same_threads) for q, s in by_quant.items()}
     rows = []
     state_dir = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     for quant in variants:
@@ -206,6 +217,7 @@ def run(variants: tuple[str, ...] = VARIANTS, max_tokens: int = 96, rounds: int 
                 "auto_tps": round(med["auto"], 2),
                 "naive_tps": round(med["naive"], 2),
                 "auto_vs_naive_ratio": round(med["auto"] / med["naive"], 3),
+                "same_threads": base.n_threads,
                 "auto_threads": auto_threads,
                 "auto_n_batch": auto.n_batch,
                 "auto_source": auto_source,
@@ -228,13 +240,13 @@ def run(variants: tuple[str, ...] = VARIANTS, max_tokens: int = 96, rounds: int 
 
 def format_table(result: dict[str, Any]) -> str:
     header = (
-        f"{'quant':<7} {'engine t/s':>10} {'in-proc t/s':>11} {'ratio':>6} "
+        f"{'quant':<7} {'thr':>3} {'engine t/s':>10} {'in-proc t/s':>11} {'ratio':>6} "
         f"{'auto t/s':>9} {'naive t/s':>9} {'ratio':>6} {'auto thr':>8}"
     )
     lines = [header, "-" * len(header)]
     for row in result["variants"]:
         lines.append(
-            f"{row['quant']:<7} {row['engine_tps']:>10.2f} {row['in_process_tps']:>11.2f} "
+            f"{row['quant']:<7} {row['same_threads']:>3} {row['engine_tps']:>10.2f} {row['in_process_tps']:>11.2f} "
             f"{row['same_settings_ratio']:>6.3f} {row['auto_tps']:>9.2f} {row['naive_tps']:>9.2f} "
             f"{row['auto_vs_naive_ratio']:>6.3f} {row['auto_threads']:>8}"
         )
@@ -252,8 +264,10 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--same-threads", type=int, default=None, help="threads of the same-settings pair")
     args = parser.parse_args()
-    result = run(tuple(args.variants.split(",")), args.max_tokens, args.rounds)
+    configure_logging(level="warning")  # logs on stderr; the table alone on stdout
+    result = run(tuple(args.variants.split(",")), args.max_tokens, args.rounds, args.same_threads)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

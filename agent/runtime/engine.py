@@ -227,7 +227,7 @@ class Engine:
         try:
             available = psutil.virtual_memory().available
             if old is None:
-                self._swap_cold(None, selection)
+                self._swap_cold(selection)
             elif selection.estimate.ram_bytes * SWAP_HEADROOM <= available:
                 self._swap_parallel(old, selection)
             else:
@@ -464,7 +464,7 @@ class Engine:
 
     # swapping ------------------------------------------------------------------------------
 
-    def _swap_cold(self, old: _Loaded | None, selection: Selection) -> None:
+    def _swap_cold(self, selection: Selection) -> None:
         loaded = self._start(selection, None)
         with self._cond:
             self._loaded = loaded

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -16,12 +15,9 @@ LONG_STORY = "Count from 1 to 1000: 1, 2, 3, 4, 5, 6,"
 
 
 def request(request_id: str, **fields) -> GenerateRequest:
-    fields.setdefault("messages", QUESTION) if "prompt" not in fields else None
+    if "prompt" not in fields:
+        fields.setdefault("messages", QUESTION)
     return GenerateRequest(id=request_id, **fields)
-
-
-def finals(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("done")]
 
 
 def test_engine_text_equals_llama_cpp_in_process(make_engine, selection_for):
