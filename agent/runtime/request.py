@@ -3,7 +3,12 @@
 The same shape arrives over MQTT (``prompt`` topic), from the CLI and from the fleet API.
 Records produced for a request, in order: zero or more chunks ``{id, seq, delta}``, then
 exactly one final record, either ``{id, done: True, text, finish_reason, usage, timings}``
-or ``{id, done: True, error: {code, message}}``.
+or ``{id, done: True, error: {code, message}}``. ``usage`` is ``{prompt_tokens,
+completion_tokens}``; ``timings`` is ``{ttft_ms, prefill_tokens_per_s, decode_tokens_per_s,
+total_ms}``.
+
+``validate_request`` checks ranges without a model (pure); prompt length against the
+context needs the model's tokenizer and is checked by the engine.
 """
 
 from __future__ import annotations
