@@ -39,9 +39,23 @@ QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 BOARDS = [
     ("Raspberry Pi 5 Model B Rev 1.0", "aarch64", 4, ["neon", "dotprod"], 8, None),
     ("Raspberry Pi 4 Model B Rev 1.4", "aarch64", 4, ["neon"], 4, None),
-    ("NVIDIA Jetson Orin Nano Developer Kit", "aarch64", 6, ["neon", "dotprod", "i8mm"], 8, ("Orin (nvgpu)", None)),
+    (
+        "NVIDIA Jetson Orin Nano Developer Kit",
+        "aarch64",
+        6,
+        ["neon", "dotprod", "i8mm"],
+        8,
+        ("Orin (nvgpu)", None),
+    ),
     ("Intel NUC13ANHi5", "x86_64", 16, ["avx", "avx2", "fma"], 32, None),
-    ("ThinkPad X1 Carbon Gen 11", "x86_64", 12, ["avx", "avx2", "avx_vnni"], 16, ("NVIDIA GeForce RTX 4060", 8)),
+    (
+        "ThinkPad X1 Carbon Gen 11",
+        "x86_64",
+        12,
+        ["avx", "avx2", "avx_vnni"],
+        16,
+        ("NVIDIA GeForce RTX 4060", 8),
+    ),
 ]
 GIB = 1024**3
 
@@ -71,15 +85,31 @@ class SimDevice:
         name, arch, cores, flags, ram_gib, gpu = self.board
         gpus = []
         if gpu:
-            gpus = [{"vendor": "nvidia" if "RTX" in gpu[0] else "jetson", "name": gpu[0],
-                     "vram_total_bytes": gpu[1] * GIB if gpu[1] else None, "unified_memory": gpu[1] is None}]
+            gpus = [
+                {
+                    "vendor": "nvidia" if "RTX" in gpu[0] else "jetson",
+                    "name": gpu[0],
+                    "vram_total_bytes": gpu[1] * GIB if gpu[1] else None,
+                    "unified_memory": gpu[1] is None,
+                }
+            ]
         size = {"Q8_0": 145, "Q6_K": 138, "Q5_K_M": 112, "Q4_K_M": 105, "Q3_K_M": 93, "Q2_K": 88}
         candidates = [
-            {"quant": q, "file": f"smollm2-135m-instruct.{q}.gguf", "size": size[q] * 1024**2,
-             "quality": round(1 - 0.01 * i, 3), "n_ctx": 2048, "kv_type": "f16", "n_gpu_layers": 0,
-             "estimate": {"ram_bytes": (size[q] + 60) * 1024**2}, "predicted_tokens_per_s": 40.0 + 5 * i,
-             "verdict": "chosen" if q == self.quant else "fits",
-             "reason": "best quality that fits" if q == self.quant else "lower quality than the chosen"}
+            {
+                "quant": q,
+                "file": f"smollm2-135m-instruct.{q}.gguf",
+                "size": size[q] * 1024**2,
+                "quality": round(1 - 0.01 * i, 3),
+                "n_ctx": 2048,
+                "kv_type": "f16",
+                "n_gpu_layers": 0,
+                "estimate": {"ram_bytes": (size[q] + 60) * 1024**2},
+                "predicted_tokens_per_s": 40.0 + 5 * i,
+                "verdict": "chosen" if q == self.quant else "fits",
+                "reason": "best quality that fits"
+                if q == self.quant
+                else "lower quality than the chosen",
+            }
             for i, q in enumerate(QUANTS)
         ]
         return {
@@ -88,21 +118,40 @@ class SimDevice:
             "session": self.session,
             "pool": self.pool,
             "protocol": "5",
-            "runtime": {"version": "0.3.36", "gpu_offload": bool(gpus), "system_info": "CPU : NEON = 1 |"},
+            "runtime": {
+                "version": "0.3.36",
+                "gpu_offload": bool(gpus),
+                "system_info": "CPU : NEON = 1 |",
+            },
             "probe": {
-                "cpu": {"arch": arch, "logical_cores": cores, "physical_cores": cores, "flags": flags,
-                        "model": name.split(" Model")[0]},
-                "memory": {"total_bytes": ram_gib * GIB, "available_bytes": ram_gib * GIB // 2,
-                           "budget_bytes": ram_gib * GIB // 2},
+                "cpu": {
+                    "arch": arch,
+                    "logical_cores": cores,
+                    "physical_cores": cores,
+                    "flags": flags,
+                    "model": name.split(" Model")[0],
+                },
+                "memory": {
+                    "total_bytes": ram_gib * GIB,
+                    "available_bytes": ram_gib * GIB // 2,
+                    "budget_bytes": ram_gib * GIB // 2,
+                },
                 "gpus": gpus,
                 "board": name,
                 "os": "Debian GNU/Linux 12 (bookworm)",
                 "kernel": "6.6.31",
             },
-            "selection": {"model_id": "smollm2-135m-instruct", "quant": self.quant,
-                          "file": f"smollm2-135m-instruct.{self.quant}.gguf", "n_ctx": 2048, "kv_type": "f16",
-                          "n_gpu_layers": 0, "n_threads": min(cores, 4), "manifest_url": self.manifest,
-                          "candidates": candidates},
+            "selection": {
+                "model_id": "smollm2-135m-instruct",
+                "quant": self.quant,
+                "file": f"smollm2-135m-instruct.{self.quant}.gguf",
+                "n_ctx": 2048,
+                "kv_type": "f16",
+                "n_gpu_layers": 0,
+                "n_threads": min(cores, 4),
+                "manifest_url": self.manifest,
+                "candidates": candidates,
+            },
             **self.extra_meta,
         }
 
@@ -110,31 +159,61 @@ class SimDevice:
         self.seq += 1
         wave = math.sin(now / 30 + self.index)
         return {
-            "seq": self.seq, "ts": round(now, 3), "state": self.state,
+            "seq": self.seq,
+            "ts": round(now, 3),
+            "state": self.state,
             "cpu_percent": round(35 + 20 * wave, 1),
-            "mem": {"total_bytes": 4 * GIB, "available_bytes": int((2.8 - 0.1 * wave) * GIB),
-                    "percent": round(30 + 2.5 * wave, 1)},
-            "temp_c": round(52 + 6 * wave, 1), "disk_free_bytes": 20 * GIB, "queue_depth": 0,
-            "prefill_tps": round(180 + 20 * wave, 1), "decode_tps": round(24 + 4 * wave, 2),
-            "ttft_ms": 120, "requests_ok": self.requests_ok, "requests_error": 0,
-            "worker_rss_bytes": int(0.4 * GIB), "model": f"smollm2-135m-instruct {self.quant}",
+            "mem": {
+                "total_bytes": 4 * GIB,
+                "available_bytes": int((2.8 - 0.1 * wave) * GIB),
+                "percent": round(30 + 2.5 * wave, 1),
+            },
+            "temp_c": round(52 + 6 * wave, 1),
+            "disk_free_bytes": 20 * GIB,
+            "queue_depth": 0,
+            "prefill_tps": round(180 + 20 * wave, 1),
+            "decode_tps": round(24 + 4 * wave, 2),
+            "ttft_ms": 120,
+            "requests_ok": self.requests_ok,
+            "requests_error": 0,
+            "worker_rss_bytes": int(0.4 * GIB),
+            "model": f"smollm2-135m-instruct {self.quant}",
         }
 
 
 class SimulatedFleet:
-    def __init__(self, host: str, port: int, count: int, *, prefix: str = "edge/v1", interval_s: float = 1.0,
-                 per_connection: int = 250, own_connection: int = 0, pool: str | None = None,
-                 id_prefix: str = "sim", seed: int = 1, will_delay_s: int = 0,
-                 manifest: str = "http://127.0.0.1:9/fleet-default.json") -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        count: int,
+        *,
+        prefix: str = "edge/v1",
+        interval_s: float = 1.0,
+        per_connection: int = 250,
+        own_connection: int = 0,
+        pool: str | None = None,
+        id_prefix: str = "sim",
+        seed: int = 1,
+        will_delay_s: int = 0,
+        manifest: str = "http://127.0.0.1:9/fleet-default.json",
+    ) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self.interval_s = interval_s
         self.will_delay_s = will_delay_s
         rng = random.Random(seed)
         session = int(time.time() * 1000)
         self.devices = [
-            SimDevice(id=f"{id_prefix}-{i:05d}", index=i, session=session, pool=pool,
-                      quant=rng.choice(QUANTS[1:5]), board=BOARDS[i % len(BOARDS)], interval_s=interval_s,
-                      manifest=manifest)
+            SimDevice(
+                id=f"{id_prefix}-{i:05d}",
+                index=i,
+                session=session,
+                pool=pool,
+                quant=rng.choice(QUANTS[1:5]),
+                board=BOARDS[i % len(BOARDS)],
+                interval_s=interval_s,
+                manifest=manifest,
+            )
             for i in range(count)
         ]
         self.by_id = {d.id: d for d in self.devices}
@@ -147,20 +226,36 @@ class SimulatedFleet:
             device.own = True
             self._clients.append((self._client(f"{device.id}", will=device), [device]))
         for start in range(0, len(shared), per_connection):
-            group = shared[start:start + per_connection]
-            self._clients.append((self._client(f"{id_prefix}-mux-{start // per_connection}"), group))
+            group = shared[start : start + per_connection]
+            self._clients.append(
+                (self._client(f"{id_prefix}-mux-{start // per_connection}"), group)
+            )
 
     def _client(self, client_id: str, will: SimDevice | None = None) -> paho.Client:
-        client = paho.Client(callback_api_version=paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=paho.MQTTv5)
+        client = paho.Client(
+            callback_api_version=paho.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+        )
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(1000)
         if will is not None:
             properties = Properties(PacketTypes.WILLMESSAGE)
             properties.WillDelayInterval = self.will_delay_s
-            client.will_set(f"{self.prefix}/{will.id}/status",
-                            json.dumps({"state": "lost", "session": will.session, "ts": time.time(), "version": VERSION}),
-                            qos=1, retain=True, properties=properties)
+            client.will_set(
+                f"{self.prefix}/{will.id}/status",
+                json.dumps(
+                    {
+                        "state": "lost",
+                        "session": will.session,
+                        "ts": time.time(),
+                        "version": VERSION,
+                    }
+                ),
+                qos=1,
+                retain=True,
+                properties=properties,
+            )
         client.on_message = self._on_message
         return client
 
@@ -171,14 +266,18 @@ class SimulatedFleet:
             client.user_data_set(devices)
             client.connect(self.host, self.port, keepalive=30)
             client.loop_start()
-            client.subscribe([(f"{self.prefix}/{d.id}/{kind}", 1) for d in devices for kind in ("cmd", "prompt")])
+            client.subscribe(
+                [(f"{self.prefix}/{d.id}/{kind}", 1) for d in devices for kind in ("cmd", "prompt")]
+            )
             now = time.time()
             for device in devices:
                 device.client = client
                 self.publish_status(device, "ready")
                 self.publish_meta(device)
                 device.next_due = now + random.random() * self.interval_s  # jittered start
-            thread = threading.Thread(target=self._telemetry_loop, args=(client, devices), daemon=True)
+            thread = threading.Thread(
+                target=self._telemetry_loop, args=(client, devices), daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         return self
@@ -198,7 +297,9 @@ class SimulatedFleet:
         """Drop a Will-carrying device's TCP connection without DISCONNECT: the broker sends its Will."""
         device = self.by_id[device_id]
         if not device.own:
-            raise ValueError(f"{device_id} shares a connection; only own-connection devices have a Will")
+            raise ValueError(
+                f"{device_id} shares a connection; only own-connection devices have a Will"
+            )
         device.state = "killed"
         client = device.client
         client.loop_stop()
@@ -209,22 +310,39 @@ class SimulatedFleet:
 
     # --- publishing ----------------------------------------------------------------------
 
-    def _publish(self, client: paho.Client, topic: str, body: dict, *, qos: int = 0, retain: bool = False) -> None:
+    def _publish(
+        self, client: paho.Client, topic: str, body: dict, *, qos: int = 0, retain: bool = False
+    ) -> None:
         client.publish(topic, json.dumps(body, separators=(",", ":")), qos=qos, retain=retain)
         self.published += 1
 
     def publish_status(self, device: SimDevice, state: str) -> None:
         device.state = state
-        self._publish(device.client, f"{self.prefix}/{device.id}/status",
-                      {"state": state, "session": device.session, "ts": round(time.time(), 3), "version": VERSION},
-                      qos=1, retain=True)
+        self._publish(
+            device.client,
+            f"{self.prefix}/{device.id}/status",
+            {
+                "state": state,
+                "session": device.session,
+                "ts": round(time.time(), 3),
+                "version": VERSION,
+            },
+            qos=1,
+            retain=True,
+        )
 
     def publish_meta(self, device: SimDevice) -> None:
-        self._publish(device.client, f"{self.prefix}/{device.id}/meta", device.meta(), qos=1, retain=True)
+        self._publish(
+            device.client, f"{self.prefix}/{device.id}/meta", device.meta(), qos=1, retain=True
+        )
 
     def event(self, device: SimDevice, kind: str, **fields: Any) -> None:
-        self._publish(device.client, f"{self.prefix}/{device.id}/events",
-                      {"event": kind, "ts": round(time.time(), 3), **fields}, qos=1)
+        self._publish(
+            device.client,
+            f"{self.prefix}/{device.id}/events",
+            {"event": kind, "ts": round(time.time(), 3), **fields},
+            qos=1,
+        )
 
     def _telemetry_loop(self, client: paho.Client, devices: list[SimDevice]) -> None:
         while not self._stop.is_set():
@@ -236,7 +354,11 @@ class SimulatedFleet:
                 if device.next_due <= now:
                     # Stamped at the moment of publishing, as the daemon does: the controller's
                     # lag figure must not include this loop's own walk over its devices.
-                    self._publish(client, f"{self.prefix}/{device.id}/telemetry", device.telemetry(time.time()))
+                    self._publish(
+                        client,
+                        f"{self.prefix}/{device.id}/telemetry",
+                        device.telemetry(time.time()),
+                    )
                     device.next_due += self.interval_s
                     if device.next_due < now:  # fell behind: skip, never burst
                         device.next_due = now + self.interval_s
@@ -245,7 +367,9 @@ class SimulatedFleet:
 
     # --- answering prompts and commands --------------------------------------------------
 
-    def _on_message(self, client: paho.Client, devices: list[SimDevice], message: paho.MQTTMessage) -> None:
+    def _on_message(
+        self, client: paho.Client, devices: list[SimDevice], message: paho.MQTTMessage
+    ) -> None:
         parts = message.topic.split("/")
         device = self.by_id.get(parts[-2])
         if device is None or device.state == "killed":
@@ -266,33 +390,66 @@ class SimulatedFleet:
     def _answer_prompt(self, device: SimDevice, body: dict[str, Any]) -> None:
         request_id = body.get("id")
         topic = body.get("reply_to") or f"{self.prefix}/{device.id}/reply/{request_id}"
-        text_in = body.get("prompt") or " ".join(m.get("content", "") for m in body.get("messages") or [])
-        words = f"simulated reply from {device.id} to: {text_in}".split()[: int(body.get("max_tokens") or 64)]
+        text_in = body.get("prompt") or " ".join(
+            m.get("content", "") for m in body.get("messages") or []
+        )
+        words = f"simulated reply from {device.id} to: {text_in}".split()[
+            : int(body.get("max_tokens") or 64)
+        ]
         for seq, word in enumerate(words):
-            self._publish(device.client, topic, {"id": request_id, "seq": seq, "delta": (" " if seq else "") + word})
+            self._publish(
+                device.client,
+                topic,
+                {"id": request_id, "seq": seq, "delta": (" " if seq else "") + word},
+            )
             time.sleep(0.01)
         device.requests_ok += 1
-        self._publish(device.client, topic, {
-            "id": request_id, "done": True, "text": " ".join(words), "finish_reason": "stop",
-            "usage": {"prompt_tokens": len(text_in.split()), "completion_tokens": len(words)},
-            "timings": {"decode_tps": 24.0},
-        }, qos=1)
+        self._publish(
+            device.client,
+            topic,
+            {
+                "id": request_id,
+                "done": True,
+                "text": " ".join(words),
+                "finish_reason": "stop",
+                "usage": {"prompt_tokens": len(text_in.split()), "completion_tokens": len(words)},
+                "timings": {"decode_tps": 24.0},
+            },
+            qos=1,
+        )
 
     def _answer_command(self, device: SimDevice, body: dict[str, Any]) -> None:
         command_id, op, args = body.get("id"), body.get("op"), body.get("args") or {}
         result_topic = f"{self.prefix}/{device.id}/cmd/result"
         if device.fail_commands:
-            self._publish(device.client, result_topic, {"id": command_id, "ok": False,
-                          "error": {"code": "fetch_failed", "message": "simulated failure"}}, qos=1)
+            self._publish(
+                device.client,
+                result_topic,
+                {
+                    "id": command_id,
+                    "ok": False,
+                    "error": {"code": "fetch_failed", "message": "simulated failure"},
+                },
+                qos=1,
+            )
             return
         result: dict[str, Any] = {"op": op}
         if op == "set_manifest":
             device.quant_by_manifest[device.manifest] = device.quant
             source = args.get("source")
-            quant = device.pin or device.quant_by_manifest.get(source) or self._manifest_quant(source)
+            quant = (
+                device.pin or device.quant_by_manifest.get(source) or self._manifest_quant(source)
+            )
             for done in (0.5, 1.0):
-                self.event(device, "download", file=f"smollm2-135m-instruct.{quant}.gguf",
-                           bytes=int(done * 100e6), total=int(100e6), rate_bps=50e6, state="downloading" if done < 1 else "done")
+                self.event(
+                    device,
+                    "download",
+                    file=f"smollm2-135m-instruct.{quant}.gguf",
+                    bytes=int(done * 100e6),
+                    total=int(100e6),
+                    rate_bps=50e6,
+                    state="downloading" if done < 1 else "done",
+                )
                 time.sleep(0.05)
             device.manifest = args.get("source")
             if quant and quant != device.quant:
@@ -312,7 +469,9 @@ class SimulatedFleet:
         elif op == "bench":
             result.update({"decode_tps": 24.1, "prefill_tps": 181.0, "ttft_ms": 118})
         self.publish_meta(device)
-        self._publish(device.client, result_topic, {"id": command_id, "ok": True, "result": result}, qos=1)
+        self._publish(
+            device.client, result_topic, {"id": command_id, "ok": True, "result": result}, qos=1
+        )
 
     @staticmethod
     def _manifest_quant(source: str | None) -> str | None:
@@ -333,20 +492,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--prefix", default="edge/v1")
-    parser.add_argument("--interval", type=float, default=1.0, help="telemetry interval per device, s")
-    parser.add_argument("--per-connection", type=int, default=250, help="device ids per shared connection")
-    parser.add_argument("--own-connection", type=int, default=0, help="devices with their own connection and Will")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="telemetry interval per device, s"
+    )
+    parser.add_argument(
+        "--per-connection", type=int, default=250, help="device ids per shared connection"
+    )
+    parser.add_argument(
+        "--own-connection", type=int, default=0, help="devices with their own connection and Will"
+    )
     parser.add_argument("--pool", default=None)
     parser.add_argument("--id-prefix", default="sim")
-    parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
+    parser.add_argument(
+        "--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)"
+    )
     args = parser.parse_args(argv)
-    fleet = SimulatedFleet(args.host, args.port, args.count, prefix=args.prefix, interval_s=args.interval,
-                           per_connection=args.per_connection, own_connection=args.own_connection,
-                           pool=args.pool, id_prefix=args.id_prefix).start()
+    fleet = SimulatedFleet(
+        args.host,
+        args.port,
+        args.count,
+        prefix=args.prefix,
+        interval_s=args.interval,
+        per_connection=args.per_connection,
+        own_connection=args.own_connection,
+        pool=args.pool,
+        id_prefix=args.id_prefix,
+    ).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"simulate-fleet: {args.count} devices on {args.host}:{args.port}, "
-          f"{len(fleet._clients)} connections, {args.count / args.interval:.0f} telemetry msg/s", file=sys.stderr)
+    print(
+        f"simulate-fleet: {args.count} devices on {args.host}:{args.port}, "
+        f"{len(fleet._clients)} connections, {args.count / args.interval:.0f} telemetry msg/s",
+        file=sys.stderr,
+    )
     started = time.monotonic()
     try:
         for _ in itertools.count():

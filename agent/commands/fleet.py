@@ -27,13 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", help="run the controller, dashboard, API and model hosting")
     serve.add_argument("--config", help="fleet YAML config (FleetConfig)")
 
-    hashing = sub.add_parser("hash-secret", help="hash a password or token (read from stdin) for the config")
+    hashing = sub.add_parser(
+        "hash-secret", help="hash a password or token (read from stdin) for the config"
+    )
     hashing.add_argument("--method", choices=["scrypt", "pbkdf2_sha256"], default="scrypt")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--url", default=os.environ.get("EDGE_AGENT_FLEET_URL"), help="controller URL")
-        p.add_argument("--token-file", help="file holding the API token (default: $EDGE_AGENT_FLEET_TOKEN)")
+        p.add_argument(
+            "--url", default=os.environ.get("EDGE_AGENT_FLEET_URL"), help="controller URL"
+        )
+        p.add_argument(
+            "--token-file", help="file holding the API token (default: $EDGE_AGENT_FLEET_TOKEN)"
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
         return p
 
@@ -50,14 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--temperature", type=float, default=0.7)
     prompt.add_argument("--system", help="a system message before the prompt")
 
-    cmd = client("cmd", "send a command (reload, drain, resume, rebirth, bench, pin, select, fetch, set_manifest)")
+    cmd = client(
+        "cmd",
+        "send a command (reload, drain, resume, rebirth, bench, pin, select, fetch, set_manifest)",
+    )
     cmd.add_argument("device")
     cmd.add_argument("op")
-    cmd.add_argument("--args", default="{}", help="the op's args as JSON, e.g. '{\"quant\": \"Q4_K_M\"}'")
-    cmd.add_argument("--wait", type=float, default=60.0, help="seconds to wait for cmd/result (0: do not wait)")
+    cmd.add_argument(
+        "--args", default="{}", help='the op\'s args as JSON, e.g. \'{"quant": "Q4_K_M"}\''
+    )
+    cmd.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for cmd/result (0: do not wait)"
+    )
 
     manifests = client("manifests", "list manifests hosted by the controller, or publish one")
-    manifests.add_argument("--publish", metavar="FILE", help="publish this manifest file (its name is kept)")
+    manifests.add_argument(
+        "--publish", metavar="FILE", help="publish this manifest file (its name is kept)"
+    )
 
     rollout = client("rollout", "start, watch or roll back a rollout")
     rollout.add_argument("action", choices=["start", "status", "list", "rollback"])
@@ -68,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rollout.add_argument("--pool", help="devices of this pool")
     rollout.add_argument("--device", action="append", default=[], help="a device id (repeatable)")
     rollout.add_argument("--rate", type=float, default=10.0, help="devices per minute")
-    rollout.add_argument("--abort-percent", type=float, default=20.0, help="stop when more than this %% fail")
+    rollout.add_argument(
+        "--abort-percent", type=float, default=20.0, help="stop when more than this %% fail"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,18 +94,30 @@ def run(args: argparse.Namespace) -> int:
     if args.fleet_command == "hash-secret":
         from agent.fleet.auth import hash_secret
 
-        secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("secret: ")
+        secret = (
+            sys.stdin.readline().rstrip("\n")
+            if not sys.stdin.isatty()
+            else getpass.getpass("secret: ")
+        )
         if not secret:
             raise RequestError("secret: empty", field="secret")
         print(hash_secret(secret, method=args.method))
         return 0
     from agent.fleet.client import FleetClient
 
-    token = read_secret(args.token_file, "fleet-token") if args.token_file else os.environ.get("EDGE_AGENT_FLEET_TOKEN")
+    token = (
+        read_secret(args.token_file, "fleet-token")
+        if args.token_file
+        else os.environ.get("EDGE_AGENT_FLEET_TOKEN")
+    )
     client = FleetClient(args.url, token)
     return {
-        "devices": _devices, "device": _device, "prompt": _prompt, "cmd": _cmd,
-        "manifests": _manifests, "rollout": _rollout,
+        "devices": _devices,
+        "device": _device,
+        "prompt": _prompt,
+        "cmd": _cmd,
+        "manifests": _manifests,
+        "rollout": _rollout,
     }[args.fleet_command](client, args)
 
 
@@ -118,12 +147,16 @@ def _devices(client, args) -> int:
         return 0
     summary = data["summary"]
     counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items() if n)
-    print(f"{summary['devices']} devices ({counts or 'none'}), {summary['decode_tps_total']} tok/s total")
+    print(
+        f"{summary['devices']} devices ({counts or 'none'}), {summary['decode_tps_total']} tok/s total"
+    )
     header = f"{'DEVICE':24} {'STATE':9} {'MODEL':24} {'QUANT':8} {'TOK/S':>7} {'TEMP':>6}  BOARD"
     print(header)
     for row in data["devices"]:
-        print(f"{row['id'][:24]:24} {row['state']:9} {row['model'][:24]:24} {row['quant']:8} "
-              f"{_fmt(row['decode_tps'], '.1f'):>7} {_fmt(row['temp_c'], '.0f'):>6}  {row['board']}")
+        print(
+            f"{row['id'][:24]:24} {row['state']:9} {row['model'][:24]:24} {row['quant']:8} "
+            f"{_fmt(row['decode_tps'], '.1f'):>7} {_fmt(row['temp_c'], '.0f'):>6}  {row['board']}"
+        )
     return 0
 
 
@@ -147,7 +180,10 @@ def _prompt(client, args) -> int:
         if record.get("done"):
             if "error" in record:
                 error = record["error"]
-                print(f"\nedge-agent: error [{error.get('code')}]: {error.get('message')}", file=sys.stderr)
+                print(
+                    f"\nedge-agent: error [{error.get('code')}]: {error.get('message')}",
+                    file=sys.stderr,
+                )
                 return 1
             if not args.json:
                 if not streamed:
@@ -193,12 +229,20 @@ def _rollout(client, args) -> int:
     if args.action in ("status", "rollback"):
         if not args.rollout_id:
             raise RequestError(f"rollout {args.action}: give the rollout id", field="rollout_id")
-        _print_json(client.rollout(args.rollout_id) if args.action == "status" else client.rollback(args.rollout_id))
+        _print_json(
+            client.rollout(args.rollout_id)
+            if args.action == "status"
+            else client.rollback(args.rollout_id)
+        )
         return 0
     if not args.manifest:
         raise RequestError("rollout start: --manifest is required", field="manifest")
-    spec: dict[str, Any] = {"manifest": args.manifest, "rate_per_min": args.rate, "abort_percent": args.abort_percent,
-                            "devices": args.device}
+    spec: dict[str, Any] = {
+        "manifest": args.manifest,
+        "rate_per_min": args.rate,
+        "abort_percent": args.abort_percent,
+        "devices": args.device,
+    }
     for key in ("pin", "group", "pool"):
         if getattr(args, key):
             spec[key] = getattr(args, key)

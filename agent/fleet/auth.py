@@ -47,11 +47,20 @@ def verify_secret(secret: str, stored: str) -> bool:
         if parts[0] == "scrypt" and len(parts) == 6:
             n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
             salt, expected = base64.b64decode(parts[4]), base64.b64decode(parts[5])
-            digest = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p,
-                                    maxmem=256 * r * n + 2**20, dklen=len(expected))
+            digest = hashlib.scrypt(
+                secret.encode(),
+                salt=salt,
+                n=n,
+                r=r,
+                p=p,
+                maxmem=256 * r * n + 2**20,
+                dklen=len(expected),
+            )
         elif parts[0] == "pbkdf2_sha256" and len(parts) == 4:
             salt, expected = base64.b64decode(parts[2]), base64.b64decode(parts[3])
-            digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, int(parts[1]), len(expected))
+            digest = hashlib.pbkdf2_hmac(
+                "sha256", secret.encode(), salt, int(parts[1]), len(expected)
+            )
         else:
             raise ValueError("unknown scheme")
     except (ValueError, TypeError) as exc:
@@ -71,8 +80,9 @@ class Session:
 
 
 class Authenticator:
-    def __init__(self, password_hash: str | None, token_hashes: list[str], *,
-                 session_max_age_s: int = 43200) -> None:
+    def __init__(
+        self, password_hash: str | None, token_hashes: list[str], *, session_max_age_s: int = 43200
+    ) -> None:
         self.password_hash = password_hash
         self.token_hashes = list(token_hashes)
         self.session_max_age_s = session_max_age_s
@@ -105,8 +115,12 @@ class Authenticator:
         return None
 
     def open_session(self, user: str) -> Session:
-        session = Session(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), user=user,
-                          expires=time.time() + self.session_max_age_s)
+        session = Session(
+            id=secrets.token_urlsafe(32),
+            csrf=secrets.token_urlsafe(32),
+            user=user,
+            expires=time.time() + self.session_max_age_s,
+        )
         with self._lock:
             now = time.time()
             for key in [k for k, s in self._sessions.items() if s.expires < now]:

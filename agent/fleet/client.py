@@ -27,12 +27,24 @@ class FleetClient:
         self.url = url.rstrip("/")
         self.token = token
 
-    def _open(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S,
-              accept: str = "application/json"):
+    def _open(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = TIMEOUT_S,
+        accept: str = "application/json",
+    ):
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
-            self.url + path, data=data, method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json", "Accept": accept},
+            self.url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/json",
+                "Accept": accept,
+            },
         )
         try:
             return urllib.request.urlopen(request, timeout=timeout)
@@ -41,10 +53,14 @@ class FleetClient:
                 error = json.loads(exc.read())["error"]
                 raise FleetAPIError(error["code"], error["message"], status=exc.code) from None
             except (ValueError, KeyError, TypeError):
-                raise FleetAPIError("http_error", f"HTTP {exc.code} from {self.url}{path}", status=exc.code) from None
+                raise FleetAPIError(
+                    "http_error", f"HTTP {exc.code} from {self.url}{path}", status=exc.code
+                ) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise FleetAPIError("unreachable", f"cannot reach the controller at {self.url}: {reason}") from None
+            raise FleetAPIError(
+                "unreachable", f"cannot reach the controller at {self.url}: {reason}"
+            ) from None
 
     def _json(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT_S) -> Any:
         with self._open(method, path, body, timeout) as response:
@@ -56,16 +72,29 @@ class FleetClient:
     def device(self, device_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/devices/{quote(device_id, safe='')}")
 
-    def command(self, device_id: str, op: str, args: dict[str, Any] | None = None, wait_s: float = 60.0) -> dict[str, Any]:
-        return self._json("POST", f"/api/devices/{quote(device_id, safe='')}/cmd",
-                          {"op": op, "args": args or {}, "wait_s": wait_s}, timeout=wait_s + TIMEOUT_S)
+    def command(
+        self, device_id: str, op: str, args: dict[str, Any] | None = None, wait_s: float = 60.0
+    ) -> dict[str, Any]:
+        return self._json(
+            "POST",
+            f"/api/devices/{quote(device_id, safe='')}/cmd",
+            {"op": op, "args": args or {}, "wait_s": wait_s},
+            timeout=wait_s + TIMEOUT_S,
+        )
 
-    def prompt(self, device_id: str, request: dict[str, Any], timeout_s: float = 330.0) -> Iterator[dict[str, Any]]:
+    def prompt(
+        self, device_id: str, request: dict[str, Any], timeout_s: float = 330.0
+    ) -> Iterator[dict[str, Any]]:
         """Yield the reply's records as they arrive: chunks, then the final record."""
         if "id" in request and not isinstance(request["id"], str):
             raise RequestError("id: must be a string", field="id")
-        with self._open("POST", f"/api/devices/{quote(device_id, safe='')}/prompt", request,
-                        timeout=timeout_s, accept="application/x-ndjson") as response:
+        with self._open(
+            "POST",
+            f"/api/devices/{quote(device_id, safe='')}/prompt",
+            request,
+            timeout=timeout_s,
+            accept="application/x-ndjson",
+        ) as response:
             for line in response:
                 if line.strip():
                     yield json.loads(line)

@@ -50,7 +50,9 @@ class _InboxRouter:
 
     Runs on paho's thread, so it only classifies a topic and enqueues (``Ingest.offer``)."""
 
-    def __init__(self, ingest: Ingest, dispatch: "queue.Queue[Inbound | ConnectionChange]", prefix: str) -> None:
+    def __init__(
+        self, ingest: Ingest, dispatch: "queue.Queue[Inbound | ConnectionChange]", prefix: str
+    ) -> None:
         self.ingest = ingest
         self.dispatch = dispatch
         self.prefix = prefix
@@ -74,8 +76,12 @@ class FleetController:
             telemetry_retention_s=config.telemetry_retention_s,
             events_retention_s=config.events_retention_s,
         )
-        self.ingest = Ingest(self.registry, prefix=self.prefix, flush_s=config.ingest_flush_s,
-                             on_batch=self._on_batch)
+        self.ingest = Ingest(
+            self.registry,
+            prefix=self.prefix,
+            flush_s=config.ingest_flush_s,
+            on_batch=self._on_batch,
+        )
         self.rollouts = RolloutManager(self, command_timeout_s=config.command_timeout_s)
         self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10_000)
         self.mqtt = MQTTClient(
@@ -100,7 +106,9 @@ class FleetController:
             self.mqtt.subscribe(f"{p}/+/{kind}", 1)
         self.mqtt.subscribe(f"{p}/+/reply/+", 1)
         self.mqtt.subscribe(f"$share/{self.config.telemetry_share_group}/{p}/+/telemetry", 0)
-        self._dispatch_thread = threading.Thread(target=self._dispatch, name="fleet-dispatch", daemon=True)
+        self._dispatch_thread = threading.Thread(
+            target=self._dispatch, name="fleet-dispatch", daemon=True
+        )
         self._dispatch_thread.start()
         self.mqtt.start()
         return self
@@ -127,7 +135,12 @@ class FleetController:
             except queue.Empty:
                 continue
             if isinstance(item, ConnectionChange):
-                log.info("broker_connection", connected=item.connected, reason=item.reason, fatal=item.fatal)
+                log.info(
+                    "broker_connection",
+                    connected=item.connected,
+                    reason=item.reason,
+                    fatal=item.fatal,
+                )
                 continue
             try:
                 self._route(item)
@@ -140,7 +153,7 @@ class FleetController:
             return
         rest = split[1]
         if rest.startswith("reply/"):
-            self._deliver(rest[len("reply/"):], message.payload)
+            self._deliver(rest[len("reply/") :], message.payload)
             return
         if rest == "cmd/result":
             try:
@@ -186,8 +199,15 @@ class FleetController:
             raise RequestError(f"device: {device_id!r} is not a valid device id", field="device")
         return DeviceTopics(device_id, self.prefix)
 
-    def send_command(self, device_id: str, op: str, args: dict[str, Any] | None = None, *,
-                     source: str = "api", waiter: Waiter | None = None) -> str:
+    def send_command(
+        self,
+        device_id: str,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        source: str = "api",
+        waiter: Waiter | None = None,
+    ) -> str:
         """Validate against the contract, record, publish; returns the command id."""
         command_id = uuid.uuid4().hex
         body = {"id": command_id, "op": op, "args": args or {}}

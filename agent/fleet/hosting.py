@@ -53,8 +53,13 @@ class ModelDirectory:
                 {
                     "id": model.id,
                     "variants": [
-                        {"quant": v.quant, "file": v.file, "size": v.size, "quality": v.quality,
-                         "hosted": bool(self.resolve(v.file)) or bool(v.urls)}
+                        {
+                            "quant": v.quant,
+                            "file": v.file,
+                            "size": v.size,
+                            "quality": v.quality,
+                            "hosted": bool(self.resolve(v.file)) or bool(v.urls),
+                        }
                         for v in model.variants
                     ],
                 }

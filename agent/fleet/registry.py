@@ -125,13 +125,19 @@ def telemetry_point(payload: dict[str, Any]) -> dict[str, Any]:
         value = pick(payload, names)
         if column == "mem_bytes" and value is None:
             value = _memory_used(payload.get("mem"))
-        point[column] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        point[column] = (
+            value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        )
     return point
 
 
 def _memory_used(mem: Any) -> int | None:
     """The daemon sends ``mem: {total_bytes, available_bytes, percent}``; used = total - available."""
-    if isinstance(mem, dict) and isinstance(mem.get("total_bytes"), int) and isinstance(mem.get("available_bytes"), int):
+    if (
+        isinstance(mem, dict)
+        and isinstance(mem.get("total_bytes"), int)
+        and isinstance(mem.get("available_bytes"), int)
+    ):
         return mem["total_bytes"] - mem["available_bytes"]
     return None
 
@@ -241,10 +247,18 @@ class Registry:
         ).fetchall()
         for row in rows:
             self.devices[row[0]] = DeviceRecord(
-                id=row[0], first_seen=row[1], last_seen=row[2], state=row[3], session=row[4],
-                status_ts=row[5], agent_version=row[6], meta=_decode.decode(row[7]) if row[7] else {},
-                meta_ts=row[8], telemetry=_decode.decode(row[9]) if row[9] else {},
-                telemetry_ts=row[10], last_sample_ts=row[10] or 0.0,
+                id=row[0],
+                first_seen=row[1],
+                last_seen=row[2],
+                state=row[3],
+                session=row[4],
+                status_ts=row[5],
+                agent_version=row[6],
+                meta=_decode.decode(row[7]) if row[7] else {},
+                meta_ts=row[8],
+                telemetry=_decode.decode(row[9]) if row[9] else {},
+                telemetry_ts=row[10],
+                last_sample_ts=row[10] or 0.0,
             )
 
     # --- ingest -------------------------------------------------------------------------
@@ -271,26 +285,50 @@ class Registry:
             body = message.body
             if message.kind == "status":
                 session = body.get("session")
-                if isinstance(session, int) and record.session is not None and session < record.session:
+                if (
+                    isinstance(session, int)
+                    and record.session is not None
+                    and session < record.session
+                ):
                     # A Will (or any late status) from an earlier session, delivered after the
                     # device came back: the newer session's state stands.
                     outcome.ignored_stale_status += 1
-                    log.info("stale_status_ignored", device=record.id, state=body.get("state"),
-                             session=session, newest=record.session)
+                    log.info(
+                        "stale_status_ignored",
+                        device=record.id,
+                        state=body.get("state"),
+                        session=session,
+                        newest=record.session,
+                    )
                     continue
                 record.state = str(body.get("state"))
                 record.session = session if isinstance(session, int) else record.session
-                record.status_ts = body.get("ts") if isinstance(body.get("ts"), (int, float)) else message.received
+                record.status_ts = (
+                    body.get("ts") if isinstance(body.get("ts"), (int, float)) else message.received
+                )
                 record.agent_version = body.get("version") or record.agent_version
                 if record.state != "lost":
                     record.last_seen = max(record.last_seen, message.received)
-                status_rows[record.id] = (record.id, record.first_seen, record.last_seen, record.state,
-                                          record.session, record.status_ts, record.agent_version)
+                status_rows[record.id] = (
+                    record.id,
+                    record.first_seen,
+                    record.last_seen,
+                    record.state,
+                    record.session,
+                    record.status_ts,
+                    record.agent_version,
+                )
             elif message.kind == "meta":
                 record.meta = body
                 record.meta_ts = message.received
                 record.last_seen = max(record.last_seen, message.received)
-                meta_rows[record.id] = (record.id, record.first_seen, record.last_seen, _dumps(body), record.meta_ts)
+                meta_rows[record.id] = (
+                    record.id,
+                    record.first_seen,
+                    record.last_seen,
+                    _dumps(body),
+                    record.meta_ts,
+                )
             elif message.kind == "telemetry":
                 record.telemetry = body
                 sent = body.get("ts")
@@ -298,7 +336,9 @@ class Registry:
                 if record.telemetry_ts is not None and 0 < sent - record.telemetry_ts < 3600:
                     gap = sent - record.telemetry_ts
                     estimate = record.interval_estimate_s
-                    record.interval_estimate_s = gap if estimate is None else 0.8 * estimate + 0.2 * gap
+                    record.interval_estimate_s = (
+                        gap if estimate is None else 0.8 * estimate + 0.2 * gap
+                    )
                 record.telemetry_ts = sent
                 record.last_seen = max(record.last_seen, message.received)
                 outcome.sent_times.append(sent)
@@ -308,10 +348,18 @@ class Registry:
                     record.last_sample_ts = sent
                     point = telemetry_point(body)
                     samples.append((record.id, sent, *point.values()))
-                    seen_rows[record.id] = (record.id, record.first_seen, record.last_seen, _dumps(body), sent)
+                    seen_rows[record.id] = (
+                        record.id,
+                        record.first_seen,
+                        record.last_seen,
+                        _dumps(body),
+                        sent,
+                    )
             elif message.kind == "events":
                 kind = str(body.get("event") or body.get("type") or "event")
-                ts = body.get("ts") if isinstance(body.get("ts"), (int, float)) else message.received
+                ts = (
+                    body.get("ts") if isinstance(body.get("ts"), (int, float)) else message.received
+                )
                 events.append((record.id, ts, kind, _dumps(body)))
                 outcome.events.append((record.id, body))
             elif message.kind == "cmd/result":
@@ -358,7 +406,8 @@ class Registry:
                     )
                 if results:
                     conn.executemany(
-                        "UPDATE commands SET done_ts=?, ok=?, result=? WHERE id=? AND device_id=?", results
+                        "UPDATE commands SET done_ts=?, ok=?, result=? WHERE id=? AND device_id=?",
+                        results,
                     )
                 conn.execute("COMMIT")
             except BaseException:
@@ -368,8 +417,11 @@ class Registry:
 
     def persist_latest(self) -> None:
         """Write every device's latest telemetry and last_seen (at shutdown)."""
-        rows = [(r.id, r.first_seen, r.last_seen, _dumps(r.telemetry), r.telemetry_ts)
-                for r in self.snapshot() if r.telemetry]
+        rows = [
+            (r.id, r.first_seen, r.last_seen, _dumps(r.telemetry), r.telemetry_ts)
+            for r in self.snapshot()
+            if r.telemetry
+        ]
         with self._write_lock:
             self._writer.executemany(_UPSERT_TELEMETRY, rows)
 
@@ -387,7 +439,9 @@ class Registry:
 
     # --- commands and rollouts (low rate, from the web side) -----------------------------
 
-    def record_command(self, command_id: str, device_id: str, op: str, args: dict, source: str) -> None:
+    def record_command(
+        self, command_id: str, device_id: str, op: str, args: dict, source: str
+    ) -> None:
         with self._write_lock:
             self._writer.execute(
                 "INSERT OR REPLACE INTO commands (id, device_id, op, args, sent_ts, source) VALUES (?,?,?,?,?,?)",
@@ -399,9 +453,14 @@ class Registry:
         return _command_dict(row) if row else None
 
     def commands(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
-        rows = self._reader().execute(
-            "SELECT * FROM commands WHERE device_id=? ORDER BY sent_ts DESC LIMIT ?", (device_id, limit)
-        ).fetchall()
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT * FROM commands WHERE device_id=? ORDER BY sent_ts DESC LIMIT ?",
+                (device_id, limit),
+            )
+            .fetchall()
+        )
         return [_command_dict(row) for row in rows]
 
     def execute(self, sql: str, params: tuple = ()) -> None:
@@ -419,27 +478,47 @@ class Registry:
             return list(self.devices.values())
 
     def series(self, device_id: str, since: float = 0.0, limit: int = 2000) -> list[dict[str, Any]]:
-        rows = self._reader().execute(
-            "SELECT ts, decode_tps, prefill_tps, mem_bytes, rss_bytes, temp_c, cpu_percent, queue_depth"
-            " FROM telemetry WHERE device_id=? AND ts>? ORDER BY ts DESC LIMIT ?",
-            (device_id, since, limit),
-        ).fetchall()
+        rows = (
+            self._reader()
+            .execute(
+                "SELECT ts, decode_tps, prefill_tps, mem_bytes, rss_bytes, temp_c, cpu_percent, queue_depth"
+                " FROM telemetry WHERE device_id=? AND ts>? ORDER BY ts DESC LIMIT ?",
+                (device_id, since, limit),
+            )
+            .fetchall()
+        )
         return [dict(row) for row in reversed(rows)]
 
-    def events(self, device_id: str | None = None, after_id: int = 0, limit: int = 50) -> list[dict[str, Any]]:
+    def events(
+        self, device_id: str | None = None, after_id: int = 0, limit: int = 50
+    ) -> list[dict[str, Any]]:
         if device_id is None:
-            rows = self._reader().execute(
-                "SELECT id, device_id, ts, kind, body FROM events WHERE id>? ORDER BY id DESC LIMIT ?",
-                (after_id, limit),
-            ).fetchall()
+            rows = (
+                self._reader()
+                .execute(
+                    "SELECT id, device_id, ts, kind, body FROM events WHERE id>? ORDER BY id DESC LIMIT ?",
+                    (after_id, limit),
+                )
+                .fetchall()
+            )
         else:
-            rows = self._reader().execute(
-                "SELECT id, device_id, ts, kind, body FROM events WHERE device_id=? AND id>?"
-                " ORDER BY id DESC LIMIT ?",
-                (device_id, after_id, limit),
-            ).fetchall()
+            rows = (
+                self._reader()
+                .execute(
+                    "SELECT id, device_id, ts, kind, body FROM events WHERE device_id=? AND id>?"
+                    " ORDER BY id DESC LIMIT ?",
+                    (device_id, after_id, limit),
+                )
+                .fetchall()
+            )
         return [
-            {"id": r["id"], "device_id": r["device_id"], "ts": r["ts"], "kind": r["kind"], "body": _decode.decode(r["body"])}
+            {
+                "id": r["id"],
+                "device_id": r["device_id"],
+                "ts": r["ts"],
+                "kind": r["kind"],
+                "body": _decode.decode(r["body"]),
+            }
             for r in reversed(rows)
         ]
 

@@ -51,7 +51,9 @@ class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class DeviceStep:
     device_id: str
     position: int
-    state: str = "pending"  # pending, set_manifest, pin, done, failed, skipped, rolling_back, rolled_back
+    state: str = (
+        "pending"  # pending, set_manifest, pin, done, failed, skipped, rolling_back, rolled_back
+    )
     previous: dict[str, Any] = field(default_factory=dict)
     cmd_id: str | None = None
     sent_at: float = 0.0
@@ -75,11 +77,22 @@ class Rollout:
         for step in self.steps:
             counts[step.state] = counts.get(step.state, 0) + 1
         return {
-            "id": self.id, "state": self.state, "reason": self.reason, "created": self.created,
-            "source": self.source, "spec": msgspec.to_builtins(self.spec), "counts": counts,
+            "id": self.id,
+            "state": self.state,
+            "reason": self.reason,
+            "created": self.created,
+            "source": self.source,
+            "spec": msgspec.to_builtins(self.spec),
+            "counts": counts,
             "devices": [
-                {"device_id": s.device_id, "state": s.state, "progress": s.progress, "error": s.error,
-                 "previous": s.previous, "cmd_id": s.cmd_id}
+                {
+                    "device_id": s.device_id,
+                    "state": s.state,
+                    "progress": s.progress,
+                    "error": s.error,
+                    "previous": s.previous,
+                    "cmd_id": s.cmd_id,
+                }
                 for s in self.steps
             ],
         }
@@ -119,15 +132,28 @@ class RolloutManager:
         for row in registry.query("SELECT id, created_ts, spec, state, reason FROM rollouts"):
             spec = msgspec.json.decode(row["spec"], type=RolloutSpec)
             steps_rows = registry.query(
-                "SELECT * FROM rollout_devices WHERE rollout_id=? ORDER BY position", (row["id"],))
+                "SELECT * FROM rollout_devices WHERE rollout_id=? ORDER BY position", (row["id"],)
+            )
             source = spec.manifest
-            rollout = Rollout(id=row["id"], spec=spec, source=source, created=row["created_ts"],
-                              state=row["state"], reason=row["reason"])
+            rollout = Rollout(
+                id=row["id"],
+                spec=spec,
+                source=source,
+                created=row["created_ts"],
+                state=row["state"],
+                reason=row["reason"],
+            )
             for step_row in steps_rows:
-                step = DeviceStep(step_row["device_id"], step_row["position"], state=step_row["state"],
-                                  previous=msgspec.json.decode(step_row["previous"] or "{}"),
-                                  cmd_id=step_row["cmd_id"], sent_at=step_row["updated_ts"] or 0.0,
-                                  progress=step_row["progress"], error=step_row["error"])
+                step = DeviceStep(
+                    step_row["device_id"],
+                    step_row["position"],
+                    state=step_row["state"],
+                    previous=msgspec.json.decode(step_row["previous"] or "{}"),
+                    cmd_id=step_row["cmd_id"],
+                    sent_at=step_row["updated_ts"] or 0.0,
+                    progress=step_row["progress"],
+                    error=step_row["error"],
+                )
                 rollout.steps.append(step)
                 if step.cmd_id and step.state in IN_FLIGHT:
                     self._by_command[step.cmd_id] = (rollout, step)
@@ -144,7 +170,9 @@ class RolloutManager:
         chosen: list[str] = [d for d in spec.devices if d in records]
         unknown = [d for d in spec.devices if d not in records]
         if unknown:
-            raise RequestError(f"devices: unknown device(s) {', '.join(unknown[:5])}", field="devices")
+            raise RequestError(
+                f"devices: unknown device(s) {', '.join(unknown[:5])}", field="devices"
+            )
         for device_id in sorted(records):
             meta = records[device_id].meta
             if device_id in chosen:
@@ -157,17 +185,29 @@ class RolloutManager:
             raise RequestError("target: no device matches devices/group/pool", field="devices")
         rollout = Rollout(id=uuid.uuid4().hex[:12], spec=spec, source=source, created=time.time())
         for position, device_id in enumerate(chosen):
-            rollout.steps.append(DeviceStep(device_id, position, previous=previous_of(records[device_id].meta)))
+            rollout.steps.append(
+                DeviceStep(device_id, position, previous=previous_of(records[device_id].meta))
+            )
         with self._lock:
             self.rollouts[rollout.id] = rollout
         self.controller.registry.execute(
             "INSERT INTO rollouts (id, created_ts, spec, state) VALUES (?,?,?,?)",
-            (rollout.id, rollout.created, msgspec.json.encode(msgspec.structs.replace(spec, manifest=source)).decode(),
-             rollout.state),
+            (
+                rollout.id,
+                rollout.created,
+                msgspec.json.encode(msgspec.structs.replace(spec, manifest=source)).decode(),
+                rollout.state,
+            ),
         )
         self._persist(rollout)
-        log.info("rollout_created", rollout=rollout.id, devices=len(chosen), source=source,
-                 rate_per_min=spec.rate_per_min, abort_percent=spec.abort_percent)
+        log.info(
+            "rollout_created",
+            rollout=rollout.id,
+            devices=len(chosen),
+            source=source,
+            rate_per_min=spec.rate_per_min,
+            abort_percent=spec.abort_percent,
+        )
         return rollout
 
     def get(self, rollout_id: str) -> Rollout | None:
@@ -194,7 +234,13 @@ class RolloutManager:
                 if not step.previous.get("source"):
                     step.state, step.error = "failed", "no previous manifest known to roll back to"
                     continue
-                self._send(rollout, step, "set_manifest", {"source": step.previous["source"]}, "rolling_back")
+                self._send(
+                    rollout,
+                    step,
+                    "set_manifest",
+                    {"source": step.previous["source"]},
+                    "rolling_back",
+                )
             self._settle(rollout)
         log.info("rollout_rollback", rollout=rollout.id)
         return rollout
@@ -212,12 +258,16 @@ class RolloutManager:
             ok = bool(body.get("ok"))
             error = body.get("error") or {}
             if not ok:
-                step.state = "rollback_failed" if step.state.startswith("rolling_back") else "failed"
+                step.state = (
+                    "rollback_failed" if step.state.startswith("rolling_back") else "failed"
+                )
                 step.error = f"{error.get('code', 'error')}: {error.get('message', '')}".strip()
             elif step.state == "set_manifest" and rollout.spec.pin:
                 self._send(rollout, step, "pin", {"quant": rollout.spec.pin}, "pin")
             elif step.state == "rolling_back" and rollout.spec.pin:
-                self._send(rollout, step, "pin", {"quant": step.previous.get("pin")}, "rolling_back_pin")
+                self._send(
+                    rollout, step, "pin", {"quant": step.previous.get("pin")}, "rolling_back_pin"
+                )
             elif step.state in ("rolling_back", "rolling_back_pin"):
                 step.state = "rolled_back"
             else:
@@ -235,15 +285,23 @@ class RolloutManager:
                 if rollout.state not in ("running", "rolling_back"):
                     continue
                 for step in rollout.steps:
-                    if step.device_id == device_id and step.state in ("set_manifest", "pin", "rolling_back"):
+                    if step.device_id == device_id and step.state in (
+                        "set_manifest",
+                        "pin",
+                        "rolling_back",
+                    ):
                         step.progress = min(1.0, done / total)
 
     # --- pacing --------------------------------------------------------------------------
 
-    def _send(self, rollout: Rollout, step: DeviceStep, op: str, args: dict[str, Any], state: str) -> None:
+    def _send(
+        self, rollout: Rollout, step: DeviceStep, op: str, args: dict[str, Any], state: str
+    ) -> None:
         step.state, step.sent_at, step.error = state, time.time(), None
         try:
-            step.cmd_id = self.controller.send_command(step.device_id, op, args, source=f"rollout:{rollout.id}")
+            step.cmd_id = self.controller.send_command(
+                step.device_id, op, args, source=f"rollout:{rollout.id}"
+            )
         except EdgeAgentError as exc:
             step.state, step.error = "failed", f"{exc.code}: {exc.message}"
             return
@@ -270,13 +328,25 @@ class RolloutManager:
 
     def _persist(self, rollout: Rollout) -> None:
         registry = self.controller.registry
-        registry.execute("UPDATE rollouts SET state=?, reason=? WHERE id=?", (rollout.state, rollout.reason, rollout.id))
+        registry.execute(
+            "UPDATE rollouts SET state=?, reason=? WHERE id=?",
+            (rollout.state, rollout.reason, rollout.id),
+        )
         for step in rollout.steps:
             registry.execute(
                 "INSERT OR REPLACE INTO rollout_devices (rollout_id, device_id, position, state, previous,"
                 " cmd_id, progress, error, updated_ts) VALUES (?,?,?,?,?,?,?,?,?)",
-                (rollout.id, step.device_id, step.position, step.state,
-                 msgspec.json.encode(step.previous).decode(), step.cmd_id, step.progress, step.error, time.time()),
+                (
+                    rollout.id,
+                    step.device_id,
+                    step.position,
+                    step.state,
+                    msgspec.json.encode(step.previous).decode(),
+                    step.cmd_id,
+                    step.progress,
+                    step.error,
+                    time.time(),
+                ),
             )
 
     def _run(self) -> None:
@@ -298,11 +368,20 @@ class RolloutManager:
                         step.state = "failed" if rollout.state == "running" else "rollback_failed"
                         step.error = f"timeout: no cmd/result within {self.command_timeout_s:g} s"
                         changed = True
-                if rollout.state == "running" and now - rollout.last_start >= 60.0 / rollout.spec.rate_per_min:
+                if (
+                    rollout.state == "running"
+                    and now - rollout.last_start >= 60.0 / rollout.spec.rate_per_min
+                ):
                     step = next((s for s in rollout.steps if s.state == "pending"), None)
                     if step is not None:
                         rollout.last_start = now
-                        self._send(rollout, step, "set_manifest", {"source": rollout.source}, "set_manifest")
+                        self._send(
+                            rollout,
+                            step,
+                            "set_manifest",
+                            {"source": rollout.source},
+                            "set_manifest",
+                        )
                         changed = True
                 if changed:
                     self._settle(rollout)

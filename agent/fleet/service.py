@@ -30,10 +30,17 @@ class FleetService:
         self.config = config
         self.controller = FleetController(config)
         self.web = FleetWeb(self.controller, config)
-        self.server = uvicorn.Server(uvicorn.Config(
-            self.web.app, host=config.http_host, port=config.http_port, log_level="warning",
-            access_log=False, lifespan="off", timeout_graceful_shutdown=3,
-        ))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.web.app,
+                host=config.http_host,
+                port=config.http_port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=3,
+            )
+        )
         self._thread: threading.Thread | None = None
 
     @property
@@ -42,11 +49,19 @@ class FleetService:
 
     def serve_forever(self) -> None:
         self.controller.start()
-        log.info("fleet_serving", url=self.url, broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
-                 db=self.config.db_path, models=self.config.model_dir)
+        log.info(
+            "fleet_serving",
+            url=self.url,
+            broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+            db=self.config.db_path,
+            models=self.config.model_dir,
+        )
         # uvicorn re-raises SIGINT/SIGTERM once it has shut down; with these no-op handlers in
         # place that re-raise returns here, so the controller still flushes its last batch.
-        previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, lambda signum, frame: None)
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             self.server.run()
         finally:
@@ -55,8 +70,9 @@ class FleetService:
             self.controller.stop()
             log.info("fleet_stopped")
         if not self.server.started:
-            raise ConfigError(f"cannot listen on {self.config.http_host}:{self.config.http_port}",
-                              key="http_port")
+            raise ConfigError(
+                f"cannot listen on {self.config.http_host}:{self.config.http_port}", key="http_port"
+            )
 
     def start(self, timeout_s: float = 10.0) -> "FleetService":
         self.controller.start()

@@ -17,7 +17,17 @@ from agent.fleet.registry import DeviceRecord, pick, telemetry_point
 
 GIB = 1024**3
 HEADLINE_FLAGS = ("amx_int8", "avx512f", "avx2", "avx", "sve", "i8mm", "dotprod", "neon")
-STATES = ("starting", "ready", "busy", "degraded", "draining", "stopped", "lost", "stale", "unknown")
+STATES = (
+    "starting",
+    "ready",
+    "busy",
+    "degraded",
+    "draining",
+    "stopped",
+    "lost",
+    "stale",
+    "unknown",
+)
 
 
 def telemetry_interval(record: DeviceRecord, default_s: float) -> float:
@@ -27,8 +37,9 @@ def telemetry_interval(record: DeviceRecord, default_s: float) -> float:
     return float(value) if isinstance(value, (int, float)) and value > 0 else default_s
 
 
-def effective_state(record: DeviceRecord, now: float, *, default_interval_s: float,
-                    stale_after_intervals: float) -> str:
+def effective_state(
+    record: DeviceRecord, now: float, *, default_interval_s: float, stale_after_intervals: float
+) -> str:
     state = record.state or "unknown"
     if state in ("lost", "stopped"):
         return state
@@ -63,8 +74,9 @@ def gpu_summary(device: dict[str, Any]) -> tuple[str, int | None]:
     return names, vram or None
 
 
-def device_row(record: DeviceRecord, now: float, *, default_interval_s: float,
-               stale_after_intervals: float) -> dict[str, Any]:
+def device_row(
+    record: DeviceRecord, now: float, *, default_interval_s: float, stale_after_intervals: float
+) -> dict[str, Any]:
     """One row of the fleet table / GET /api/devices."""
     meta = record.meta
     device = hardware(meta)
@@ -74,8 +86,12 @@ def device_row(record: DeviceRecord, now: float, *, default_interval_s: float,
     point = telemetry_point(record.telemetry) if record.telemetry else {}
     return {
         "id": record.id,
-        "state": effective_state(record, now, default_interval_s=default_interval_s,
-                                 stale_after_intervals=stale_after_intervals),
+        "state": effective_state(
+            record,
+            now,
+            default_interval_s=default_interval_s,
+            stale_after_intervals=stale_after_intervals,
+        ),
         "reported_state": record.state,
         "session": record.session,
         "version": record.agent_version or meta.get("version"),

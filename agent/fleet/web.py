@@ -43,8 +43,8 @@ from agent.errors import EdgeAgentError, RequestError
 from agent.fleet.auth import Authenticator, Session
 from agent.fleet.controller import FleetController
 from agent.fleet.hosting import ModelDirectory
-from agent.fleet.registry import telemetry_point
 from agent.fleet.metrics import render_metrics
+from agent.fleet.registry import telemetry_point
 from agent.fleet.rollout import RolloutSpec
 from agent.fleet.view import device_row, fleet_summary, format_bytes, hardware
 from agent.log import get_logger
@@ -60,8 +60,14 @@ STREAM_TICK_S = 1.0
 BIG_FLEET_ROWS = 500
 BIG_FLEET_TICK_S = 5.0
 PROMPT_GRACE_S = 30.0  # on top of the request's own timeout, for queueing on the device
-HTTP_STATUS = {"bad_request": 400, "too_long": 400, "unknown_op": 400, "manifest_invalid": 400,
-               "no_fit": 409, "busy": 429}
+HTTP_STATUS = {
+    "bad_request": 400,
+    "too_long": 400,
+    "unknown_op": 400,
+    "manifest_invalid": 400,
+    "no_fit": 409,
+    "busy": 429,
+}
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -69,18 +75,24 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 
 class FleetWeb:
-    def __init__(self, controller: FleetController, config: FleetConfig,
-                 models: ModelDirectory | None = None) -> None:
+    def __init__(
+        self, controller: FleetController, config: FleetConfig, models: ModelDirectory | None = None
+    ) -> None:
         self.controller = controller
         self.config = config
         self.registry = controller.registry
         self.models = models or ModelDirectory(config.model_dir)
-        self.auth = Authenticator(config.auth.admin_password_hash, config.auth.api_token_hashes,
-                                  session_max_age_s=config.auth.session_max_age_s)
+        self.auth = Authenticator(
+            config.auth.admin_password_hash,
+            config.auth.api_token_hashes,
+            session_max_age_s=config.auth.session_max_age_s,
+        )
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["bytes"] = format_bytes
         self.templates.env.filters["ago"] = lambda ts: _ago(ts)
-        self.app = Starlette(routes=self._routes(), exception_handlers={EdgeAgentError: self._on_error})
+        self.app = Starlette(
+            routes=self._routes(), exception_handlers={EdgeAgentError: self._on_error}
+        )
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -130,11 +142,17 @@ class FleetWeb:
             return None
         session = self._session(request)
         if session is None:
-            return error_response(401, "unauthorized", "log in or send Authorization: Bearer <token>")
+            return error_response(
+                401, "unauthorized", "log in or send Authorization: Bearer <token>"
+            )
         if request.method not in ("GET", "HEAD"):
-            offered = request.headers.get("x-csrf-token") or (form.get("csrf") if form is not None else None)
+            offered = request.headers.get("x-csrf-token") or (
+                form.get("csrf") if form is not None else None
+            )
             if not self.auth.csrf_matches(session, offered):
-                return error_response(403, "csrf_failed", "missing or wrong CSRF token; reload the page")
+                return error_response(
+                    403, "csrf_failed", "missing or wrong CSRF token; reload the page"
+                )
         return None
 
     def _page_guard(self, request: Request) -> Session | Response:
@@ -156,8 +174,12 @@ class FleetWeb:
     def _rows(self) -> list[dict[str, Any]]:
         now = time.time()
         return [
-            device_row(record, now, default_interval_s=self.config.default_telemetry_interval_s,
-                       stale_after_intervals=self.config.stale_after_intervals)
+            device_row(
+                record,
+                now,
+                default_interval_s=self.config.default_telemetry_interval_s,
+                stale_after_intervals=self.config.stale_after_intervals,
+            )
             for record in self.registry.snapshot()
         ]
 
@@ -168,10 +190,18 @@ class FleetWeb:
         record = self._record(device_id)
         if record is None:
             return None
-        row = device_row(record, time.time(), default_interval_s=self.config.default_telemetry_interval_s,
-                         stale_after_intervals=self.config.stale_after_intervals)
-        return {"row": row, "meta": record.meta, "telemetry": record.telemetry,
-                "status": {"state": record.state, "session": record.session, "ts": record.status_ts}}
+        row = device_row(
+            record,
+            time.time(),
+            default_interval_s=self.config.default_telemetry_interval_s,
+            stale_after_intervals=self.config.stale_after_intervals,
+        )
+        return {
+            "row": row,
+            "meta": record.meta,
+            "telemetry": record.telemetry,
+            "status": {"state": record.state, "session": record.session, "ts": record.status_ts},
+        }
 
     def _base_url(self, request: Request) -> str:
         return (self.config.public_url or str(request.base_url)).rstrip("/")
@@ -190,9 +220,21 @@ class FleetWeb:
     async def login_page(self, request: Request) -> Response:
         token = request.cookies.get(LOGIN_COOKIE) or _random()
         response = self.templates.TemplateResponse(
-            request, "login.html", {"login_token": token, "error": None, "next": _safe_next(request.query_params.get("next"))}
+            request,
+            "login.html",
+            {
+                "login_token": token,
+                "error": None,
+                "next": _safe_next(request.query_params.get("next")),
+            },
         )
-        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=self.config.auth.cookie_secure)
+        response.set_cookie(
+            LOGIN_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=self.config.auth.cookie_secure,
+        )
         return response
 
     async def login_submit(self, request: Request) -> Response:
@@ -206,15 +248,23 @@ class FleetWeb:
         if user is None:
             log.warning("login_failed", client=request.client.host if request.client else None)
             response = self.templates.TemplateResponse(
-                request, "login.html", {"login_token": cookie_token, "error": "wrong password or token", "next": next_url},
+                request,
+                "login.html",
+                {"login_token": cookie_token, "error": "wrong password or token", "next": next_url},
                 status_code=401,
             )
             return response
         session = self.auth.open_session(user)
         log.info("login", user=user)
         response = RedirectResponse(next_url, status_code=303)
-        response.set_cookie(SESSION_COOKIE, session.id, httponly=True, samesite="strict",
-                            secure=self.config.auth.cookie_secure, max_age=self.config.auth.session_max_age_s)
+        response.set_cookie(
+            SESSION_COOKIE,
+            session.id,
+            httponly=True,
+            samesite="strict",
+            secure=self.config.auth.cookie_secure,
+            max_age=self.config.auth.session_max_age_s,
+        )
         response.delete_cookie(LOGIN_COOKIE)
         return response
 
@@ -244,13 +294,23 @@ class FleetWeb:
         device_id = request.path_params["device_id"]
         detail = self._device_detail(device_id)
         if detail is None:
-            return PlainTextResponse(f"no device {device_id!r} known to this controller", status_code=404)
+            return PlainTextResponse(
+                f"no device {device_id!r} known to this controller", status_code=404
+            )
         meta = detail["meta"]
         selection = meta.get("selection") or {}
         return self._render(
-            request, "device.html", session, device_id=device_id, row=detail["row"], meta=meta,
-            hardware=hardware(meta), selection=selection, candidates=selection.get("candidates") or [],
-            events=self.registry.events(device_id, limit=30), commands=self.registry.commands(device_id, 10),
+            request,
+            "device.html",
+            session,
+            device_id=device_id,
+            row=detail["row"],
+            meta=meta,
+            hardware=hardware(meta),
+            selection=selection,
+            candidates=selection.get("candidates") or [],
+            events=self.registry.events(device_id, limit=30),
+            commands=self.registry.commands(device_id, 10),
             meta_json=json.dumps(meta, indent=2, default=str),
         )
 
@@ -259,9 +319,13 @@ class FleetWeb:
         if isinstance(session, Response):
             return session
         return self._render(
-            request, "models.html", session, manifests=self.models.manifests(),
+            request,
+            "models.html",
+            session,
+            manifests=self.models.manifests(),
             rollouts=[r.to_dict() for r in self.controller.rollouts.listing()],
-            files_base=self._base_url(request) + "/files/", message=request.query_params.get("message"),
+            files_base=self._base_url(request) + "/files/",
+            message=request.query_params.get("message"),
         )
 
     async def publish_form(self, request: Request) -> Response:
@@ -281,8 +345,11 @@ class FleetWeb:
         if denied:
             return denied
         device_id = request.query_params.get("device")
-        return StreamingResponse(self._ui_events(request, device_id), media_type="text/event-stream",
-                                 headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            self._ui_events(request, device_id),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
 
     async def _ui_events(self, request: Request, device_id: str | None) -> AsyncIterator[str]:
         """Every tick: the fleet summary and changed rows; for a device page its new points,
@@ -306,11 +373,18 @@ class FleetWeb:
                 if sent_versions.get(row["id"]) != key:
                     sent_versions[row["id"]] = key
                     changed.append(row)
-            payload: dict[str, Any] = {"summary": fleet_summary(rows), "rows": changed, "now": time.time()}
+            payload: dict[str, Any] = {
+                "summary": fleet_summary(rows),
+                "rows": changed,
+                "now": time.time(),
+            }
             if device_id and (record := self._record(device_id)) is not None:
                 if record.telemetry_ts != last_point_ts and record.telemetry:
                     last_point_ts = record.telemetry_ts
-                    payload["point"] = {"ts": record.telemetry_ts, **telemetry_point(record.telemetry)}
+                    payload["point"] = {
+                        "ts": record.telemetry_ts,
+                        **telemetry_point(record.telemetry),
+                    }
                 events = self.registry.events(device_id, after_id=last_event_id, limit=50)
                 if events:
                     last_event_id = events[-1]["id"]
@@ -326,8 +400,13 @@ class FleetWeb:
     # --- API -----------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"ok": True, "mqtt_connected": self.controller.connected,
-                             "devices": len(self.registry.devices)})
+        return JSONResponse(
+            {
+                "ok": True,
+                "mqtt_connected": self.controller.connected,
+                "devices": len(self.registry.devices),
+            }
+        )
 
     async def api_devices(self, request: Request) -> Response:
         if denied := await self._authorize(request):
@@ -350,18 +429,24 @@ class FleetWeb:
         if denied := await self._authorize(request):
             return denied
         since = _float(request.query_params.get("since"), 0.0)
-        return JSONResponse({"points": self.registry.series(request.path_params["device_id"], since)})
+        return JSONResponse(
+            {"points": self.registry.series(request.path_params["device_id"], since)}
+        )
 
     async def api_events(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
         after = int(_float(request.query_params.get("after"), 0))
-        return JSONResponse({"events": self.registry.events(request.path_params["device_id"], after_id=after)})
+        return JSONResponse(
+            {"events": self.registry.events(request.path_params["device_id"], after_id=after)}
+        )
 
     async def api_commands(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        return JSONResponse({"commands": self.registry.commands(request.path_params["device_id"], 50)})
+        return JSONResponse(
+            {"commands": self.registry.commands(request.path_params["device_id"], 50)}
+        )
 
     async def api_command(self, request: Request) -> Response:
         if denied := await self._authorize(request):
@@ -377,7 +462,9 @@ class FleetWeb:
         device_id = request.path_params["device_id"]
         body = await self._json_body(request)
         if self._record(device_id) is None:
-            return error_response(404, "not_found", f"no device {device_id!r} known to this controller")
+            return error_response(
+                404, "not_found", f"no device {device_id!r} known to this controller"
+            )
         op = body.get("op")
         if not isinstance(op, str):
             raise _bad("op: required, a string", "op")
@@ -388,15 +475,26 @@ class FleetWeb:
         def on_result(result: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
-        command_id = self.controller.send_command(device_id, op, body.get("args") or {}, source="api",
-                                                  waiter=on_result if wait_s > 0 else None)
+        command_id = self.controller.send_command(
+            device_id,
+            op,
+            body.get("args") or {},
+            source="api",
+            waiter=on_result if wait_s > 0 else None,
+        )
         try:
             if wait_s > 0:
                 result = await asyncio.wait_for(done, wait_s)
                 return JSONResponse({"id": command_id, "device_id": device_id, "op": op, **result})
-            return JSONResponse({"id": command_id, "device_id": device_id, "op": op, "pending": True}, status_code=202)
+            return JSONResponse(
+                {"id": command_id, "device_id": device_id, "op": op, "pending": True},
+                status_code=202,
+            )
         except asyncio.TimeoutError:
-            return JSONResponse({"id": command_id, "device_id": device_id, "op": op, "pending": True}, status_code=202)
+            return JSONResponse(
+                {"id": command_id, "device_id": device_id, "op": op, "pending": True},
+                status_code=202,
+            )
         finally:
             self.controller.remove_waiter(command_id)
 
@@ -405,7 +503,9 @@ class FleetWeb:
             return denied
         device_id = request.path_params["device_id"]
         if self._record(device_id) is None:
-            return error_response(404, "not_found", f"no device {device_id!r} known to this controller")
+            return error_response(
+                404, "not_found", f"no device {device_id!r} known to this controller"
+            )
         body = await self._json_body(request)
         sse = "text/event-stream" in request.headers.get("accept", "")
         loop = asyncio.get_running_loop()
@@ -422,8 +522,14 @@ class FleetWeb:
                     try:
                         record = await asyncio.wait_for(records.get(), max(0.1, end - loop.time()))
                     except asyncio.TimeoutError:
-                        record = {"id": request_id, "done": True,
-                                  "error": {"code": "timeout", "message": f"no final reply within {deadline:g} s"}}
+                        record = {
+                            "id": request_id,
+                            "done": True,
+                            "error": {
+                                "code": "timeout",
+                                "message": f"no final reply within {deadline:g} s",
+                            },
+                        }
                     line = json.dumps(record)
                     yield f"data: {line}\n\n" if sse else line + "\n"
                     if record.get("done"):
@@ -436,8 +542,11 @@ class FleetWeb:
             async for line in stream():
                 final = json.loads(line.removeprefix("data: "))
             return JSONResponse(final)
-        return StreamingResponse(stream(), media_type="text/event-stream" if sse else "application/x-ndjson",
-                                 headers={"cache-control": "no-store", "x-request-id": request_id})
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream" if sse else "application/x-ndjson",
+            headers={"cache-control": "no-store", "x-request-id": request_id},
+        )
 
     async def api_manifests(self, request: Request) -> Response:
         if denied := await self._authorize(request):
@@ -448,14 +557,24 @@ class FleetWeb:
             if not isinstance(document, (dict, str)):
                 raise _bad("manifest: required, an object or YAML/JSON text", "manifest")
             path = self.models.publish(str(body.get("name") or ""), document)
-            return JSONResponse({"name": path.name, "url": f"{self._base_url(request)}/files/{path.name}"}, status_code=201)
-        return JSONResponse({"manifests": self.models.manifests(), "files_base": self._base_url(request) + "/files/"})
+            return JSONResponse(
+                {"name": path.name, "url": f"{self._base_url(request)}/files/{path.name}"},
+                status_code=201,
+            )
+        return JSONResponse(
+            {
+                "manifests": self.models.manifests(),
+                "files_base": self._base_url(request) + "/files/",
+            }
+        )
 
     async def api_rollouts(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
         if request.method == "GET":
-            return JSONResponse({"rollouts": [r.to_dict() for r in self.controller.rollouts.listing()]})
+            return JSONResponse(
+                {"rollouts": [r.to_dict() for r in self.controller.rollouts.listing()]}
+            )
         body = await self._json_body(request)
         try:
             spec = msgspec.convert(body, RolloutSpec)
@@ -466,7 +585,10 @@ class FleetWeb:
         elif self.models.resolve(spec.manifest) is not None:
             source = f"{self._base_url(request)}/files/{spec.manifest}"
         else:
-            raise _bad(f"manifest: {spec.manifest!r} is neither a URL nor a manifest hosted here", "manifest")
+            raise _bad(
+                f"manifest: {spec.manifest!r} is neither a URL nor a manifest hosted here",
+                "manifest",
+            )
         rollout = self.controller.rollouts.create(spec, source)
         return JSONResponse(rollout.to_dict(), status_code=201)
 
@@ -481,7 +603,9 @@ class FleetWeb:
     async def api_rollback(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        return JSONResponse(self.controller.rollouts.rollback(request.path_params["rollout_id"]).to_dict())
+        return JSONResponse(
+            self.controller.rollouts.rollback(request.path_params["rollout_id"]).to_dict()
+        )
 
     async def metrics(self, request: Request) -> Response:
         if not self.config.auth.metrics_public and (denied := await self._authorize(request)):

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_simulator():
-    spec = importlib.util.spec_from_file_location("simulate_fleet", REPO / "scripts" / "simulate_fleet.py")
+    spec = importlib.util.spec_from_file_location(
+        "simulate_fleet", REPO / "scripts" / "simulate_fleet.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["simulate_fleet"] = module
     spec.loader.exec_module(module)
@@ -66,8 +68,9 @@ def make_config(tmp_path: Path, broker, **overrides) -> FleetConfig:
         telemetry_sample_s=0.0,
         ingest_flush_s=0.1,
         default_telemetry_interval_s=1.0,
-        auth=FleetAuthConfig(admin_password_hash=Credentials.password_hash,
-                             api_token_hashes=[Credentials.token_hash]),
+        auth=FleetAuthConfig(
+            admin_password_hash=Credentials.password_hash, api_token_hashes=[Credentials.token_hash]
+        ),
     )
     values.update(overrides)
     return FleetConfig(**values)
@@ -110,6 +113,7 @@ def api(fleet, credentials):
     """An httpx client with the bearer token, based at the controller."""
     import httpx
 
-    with httpx.Client(base_url=fleet.url, headers={"Authorization": f"Bearer {credentials.token}"},
-                      timeout=30) as client:
+    with httpx.Client(
+        base_url=fleet.url, headers={"Authorization": f"Bearer {credentials.token}"}, timeout=30
+    ) as client:
         yield client

@@ -14,9 +14,24 @@ from tests.fleet.conftest import wait_for
 
 def manifest_for(path, quant: str) -> dict:
     data = path.read_bytes()
-    return {"schema": 1, "models": [{"id": "smollm2-135m-instruct", "family": "llama", "variants": [
-        {"quant": quant, "file": path.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-         "quality": 0.9}]}]}
+    return {
+        "schema": 1,
+        "models": [
+            {
+                "id": "smollm2-135m-instruct",
+                "family": "llama",
+                "variants": [
+                    {
+                        "quant": quant,
+                        "file": path.name,
+                        "size": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest(),
+                        "quality": 0.9,
+                    }
+                ],
+            }
+        ],
+    }
 
 
 def test_everything_needs_a_token_or_a_session(fleet):
@@ -39,22 +54,32 @@ def test_login_session_and_csrf(fleet, credentials, sim):
         login_token = re.search(r'name="login_token" value="([^"]+)"', login.text).group(1)
         refused = browser.post("/login", data={"secret": "nope", "login_token": login_token})
         assert refused.status_code == 401
-        forged = browser.post("/login", data={"secret": credentials.password, "login_token": "forged"})
+        forged = browser.post(
+            "/login", data={"secret": credentials.password, "login_token": "forged"}
+        )
         assert forged.status_code == 403
-        ok = browser.post("/login", data={"secret": credentials.password, "login_token": login_token},
-                          follow_redirects=False)
+        ok = browser.post(
+            "/login",
+            data={"secret": credentials.password, "login_token": login_token},
+            follow_redirects=False,
+        )
         assert ok.status_code == 303
         cookie = ok.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
         page = browser.get("/")
         assert page.status_code == 200
         csrf = re.search(r'name="csrf" content="([^"]+)"', page.text).group(1)
-        device = wait_for(lambda: browser.get("/api/devices").json()["devices"], what="a device")[0]["id"]
+        device = wait_for(lambda: browser.get("/api/devices").json()["devices"], what="a device")[
+            0
+        ]["id"]
         # a session POST without the CSRF token is refused, with it accepted
         no_csrf = browser.post(f"/api/devices/{device}/cmd", json={"op": "drain", "wait_s": 0})
         assert no_csrf.status_code == 403 and no_csrf.json()["error"]["code"] == "csrf_failed"
-        with_csrf = browser.post(f"/api/devices/{device}/cmd", json={"op": "drain", "wait_s": 5},
-                                 headers={"X-CSRF-Token": csrf})
+        with_csrf = browser.post(
+            f"/api/devices/{device}/cmd",
+            json={"op": "drain", "wait_s": 5},
+            headers={"X-CSRF-Token": csrf},
+        )
         assert with_csrf.status_code == 200 and with_csrf.json()["ok"] is True
 
 
@@ -63,8 +88,11 @@ def test_prompt_streams_ndjson_chunks_then_one_final(api, sim):
     device = devices.devices[0].id
     wait_for(lambda: api.get("/api/devices").json()["devices"], what="the device")
     records = []
-    with api.stream("POST", f"/api/devices/{device}/prompt",
-                    json={"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}) as response:
+    with api.stream(
+        "POST",
+        f"/api/devices/{device}/prompt",
+        json={"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16},
+    ) as response:
         assert response.headers["content-type"].startswith("application/x-ndjson")
         for line in response.iter_lines():
             records.append(json.loads(line))
@@ -89,29 +117,41 @@ def test_commands_wait_for_cmd_result_and_bad_ops_are_refused(api, sim, fleet):
     wait_for(lambda: api.get("/api/devices").json()["devices"], what="the device")
     bench = api.post(f"/api/devices/{device}/cmd", json={"op": "bench", "wait_s": 10}).json()
     assert bench["ok"] is True and bench["result"]["decode_tps"] > 0
-    stored = wait_for(lambda: api.get(f"/api/commands/{bench['id']}").json()["ok"], what="the stored result")
+    stored = wait_for(
+        lambda: api.get(f"/api/commands/{bench['id']}").json()["ok"], what="the stored result"
+    )
     assert stored is True
     unknown = api.post(f"/api/devices/{device}/cmd", json={"op": "format_disk"})
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_op"
     bad_args = api.post(f"/api/devices/{device}/cmd", json={"op": "pin", "args": {"quant": 5}})
-    assert bad_args.status_code == 400 and bad_args.json()["error"]["message"].startswith("args.quant")
+    assert bad_args.status_code == 400 and bad_args.json()["error"]["message"].startswith(
+        "args.quant"
+    )
 
 
 def test_metrics_is_prometheus_text(api, sim):
     devices = sim(2)
-    wait_for(lambda: api.get("/api/devices").json()["summary"]["counts"]["ready"] == 2, what="2 ready")
-    wait_for(lambda: all(d["decode_tps"] for d in api.get("/api/devices").json()["devices"]), what="telemetry")
+    wait_for(
+        lambda: api.get("/api/devices").json()["summary"]["counts"]["ready"] == 2, what="2 ready"
+    )
+    wait_for(
+        lambda: all(d["decode_tps"] for d in api.get("/api/devices").json()["devices"]),
+        what="telemetry",
+    )
     text = api.get("/metrics").text
-    assert '# TYPE edge_fleet_devices gauge' in text
+    assert "# TYPE edge_fleet_devices gauge" in text
     assert 'edge_fleet_devices{state="ready"} 2.0' in text
     first = devices.devices[0]
     assert re.search(rf'edge_device_decode_tokens_per_second{{device="{first.id}"}} \d+\.\d+', text)
     assert f'quant="{first.quant}"' in text
-    buckets = [float(v) for v in re.findall(r'edge_fleet_telemetry_lag_seconds_bucket\{le="[^"]+"\} (\S+)', text)]
+    buckets = [
+        float(v)
+        for v in re.findall(r'edge_fleet_telemetry_lag_seconds_bucket\{le="[^"]+"\} (\S+)', text)
+    ]
     count = float(re.search(r"edge_fleet_telemetry_lag_seconds_count (\S+)", text).group(1))
     assert count > 0 and buckets == sorted(buckets) and buckets[-1] == count
     for line in text.splitlines():  # every sample line is `name{labels} number`
-        assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+', line), line
+        assert line.startswith("#") or re.fullmatch(r"[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+", line), line
 
 
 def test_files_are_served_with_range_etag_and_if_range(fleet, api, ladder_model, tmp_path):
@@ -126,19 +166,29 @@ def test_files_are_served_with_range_etag_and_if_range(fleet, api, ladder_model,
         part = device.get(f"/files/{source.name}", headers={"Range": "bytes=100-199"})
         assert part.status_code == 206 and part.content == source.read_bytes()[100:200]
         assert part.headers["content-range"] == f"bytes 100-199/{size}"
-        resumed = device.get(f"/files/{source.name}", headers={"Range": "bytes=100-199", "If-Range": etag})
+        resumed = device.get(
+            f"/files/{source.name}", headers={"Range": "bytes=100-199", "If-Range": etag}
+        )
         assert resumed.status_code == 206
-        changed = device.get(f"/files/{source.name}", headers={"Range": "bytes=100-199", "If-Range": '"other"'})
+        changed = device.get(
+            f"/files/{source.name}", headers={"Range": "bytes=100-199", "If-Range": '"other"'}
+        )
         assert changed.status_code == 200 and len(changed.content) == size
         assert device.get("/files/..%2Fetc%2Fpasswd").status_code == 404
         assert device.get("/files/.hidden").status_code == 404
 
 
 def test_publish_manifest_validates(api, ladder_model):
-    bad = api.post("/api/manifests", json={"name": "x.json", "manifest": {"schema": 1, "models": [{"id": "m"}]}})
+    bad = api.post(
+        "/api/manifests",
+        json={"name": "x.json", "manifest": {"schema": 1, "models": [{"id": "m"}]}},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
     assert api.post("/api/manifests", json={"name": "../x.json", "manifest": {}}).status_code == 400
-    good = api.post("/api/manifests", json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")})
+    good = api.post(
+        "/api/manifests",
+        json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")},
+    )
     assert good.status_code == 201 and good.json()["url"].endswith("/files/q2.json")
     listed = api.get("/api/manifests").json()["manifests"]
     assert [m["name"] for m in listed] == ["q2.json"]
@@ -150,23 +200,42 @@ def test_rollout_switches_devices_at_a_rate_and_rolls_back(api, sim, ladder_mode
     wait_for(lambda: len(api.get("/api/devices").json()["devices"]) == 3, what="3 devices")
     original = {d.id: d.quant for d in devices.devices}
     assert "Q2_K" not in original.values()
-    api.post("/api/manifests", json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")})
-    started = api.post("/api/rollouts", json={"manifest": "q2.json", "group": "sim-*", "rate_per_min": 600,
-                                              "abort_percent": 50})
+    api.post(
+        "/api/manifests",
+        json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")},
+    )
+    started = api.post(
+        "/api/rollouts",
+        json={"manifest": "q2.json", "group": "sim-*", "rate_per_min": 600, "abort_percent": 50},
+    )
     assert started.status_code == 201, started.text
     rollout_id = started.json()["id"]
-    done = wait_for(lambda: (r := api.get(f"/api/rollouts/{rollout_id}").json())["state"] == "completed" and r,
-                    timeout_s=20, what="rollout completed")
+    done = wait_for(
+        lambda: (r := api.get(f"/api/rollouts/{rollout_id}").json())["state"] == "completed" and r,
+        timeout_s=20,
+        what="rollout completed",
+    )
     assert {d["state"] for d in done["devices"]} == {"done"}
     assert all(d["progress"] == 1.0 for d in done["devices"])
-    wait_for(lambda: {d["quant"] for d in api.get("/api/devices").json()["devices"]} == {"Q2_K"}, what="all Q2_K")
+    wait_for(
+        lambda: {d["quant"] for d in api.get("/api/devices").json()["devices"]} == {"Q2_K"},
+        what="all Q2_K",
+    )
     back = api.post(f"/api/rollouts/{rollout_id}/rollback").json()
     assert back["state"] == "rolling_back"
-    back = wait_for(lambda: (r := api.get(f"/api/rollouts/{rollout_id}").json())["state"] == "rolled_back" and r,
-                    what="rolled back")
+    back = wait_for(
+        lambda: (
+            (r := api.get(f"/api/rollouts/{rollout_id}").json())["state"] == "rolled_back" and r
+        ),
+        what="rolled back",
+    )
     assert {d["state"] for d in back["devices"]} == {"rolled_back"}
-    wait_for(lambda: {d["id"]: d["quant"] for d in api.get("/api/devices").json()["devices"]} == original,
-             what="the quants from before the rollout")
+    wait_for(
+        lambda: (
+            {d["id"]: d["quant"] for d in api.get("/api/devices").json()["devices"]} == original
+        ),
+        what="the quants from before the rollout",
+    )
 
 
 def test_rollout_aborts_past_the_failure_threshold(api, sim, ladder_model):
@@ -174,21 +243,32 @@ def test_rollout_aborts_past_the_failure_threshold(api, sim, ladder_model):
     for device in devices.devices[:2]:
         device.fail_commands = True
     wait_for(lambda: len(api.get("/api/devices").json()["devices"]) == 4, what="4 devices")
-    api.post("/api/manifests", json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")})
-    rollout = api.post("/api/rollouts", json={"manifest": "q2.json", "group": "*", "rate_per_min": 600,
-                                              "abort_percent": 25}).json()
-    final = wait_for(lambda: (r := api.get(f"/api/rollouts/{rollout['id']}").json())["state"] == "aborted" and r,
-                     timeout_s=20, what="abort")
+    api.post(
+        "/api/manifests",
+        json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")},
+    )
+    rollout = api.post(
+        "/api/rollouts",
+        json={"manifest": "q2.json", "group": "*", "rate_per_min": 600, "abort_percent": 25},
+    ).json()
+    final = wait_for(
+        lambda: (r := api.get(f"/api/rollouts/{rollout['id']}").json())["state"] == "aborted" and r,
+        timeout_s=20,
+        what="abort",
+    )
     states = [d["state"] for d in final["devices"]]
     assert states[0] == "failed" and "skipped" in states and "done" not in states
     assert "failed" in final["reason"]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"manifest": "nope.json", "group": "*"}, "manifest"),
-    ({"manifest": "http://x/m.json", "group": "zzz*"}, "target"),
-    ({"manifest": "http://x/m.json", "group": "*", "rate_per_min": 0}, "rate_per_min"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"manifest": "nope.json", "group": "*"}, "manifest"),
+        ({"manifest": "http://x/m.json", "group": "zzz*"}, "target"),
+        ({"manifest": "http://x/m.json", "group": "*", "rate_per_min": 0}, "rate_per_min"),
+    ],
+)
 def test_rollout_input_errors(api, sim, spec, message):
     sim(1)
     wait_for(lambda: api.get("/api/devices").json()["devices"], what="a device")
@@ -201,10 +281,20 @@ def test_rollouts_are_restored_from_the_registry(api, sim, ladder_model, fleet):
 
     sim(2)
     wait_for(lambda: len(api.get("/api/devices").json()["devices"]) == 2, what="2 devices")
-    api.post("/api/manifests", json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")})
-    rollout = api.post("/api/rollouts", json={"manifest": "q2.json", "group": "*", "rate_per_min": 600}).json()
-    wait_for(lambda: api.get(f"/api/rollouts/{rollout['id']}").json()["state"] == "completed", what="completed")
-    restarted = RolloutManager(fleet.controller)  # what a restarted controller builds from the same DB
+    api.post(
+        "/api/manifests",
+        json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")},
+    )
+    rollout = api.post(
+        "/api/rollouts", json={"manifest": "q2.json", "group": "*", "rate_per_min": 600}
+    ).json()
+    wait_for(
+        lambda: api.get(f"/api/rollouts/{rollout['id']}").json()["state"] == "completed",
+        what="completed",
+    )
+    restarted = RolloutManager(
+        fleet.controller
+    )  # what a restarted controller builds from the same DB
     restarted.restore()
     again = restarted.get(rollout["id"])
     assert again.state == "completed" and [s.state for s in again.steps] == ["done", "done"]

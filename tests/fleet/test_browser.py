@@ -25,8 +25,15 @@ from tests.fleet.conftest import REPO, wait_for
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless=new",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
 TIMEOUT_MS = 20_000
 
@@ -45,7 +52,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        instance = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
         yield instance
         instance.close()
 
@@ -84,8 +93,14 @@ def test_fleet_page_with_simulated_devices(page, fleet, sim):
     devices = sim(6, own_connection=1, interval_s=0.5)
     first, victim = devices.devices[1].id, devices.devices[0].id
     page.wait_for_selector(f'tr[data-id="{first}"]')  # arrives over SSE, no reload
-    wait_for(lambda: page.locator('[data-count="ready"]').inner_text() == "6", what="6 ready in the counters")
-    assert page.locator(f'tr[data-id="{first}"] td[data-key="quant"]').inner_text() == devices.devices[1].quant
+    wait_for(
+        lambda: page.locator('[data-count="ready"]').inner_text() == "6",
+        what="6 ready in the counters",
+    )
+    assert (
+        page.locator(f'tr[data-id="{first}"] td[data-key="quant"]').inner_text()
+        == devices.devices[1].quant
+    )
 
     page.fill("#filter", "Jetson")
     visible = page.locator("#devices tbody tr:visible")
@@ -97,13 +112,16 @@ def test_fleet_page_with_simulated_devices(page, fleet, sim):
     # a POST without the page's CSRF token is refused even with the session cookie
     status = page.evaluate(
         """async (id) => (await fetch(`/api/devices/${id}/cmd`, {method: "POST", body: JSON.stringify({op: "drain"}),
-              headers: {"Content-Type": "application/json"}})).status""", first)
+              headers: {"Content-Type": "application/json"}})).status""",
+        first,
+    )
     assert status == 403
 
     devices.kill(victim)
     page.wait_for_function(
         "id => document.querySelector(`tr[data-id='${id}'] td[data-key='state']`).textContent.trim() === 'lost'",
-        arg=victim)
+        arg=victim,
+    )
     page.screenshot(path=str(artifacts_dir() / "fleet-simulated.png"), full_page=True)
 
 
@@ -120,8 +138,13 @@ def test_device_page_prompt_and_commands_with_a_simulated_device(page, fleet, si
     page.click("button[data-op=bench]")
     page.wait_for_function("() => document.querySelector('#cmd-result').classList.contains('ok')")
     assert "decode_tps" in page.locator("#cmd-result").inner_text()
-    page.wait_for_function("() => document.querySelectorAll('#chart-decode_tps polyline').length === 1")
-    assert page.locator("table.explain tr.verdict-chosen td").first.inner_text() == devices.devices[0].quant
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chart-decode_tps polyline').length === 1"
+    )
+    assert (
+        page.locator("table.explain tr.verdict-chosen td").first.inner_text()
+        == devices.devices[0].quant
+    )
 
 
 # --- a real agent ------------------------------------------------------------------------------
@@ -146,8 +169,13 @@ def real_agent(tmp_path, broker, fleet, ladder_dir):
         "device_id": "real-agent-1",
         "state_dir": str(tmp_path / "agent-state"),
         "cache_dir": str(tmp_path / "agent-models"),
-        "mqtt": {"host": broker.host, "port": broker.port, "will_delay_s": 1, "reconnect_min_s": 1,
-                 "reconnect_max_s": 2},
+        "mqtt": {
+            "host": broker.host,
+            "port": broker.port,
+            "will_delay_s": 1,
+            "reconnect_min_s": 1,
+            "reconnect_max_s": 2,
+        },
         "model": {"manifest": f"{fleet.url}/files/ladder-q4.json"},
         "runtime": {"default_max_tokens": 24},
         "telemetry": {"interval_s": 1.0},
@@ -157,8 +185,12 @@ def real_agent(tmp_path, broker, fleet, ladder_dir):
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "agent.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    process = subprocess.Popen([EDGE_AGENT, "run", "--config", str(path)], stdout=open(log, "ab"),
-                               stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        [EDGE_AGENT, "run", "--config", str(path)],
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     process.log_path = log
     yield process
     if process.poll() is None:
@@ -177,10 +209,17 @@ def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir, credential
             "id => { const tr = document.querySelector(`tr[data-id='${id}']`);"
             " return tr && tr.querySelector(\"td[data-key='state']\").textContent.trim() === 'ready'"
             " && tr.querySelector(\"td[data-key='quant']\").textContent === 'Q4_K_M'; }",
-            arg=device, timeout=120_000)
+            arg=device,
+            timeout=120_000,
+        )
     except Exception:
-        raise AssertionError(f"the agent did not come up ready with Q4_K_M; its log: {agent_log()}") from None
-    assert page.locator(f'tr[data-id="{device}"] td[data-key="model"]').inner_text() == "smollm2-135m-instruct"
+        raise AssertionError(
+            f"the agent did not come up ready with Q4_K_M; its log: {agent_log()}"
+        ) from None
+    assert (
+        page.locator(f'tr[data-id="{device}"] td[data-key="model"]').inner_text()
+        == "smollm2-135m-instruct"
+    )
     page.screenshot(path=str(artifacts_dir() / "fleet-page.png"), full_page=True)
 
     # a prompt typed in the dashboard streams a reply from the real model
@@ -190,23 +229,49 @@ def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir, credential
     page.fill("input[name=max_tokens]", "16")
     page.fill("input[name=temperature]", "0")
     page.click("#prompt-form button")
-    page.wait_for_function("() => document.querySelector('#reply-meta').textContent === 'streaming…'", timeout=60_000)
-    page.wait_for_function("() => document.querySelector('#reply').classList.contains('done')", timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelector('#reply-meta').textContent === 'streaming…'", timeout=60_000
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#reply').classList.contains('done')", timeout=60_000
+    )
     reply = page.locator("#reply").inner_text()
     assert reply.strip(), "the reply is empty"
     assert "tokens" in page.locator("#reply-meta").inner_text()
     # the charts fill from live telemetry (decode tok/s appears once the agent has served a request)
-    page.wait_for_function("() => document.querySelectorAll('#chart-mem_bytes polyline').length === 1", timeout=30_000)
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chart-mem_bytes polyline').length === 1", timeout=30_000
+    )
     page.wait_for_function(
         "() => { const line = document.querySelector('#chart-decode_tps polyline');"
-        " return line && line.getAttribute('points').split(' ').length >= 2; }", timeout=30_000)
+        " return line && line.getAttribute('points').split(' ').length >= 2; }",
+        timeout=30_000,
+    )
     page.screenshot(path=str(artifacts_dir() / "device-page.png"), full_page=True)
 
     # the shell client streams a reply from the same real agent
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")},
-           "EDGE_AGENT_FLEET_URL": fleet.url, "EDGE_AGENT_FLEET_TOKEN": credentials.token}
-    shell = subprocess.run([EDGE_AGENT, "fleet", "prompt", device, "Say hello.", "--max-tokens", "8",
-                            "--temperature", "0"], env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")},
+        "EDGE_AGENT_FLEET_URL": fleet.url,
+        "EDGE_AGENT_FLEET_TOKEN": credentials.token,
+    }
+    shell = subprocess.run(
+        [
+            EDGE_AGENT,
+            "fleet",
+            "prompt",
+            device,
+            "Say hello.",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.strip(), "edge-agent fleet prompt printed nothing"
 
@@ -225,12 +290,16 @@ def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir, credential
     try:
         page.wait_for_selector(".rollout.state-completed", timeout=120_000)
     except Exception:
-        raise AssertionError(f"rollout did not complete: {page.locator('#rollouts').inner_text()}\n{agent_log()}") from None
+        raise AssertionError(
+            f"rollout did not complete: {page.locator('#rollouts').inner_text()}\n{agent_log()}"
+        ) from None
     page.screenshot(path=str(artifacts_dir() / "models-page.png"), full_page=True)
     page.goto(fleet.url + "/")
     page.wait_for_function(
         "id => document.querySelector(`tr[data-id='${id}'] td[data-key='quant']`).textContent === 'Q2_K'",
-        arg=device, timeout=30_000)
+        arg=device,
+        timeout=30_000,
+    )
     page.screenshot(path=str(artifacts_dir() / "fleet-page-after-rollout.png"), full_page=True)
 
     # killing the agent turns it lost (its Will, after the Will Delay)
@@ -238,6 +307,10 @@ def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir, credential
     real_agent.wait(10)
     page.wait_for_function(
         "id => document.querySelector(`tr[data-id='${id}'] td[data-key='state']`).textContent.trim() === 'lost'",
-        arg=device, timeout=30_000)
-    digest = hashlib.sha256((ladder_dir / "smollm2-135m-instruct.Q2_K.gguf").read_bytes()).hexdigest()
+        arg=device,
+        timeout=30_000,
+    )
+    digest = hashlib.sha256(
+        (ladder_dir / "smollm2-135m-instruct.Q2_K.gguf").read_bytes()
+    ).hexdigest()
     assert fleet.controller.registry.devices[device].meta["selection"]["sha256"] == digest

@@ -39,7 +39,7 @@ def test_devices_prompt_and_cmd(cli, sim, fleet):
     assert out.endswith(f"\nsimulated reply from {devices.devices[0].id} to: how warm is it\n")
 
     code, out, _ = cli("cmd", devices.devices[1].id, "pin", "--args", '{"quant": "Q2_K"}')
-    assert code == 0 and json.loads(out[out.index("{"):])["result"]["quant"] == "Q2_K"
+    assert code == 0 and json.loads(out[out.index("{") :])["result"]["quant"] == "Q2_K"
 
     code, _, err = cli("cmd", devices.devices[1].id, "explode")
     assert code == 2 and "[unknown_op]" in err
@@ -55,11 +55,16 @@ def test_rollout_and_manifests_from_the_shell(cli, sim, fleet, tmp_path, ladder_
     assert cli("manifests", "--publish", str(manifest))[0] == 0
     code, out, _ = cli("manifests")
     assert code == 0 and "q2.json" in out and "Q2_K" in out
-    code, out, _ = cli("rollout", "start", "--manifest", "q2.json", "--group", "sim-*", "--rate", "600")
+    code, out, _ = cli(
+        "rollout", "start", "--manifest", "q2.json", "--group", "sim-*", "--rate", "600"
+    )
     assert code == 0
-    rollout_id = json.loads(out[out.index("{"):])["id"]
-    wait_for(lambda: '"state": "completed"' in cli("rollout", "status", rollout_id)[1],
-             timeout_s=20, what="rollout completed")
+    rollout_id = json.loads(out[out.index("{") :])["id"]
+    wait_for(
+        lambda: '"state": "completed"' in cli("rollout", "status", rollout_id)[1],
+        timeout_s=20,
+        what="rollout completed",
+    )
 
 
 def test_missing_token_and_wrong_token(fleet, monkeypatch, capsys):
@@ -95,14 +100,29 @@ def test_fleet_serve_runs_until_sigterm_and_rejects_a_bad_config(tmp_path, broke
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     port = free_port()
     config = tmp_path / "fleet.yaml"
-    config.write_text(yaml.safe_dump({"mqtt": {"host": broker.host, "port": broker.port}, "http_port": port,
-                                      "db_path": str(tmp_path / "fleet.db"), "model_dir": str(tmp_path / "m")}))
-    process = subprocess.Popen([edge_agent, "fleet", "serve", "--config", str(config)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "mqtt": {"host": broker.host, "port": broker.port},
+                "http_port": port,
+                "db_path": str(tmp_path / "fleet.db"),
+                "model_dir": str(tmp_path / "m"),
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [edge_agent, "fleet", "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
+
         def healthy():
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1) as response:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/health", timeout=1
+                ) as response:
                     return json.loads(response.read())["mqtt_connected"]
             except OSError:
                 return False
@@ -117,6 +137,11 @@ def test_fleet_serve_runs_until_sigterm_and_rejects_a_bad_config(tmp_path, broke
             process.wait()
 
     config.write_text(yaml.safe_dump({"http_prot": 1}))
-    bad = subprocess.run([edge_agent, "fleet", "serve", "--config", str(config)], env=env,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [edge_agent, "fleet", "serve", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "[config_invalid]" in bad.stderr and "http_prot" in bad.stderr
