@@ -206,7 +206,8 @@ def read_secret(path: str | None, credential: str, env: dict[str, str] | None = 
         candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / credential)
     for candidate in candidates:
         try:
-            return candidate.read_text().strip()
+            # An empty file means "no secret" (install.sh creates one so LoadCredential= works).
+            return candidate.read_text().strip() or None
         except FileNotFoundError:
             if path and candidate == Path(path):
                 raise ConfigError(f"secret file {path} does not exist", file=path) from None

@@ -63,6 +63,8 @@ def test_secret_from_file_then_credentials_directory(tmp_path: Path) -> None:
     (creds / "mqtt-password").write_text("from-systemd")
     assert read_secret(None, "mqtt-password", env={"CREDENTIALS_DIRECTORY": str(creds)}) == "from-systemd"
     assert read_secret(None, "mqtt-password", env={}) is None
+    (creds / "mqtt-password").write_text("\n")
+    assert read_secret(None, "mqtt-password", env={"CREDENTIALS_DIRECTORY": str(creds)}) is None
     with pytest.raises(ConfigError, match="does not exist"):
         read_secret(str(tmp_path / "nope"), "mqtt-password", env={})
 

@@ -57,6 +57,10 @@ TIMEOUT_KILL_GRACE_S = 10.0
 # A parallel swap needs the new model's estimate plus this share of it free.
 SWAP_HEADROOM = 1.2
 POLL_S = 0.05
+# After a failed restart the engine tries again in the background, doubling the wait up
+# to the maximum: quick after a passing fault, gentle on a model that truly cannot load.
+RESTART_RETRY_FIRST_S = 1.0
+RESTART_RETRY_MAX_S = 60.0
 
 RecordCallback = Callable[[dict[str, Any]], None]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -629,3 +633,38 @@ class Engine:
                 self._cond.notify_all()
             if closed and restarted is not None:
                 restarted.worker.stop()
+        if restarted is None and not closed:
+            # What killed it may have been passing (an OOM killer, an operator, a crash storm
+            # during the restart's own canary): keep trying in the background, backing off,
+            # so the device serves again without a person. Meanwhile requests get no_model.
+            threading.Thread(target=self._retry_restart, args=(crashed,), name="engine-restart",
+                             daemon=True).start()
+
+    def _retry_restart(self, crashed: _Loaded) -> None:
+        delay_s = RESTART_RETRY_FIRST_S
+        attempt = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, timeout=delay_s)
+                if self._closed or self._loaded is not None or self._transitions:
+                    return  # shut down, or someone loaded a model meanwhile
+                self._transitions += 1
+            attempt += 1
+            restarted: _Loaded | None = None
+            try:
+                restarted = self._start(crashed.selection, self._smaller, crashed.step)
+            except ModelLoadError as exc:
+                self._emit({"event": "restart_failed", "reason": exc.message, "attempt": attempt,
+                            "retry_in_s": min(delay_s * 2, RESTART_RETRY_MAX_S), "quant": crashed.selection.quant})
+            finally:
+                with self._cond:
+                    closed = self._closed
+                    if restarted is not None and not closed:
+                        self._loaded = restarted
+                    self._transitions -= 1
+                    self._cond.notify_all()
+                if closed and restarted is not None:
+                    restarted.worker.stop()
+            if restarted is not None:
+                return
+            delay_s = min(delay_s * 2, RESTART_RETRY_MAX_S)

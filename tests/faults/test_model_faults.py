@@ -135,9 +135,14 @@ def test_worker_killed_at_random_moments(rig, fault_report) -> None:
                  lost=len(hung), kills=kills, outcomes=sorted(codes))
     assert kills >= 3
     assert not hung, f"no final record for {hung}"
-    assert codes <= {"ok", "worker_crashed"}, codes
+    # A kill during a restart can leave no model for a moment: such requests are told so
+    # (no_model) at once rather than left waiting.
+    assert codes <= {"ok", "worker_crashed", "no_model"}, codes
     assert "worker_crashed" in codes
-    assert "error" not in ask(observer)  # and it keeps serving
+    deadline = time.monotonic() + 60
+    while (answer := ask(observer)).get("error", {}).get("code") == "no_model" and time.monotonic() < deadline:
+        time.sleep(1)  # the engine retries the restart by itself
+    assert "error" not in answer, answer  # and it keeps serving
 
 
 @pytest.mark.slow
