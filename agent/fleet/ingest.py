@@ -45,14 +45,18 @@ class IngestStats:
     last_age_s: float = 0.0  # device ts -> committed, the oldest telemetry of the last batch
     last_commit: float = 0.0
     recent_ages: deque = field(default_factory=lambda: deque(maxlen=512))  # (commit time, age)
+    # Receive -> commit of the oldest message per batch: the controller's own share of the lag
+    # (the rest is the device, the network, the broker and the socket before paho reads it).
+    recent_queue_ages: deque = field(default_factory=lambda: deque(maxlen=512))
     # Histogram of every telemetry message's lag; the last slot counts those above the last bound.
     lag_buckets: list[int] = field(default_factory=lambda: [0] * (len(LAG_BUCKETS_S) + 1))
     lag_sum_s: float = 0.0
 
-    def worst_age(self, window_s: float = LAG_WINDOW_S) -> float:
+    def worst_age(self, window_s: float = LAG_WINDOW_S, *, queue_only: bool = False) -> float:
         """The worst batch age committed in the last ``window_s`` (what "lag" means for alerts)."""
         since = time.time() - window_s
-        return max((age for at, age in list(self.recent_ages) if at >= since), default=0.0)
+        ages = self.recent_queue_ages if queue_only else self.recent_ages
+        return max((age for at, age in list(ages) if at >= since), default=0.0)
 
 
 class Ingest:
@@ -154,6 +158,7 @@ class Ingest:
         stats.last_batch_size = len(raw)
         stats.last_flush_ms = (time.perf_counter() - started) * 1000
         stats.last_commit = time.time()
+        stats.recent_queue_ages.append((stats.last_commit, stats.last_commit - raw[0][3]))
         # Age at commit: broker hop + queueing + decode + SQL, what "ingest lag" means.
         if outcome.sent_times:
             stats.last_age_s = stats.last_commit - min(outcome.sent_times)

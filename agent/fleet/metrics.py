@@ -116,6 +116,12 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
         [("", stats.worst_age())],
     )
     metric(
+        "edge_fleet_ingest_queue_lag_max_seconds",
+        "gauge",
+        "Worst batch receive-to-commit time over the last 10 s (the controller's own share)",
+        [("", stats.worst_age(queue_only=True))],
+    )
+    metric(
         "edge_fleet_ingest_backlog",
         "gauge",
         "Messages waiting for the ingest writer",
