@@ -175,13 +175,6 @@ extras=signing
 [ "$fleet" = 1 ] && extras=fleet,signing
 EDGE_AGENT_VENV="$prefix/venv" EDGE_AGENT_EDITABLE=0 EDGE_AGENT_CACHE="$cache" EXTRAS="$extras" \
   PYTHON="$python" "$prefix/src/scripts/setup"
-# The device profiles (profiles/*.yaml) are not package data: the catalog looks for them
-# next to the package, which in a copied install is site-packages. Point that at the copy.
-profiles_dir=$("$prefix/venv/bin/python" -c \
-  'from agent.catalog.profiles import default_profiles_dir; print(default_profiles_dir())')
-if [ ! -d "$profiles_dir" ]; then
-  ln -sfn "$prefix/src/profiles" "$profiles_dir"
-fi
 
 # --- configuration --------------------------------------------------------------------
 install -d -m 0755 "$config_dir"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -62,9 +63,14 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
 
 
 def default_profiles_dir() -> Path:
+    """EDGE_AGENT_PROFILES, else the checkout's profiles/ (editable install), else the copy a
+    normal install puts under <prefix>/share/edge-agent/profiles."""
     if env := os.environ.get(PROFILES_ENV):
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "profiles"
+    checkout = Path(__file__).resolve().parents[2] / "profiles"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "edge-agent" / "profiles"
 
 
 def _key_path(error: msgspec.ValidationError) -> str:
