@@ -171,7 +171,11 @@ function drawChart(svg, points) {
   if (y1 - y0 < 1e-9) { y0 = y0 * 0.9; y1 = y1 * 1.1 + 1e-9; }
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - 2);
   const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
-  const label = (v) => (svg.dataset.unit === "bytes" ? formatBytes(v) : v.toFixed(v < 10 ? 1 : 0));
+  // A narrow range of a large number needs a finer unit, or both axis labels read the same.
+  const fine = svg.dataset.unit === "bytes" && y1 - y0 < 0.2 * 1024 ** 3;
+  const label = (v) => (svg.dataset.unit === "bytes"
+    ? (fine ? `${Math.round(v / 1024 ** 2)} MiB` : formatBytes(v))
+    : v.toFixed(y1 - y0 < 10 ? 1 : 0));
   el("text", { x: L - 4, y: T + 8, class: "axis", "text-anchor": "end" }, label(y1));
   el("text", { x: L - 4, y: H - B, class: "axis", "text-anchor": "end" }, label(y0));
   el("text", { x: L, y: H - 3, class: "axis" }, new Date(x0 * 1000).toLocaleTimeString());
