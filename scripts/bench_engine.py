@@ -100,7 +100,13 @@ def engine_run(engine: Engine, max_tokens: int) -> dict[str, Any]:
 def llama_run(llama: Any, max_tokens: int) -> dict[str, Any]:
     first = last = None
     parts = []
-    for chunk in llama.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0, seed=1, stream=True):
+    # The engine's sampling defaults, not create_completion's (its repeat_penalty is 1.0).
+    defaults = GenerateRequest(id="defaults", prompt=PROMPT)
+    for chunk in llama.create_completion(
+        PROMPT, max_tokens=max_tokens, temperature=0.0, seed=1, stream=True,
+        top_p=defaults.top_p, top_k=defaults.top_k, min_p=defaults.min_p,
+        repeat_penalty=defaults.repeat_penalty,
+    ):
         now = time.perf_counter()
         first = first or now
         last = now
