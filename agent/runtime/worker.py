@@ -239,7 +239,9 @@ class Worker:
                 result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
             )
             return tokens, list(result.stop or []), result.stopping_criteria
-        return llama.tokenize(message["prompt"].encode("utf-8"), add_bos=True), [], None
+        # special=True as create_completion does for a string: a raw prompt is the caller's
+        # whole input, control tokens included, and must tokenize as it would in-process.
+        return llama.tokenize(message["prompt"].encode("utf-8"), add_bos=True, special=True), [], None
 
     def _generate(self, message: dict[str, Any]) -> None:
         import llama_cpp

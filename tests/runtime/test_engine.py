@@ -48,7 +48,17 @@ def test_engine_text_equals_llama_cpp_in_process(make_engine, selection_for):
         messages=QUESTION, max_tokens=16, temperature=0.0, seed=42,
         top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.1,
     )
+    raw_expected = llama.create_completion(
+        "The three primary colours are", max_tokens=16, temperature=0.0, seed=42,
+        top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.1,
+    )
     llama.close()
+    raw = list(engine.generate(request("raw", prompt="The three primary colours are", max_tokens=16, temperature=0.0, seed=42)))[-1]
+    assert raw["text"] == raw_expected["choices"][0]["text"]
+    assert raw["usage"] == {
+        "prompt_tokens": raw_expected["usage"]["prompt_tokens"],
+        "completion_tokens": raw_expected["usage"]["completion_tokens"],
+    }
     assert final["text"] == expected["choices"][0]["message"]["content"]
     assert final["text"].strip()
     assert final["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"]
