@@ -17,7 +17,6 @@ silent and the controller shows them ``stale`` after 3 telemetry intervals.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import random
@@ -525,10 +524,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(fleet._clients)} connections, {args.count / args.interval:.0f} telemetry msg/s",
         file=sys.stderr,
     )
-    started = time.monotonic()
+    ends = time.monotonic() + args.duration if args.duration else math.inf
     try:
-        for _ in itertools.count():
-            if stop.wait(5) or (args.duration and time.monotonic() - started >= args.duration):
+        while not stop.wait(min(5.0, max(0.0, ends - time.monotonic()))):
+            if time.monotonic() >= ends:
                 break
             print(f"simulate-fleet: published {fleet.published}", file=sys.stderr)
     except KeyboardInterrupt:
