@@ -300,3 +300,17 @@ def test_rollouts_are_restored_from_the_registry(api, sim, ladder_model, fleet):
     assert again.state == "completed" and [s.state for s in again.steps] == ["done", "done"]
     assert again.source == rollout["source"] and again.source.endswith("/files/q2.json")
     assert [s.previous for s in again.steps] == [d["previous"] for d in rollout["devices"]]
+
+
+def test_prompt_as_server_sent_events_and_as_one_final_record(api, sim):
+    device = sim(1).devices[0].id
+    wait_for(lambda: api.get("/api/devices").json()["devices"], what="the device")
+    body = {"prompt": "tell me", "max_tokens": 8}
+    with api.stream(
+        "POST", f"/api/devices/{device}/prompt", json=body, headers={"Accept": "text/event-stream"}
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: ") :]) for line in response.iter_lines() if line]
+    assert events[-1]["done"] is True and all("delta" in e for e in events[:-1])
+    final = api.post(f"/api/devices/{device}/prompt", json={**body, "stream": False}).json()
+    assert final["done"] is True and final["text"].startswith("simulated reply")
