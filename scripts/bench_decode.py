@@ -1,0 +1,295 @@
+"""Decode speed and time to first token through every way of serving, in one run.
+
+Same model, same prompt, same llama.cpp settings (those the selector picks for this
+machine, pinned to one variant), measured as a client of each path sees it:
+
+- llama-cpp-python in-process, the baseline (``llama_cpp.Llama`` with those settings)
+- llama-cpp-python with naive defaults (``Llama(model_path=..., n_ctx=2048)``), what a
+  first attempt gets
+- edge-agent's engine (parent process, worker child)
+- edge-agent's daemon over MQTT (mosquitto on loopback, MQTT 5 response topic)
+- llama-cpp-python's own OpenAI-compatible server over HTTP (``llama_cpp.server``)
+
+The paths take turns round by round, so machine noise hits them alike, and the figures are
+medians. Also measured: the daemon's idle parent RSS and CPU with the model loaded.
+
+    ~/.cache/edge-agent/venv/bin/python scripts/bench_decode.py [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "scripts"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import llama_cpp  # noqa: E402
+import msgspec  # noqa: E402
+import paho.mqtt.client as paho  # noqa: E402
+import psutil  # noqa: E402
+import yaml  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+
+from agent.catalog.select import plan_selection  # noqa: E402
+from agent.config import AgentConfig, ModelConfig, RuntimeConfig  # noqa: E402
+from agent.log import configure_logging  # noqa: E402
+from agent.runtime.engine import Engine  # noqa: E402
+from agent.runtime.request import GenerateRequest  # noqa: E402
+from bench_http import LlamaServer  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+DEVICE = "bench-decode"
+
+
+def ladder_dir() -> Path:
+    return Path(os.environ.get("EDGE_AGENT_LADDER", Path.home() / ".cache/edge-agent/ladder"))
+
+
+class Timing:
+    """Arrival times of the pieces of one streamed answer, as its client saw them."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.arrivals: list[float] = []
+
+    def piece(self) -> None:
+        self.arrivals.append(time.perf_counter())
+
+    def result(self, tokens: int | None = None) -> dict:
+        tokens = tokens if tokens is not None else len(self.arrivals)
+        first, last = self.arrivals[0], self.arrivals[-1]
+        return {"ttft_ms": (first - self.started) * 1000,
+                "decode_tps": (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0}
+
+
+class InProcess:
+    def __init__(self, model: Path, **settings) -> None:
+        self.llm = llama_cpp.Llama(model_path=str(model), verbose=False, **settings)
+
+    def ask(self, max_tokens: int) -> dict:
+        timing = Timing()
+        for _ in self.llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0, seed=1,
+                                            stream=True):
+            timing.piece()
+        return timing.result()
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class ThroughEngine:
+    def __init__(self, selection, work: Path) -> None:
+        self.engine = Engine(RuntimeConfig(flash_attn=selection.flash_attn), state_dir=work / "engine-state",
+                             device_id=DEVICE)
+        self.engine.load(selection)
+        self.count = 0
+
+    def ask(self, max_tokens: int) -> dict:
+        self.count += 1
+        timing = Timing()
+        final: dict = {}
+        request = GenerateRequest(id=f"e{self.count}", prompt=PROMPT, max_tokens=max_tokens,
+                                  temperature=0.0, seed=1)
+        for record in self.engine.generate(request):
+            if "delta" in record:
+                timing.piece()
+            final = record
+        return timing.result(final["usage"]["completion_tokens"])
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class OverMQTT:
+    def __init__(self, config: dict, work: Path) -> None:
+        self.broker = Broker(work / "broker").start()
+        config = {**config, "mqtt": {"host": self.broker.host, "port": self.broker.port}}
+        (work / "agent.yaml").write_text(yaml.safe_dump(config))
+        self.daemon = subprocess.Popen(
+            [str(Path(sys.executable).with_name("edge-agent")), "run", "--config", str(work / "agent.yaml")],
+            stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "wb"))
+        self.cond = threading.Condition()
+        self.timings: dict[str, Timing] = {}
+        self.finals: dict[str, dict] = {}
+        self.meta: dict = {}
+        self.ready = threading.Event()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-decode-client",
+                                  protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect(self.broker.host, self.broker.port)
+        self.client.subscribe("bench/decode/replies", 1)
+        self.client.subscribe(f"edge/v1/{DEVICE}/status", 1)
+        self.client.subscribe(f"edge/v1/{DEVICE}/meta", 1)
+        self.client.loop_start()
+        deadline = time.monotonic() + 300
+        while not self.ready.wait(0.5):
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon not ready: {(work / 'daemon.log').read_text()[-2000:]}")
+        self.count = 0
+
+    def _on_message(self, client, userdata, message) -> None:
+        now = time.perf_counter()
+        body = json.loads(message.payload)
+        if message.topic.endswith("/status"):
+            if body.get("state") == "ready":
+                self.ready.set()
+            return
+        if message.topic.endswith("/meta"):
+            self.meta = body
+            return
+        with self.cond:
+            timing = self.timings.get(body["id"])
+            if timing is None:
+                return
+            if body.get("done"):
+                self.finals[body["id"]] = body
+                self.cond.notify_all()
+            elif body.get("delta"):
+                timing.arrivals.append(now)
+
+    def ask(self, max_tokens: int) -> dict:
+        self.count += 1
+        request_id = f"m{self.count}"
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "bench/decode/replies"
+        props.CorrelationData = request_id.encode()
+        body = {"id": request_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
+        with self.cond:
+            self.timings[request_id] = Timing()
+        self.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1, properties=props)
+        with self.cond:
+            if not self.cond.wait_for(lambda: request_id in self.finals, 120):
+                raise RuntimeError(f"no final reply for {request_id}")
+        return self.timings[request_id].result(self.finals[request_id]["usage"]["completion_tokens"])
+
+    def idle_footprint(self, seconds: float = 10.0) -> dict:
+        parent = psutil.Process(self.daemon.pid)
+        workers = [c for c in parent.children(recursive=True) if "agent.runtime.worker" in " ".join(c.cmdline())]
+        before = parent.cpu_times()
+        time.sleep(seconds)
+        after = parent.cpu_times()
+        cpu_s = (after.user + after.system) - (before.user + before.system)
+        return {"parent_rss_mib": parent.memory_info().rss / 2**20,
+                "parent_cpu_percent": 100 * cpu_s / seconds,
+                "worker_rss_mib": sum(w.memory_info().rss for w in workers) / 2**20}
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.daemon.terminate()
+        self.daemon.wait(60)
+        self.broker.stop()
+
+
+class OverHTTP:
+    def __init__(self, model: Path, selection) -> None:
+        self.server = LlamaServer(model, n_ctx=selection.n_ctx, n_threads=selection.n_threads,
+                                  n_batch=selection.n_batch)
+
+    def ask(self, max_tokens: int) -> dict:
+        result = self.server.stream(PROMPT, max_tokens)
+        return {"ttft_ms": result["ttft_ms"], "decode_tps": result["decode_tokens_per_s"]}
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int = 64) -> dict:
+    ladder = ladder_dir()
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        work = Path(tmp)
+        model_config = {"manifest": str(ladder / "manifest.json"), "pin": quant}
+        agent_config = AgentConfig(device_id=DEVICE, state_dir=str(work / "plan-state"),
+                                   model=ModelConfig(**model_config))
+        selection = plan_selection(agent_config, manifest_source=agent_config.model.manifest,
+                                   state_dir=agent_config.state_dir)
+        selection = msgspec.structs.replace(selection, model_path=str(ladder / selection.file))
+        model = ladder / selection.file
+        settings = {"n_ctx": selection.n_ctx, "n_threads": selection.n_threads, "n_batch": selection.n_batch,
+                    "n_ubatch": selection.n_ubatch, "flash_attn": selection.flash_attn}
+        daemon_config = {
+            "device_id": DEVICE, "state_dir": str(work / "daemon-state"), "cache_dir": str(work / "models"),
+            "model": model_config, "telemetry": {"interval_s": 30.0},
+            "log": {"json": True, "level": "warning"},
+        }
+        paths = {
+            "llama-cpp-python in-process": lambda: InProcess(model, **settings),
+            "llama-cpp-python naive defaults": lambda: InProcess(model, n_ctx=2048),
+            "edge-agent engine": lambda: ThroughEngine(selection, work),
+            "edge-agent daemon over MQTT": lambda: OverMQTT(daemon_config, work),
+            "llama_cpp.server over HTTP": lambda: OverHTTP(model, selection),
+        }
+        runners = {}
+        results: dict[str, list[dict]] = {name: [] for name in paths}
+        footprint = None
+        try:
+            for name, make in paths.items():
+                runners[name] = make()
+                runners[name].ask(4)  # warm-up: first-use allocations are not what users see
+            for _ in range(rounds):
+                for name, runner in runners.items():
+                    results[name] += [runner.ask(max_tokens) for _ in range(asks)]
+            footprint = runners["edge-agent daemon over MQTT"].idle_footprint()
+            daemon_settings = (runners["edge-agent daemon over MQTT"].meta.get("selection") or {})
+        finally:
+            for runner in runners.values():
+                runner.close()
+
+    baseline = "llama-cpp-python in-process"
+    table = {}
+    for name, rows in results.items():
+        table[name] = {"decode_tps": statistics.median(r["decode_tps"] for r in rows),
+                       "ttft_ms": statistics.median(r["ttft_ms"] for r in rows)}
+    base = table[baseline]
+    engine = table["edge-agent engine"]
+    for name, row in table.items():
+        row["decode_ratio"] = row["decode_tps"] / base["decode_tps"]
+        row["ttft_overhead_ms"] = row["ttft_ms"] - engine["ttft_ms"]
+    return {"model": selection.file, "settings": settings,
+            "daemon_selection": {k: daemon_settings.get(k) for k in ("quant", "n_ctx", "n_threads", "n_batch", "flash_attn")},
+            "rounds": rounds, "asks_per_round": asks, "max_tokens": max_tokens, "paths": table,
+            "daemon_idle": footprint, "load_average": os.getloadavg()}
+
+
+def print_table(result: dict) -> None:
+    print(f"model {result['model']}  settings {result['settings']}  "
+          f"(load average {result['load_average'][0]:.1f})")
+    print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'vs engine':>10}")
+    for name, row in result["paths"].items():
+        print(f"{name:34} {row['decode_tps']:12.1f} {row['decode_ratio']:7.3f} {row['ttft_ms']:9.1f} "
+              f"{row['ttft_overhead_ms']:+10.1f}")
+    idle = result["daemon_idle"]
+    print(f"daemon idle with the model loaded: parent RSS {idle['parent_rss_mib']:.1f} MiB, "
+          f"parent CPU {idle['parent_cpu_percent']:.2f} %, worker RSS {idle['worker_rss_mib']:.1f} MiB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant", default="Q4_K_M")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--asks", type=int, default=3, help="prompts per path per round")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    configure_logging("warning")
+    result = run(args.quant, args.rounds, args.asks, args.max_tokens)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
