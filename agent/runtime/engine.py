@@ -61,6 +61,9 @@ POLL_S = 0.05
 # to the maximum: quick after a passing fault, gentle on a model that truly cannot load.
 RESTART_RETRY_FIRST_S = 1.0
 RESTART_RETRY_MAX_S = 60.0
+# How often an idle engine looks at its worker, so one that died between requests (OOM
+# killer, a stray signal) is restarted before the next request arrives.
+IDLE_WATCH_S = 0.5
 
 RecordCallback = Callable[[dict[str, Any]], None]
 EventCallback = Callable[[dict[str, Any]], None]
@@ -534,10 +537,14 @@ class Engine:
             expired: list[_Job] = []
             job: _Job | None = None
             loaded: _Loaded | None = None
+            died_idle: _Loaded | None = None
             with self._cond:
                 while True:
                     if self._closed:
                         return
+                    if self._loaded is not None and self._loaded.worker.exited.is_set() and not self._holds:
+                        died_idle = self._loaded  # restart it now, not on the next request's back
+                        break
                     now = time.monotonic()
                     for queued in list(self._queue):
                         if queued.cancel_reason or queued.deadline <= now:
@@ -553,8 +560,11 @@ class Engine:
                         job, loaded = self._queue.popleft(), self._loaded
                         self._running, self._busy = job, loaded
                         break
-                    wait = min((q.deadline - now for q in self._queue), default=None)
-                    self._cond.wait(max(wait, POLL_S) if wait is not None else None)
+                    wait = min((q.deadline - now for q in self._queue), default=IDLE_WATCH_S)
+                    self._cond.wait(max(min(wait, IDLE_WATCH_S), POLL_S))
+            if died_idle is not None:
+                self._recover(died_idle, describe_exit(died_idle.worker.returncode) + " while idle")
+                continue
             for gone in expired:
                 self._expire(gone)
             if job is not None and loaded is not None:

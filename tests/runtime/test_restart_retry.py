@@ -47,3 +47,18 @@ def test_failed_restart_is_retried_until_the_model_is_back(make_engine, selectio
         time.sleep(0.2)
     assert engine.selection is not None, [e["event"] for e in events]
     assert "error" not in ask(engine, "after")
+
+
+def test_worker_that_dies_while_idle_is_restarted_before_the_next_request(make_engine, selection_for) -> None:
+    events: list[dict] = []
+    engine = make_engine(events)
+    engine.load(selection_for("Q2_K"))
+    first_pid = engine.stats()["worker"]["pid"]
+    os.kill(first_pid, signal.SIGKILL)  # an OOM killer's doing, between requests
+    deadline = time.monotonic() + 30
+    while (engine.stats()["worker"] or {}).get("pid") in (None, first_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.stats()["worker"]["pid"] != first_pid
+    crash = next(e for e in events if e["event"] == "worker_crashed")
+    assert "SIGKILL" in crash["reason"] and "idle" in crash["reason"]
+    assert "error" not in ask(engine, "after-idle-death")  # nobody paid for the crash
