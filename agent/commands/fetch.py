@@ -16,9 +16,8 @@ import sys
 import msgspec
 
 from agent.catalog.select import plan_selection
-from agent.commands.select import parse_size
+from agent.commands.select import size_arg
 from agent.config import load_config
-from agent.errors import ConfigError
 from agent.fetch.progress import TerminalProgressBar
 from agent.fetch.store import ModelStore
 from agent.log import configure_logging
@@ -26,19 +25,13 @@ from agent.log import configure_logging
 HELP = "select and download a model with resume and sha256 check"
 
 
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", help="manifest path or http(s) URL (default: model.manifest)")
     parser.add_argument("--config", help="agent config file (YAML)")
-    parser.add_argument("--memory", type=_size_arg,
+    parser.add_argument("--memory", type=size_arg,
                         help="RAM budget instead of the probed one, e.g. 2GiB")
-    parser.add_argument("--vram", type=_size_arg, help="free VRAM instead of the probed one")
+    parser.add_argument("--vram", type=size_arg, help="free VRAM instead of the probed one")
     parser.add_argument("--profile", help="use this profile instead of matching one")
     parser.add_argument("--pin", help="fetch this quant, e.g. Q4_K_M (an error if it does not fit)")
     parser.add_argument("--model", help="which model of the manifest (default: the first)")

@@ -39,7 +39,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * factor)
 
 
-def _size_arg(text: str) -> int:
+def size_arg(text: str) -> int:
+    """argparse type for sizes such as 2GiB, 512MiB, 1.5G."""
     try:
         return parse_size(text)
     except ConfigError as exc:
@@ -51,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="agent config file (YAML)")
     parser.add_argument("--explain", action="store_true", help="show every candidate and why it won or lost")
     parser.add_argument("--json", action="store_true", help="print the Selection as JSON")
-    parser.add_argument("--memory", type=_size_arg, help="RAM budget instead of the probed one, e.g. 2GiB")
-    parser.add_argument("--vram", type=_size_arg, help="free VRAM instead of the probed one, e.g. 4GiB")
-    parser.add_argument("--headroom", type=_size_arg, help="RAM kept free, instead of the profile's")
+    parser.add_argument("--memory", type=size_arg, help="RAM budget instead of the probed one, e.g. 2GiB")
+    parser.add_argument("--vram", type=size_arg, help="free VRAM instead of the probed one, e.g. 4GiB")
+    parser.add_argument("--headroom", type=size_arg, help="RAM kept free, instead of the profile's")
     parser.add_argument("--profile", help="use this profile instead of matching one")
     parser.add_argument("--pin", help="force a variant by quant, e.g. Q4_K_M (an error if it does not fit)")
     parser.add_argument("--model", help="which model of the manifest (default: the first)")
