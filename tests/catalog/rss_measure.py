@@ -3,7 +3,7 @@
 A child ``python -c`` imports llama_cpp, takes its RSS as the baseline, loads the model
 with the settings the estimator assumes, evaluates one full ubatch of prompt (so the
 compute buffers the daemon will use are touched, and the KV cache is written) and a few
-decode steps, then reports its peak RSS (ru_maxrss) and the split into anonymous and
+decode steps, then reports its peak RSS (VmHWM) and the split into anonymous and
 file-backed pages. Growth = peak - baseline: what a worker adds on top of an idle
 interpreter with llama_cpp imported. With mmap, the model file's pages count once they are
 mapped (llama.cpp populates the mapping on load), exactly as they do for the daemon.
@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import llama_cpp
 params = json.loads(sys.argv[1])
 
@@ -44,7 +44,10 @@ llm.eval([100 + (i % 1000) for i in range(n_prompt)])
 for step in range(4):
     llm.eval([200 + step])
 after = status()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: the kernel carries ru_maxrss over exec from the parent's address
+# space, so a child of a big process (a benchmark that loaded models) would report the
+# parent's peak. VmHWM belongs to this process image alone.
+peak = after["VmHWM"]
 print(json.dumps({"before": before, "loaded": loaded, "after": after, "peak_rss": peak,
                   "n_ctx_actual": llm.n_ctx(), "n_prompt": n_prompt}))
 """
