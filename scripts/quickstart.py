@@ -101,7 +101,8 @@ def start_broker(services: Services, run_dir: Path, port: int) -> str:
     )
     if mosquitto:
         conf = run_dir / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        # set_tcp_nodelay: streamed chunks are small packets; Nagle would hold each up to 40 ms.
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
         services.start("broker", [mosquitto, "-c", str(conf)])
         kind = "mosquitto"
     else:

@@ -44,6 +44,9 @@ class Broker:
             f"persistence_location {workdir}/",
             "autosave_interval 1",
             "max_queued_messages 10000",
+            # Streamed reply chunks are small packets; with Nagle on, mosquitto holds each one
+            # until the subscriber's delayed ACK (up to 40 ms) of the one before.
+            "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
