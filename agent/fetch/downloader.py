@@ -172,8 +172,9 @@ class _Part:
     then to a writer thread, then back to the free list. hashlib and os.write release the
     GIL, so sha256, disk writes and receiving run at once on three buffers: with one
     thread doing both, hash plus write was the slowest stage and held the download to
-    that rate. The fixed buffers bound memory and nothing is allocated per chunk. ``settle()`` waits for the writer; ``offset`` counts accepted
-    bytes and equals the file's size once settled.
+    that rate. The fixed buffers bound memory and nothing is allocated per chunk.
+    ``settle()`` waits for both threads; ``offset`` counts accepted bytes and equals the
+    file's size once settled.
 
     ``<name>.part.json`` remembers the URL and validator (ETag or Last-Modified) of the
     response that produced the bytes, so a later process can resume with If-Range.
@@ -718,7 +719,8 @@ class Downloader:
             try:
                 count = sock.recv_into(space, min(len(space), size - part.offset))
             except TimeoutError as exc:
-                raise _Transient(f"ReadTimeout: no data for {self.config.read_timeout_s} s") from exc
+                timeout_s = self.config.read_timeout_s
+                raise _Transient(f"ReadTimeout: no data for {timeout_s} s") from exc
             except OSError as exc:
                 raise _Transient(f"ReadError: {exc}") from exc
             if not count:
