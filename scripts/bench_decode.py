@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -129,6 +130,11 @@ class OverMQTT:
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-decode-client",
                                   protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
+        # Nagle off, as the daemon's own client has it: this client publishes the next prompt
+        # right after acknowledging the last status, and with Nagle on that publish waits for
+        # the broker's delayed ACK (~40 ms), a cost of this client's settings, not the daemon's.
+        self.client.on_socket_open = lambda client, userdata, sock: sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.connect(self.broker.host, self.broker.port)
         self.client.subscribe("bench/decode/replies", 1)
         self.client.subscribe(f"edge/v1/{DEVICE}/status", 1)
