@@ -74,6 +74,19 @@ class Will:
     delay_s: int = 0  # MQTT 5 Will Delay Interval; ignored on 3.1.1
 
 
+class _PackedOnce(Properties):
+    """PUBLISH properties that are packed once: paho packs them again for every publish."""
+
+    _packed: bytes | None = None
+
+    def pack(self) -> bytes:
+        if self._packed is None:
+            # Properties.__setattr__ accepts only MQTT property names.
+            object.__setattr__(self, "_packed", super().pack())
+        assert self._packed is not None
+        return self._packed
+
+
 class MQTTClient:
     def __init__(
         self,
@@ -97,6 +110,7 @@ class MQTTClient:
         self._ack_lock = threading.Condition()
         self._unacked: set[int] = set()
         self._early_acks: OrderedDict[int, None] = OrderedDict()
+        self._last_properties: tuple[bytes, Properties] | None = None
 
         self._client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
@@ -192,8 +206,7 @@ class MQTTClient:
         """
         properties = None
         if correlation_data is not None and self.is_v5:
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = correlation_data
+            properties = self._correlation_properties(correlation_data)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
             log.error("mqtt_outgoing_queue_full", topic=topic, limit=self.config.outgoing_queue_limit)
@@ -206,6 +219,18 @@ class MQTTClient:
             else:
                 self._unacked.add(info.mid)
         return True
+
+    def _correlation_properties(self, correlation_data: bytes) -> Properties:
+        # A streamed reply publishes one chunk per token with the same Correlation Data;
+        # building and packing paho's Properties each time was a measurable share of the
+        # per-chunk cost, so the last one is reused (read-only once made; paho only packs it).
+        cached = self._last_properties
+        if cached is not None and cached[0] == correlation_data:
+            return cached[1]
+        properties = _PackedOnce(PacketTypes.PUBLISH)
+        properties.CorrelationData = correlation_data
+        self._last_properties = (correlation_data, properties)
+        return properties
 
     # -- paho callbacks (network thread: decode and enqueue only) ---------------------------
 

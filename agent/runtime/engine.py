@@ -8,8 +8,10 @@ Threads and ownership:
 - the caller's threads: submit() validates, counts prompt tokens through the worker
   (a quick ``count`` frame) and enqueues; cancel(), drain(), resume(), stats() take the lock.
 - one ``engine`` thread (the dispatcher) runs one generation at a time in arrival order,
-  calls ``on_record`` for every chunk and final record, enforces deadlines and restarts a
-  crashed worker down the fallback ladder.
+  calls ``on_record`` for the final record, enforces deadlines and restarts a crashed worker
+  down the fallback ladder. The running request's chunks reach ``on_record`` from the
+  worker's frame-reader thread (one thread wake-up per token instead of two); a per-job lock
+  keeps the calls one at a time and no chunk after the final.
 - load() and swap() run the ladder on the caller's thread; a parallel swap loads the new
   worker while the dispatcher keeps serving on the old one.
 - each WorkerProcess has two reader threads of its own (agent.runtime.process).
@@ -70,7 +72,7 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 
 class _Job:
-    __slots__ = ("request", "on_record", "frame", "deadline", "cancel_reason", "cancel_sent")
+    __slots__ = ("request", "on_record", "frame", "deadline", "cancel_reason", "cancel_sent", "_lock", "_finished")
 
     def __init__(self, request: GenerateRequest, on_record: RecordCallback, frame: dict[str, Any], deadline: float) -> None:
         self.request = request
@@ -79,12 +81,22 @@ class _Job:
         self.deadline = deadline
         self.cancel_reason: str | None = None
         self.cancel_sent: float | None = None
+        self._lock = threading.Lock()
+        self._finished = False
 
     def deliver(self, record: dict[str, Any]) -> None:
-        try:
-            self.on_record(record)
-        except Exception:  # a broken consumer must not take the engine thread down with it
-            log.exception("on_record_failed", request_id=self.request.id)
+        # Chunks come from the worker's reader thread, finals from the engine thread: the
+        # lock keeps on_record calls one at a time, and a late chunk (a worker killed at its
+        # deadline) is dropped rather than sent after the final.
+        with self._lock:
+            if self._finished:
+                return
+            if record.get("done"):
+                self._finished = True
+            try:
+                self.on_record(record)
+            except Exception:  # a broken consumer must not take the engine's threads down with it
+                log.exception("on_record_failed", request_id=self.request.id)
 
     def fail(self, code: str, message: str) -> dict[str, Any]:
         final = {"id": self.request.id, "done": True, "error": {"code": code, "message": message}}
@@ -590,6 +602,15 @@ class Engine:
     def _run(self, job: _Job, loaded: _Loaded) -> None:
         worker = loaded.worker
         request_id = job.request.id
+        worker.stream_to(request_id, job.deliver)
+        try:
+            self._await_final(job, loaded)
+        finally:
+            worker.stream_to(None)
+
+    def _await_final(self, job: _Job, loaded: _Loaded) -> None:
+        worker = loaded.worker
+        request_id = job.request.id
         worker.send(job.frame)
         while True:
             now = time.monotonic()
@@ -605,10 +626,10 @@ class Engine:
                 record = worker.records.get(timeout=POLL_S if job.cancel_reason else max(min(job.deadline - now, 1.0), POLL_S))
             except queue.Empty:
                 continue
+            # The running request's chunks go to job.deliver from the reader thread; a chunk
+            # here is a stale one from before and is dropped.
             kind = record.pop("type", None)
-            if kind == "chunk":
-                job.deliver(record)
-            elif kind == "final":
+            if kind == "final":
                 job.deliver(record)
                 self._metrics.record(record)
                 return

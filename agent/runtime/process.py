@@ -1,7 +1,8 @@
 """The parent's handle on one worker process: spawn, frames in and out, exit, RSS.
 
 A reader thread turns the worker's frames into a queue of records (``count`` replies go
-to whoever asked); a second thread keeps the tail of llama.cpp's stderr so a crash can be
+to whoever asked; the chunks of the request set with ``stream_to`` go straight to its sink,
+a thread hop less per token); a second thread keeps the tail of llama.cpp's stderr so a crash can be
 explained. When the worker exits, the queue gets ``{"type": "exit", "returncode": …}``.
 No llama_cpp here: this runs in the daemon.
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -48,6 +50,8 @@ class WorkerProcess:
         self._counts: dict[int, tuple[threading.Event, list[dict[str, Any]]]] = {}
         self._counts_lock = threading.Lock()
         self._tags = itertools.count(1)
+        # (request id, sink) for the running request's chunks; swapped whole, read by the reader.
+        self._chunk_sink: tuple[str, Callable[[dict[str, Any]], None]] | None = None
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
         self._proc = subprocess.Popen(
@@ -91,6 +95,11 @@ class WorkerProcess:
                         waiter[1].append(message)
                         waiter[0].set()
                     continue
+                sink = self._chunk_sink
+                if sink is not None and message.get("type") == "chunk" and message.get("id") == sink[0]:
+                    del message["type"]
+                    sink[1](message)
+                    continue
                 self.records.put(message)
         except (OSError, ProtocolError) as exc:
             log.error("worker_protocol_error", pid=self.pid, error=str(exc))
@@ -111,6 +120,14 @@ class WorkerProcess:
             if line:
                 self.stderr_tail.append(line)
                 log.debug("worker_output", pid=self.pid, line=line)
+
+    def stream_to(self, request_id: str | None, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Deliver ``request_id``'s chunks to ``sink`` on the reader thread (None: to ``records``).
+
+        Each token's chunk then costs the parent one thread wake-up, not two: on a small
+        board the worker's compute threads hold every core, and every wake-up preempts one.
+        """
+        self._chunk_sink = (request_id, sink) if request_id is not None and sink is not None else None
 
     def send(self, message: dict[str, Any]) -> bool:
         """Send one frame; False when the worker is already gone."""
