@@ -29,7 +29,8 @@ Threads, and what each owns (one model: threads that talk through queues and one
 - ``ops``: owns model changes (reload, select, fetch, bench, pin, set_manifest), one at a time.
 - ``telemetry``: one message every ``telemetry.interval_s`` after a jittered start, waiting
   on ``stop_event.wait(interval)`` so shutdown is immediate.
-- the engine's own thread (agent.runtime.engine) calls ``_on_record``, which only publishes
+- the engine's threads call ``_on_record`` (chunks from the worker's frame-reader thread,
+  the final from the engine's dispatcher, one at a time per request), which only publishes
   (paho's publish is thread-safe) and stores the final in the idempotency record.
 
 This module decides and wires; it must not parse payloads (agent.mqtt.payloads), name topics
