@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.mqtt.conftest import Observer
-from tests.test_daemon import BASE, RunningDaemon, wait_final, wait_ready
+from tests.support.daemon import BASE, RunningDaemon, wait_final, wait_ready
+from tests.support.observer import Observer
 
 
 @pytest.fixture

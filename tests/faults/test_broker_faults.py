@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.support.broker import Broker
-from tests.test_daemon import BASE, RunningDaemon, wait_ready
+from tests.support.daemon import BASE, RunningDaemon, wait_ready
 
 PROMPTS = 200
 RESTARTS = 10

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import threading
@@ -21,9 +20,9 @@ import psutil
 import pytest
 
 from agent.catalog.signing import generate_keypair, sign_manifest
-from tests.mqtt.conftest import Observer
 from tests.support.broker import Broker
-from tests.test_daemon import BASE, RunningDaemon, wait_ready
+from tests.support.daemon import BASE, RunningDaemon, wait_ready
+from tests.support.observer import Observer
 
 
 def single_variant_manifest(ladder_dir: Path, directory: Path, quant: str, *, link_file: bool = True) -> Path:

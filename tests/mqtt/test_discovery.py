@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import re
 
-from tests.mqtt.conftest import Observer
-from tests.test_daemon import BASE, RunningDaemon, wait_ready
+from tests.support.daemon import BASE, RunningDaemon, wait_ready
+from tests.support.observer import Observer
 
 
 def field_path(template: str) -> list[str]:
