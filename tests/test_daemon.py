@@ -20,7 +20,7 @@ from tests.support.daemon import (
     wait_final,
     wait_ready,
 )
-from tests.support.observer import Observer
+from tests.support.observer import Observers
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +40,9 @@ def daemon(tmp_path_factory, module_broker, ladder_dir):
 
 @pytest.fixture
 def watch(module_broker):
-    made: list[Observer] = []
-
-    def connect(*subscriptions: str) -> Observer:
-        observer = Observer(module_broker.host, module_broker.port)
-        for topic in subscriptions:
-            observer.subscribe(topic)
-        made.append(observer)
-        return observer
-
-    yield connect
-    for observer in made:
-        observer.close()
+    observers = Observers(module_broker)
+    yield observers.connect
+    observers.close()
 
 
 def test_ready_notify_and_retained_status_and_meta(daemon, watch):

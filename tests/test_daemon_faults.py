@@ -12,23 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.daemon import BASE, RunningDaemon, wait_final, wait_ready
-from tests.support.observer import Observer
+from tests.support.observer import Observer, Observers
 
 
 @pytest.fixture
 def observer_for(broker):
-    made: list[Observer] = []
-
-    def connect(*subscriptions: str) -> Observer:
-        observer = Observer(broker.host, broker.port)
-        for topic in subscriptions:
-            observer.subscribe(topic)
-        made.append(observer)
-        return observer
-
-    yield connect
-    for observer in made:
-        observer.close()
+    observers = Observers(broker)
+    yield observers.connect
+    observers.close()
 
 
 @pytest.mark.slow

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.observer import Observer
+from tests.support.observer import Observers
 
 
 @pytest.fixture
 def observer(broker):
-    made: list[Observer] = []
-
-    def connect() -> Observer:
-        made.append(Observer(broker.host, broker.port))
-        return made[-1]
-
-    yield connect
-    for o in made:
-        o.close()
+    observers = Observers(broker)
+    yield observers.connect
+    observers.close()

@@ -4,8 +4,8 @@ retried in the background until the device serves again, without a person."""
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 import time
 from pathlib import Path
 

@@ -86,3 +86,22 @@ class Observer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Observers:
+    """Observers made on one broker during a test, each subscribed as asked; closed together."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker
+        self.made: list[Observer] = []
+
+    def connect(self, *subscriptions: str) -> Observer:
+        observer = Observer(self.broker.host, self.broker.port)
+        for topic in subscriptions:
+            observer.subscribe(topic)
+        self.made.append(observer)
+        return observer
+
+    def close(self) -> None:
+        for observer in self.made:
+            observer.close()
