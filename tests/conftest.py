@@ -1,4 +1,9 @@
-"""Shared fixtures: a real Mosquitto broker, the real model ladder, a real Range HTTP server."""
+"""Shared fixtures: a real Mosquitto broker, the real model ladder, a real Range HTTP server.
+
+Also the skip log for .ci/run: with ``$EDGE_AGENT_SKIP_LOG`` set, every skipped (or xfailed)
+test and collector is appended there as one JSON line, so CI can fail on a skip it does not
+expect instead of letting a missing tool silently shrink the suite.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,29 @@ import pytest
 
 from tests.support.broker import Broker
 from tests.support.range_server import RangeServer
+from tests.support.signing import sign_file
+
+
+def _log_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    path = os.environ.get("EDGE_AGENT_SKIP_LOG")
+    if not path or not report.skipped:
+        return
+    if hasattr(report, "wasxfail"):
+        reason = f"xfail: {report.wasxfail}"
+    elif isinstance(report.longrepr, tuple):  # (file, line, "Skipped: reason")
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+    else:
+        reason = str(report.longrepr)
+    with open(path, "a") as log:
+        log.write(json.dumps({"nodeid": report.nodeid, "reason": reason}) + "\n")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _log_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _log_skip(report)
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +46,7 @@ def ladder_dir() -> Path:
     path = Path(os.environ.get("EDGE_AGENT_LADDER", Path.home() / ".cache/edge-agent/ladder"))
     if not (path / "manifest.json").exists():
         pytest.fail(f"no model ladder at {path}: run scripts/make-test-models (scripts/test does)")
+    sign_file(path / "manifest.json")  # signed with the test key that RunningDaemon pins
     return path
 
 
