@@ -12,6 +12,8 @@ stable machine-readable ``code`` and a message that says what to do::
     ├── FetchError             fetch_failed       download failed on every mirror
     │   ├── ChecksumError      checksum_mismatch  size or sha256 differs from the manifest
     │   └── DiskFullError      disk_full          not enough free disk for the download
+    ├── StoreError             store_unsafe       the model store is a symlink, someone else's, writable by
+    │                                             others, or holds a link where the store writes a file
     ├── RequestError           bad_request        a prompt/cmd payload is invalid (message names the field)
     │   ├── TooLongError       too_long           the prompt does not fit the context
     │   └── UnknownOpError     unknown_op         a cmd names an op the agent does not have
@@ -79,6 +81,10 @@ class ChecksumError(FetchError):
 
 class DiskFullError(FetchError):
     code = "disk_full"
+
+
+class StoreError(EdgeAgentError):
+    code = "store_unsafe"
 
 
 class RequestError(EdgeAgentError):

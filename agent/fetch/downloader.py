@@ -1,7 +1,9 @@
 """Verified downloads: one file from a list of mirrors into a final path, or not at all.
 
 The bytes go to ``<name>.part`` beside the target while an exclusive ``fcntl`` lock on
-``<name>.lock`` is held, so two processes never write one part. sha256 is computed as the
+``<name>.lock`` is held, so two processes never write one part. Both are opened with
+``O_NOFOLLOW`` and must be regular files with one link: a symlink planted there (pointing at
+a file the fetching user, maybe root, can write) is refused, never truncated. sha256 is computed as the
 bytes are written (a hasher and a writer thread, beside the receive loop); a resumed
 download hashes the bytes it already has first. An HTTP/1.1 body of known length is read
 from the socket straight into 1 MiB buffers once httpx has parsed the headers, instead of
@@ -34,6 +36,7 @@ import re
 import shutil
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -45,7 +48,7 @@ from typing import Callable
 import httpx
 
 from agent.config import FetchConfig
-from agent.errors import ChecksumError, DiskFullError, FetchError
+from agent.errors import ChecksumError, DiskFullError, FetchError, StoreError
 from agent.fetch.progress import ProgressCallback, ProgressReporter
 from agent.log import get_logger
 
@@ -92,6 +95,28 @@ class _MirrorRejected(Exception):
         self.mismatch = mismatch
 
 
+def open_store_file(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` for a file the store writes: never through a symlink, never inherited
+    by a child, and only a regular file with one link (a hard link to someone else's file
+    is the same attack as a symlink). Raises StoreError naming the path otherwise."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        # ELOOP on Linux and macOS, EMLINK on FreeBSD: the last component is a symlink.
+        if exc.errno in (errno.ELOOP, errno.EMLINK):
+            raise StoreError(
+                f"{path} is a symbolic link; the model store writes only files it made itself:"
+                " remove the link (and find out who planted it)", path=str(path)) from exc
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise StoreError(
+            f"{path} is not a plain file of the store (a device, FIFO or a hard link to another"
+            " file): remove it", path=str(path))
+    return fd
+
+
 class FileLock:
     """An exclusive ``fcntl.flock`` on a lock file, held for the ``with`` block.
 
@@ -104,7 +129,7 @@ class FileLock:
         self._fd: int | None = None
 
     def __enter__(self) -> FileLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_store_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -207,12 +232,21 @@ class _Part:
 
     @classmethod
     def open(cls, path: Path, size: int) -> _Part:
-        part = cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        part = cls(path, open_store_file(path, os.O_RDWR | os.O_CREAT))
         try:
-            meta = json.loads(part.meta_path.read_text())
-            part.source_url, part.validator = meta.get("url"), meta.get("validator")
-        except (OSError, ValueError, AttributeError):
+            fd = open_store_file(part.meta_path, os.O_RDONLY)
+        except FileNotFoundError:
             pass  # no record: resume without If-Range; the final sha256 still guards
+        except BaseException:
+            part.close()
+            raise
+        else:
+            try:
+                with os.fdopen(fd, "rb") as f:
+                    meta = json.loads(f.read(64 << 10))
+                part.source_url, part.validator = meta.get("url"), meta.get("validator")
+            except (OSError, ValueError, AttributeError):
+                pass  # unreadable record: as if there were none
         existing = os.fstat(part.fd).st_size
         if existing > size:
             part.reset()
@@ -252,7 +286,9 @@ class _Part:
         if (url, validator) == (self.source_url, self.validator):
             return
         self.source_url, self.validator = url, validator
-        self.meta_path.write_text(json.dumps({"url": url, "validator": validator}))
+        fd = open_store_file(self.meta_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"url": url, "validator": validator}))
 
     def space(self) -> memoryview:
         """The free end of the current buffer (waits for one while all are being written)."""

@@ -9,6 +9,13 @@ needs the network, and other files are evicted, least recently used first, beyon
 size budget. The index is rewritten atomically under a lock, so two agents sharing a
 store do not lose each other's records.
 
+The store root must be a real directory (not a symlink) owned by the user running the
+store and not writable by group or others, checked when a store is opened (so the daemon
+refuses to start on one) and before each fetch: whoever else can write there could plant
+a symlink for a root-run fetch to truncate its target, or swap a verified model for their
+own. Files the store writes are opened with ``O_NOFOLLOW`` (downloader.open_store_file);
+index temporaries are made fresh with ``O_EXCL``.
+
 A file already in the store is used without touching the network. When every mirror is
 unreachable the error says so (``offline``) and lists what the store still has.
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import time
 import urllib.parse
 import urllib.request
@@ -31,8 +39,8 @@ import msgspec
 
 from agent.catalog.selection import Selection
 from agent.config import FetchConfig
-from agent.errors import FetchError, ManifestError
-from agent.fetch.downloader import Downloader, FileLock, fsync_directory
+from agent.errors import FetchError, ManifestError, StoreError
+from agent.fetch.downloader import Downloader, FileLock, fsync_directory, open_store_file
 from agent.fetch.progress import ProgressCallback, ProgressReporter
 from agent.log import get_logger
 
@@ -93,6 +101,7 @@ class ModelStore:
             budget_bytes if budget_bytes is not None else self.fetch_config.store_budget_bytes
         )
         self._downloader = Downloader(self.fetch_config)
+        self.check_root()
 
     # ---- public -------------------------------------------------------------------
 
@@ -114,7 +123,7 @@ class ModelStore:
         sha256 = selection.sha256.lower()
         if not _SHA256.fullmatch(sha256):
             raise ManifestError(f"{name}: sha256 must be 64 hex characters", file=name)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.check_root()
 
         cached = self.find(sha256)
         if cached is not None:
@@ -144,6 +153,39 @@ class ModelStore:
             raise
         self._mark_current(sha256, name, selection.size)
         return dest
+
+    def check_root(self) -> None:
+        """Make the root if it is missing; raise StoreError unless it is a directory, not a
+        symlink, owned by this user and writable by nobody else."""
+        try:
+            info = os.lstat(self.root)
+        except FileNotFoundError:
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                # An explicit mode, not the default 0o777: under a umask of 002 that would be
+                # group-writable, and then refused below.
+                os.mkdir(self.root, 0o755)
+            except FileExistsError:
+                pass  # another process made it first; checked below like any other
+            info = os.lstat(self.root)
+        where = str(self.root)
+        if stat.S_ISLNK(info.st_mode):
+            raise StoreError(
+                f"model store {where} is a symbolic link: point cache_dir at the real"
+                " directory", path=where)
+        if not stat.S_ISDIR(info.st_mode):
+            raise StoreError(f"model store {where} is not a directory", path=where)
+        uid = os.geteuid()
+        if info.st_uid != uid:
+            raise StoreError(
+                f"model store {where} belongs to uid {info.st_uid}, not to this user (uid"
+                f" {uid}): run as its owner (sudo -u <owner> edge-agent ...) or use another"
+                " cache_dir", path=where, owner=info.st_uid, uid=uid)
+        if info.st_mode & 0o022:
+            raise StoreError(
+                f"model store {where} is writable by group or others (mode"
+                f" {stat.S_IMODE(info.st_mode):04o}): chmod go-w {where}",
+                path=where, mode=f"{stat.S_IMODE(info.st_mode):04o}")
 
     # ---- sources ------------------------------------------------------------------
 
@@ -182,7 +224,11 @@ class ModelStore:
 
     def _write_index(self, index: StoreIndex) -> None:
         temporary = self._index_path.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as f:
+        # Left by a crashed run of this pid, or planted: unlinking never touches a link's
+        # target, and O_EXCL then makes a new file or fails.
+        temporary.unlink(missing_ok=True)
+        fd = open_store_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "wb") as f:
             f.write(msgspec.json.format(msgspec.json.encode(index)))
             f.flush()
             os.fsync(f.fileno())
@@ -201,10 +247,12 @@ class ModelStore:
             return None
         path = self.root / record.file
         try:
-            if path.stat().st_size == record.size:
-                return path
+            # lstat: a symlink put in place of a verified file is not that file.
+            info = path.lstat()
         except FileNotFoundError:
-            pass
+            return None
+        if stat.S_ISREG(info.st_mode) and info.st_size == record.size:
+            return path
         return None
 
     def _mark_current(self, sha256: str, name: str, size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.catalog.selection import MemoryEstimate, Selection
-from agent.errors import ChecksumError, FetchError, ManifestError
+from agent.errors import ChecksumError, FetchError, ManifestError, StoreError
 from agent.fetch.downloader import sha256_of
 from agent.fetch.store import ModelStore
 from tests.fetch.payload import selection_for, served_file, write_payload
+from tests.support.broker import Broker
+from tests.support.daemon import RunningDaemon
 from tests.support.range_server import link_into
 
 MiB = 1 << 20
@@ -231,3 +234,97 @@ def test_two_processes_ensuring_one_file_download_it_once(tmp_path, range_server
     assert range_server.served.body_bytes == payload.size
     assert any("fetch_lock_wait" in err for _, err in results)
     assert sha256_of(tmp_path / "store" / "model.gguf") == payload.sha256
+
+
+# ---- a store someone else can write to ------------------------------------------------------
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("planted", ["a.gguf.part", "a.gguf.lock", "a.gguf.part.json"])
+def test_a_planted_symlink_in_the_store_is_never_followed(
+    tmp_path, range_server, fast_fetch, planted
+):
+    """The attack: whoever could write the store plants ``x.gguf.part -> victim``; a fetch
+    run by the store's owner (or root) must not truncate, write or create the target."""
+    payload = write_payload(tmp_path, "a.gguf", 2 * MiB)
+    selection = selection_for(payload, [served_file(range_server, payload)])
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious " * (MiB // 2))  # larger than the download: it would be cut
+    before = victim.read_bytes()
+    (tmp_path / "store").mkdir()
+    store = ModelStore(tmp_path / "store", fetch=fast_fetch)
+    (store.root / planted).symlink_to(victim)
+    dangling = store.root / "b.gguf.lock"  # a link to a path that does not exist yet
+    dangling.symlink_to(tmp_path / "created-by-the-fetch")
+
+    with pytest.raises(StoreError) as caught:
+        store.ensure(selection)
+
+    assert caught.value.code == "store_unsafe"
+    assert planted in caught.value.message
+    assert victim.read_bytes() == before
+    assert not (store.root / "a.gguf").exists()
+    other = write_payload(tmp_path, "b.gguf", MiB)
+    with pytest.raises(StoreError):
+        store.ensure(selection_for(other, [served_file(range_server, other)]))
+    assert not (tmp_path / "created-by-the-fetch").exists()
+
+
+def test_a_planted_index_temporary_is_replaced_not_followed(tmp_path, range_server, fast_fetch):
+    payload = write_payload(tmp_path, "a.gguf", MiB)
+    selection = selection_for(payload, [served_file(range_server, payload)])
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "store").mkdir()
+    store = ModelStore(tmp_path / "store", fetch=fast_fetch)
+    (store.root / f".index.json.{os.getpid()}.tmp").symlink_to(victim)
+
+    assert store.ensure(selection) == store.root / "a.gguf"
+
+    assert victim.read_bytes() == b"precious"
+    assert index_of(store)["current"] == payload.sha256
+
+
+@pytest.mark.parametrize("unsafe", ["group-writable", "world-writable", "symlink", "other-owner"])
+def test_a_store_directory_others_can_write_is_refused(tmp_path, fast_fetch, unsafe):
+    root = tmp_path / "store"
+    if unsafe == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        root.symlink_to(tmp_path / "elsewhere")
+    else:
+        root.mkdir()
+        root.chmod({"group-writable": 0o775, "world-writable": 0o1777}.get(unsafe, 0o755))
+        if unsafe == "other-owner":
+            if os.geteuid() != 0:
+                pytest.skip("needs root to give the directory to another user")
+            os.chown(root, NOBODY, NOBODY)
+
+    with pytest.raises(StoreError) as caught:
+        ModelStore(root, fetch=fast_fetch)
+
+    assert caught.value.code == "store_unsafe"
+    assert str(root) in caught.value.message
+
+
+def test_a_new_store_directory_is_made_safe_whatever_the_umask(tmp_path, fast_fetch):
+    old = os.umask(0o002)  # a desktop user's umask: group-writable by default
+    try:
+        store = ModelStore(tmp_path / "cache" / "models", fetch=fast_fetch)
+    finally:
+        os.umask(old)
+    assert store.root.stat().st_mode & 0o022 == 0
+
+
+def test_the_daemon_refuses_to_start_on_a_group_writable_store(tmp_path, broker: Broker, ladder_dir):
+    models = tmp_path / "daemon" / "models"
+    models.mkdir(parents=True)
+    models.chmod(0o775)
+    daemon = RunningDaemon(tmp_path / "daemon", broker, ladder_dir)
+    try:
+        code = daemon.start().process.wait(timeout=60)
+        log = daemon.log_path.read_text()
+    finally:
+        daemon.close()
+    assert code != 0
+    assert "store_unsafe" in log and str(models) in log
