@@ -22,7 +22,8 @@ Threads, and what each owns (one model: threads that talk through queues and one
 - main: signal handlers (they only set ``stop_event``), the sd_notify watchdog ping at half
   of WATCHDOG_USEC (only while the dispatcher's heartbeat is fresh, so a hung dispatcher gets
   the unit restarted), startup and shutdown.
-- paho's network thread (agent.mqtt.client): decodes messages into ``inbox``; nothing else.
+- paho's network thread (agent.mqtt.client), one per connection (the device's own, and the
+  pool's when ``mqtt.pool`` is set): decodes messages into ``inbox``; nothing else.
 - ``dispatcher``: owns ``inbox``. Validates prompts and commands, the idempotency record,
   submits prompts to the engine, answers quick commands (drain, resume, rebirth) and the birth
   messages after each connect; hands slow commands to ``ops``. Never blocks on a model.
@@ -171,6 +172,7 @@ class Daemon:
         )
         self.engine: Engine | None = None
         self.mqtt: MQTTClient | None = None
+        self.pool_mqtt: MQTTClient | None = None  # mqtt.pool's own connection (_make_pool_client)
         self._threads: list[threading.Thread] = []
         self._heartbeat = time.monotonic()
         self._status_lock = threading.Lock()
@@ -192,6 +194,7 @@ class Daemon:
         self.mqtt = self._make_mqtt_client()
         self._subscribe_all()
         self.mqtt.start()
+        self.pool_mqtt = self._make_pool_client()
         self._publish_status("starting")
 
         self.engine = Engine(
@@ -251,6 +254,8 @@ class Daemon:
             pending = len(self._inflight)
         self.notifier.stopping(f"stopping: finishing {pending} request(s)")
         log.info("stopping", in_flight=pending)
+        if self.pool_mqtt is not None:
+            self.pool_mqtt.stop()  # the pool's other members take its prompts from now on
         self.ops.put(None)
         for thread in self._threads:
             thread.join(timeout=STOP_GRACE_S if thread.name == "dispatcher" else 5.0)
@@ -303,8 +308,26 @@ class Daemon:
         self.mqtt.subscribe(self.topics.prompt, 1)
         self.mqtt.subscribe(self.topics.cmd, 1)
         self.mqtt.subscribe(self.topics.broadcast_cmd, 1)
-        if self.config.mqtt.pool:
-            self.mqtt.subscribe(topics.shared_pool_subscription(self.config.mqtt.pool, self.config.mqtt.topic_prefix), 1)
+
+    def _make_pool_client(self) -> MQTTClient | None:
+        """A second connection for the pool's shared subscription, with a session that ends
+        with it. Brokers (Mosquitto, EMQX, as MQTT allows) keep giving a shared subscription's
+        share to a member whose session outlives its connection, so on the device's persistent
+        session a killed agent's share of the pool's prompts would wait for it instead of going
+        to the rest of the pool. Same username, TLS and password as the device's connection;
+        its client id cannot be a device's (device ids never hold '/')."""
+        mqtt = self.config.mqtt
+        if not mqtt.pool:
+            return None
+        client = MQTTClient(
+            msgspec.structs.replace(mqtt, username=mqtt.username or self.config.device_id, session_expiry_s=0),
+            client_id=f"{self.config.device_id}/pool",
+            inbox=self.inbox,
+            password=read_secret(mqtt.password_file, "mqtt-password"),
+        )
+        client.subscribe(topics.shared_pool_subscription(mqtt.pool, mqtt.topic_prefix), 1)
+        client.start()
+        return client
 
     def _birth(self) -> None:
         """Retained status and meta (and Home Assistant discovery): after start and every connect."""
@@ -391,7 +414,7 @@ class Daemon:
             if item.fatal:
                 self.exit_code = EXIT_BAD_CREDENTIALS
                 self.stop_event.set()
-            elif item.connected:
+            elif item.connected and item.client_id == self.config.device_id:  # not the pool's
                 self._birth()
             return
         prefix = self.config.mqtt.topic_prefix

@@ -5,7 +5,8 @@ What it guarantees:
 - MQTT 5 by default, 3.1.1 selectable; TLS with verification on by default; username and a
   password read by the caller from a file or ``$CREDENTIALS_DIRECTORY``.
 - A persistent session (clean start off + Session Expiry Interval on MQTT 5, clean session off
-  on 3.1.1), so QoS 1 messages sent to the device while it was away are delivered.
+  on 3.1.1), so QoS 1 messages sent to the device while it was away are delivered; with
+  ``session_expiry_s`` 0 the session ends with the connection on both protocols.
 - Reconnect with exponential backoff (paho's own loop), re-subscribe from a local registry on
   every connect, and no retrying at all once the broker says the credentials are bad.
 - QoS 1 messages published while the broker is away stay in paho's outgoing queue (bounded by
@@ -63,6 +64,7 @@ class ConnectionChange:
     session_present: bool = False
     reason: str = ""
     fatal: bool = False  # the broker refused the credentials; the client gave up
+    client_id: str = ""  # which connection changed, for a caller that holds more than one
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ class MQTTClient:
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if self.is_v5 else paho.MQTTv311,
-            clean_session=None if self.is_v5 else False,
+            # 3.1.1 has no expiry interval: a session either persists or ends with the connection.
+            clean_session=None if self.is_v5 else config.session_expiry_s == 0,
         )
         self._client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
         self._client.max_queued_messages_set(config.outgoing_queue_limit)
@@ -251,7 +254,8 @@ class MQTTClient:
                           username=self.config.username or self.client_id, host=self.config.host,
                           hint="check mqtt.username and the password file; not retrying")
                 client.disconnect()  # ends paho's reconnect loop
-                self.inbox.put(ConnectionChange(False, reason=self.fatal_reason, fatal=True))
+                self.inbox.put(ConnectionChange(False, reason=self.fatal_reason, fatal=True,
+                                                client_id=self.client_id))
             else:
                 log.warning("mqtt_connect_refused", reason=str(reason_code))
             return
@@ -262,7 +266,8 @@ class MQTTClient:
         self._connected.set()
         log.info("mqtt_connected", session_present=bool(flags.session_present),
                  subscriptions=len(wanted))
-        self.inbox.put(ConnectionChange(True, session_present=bool(flags.session_present)))
+        self.inbox.put(ConnectionChange(True, session_present=bool(flags.session_present),
+                                        client_id=self.client_id))
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Any) -> None:
@@ -270,7 +275,7 @@ class MQTTClient:
         self._connected.clear()
         if was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code))
-            self.inbox.put(ConnectionChange(False, reason=str(reason_code)))
+            self.inbox.put(ConnectionChange(False, reason=str(reason_code), client_id=self.client_id))
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         response_topic = correlation_data = None
