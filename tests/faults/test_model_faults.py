@@ -23,18 +23,17 @@ from agent.catalog.signing import generate_keypair, sign_manifest
 from tests.support.broker import Broker
 from tests.support.daemon import BASE, RunningDaemon, wait_ready
 from tests.support.observer import Observer
+from tests.support.range_server import link_into
 
 
 def single_variant_manifest(ladder_dir: Path, directory: Path, quant: str, *, link_file: bool = True) -> Path:
-    """A manifest listing one ladder variant, with its file next to it (hard link, no copy)."""
+    """A manifest listing one ladder variant, with its file next to it (a link, no copy)."""
     directory.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((ladder_dir / "manifest.json").read_text())
     model = manifest["models"][0]
     model["variants"] = [v for v in model["variants"] if v["quant"] == quant]
     if link_file:
-        name = model["variants"][0]["file"]
-        if not (directory / name).exists():
-            os.link(ladder_dir / name, directory / name)
+        link_into(directory, ladder_dir / model["variants"][0]["file"])
     path = directory / f"manifest-{quant}.json"
     path.write_text(json.dumps(manifest, indent=2))
     return path

@@ -44,7 +44,7 @@ class Served:
 
 class RangeServer:
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root = Path(os.path.abspath(root))
         self.faults = Faults()
         self.served = Served()
         self._lock = threading.Lock()
@@ -72,8 +72,11 @@ class RangeServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                path = (server.root / urllib.parse.unquote(self.path.lstrip("/").split("?")[0])).resolve()
-                if server.root.resolve() not in path.parents or not path.is_file():
+                # Contained by name, not by where a link points: link_into exposes files on
+                # another filesystem (a tmpfs TMPDIR, the ladder in $HOME) as symlinks.
+                name = urllib.parse.unquote(self.path.lstrip("/").split("?")[0])
+                path = Path(os.path.normpath(server.root / name))
+                if server.root not in path.parents or not path.is_file():
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
