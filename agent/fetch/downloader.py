@@ -3,8 +3,8 @@
 The bytes go to ``<name>.part`` beside the target while an exclusive ``fcntl`` lock on
 ``<name>.lock`` is held, so two processes never write one part. Both are opened with
 ``O_NOFOLLOW`` and must be regular files with one link: a symlink planted there (pointing at
-a file the fetching user, maybe root, can write) is refused, never truncated. sha256 is computed as the
-bytes are written (a hasher and a writer thread, beside the receive loop); a resumed
+a file the fetching user, maybe root, can write) is refused, never truncated. sha256 is
+computed as the bytes are written (a hasher and a writer thread, beside the receive loop); a resumed
 download hashes the bytes it already has first. An HTTP/1.1 body of known length is read
 from the socket straight into 1 MiB buffers once httpx has parsed the headers, instead of
 as 64 KiB chunks that h11 copies twice each. Only a file whose size and sha256 match is

@@ -25,8 +25,25 @@ Deliberate limits, each answered the way the spec asks:
 - No topic aliases (Topic Alias Maximum 0), no subscription identifiers, no enhanced
   authentication (AUTH), no $SYS topics.
 - A malformed packet closes only its own connection (after DISCONNECT 0x81 / 0x82 / 0x95 to
-  a v5 client); packets larger than ``max_packet_size`` are refused from their fixed header,
-  before any buffer is allocated for them.
+  a v5 client); packets larger than ``max_packet_size`` (before CONNECT: ``CONNECT_MAX_BYTES``)
+  are refused from their fixed header, before any buffer is allocated for them.
+
+Memory is bounded, because it ships with the quickstart and a client can be hostile or just
+gone (400 QoS 1 messages of 1 MiB to an offline session once took 435 MiB):
+- Per session, QoS 1 messages queued plus in flight hold at most ``max_session_bytes``
+  (and ``max_queued`` messages). Past it the oldest queued message is dropped; when only
+  unacknowledged in-flight ones are left, the new message is dropped instead. Each drop is
+  counted and logged (``broker_queue_full``), never silent.
+- At most ``max_connections`` sockets, counting those that have not sent CONNECT yet; one
+  more is closed as soon as it is accepted (``broker_connection_refused``).
+- At most ``max_retained`` retained topics holding ``max_retained_bytes``. A retained
+  PUBLISH past either is refused whole, neither stored nor forwarded: PUBACK 0x97 (Quota
+  exceeded) to a v5 client, a logged drop for 3.1.1, which has no negative PUBACK.
+  Replacing or deleting a stored topic is always accepted within the byte budget.
+- A client that asked for keepalive 0 ("never check") is closed after ``max_idle_s``
+  without a packet, with DISCONNECT 0x8D like a keepalive timeout.
+Not bounded: the number of offline persistent sessions (each within its byte cap) and
+subscriptions per session.
 
 Concurrency: one asyncio event loop. Every packet is handled synchronously inside
 ``data_received``, so broker state needs no locks; timers (keepalive, session expiry, will
@@ -62,6 +79,17 @@ DEFAULT_MAX_PACKET_SIZE = 1 << 20
 # not keeping up), oldest dropped past it: a device that never comes back cannot exhaust
 # memory. Same meaning and value as max_queued_messages in the project's Mosquitto config.
 DEFAULT_MAX_QUEUED = 10000
+# Bytes one session may hold in QoS 1 messages, queued plus in flight: sixteen maximum-size
+# packets, far more than a device's status/meta/events or a controller's replies pile up.
+DEFAULT_MAX_SESSION_BYTES = 16 << 20
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_RETAINED = 10000
+DEFAULT_MAX_RETAINED_BYTES = 64 << 20
+# A keepalive-0 client is closed after this long without a packet.
+DEFAULT_MAX_IDLE_S = 300.0
+# CONNECT carries a client id, a will and credentials; until a client is accepted it may not
+# make the broker buffer a full max_packet_size (times max_connections).
+CONNECT_MAX_BYTES = 64 << 10
 # Unacknowledged QoS 1 sends per client; a v5 client's Receive Maximum can only lower it.
 DEFAULT_MAX_INFLIGHT = 100
 # A subscriber whose socket buffer grows past this is not reading: QoS 0 to it is dropped
@@ -89,6 +117,7 @@ RC_TOPIC_NAME_INVALID = 0x90
 RC_PACKET_ID_NOT_FOUND = 0x92
 RC_TOPIC_ALIAS_INVALID = 0x94
 RC_PACKET_TOO_LARGE = 0x95
+RC_QUOTA_EXCEEDED = 0x97
 RC_QOS_NOT_SUPPORTED = 0x9B
 RC_SUBSCRIPTION_IDS_NOT_SUPPORTED = 0xA1
 
@@ -386,7 +415,7 @@ class _Message:
     so fan-out to many subscribers does not re-encode them."""
 
     __slots__ = ("topic", "payload", "qos", "retain", "properties", "expires_at", "origin",
-                 "topic_wire", "properties_wire")
+                 "topic_wire", "properties_wire", "size")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool,
                  properties: Properties, expires_at: float | None, origin: str | None) -> None:
@@ -399,6 +428,7 @@ class _Message:
         self.origin = origin
         self.topic_wire = _string(topic)
         self.properties_wire = _encode_properties(properties)
+        self.size = len(payload) + len(self.topic_wire) + len(self.properties_wire)
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -438,6 +468,7 @@ class _Session:
         self.subscriptions: dict[str, _Subscription] = {}  # by full filter, $share prefix kept
         self.pending: deque[tuple[_Message, bool]] = deque()
         self.inflight: dict[int, tuple[_Message, bool]] = {}
+        self.held_bytes = 0  # sizes of the messages in pending and inflight
         self.awaiting_release: set[int] = set()  # 3.1.1 QoS 2 ids between PUBREC and PUBREL
         self.connection: _Connection | None = None
         self.expiry_timer: asyncio.TimerHandle | None = None
@@ -535,6 +566,16 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = str(transport.get_extra_info("peername"))
+        if len(self.broker._connections) >= self.broker.max_connections:
+            # Before CONNECT there is no protocol version to answer in: just close.
+            self.closed = True
+            self.broker._refused_connections += 1
+            refused = self.broker._refused_connections
+            if refused == 1 or refused % 1000 == 0:
+                log.warning("broker_connection_refused", peer=self.peer, refused=refused,
+                            limit=self.broker.max_connections)
+            transport.abort()
+            return
         self.last_received = self.loop.time()
         self.timer = self.loop.call_later(self.broker.connect_timeout_s, self._connect_timeout)
         self.broker._connections.add(self)
@@ -553,7 +594,10 @@ class _Connection(asyncio.Protocol):
                     break
                 length, body_start = header
                 end = body_start + length
-                if end - position > self.broker.max_packet_size:
+                limit = self.broker.max_packet_size
+                if self.session is None:
+                    limit = min(limit, CONNECT_MAX_BYTES)
+                if end - position > limit:
                     raise _Reject(RC_PACKET_TOO_LARGE, f"packet of {end - position} bytes")
                 if end > len(buffer):
                     break
@@ -640,16 +684,19 @@ class _Connection(asyncio.Protocol):
 
     def start_keepalive(self) -> None:
         self.timer.cancel()
-        self.timer = None
-        if self.keepalive_s:
-            self.timer = self.loop.call_later(self.keepalive_s * 1.5, self._check_keepalive)
+        self.timer = self.loop.call_later(self._idle_limit_s(), self._check_keepalive)
+
+    def _idle_limit_s(self) -> float:
+        # Keepalive 0 means "never check" to the spec; here it means max_idle_s, or an idle
+        # socket would hold its slot and session forever.
+        return self.keepalive_s * 1.5 if self.keepalive_s else self.broker.max_idle_s
 
     def _check_keepalive(self) -> None:
-        limit = self.keepalive_s * 1.5
+        limit = self._idle_limit_s()
         idle = self.loop.time() - self.last_received
         if idle >= limit:
             log.info("broker_keepalive_timeout", client_id=self.client_id,
-                     keepalive_s=self.keepalive_s)
+                     keepalive_s=self.keepalive_s, idle_s=round(idle, 1))
             self.close(RC_KEEP_ALIVE_TIMEOUT)
         else:
             self.timer = self.loop.call_later(limit - idle, self._check_keepalive)
@@ -774,9 +821,12 @@ class _Connection(asyncio.Protocol):
                 self.broker._publish(message)
             self.send(bytes((PUBREC << 4, 2)) + id_bytes)
             return
-        self.broker._publish(message)
+        accepted = self.broker._publish(message)
         if qos == 1:
-            self.send(bytes((PUBACK << 4, 2)) + id_bytes)
+            if accepted or self.version != MQTT_5:
+                self.send(bytes((PUBACK << 4, 2)) + id_bytes)
+            else:
+                self.send(bytes((PUBACK << 4, 3)) + id_bytes + bytes((RC_QUOTA_EXCEEDED,)))
 
     def _read_ack(self, body: bytes) -> int:
         reader = _Reader(body)
@@ -877,13 +927,26 @@ class EmbeddedBroker:
                  max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
                  max_queued: int = DEFAULT_MAX_QUEUED,
                  max_inflight: int = DEFAULT_MAX_INFLIGHT,
+                 max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_retained: int = DEFAULT_MAX_RETAINED,
+                 max_retained_bytes: int = DEFAULT_MAX_RETAINED_BYTES,
+                 max_idle_s: float = DEFAULT_MAX_IDLE_S,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.host = host
         self.port = port
         self.max_packet_size = max_packet_size
         self.max_queued = max_queued
         self.max_inflight = max_inflight
+        self.max_session_bytes = max_session_bytes
+        self.max_connections = max_connections
+        self.max_retained = max_retained
+        self.max_retained_bytes = max_retained_bytes
+        self.max_idle_s = max_idle_s
         self.connect_timeout_s = connect_timeout_s
+        self._refused_connections = 0
+        self._refused_retained = 0
+        self._retained_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
@@ -1120,13 +1183,15 @@ class EmbeddedBroker:
 
     # routing ----------------------------------------------------------------
 
-    def _publish(self, message: _Message) -> None:
-        """Store (if retained) and forward one application message."""
+    def _publish(self, message: _Message) -> bool:
+        """Store (if retained) and forward one application message; False when the
+        retained store is full and the message was refused whole."""
         if message.retain:
             if message.payload:
-                self._retained[message.topic] = message
+                if not self._retain(message):
+                    return False
             else:
-                self._retained.pop(message.topic, None)  # empty retained payload deletes
+                self._unretain(message.topic)  # empty retained payload deletes
         entries = []
         exact = self._exact.get(message.topic)
         if exact is not None:
@@ -1154,6 +1219,28 @@ class EmbeddedBroker:
                 self._deliver(member.session, message, min(message.qos, member.qos), False)
         for session, qos, retain in targets.values():
             self._deliver(session, message, qos, retain)
+        return True
+
+    def _retain(self, message: _Message) -> bool:
+        old = self._retained.get(message.topic)
+        held = self._retained_bytes - (old.size if old else 0) + message.size
+        if (old is None and len(self._retained) >= self.max_retained) or (
+                held > self.max_retained_bytes):
+            self._refused_retained += 1
+            refused = self._refused_retained
+            if refused == 1 or refused % 1000 == 0:
+                log.warning("broker_retained_full", topic=message.topic, origin=message.origin,
+                            refused=refused, limit_topics=self.max_retained,
+                            limit_bytes=self.max_retained_bytes)
+            return False
+        self._retained[message.topic] = message
+        self._retained_bytes = held
+        return True
+
+    def _unretain(self, topic: str) -> None:
+        old = self._retained.pop(topic, None)
+        if old is not None:
+            self._retained_bytes -= old.size
 
     def _send_retained(self, subscription: _Subscription) -> None:
         now = self._loop.time()
@@ -1167,7 +1254,7 @@ class EmbeddedBroker:
             if message is None:
                 continue
             if message.expired(now):
-                self._retained.pop(message.topic, None)
+                self._unretain(message.topic)
                 continue
             self._deliver(subscription.session, message, min(message.qos, subscription.qos), True)
 
@@ -1178,27 +1265,44 @@ class EmbeddedBroker:
             if connection is not None and not connection.congested():
                 connection.send_publish(message, 0, retain, 0, False)
             return
+        # Room by count and by bytes: the oldest queued go first. In-flight messages wait for
+        # their PUBACK and cannot be taken back, so when they alone fill the budget the new
+        # message is the one dropped.
+        while session.pending and (
+                len(session.pending) >= self.max_queued
+                or session.held_bytes + message.size > self.max_session_bytes):
+            oldest, _ = session.pending.popleft()
+            session.held_bytes -= oldest.size
+            self._dropped(session, "oldest queued QoS 1 message dropped")
+        if session.held_bytes + message.size > self.max_session_bytes:
+            self._dropped(session, "in-flight messages fill the session: new message dropped")
+            return
+        session.held_bytes += message.size
         if (connection is not None and not session.pending
                 and len(session.inflight) < connection.send_quota):
             self._send_tracked(session, connection, message, retain)
             return
-        if len(session.pending) >= self.max_queued:
-            session.pending.popleft()
-            session.dropped += 1
-            if session.dropped == 1 or session.dropped % 1000 == 0:
-                log.warning("broker_queue_full", client_id=session.client_id,
-                            limit=self.max_queued, dropped=session.dropped,
-                            detail="oldest queued QoS 1 message dropped")
         session.pending.append((message, retain))
+
+    def _dropped(self, session: _Session, detail: str) -> None:
+        session.dropped += 1
+        if session.dropped == 1 or session.dropped % 1000 == 0:
+            log.warning("broker_queue_full", client_id=session.client_id,
+                        limit=self.max_queued, limit_bytes=self.max_session_bytes,
+                        dropped=session.dropped, detail=detail)
 
     def _send_tracked(self, session: _Session, connection: _Connection, message: _Message,
                       retain: bool) -> None:
         packet_id = session.next_packet_id()
         if connection.send_publish(message, 1, retain, packet_id, False):
             session.inflight[packet_id] = (message, retain)
+        else:
+            session.held_bytes -= message.size  # expired, or too big for this client
 
     def _acknowledged(self, session: _Session, packet_id: int) -> None:
-        if session.inflight.pop(packet_id, None) is not None:
+        sent = session.inflight.pop(packet_id, None)
+        if sent is not None:
+            session.held_bytes -= sent[0].size
             self._pump(session)
 
     def _pump(self, session: _Session) -> None:
@@ -1230,10 +1334,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=1883, help="TCP port (0: any free port)")
     parser.add_argument("--max-packet-size", type=int, default=DEFAULT_MAX_PACKET_SIZE,
                         help="largest packet accepted, in bytes")
+    parser.add_argument("--max-session-bytes", type=int, default=DEFAULT_MAX_SESSION_BYTES,
+                        help="QoS 1 bytes one session may hold, queued plus in flight; the"
+                             " oldest queued message is dropped past it")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="open sockets; one more is closed at once")
+    parser.add_argument("--max-retained", type=int, default=DEFAULT_MAX_RETAINED,
+                        help="retained topics; a retained PUBLISH past it is refused")
+    parser.add_argument("--max-retained-bytes", type=int, default=DEFAULT_MAX_RETAINED_BYTES,
+                        help="bytes of all retained messages together")
+    parser.add_argument("--max-idle", type=float, default=DEFAULT_MAX_IDLE_S,
+                        help="seconds a keepalive-0 client may stay silent before it is closed")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
-    broker = EmbeddedBroker(args.host, args.port, max_packet_size=args.max_packet_size)
+    broker = EmbeddedBroker(
+        args.host, args.port, max_packet_size=args.max_packet_size,
+        max_session_bytes=args.max_session_bytes, max_connections=args.max_connections,
+        max_retained=args.max_retained, max_retained_bytes=args.max_retained_bytes,
+        max_idle_s=args.max_idle)
     try:
         asyncio.run(_serve(broker))
     except EdgeAgentError as exc:

@@ -316,7 +316,9 @@ def test_a_new_store_directory_is_made_safe_whatever_the_umask(tmp_path, fast_fe
     assert store.root.stat().st_mode & 0o022 == 0
 
 
-def test_the_daemon_refuses_to_start_on_a_group_writable_store(tmp_path, broker: Broker, ladder_dir):
+def test_the_daemon_refuses_to_start_on_a_group_writable_store(
+    tmp_path, broker: Broker, ladder_dir
+):
     models = tmp_path / "daemon" / "models"
     models.mkdir(parents=True)
     models.chmod(0o775)

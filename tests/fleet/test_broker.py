@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -833,3 +834,152 @@ def test_module_entry_point_serves_and_refuses_a_busy_port():
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=10) == 0
+
+
+# ---------------------------------------------------------------------------- resource caps
+
+
+class BrokerProcess:
+    """``python -m agent.fleet.broker`` in its own process, so its RSS is its own."""
+
+    def __init__(self, *options: str) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent.fleet.broker", "--port", str(self.port),
+             "--log-level", "warning", *options], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while True:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "the broker did not listen"
+                time.sleep(0.05)
+
+    def rss(self) -> int:
+        return psutil.Process(self.process.pid).memory_info().rss
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.communicate(timeout=10)
+
+
+@pytest.fixture
+def broker_process():
+    started: list[BrokerProcess] = []
+
+    def start(*options: str) -> BrokerProcess:
+        started.append(BrokerProcess(*options))
+        return started[-1]
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+def acked_reasons(peer: Peer) -> dict[int, int]:
+    """mid -> PUBACK reason code, for every publish of ``peer`` from now on."""
+    reasons: dict[int, int] = {}
+    peer.client.on_publish = lambda _c, _u, mid, reason, _p: reasons.__setitem__(mid, reason.value)
+    return reasons
+
+
+def test_an_offline_session_queue_is_bounded_in_bytes_and_keeps_the_newest(broker_process):
+    """The attack: 400 QoS 1 messages of 1 MiB to a session that never comes back took
+    435 MiB of broker memory. The per-session byte cap drops the oldest queued message."""
+    cap = 16 << 20  # the default max_session_bytes
+    broker = broker_process()
+    sleeper = Peer(broker.port, "sleeper", clean=False, session_expiry=300)
+    sleeper.subscribe("bulk", qos=1)
+    sleeper.close()
+    publisher = Peer(broker.port, "flooder")
+    baseline = broker.rss()
+    payload = bytes(range(256)) * (((1 << 20) - 256) // 256)  # 1 MiB less room for the header
+    for n in range(400):
+        publisher.publish("bulk", n.to_bytes(4, "big") + payload[4:], qos=1)
+    grown = broker.rss() - baseline
+    print(f"broker RSS grew {grown / 2**20:.1f} MiB for 400 MiB queued (cap {cap >> 20} MiB)")
+    assert grown < cap + (48 << 20)
+
+    sleeper = Peer(broker.port, "sleeper", clean=False, session_expiry=300)
+    kept = []
+    while True:
+        try:
+            kept.append(int.from_bytes(sleeper.next(timeout_s=2).payload[:4], "big"))
+        except queue.Empty:
+            break
+    assert 0 < len(kept) * len(payload) <= cap
+    assert kept == list(range(400 - len(kept), 400))  # the newest, in order
+    sleeper.close()
+    publisher.close()
+
+
+def test_the_connection_cap_refuses_one_more_and_admits_after_one_leaves(broker_process):
+    broker = broker_process("--max-connections", "3")
+    peers = [Peer(broker.port, f"c{n}") for n in range(3)]
+    extra = RawClient(broker.port)
+    extra.send(connect_packet(b"c3"))
+    assert extra.read() is None  # closed before any CONNACK
+    extra.close()
+    peers.pop().close()
+    time.sleep(0.2)
+    peers.append(Peer(broker.port, "c3"))  # a freed slot is usable again
+    peers[0].subscribe("still/serving")
+    peers[1].publish("still/serving", b"yes")
+    assert peers[0].next().payload == b"yes"
+    for peer in peers:
+        peer.close()
+
+
+def test_the_retained_store_is_capped_in_topics_and_bytes(broker_process):
+    broker = broker_process("--max-retained", "3", "--max-retained-bytes", "4096")
+    publisher = Peer(broker.port, "retainer")
+    reasons = acked_reasons(publisher)
+
+    def retain(topic: str, payload: bytes) -> int:
+        info = publisher.client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while info.mid not in reasons:
+            assert time.monotonic() < deadline, "no PUBACK"
+            time.sleep(0.01)
+        return reasons[info.mid]
+
+    assert [retain(f"r/{n}", b"x") for n in range(3)] == [0, 0, 0]
+    assert retain("r/3", b"x") == 0x97  # quota exceeded: a fourth topic
+    assert retain("r/0", b"replaced") == 0  # replacing a stored topic is no new one
+    assert retain("r/1", b"y" * 5000) == 0x97  # more bytes than the store may hold
+    assert retain("r/2", b"") == 0  # deleting frees a slot
+    assert retain("r/3", b"now") == 0
+
+    reader = Peer(broker.port, "reader")
+    reader.subscribe("r/#")
+    got = sorted((m.topic, m.payload) for m in reader.take(3))
+    assert got == [("r/0", b"replaced"), ("r/1", b"x"), ("r/3", b"now")]
+    reader.assert_silent()
+    reader.close()
+    publisher.close()
+
+
+def test_an_idle_keepalive_0_connection_is_closed_after_the_idle_time(broker_process):
+    broker = broker_process("--max-idle", "1")
+    idle = Peer(broker.port, "idle", keepalive=0)
+    busy = Peer(broker.port, "busy", keepalive=0)
+    pinging = Peer(broker.port, "pinging", keepalive=1)
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        busy.publish("keep/talking", b".", qos=0)
+        time.sleep(0.2)
+    assert idle.disconnected.is_set() and idle.disconnect_reason.value == 0x8D
+    assert not busy.disconnected.is_set() and not pinging.disconnected.is_set()
+    for peer in (idle, busy, pinging):
+        peer.close()
+
+
+def test_a_connect_larger_than_a_connect_needs_is_refused_from_its_header(broker_process):
+    broker = broker_process()
+    raw = RawClient(broker.port)
+    raw.send(b"\x10" + varint(512 << 10))  # claims a 512 KiB CONNECT, sends nothing more
+    assert raw.read(timeout_s=3) is None
+    raw.close()
