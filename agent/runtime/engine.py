@@ -630,6 +630,9 @@ class Engine:
             # here is a stale one from before and is dropped.
             kind = record.pop("type", None)
             if kind == "final":
+                # Named here, from the worker that ran it: during a swap the engine's current
+                # selection may already be the next model.
+                record["model"] = {"model_id": loaded.selection.model_id, "quant": loaded.selection.quant}
                 job.deliver(record)
                 self._metrics.record(record)
                 return
