@@ -21,13 +21,19 @@ import pytest
 
 from agent.catalog.signing import generate_keypair, sign_manifest
 from tests.support.broker import Broker
+from tests.support.capabilities import missing_reason
 from tests.support.daemon import BASE, RunningDaemon, wait_ready
 from tests.support.observer import Observer
 from tests.support.range_server import link_into
+from tests.support.signing import sign_file
+
+TMPFS_MOUNT = missing_reason("mounting a small tmpfs", "CAP_SYS_ADMIN")
 
 
-def single_variant_manifest(ladder_dir: Path, directory: Path, quant: str, *, link_file: bool = True) -> Path:
-    """A manifest listing one ladder variant, with its file next to it (a link, no copy)."""
+def single_variant_manifest(ladder_dir: Path, directory: Path, quant: str, *, link_file: bool = True,
+                            signed: bool = True) -> Path:
+    """A manifest listing one ladder variant, with its file next to it (a link, no copy),
+    signed with the test key the daemon pins unless ``signed`` is false."""
     directory.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((ladder_dir / "manifest.json").read_text())
     model = manifest["models"][0]
@@ -36,6 +42,8 @@ def single_variant_manifest(ladder_dir: Path, directory: Path, quant: str, *, li
         link_into(directory, ladder_dir / model["variants"][0]["file"])
     path = directory / f"manifest-{quant}.json"
     path.write_text(json.dumps(manifest, indent=2))
+    if signed:
+        sign_file(path)
     return path
 
 
@@ -202,7 +210,7 @@ def test_corrupt_model_file_is_rejected_and_previous_model_serves(rig, range_ser
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+@pytest.mark.skipif(TMPFS_MOUNT is not None, reason=str(TMPFS_MOUNT))
 def test_disk_full_during_download_is_clear_and_previous_model_serves(rig, range_server, ladder_dir, tmp_path, fault_report) -> None:
     broker, observer, start = rig
     models = tmp_path / "daemon" / "models"
@@ -240,14 +248,14 @@ def test_tampered_manifest_is_refused_when_signatures_are_required(rig, ladder_d
     private, public = generate_keypair()
     first = single_variant_manifest(ladder_dir, tmp_path / "signed", "Q2_K")
     Path(f"{first}.sig").write_text(sign_manifest(first.read_bytes(), private))
-    daemon = start(model={"manifest": str(first), "pin": None},
+    daemon = start(model={"manifest": str(first), "pin": None, "manifest_dir": str(tmp_path)},
                    signing={"required": True, "public_key": public})
     wait_ready(daemon)
     tampered = single_variant_manifest(ladder_dir, tmp_path / "signed", "Q4_K_M")
     Path(f"{tampered}.sig").write_text(Path(f"{first}.sig").read_text())  # a signature of another file
     result = command(observer, "set_manifest", source=str(tampered))
     assert result["ok"] is False and result["error"]["code"] == "bad_signature", result
-    unsigned = single_variant_manifest(ladder_dir, tmp_path / "unsigned", "Q4_K_M")
+    unsigned = single_variant_manifest(ladder_dir, tmp_path / "unsigned", "Q4_K_M", signed=False)
     result_unsigned = command(observer, "set_manifest", source=str(unsigned))
     assert result_unsigned["error"]["code"] == "bad_signature"
     assert "error" not in ask(observer)

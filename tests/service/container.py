@@ -23,6 +23,8 @@ import time
 from importlib.metadata import requires
 from pathlib import Path
 
+from tests.support.capabilities import missing_reason
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("EDGE_AGENT_CACHE", Path.home() / ".cache" / "edge-agent"))
 NSPAWN_CACHE = CACHE / "nspawn"
@@ -33,12 +35,16 @@ PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-ce
             "libgomp1")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Mounts and namespaces (nspawn, nsenter), chroot and device nodes (debootstrap), file owners.
+NSPAWN_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_MKNOD", "CAP_CHOWN",
+                       "CAP_SETUID", "CAP_SETGID", "CAP_DAC_OVERRIDE")
 
 
 def missing_requirements() -> str | None:
     """Why the container test cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (systemd-nspawn and debootstrap)"
+    lacking = missing_reason("systemd-nspawn and debootstrap", *NSPAWN_CAPABILITIES)
+    if lacking:
+        return lacking
     for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install systemd-container debootstrap)"
