@@ -18,6 +18,7 @@ stable machine-readable ``code`` and a message that says what to do::
     │   ├── TooLongError       too_long           the prompt does not fit the context
     │   └── UnknownOpError     unknown_op         a cmd names an op the agent does not have
     ├── BusyError              busy               the request queue is full
+    ├── RateLimitedError       rate_limited       too many failed logins/tokens from one address
     ├── TimeoutError_          timeout            the request passed its deadline
     ├── CancelledError_        cancelled          the request was cancelled
     ├── NoModelError           no_model           no model is loaded (yet)
@@ -29,11 +30,44 @@ stable machine-readable ``code`` and a message that says what to do::
 
 Third-party errors are translated at the boundary (``raise FetchError(...) from exc``),
 never leaked. Code never classifies errors by matching message text; it uses ``code``.
+A message that quotes a value a peer sent goes through :func:`shown`, so a hostile value
+(a YAML alias bomb, a 100 MB string) cannot make the message itself the attack.
 """
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+SHOWN_CHARS = 80  # how much of a quoted value a message carries
+
+
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's limits, plus the two reprs it leaves unbounded: huge ints (``repr`` raises
+    past 4300 digits) and bytes (reprlib would repr all of them before cutting)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 4
+        self.maxstring = self.maxother = self.maxlong = SHOWN_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:
+            return f"<{x.bit_length()}-bit integer>"
+        return super().repr_int(x, level)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return super().repr_str(x[: self.maxstring], level) + ("..." if len(x) > self.maxstring else "")
+
+
+_repr = _BoundedRepr()
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A repr of ``value`` for an error message: bounded in size and in the work it costs."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class EdgeAgentError(Exception):
@@ -101,6 +135,16 @@ class UnknownOpError(RequestError):
 
 class BusyError(EdgeAgentError):
     code = "busy"
+
+
+class RateLimitedError(EdgeAgentError):
+    """``retry_after_s``: whole seconds until the caller may try again (HTTP Retry-After)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
 
 
 class TimeoutError_(EdgeAgentError):

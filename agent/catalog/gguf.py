@@ -1,31 +1,37 @@
 """Read the metadata and tensor table of a GGUF file without loading its tensors.
 
 The source is a local path or an http(s) URL. For a URL only header bytes travel: the
-reader asks for a first window with an HTTP Range request and grows it (doubling) until
-the whole header parsed, so a 4 GB model costs a few hundred KiB to inspect. A server that
-ignores Range is read as a stream and dropped as soon as the window is full.
+reader asks for a first window with an HTTP Range request and, each time the parser needs
+bytes past it, for the next window (twice as large, up to MAX_WINDOW_BYTES), so a 4 GB model
+costs a few hundred KiB to inspect. A server that ignores Range is read as one stream and
+dropped as soon as the header is parsed.
 
-Hostile or broken input must not hurt the caller: every length and count is checked
-against the bytes the file can still hold before anything is allocated or looped over,
-the header is capped at MAX_HEADER_BYTES, and every failure is a GGUFError (truncated,
-corrupt, unsupported version). This module does not decide anything about memory; the
-estimator (agent.catalog.estimate) turns a GGUFInfo into bytes.
+Parsing is one pass over a small sliding buffer: every byte is fetched and looked at once,
+what is not kept (token tables, merges, oversized values) is skipped without being built,
+and what is kept is charged to a byte budget, so memory stays bounded whatever the header
+claims. Headers come from unverified mirrors before any sha256 check, so every length and
+count is checked against the bytes the file can still hold before anything is allocated or
+looped over, every number the estimator uses is bounded to a sane range and must be finite,
+and every failure is a GGUFError (``gguf_invalid``). This module does not decide anything
+about memory; the estimator (agent.catalog.estimate) turns a GGUFInfo into bytes.
 
 httpx is allowed here (the GGUF range reader is one of the two network boundaries).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 from urllib.parse import urlparse
 
 import httpx
 import msgspec
 
-from agent.errors import GGUFError
+from agent.errors import GGUFError, shown
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -34,12 +40,45 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 FIRST_WINDOW_BYTES = 256 * 1024
+MAX_WINDOW_BYTES = 16 * 1024 * 1024
+FILE_READ_BYTES = 1024 * 1024
 # Real headers are a few MiB at most (a 256k-token vocabulary with merges); anything
-# beyond this is corrupt or hostile and is not worth the memory.
+# beyond this is corrupt or hostile and is not worth the bytes.
 MAX_HEADER_BYTES = 128 * 1024 * 1024
 # Small numeric arrays are kept (per-layer head counts, sliding-window patterns); big
 # ones (token scores, types) are only counted.
 KEPT_ARRAY_ITEMS = 4096
+# Strings past this (no architecture key or chat template comes close) are only counted.
+KEPT_STRING_BYTES = 1024 * 1024
+# What the kept metadata may cost in Python objects, all values together; past it, values
+# are counted, not kept. Real headers keep well under 1 MiB.
+KEPT_BYTES_BUDGET = 32 * 1024 * 1024
+KEPT_KEYS_RESERVE = 8 * 1024 * 1024
+# Counts no real model comes near (the largest have ~60 keys, a few thousand tensors).
+MAX_METADATA_KEYS = 65536
+MAX_TENSORS = 1 << 20
+MAX_KEY_BYTES = 65535  # the GGUF spec's limit
+MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME - 1: llama.cpp refuses longer names
+MAX_ALIGNMENT = 1 << 24
+MAX_ELEMENTS = (1 << 63) - 1  # ggml counts elements and bytes in int64
+# Sane maxima for the architecture numbers the estimator multiplies together: an order of
+# magnitude past the largest published models, far below what would make the estimator
+# allocate or overflow (per-layer lists are block_count long).
+ARCH_LIMITS = {
+    "block_count": (1, 4096),
+    "embedding_length": (1, 1 << 20),
+    "feed_forward_length": (0, 1 << 22),
+    "attention.head_count": (0, 1 << 14),
+    "attention.head_count_kv": (0, 1 << 14),
+    "attention.key_length": (0, 1 << 16),
+    "attention.value_length": (0, 1 << 16),
+    "context_length": (0, 1 << 26),
+    "vocab_size": (0, 1 << 24),
+    "attention.sliding_window": (0, 1 << 26),
+}
+_ARCH_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 
 # ggml_type id -> (name, elements per block, bytes per block); ggml/src/ggml-common.h.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -83,6 +122,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 # GGUF metadata value types: id -> struct format of one fixed-size value.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 class TensorInfo(msgspec.Struct, frozen=True):
@@ -100,7 +140,8 @@ class TensorInfo(msgspec.Struct, frozen=True):
     def layer(self) -> int | None:
         """Block index for ``blk.<n>.…`` tensors, None for the rest (embeddings, output)."""
         parts = self.name.split(".")
-        if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
+        # isascii: str.isdigit() also accepts "²", which int() refuses.
+        if len(parts) > 2 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit():
             return int(parts[1])
         return None
 
@@ -110,6 +151,12 @@ class ArrayInfo(msgspec.Struct, frozen=True):
 
     item_type: int
     count: int
+
+
+class StringInfo(msgspec.Struct, frozen=True):
+    """A metadata string too long to keep: its length in bytes."""
+
+    length: int
 
 
 class GGUFInfo(msgspec.Struct, kw_only=True):
@@ -132,34 +179,67 @@ class GGUFInfo(msgspec.Struct, kw_only=True):
     layer_tensor_bytes: list[int]  # per block, all tensors named blk.<n>.*
     other_tensor_bytes: int  # token embedding, output head, final norm …
     tensors: list[TensorInfo]
-    metadata: dict[str, Any]  # scalars, strings and small arrays; large arrays as ArrayInfo
+    # scalars, strings and small arrays; large ones as ArrayInfo / StringInfo
+    metadata: dict[str, Any]
 
     @property
     def tensor_bytes(self) -> int:
         return sum(self.layer_tensor_bytes) + self.other_tensor_bytes
 
 
-class _NeedMore(Exception):
-    """The window ended inside the header; ``needed`` is how far parsing had to reach."""
+class _Source(Protocol):
+    """The file's bytes in order, from offset 0; ``size`` once known (None: not said)."""
 
-    def __init__(self, needed: int) -> None:
-        self.needed = needed
+    size: int | None
+
+    def read(self, hint: int) -> bytes:
+        """The next bytes (about ``hint``, maybe more); b"" at the end of the file."""
+        ...
+
+
+class _BytesSource:
+    def __init__(self, data: bytes, size: int | None) -> None:
+        self._data: bytes | None = data
+        self.size = size
+
+    def read(self, hint: int) -> bytes:
+        data, self._data = self._data or b"", None
+        return data
+
+
+class _FileSource:
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self._f = f
+        self.size = size
+
+    def read(self, hint: int) -> bytes:
+        return self._f.read(max(hint, FILE_READ_BYTES))
 
 
 class _Cursor:
-    """Reads little-endian GGUF values from a window of the file's first bytes."""
+    """Reads little-endian GGUF values from a source through a small sliding buffer.
 
-    def __init__(self, data: bytes, file_size: int | None) -> None:
-        self.data = memoryview(data)
-        self.file_size = file_size
+    ``pos`` is the file offset of the next byte. Bytes already consumed are dropped, so the
+    buffer holds about one read, never the header."""
+
+    def __init__(self, source: _Source) -> None:
+        self._source = source
+        self._buf = bytearray()
+        self._at = 0  # index in _buf of the byte at ``pos``
         self.pos = 0
+        self.kept_budget = KEPT_BYTES_BUDGET
 
-    def _take(self, n: int, what: str) -> memoryview:
+    def _limit(self) -> int:
+        size = self._source.size
+        return MAX_HEADER_BYTES if size is None else min(size, MAX_HEADER_BYTES)
+
+    def _check_end(self, n: int, what: str) -> None:
         end = self.pos + n
-        if self.file_size is not None and end > self.file_size:
+        size = self._source.size
+        if size is not None and end > size:
             raise GGUFError(
-                f"{what} at offset {self.pos} needs {n} bytes but the file ends at "
-                f"{self.file_size}: truncated or corrupt",
+                f"{what} at offset {self.pos} needs {n} bytes but the file ends at {size}: "
+                "truncated or corrupt",
                 offset=self.pos,
             )
         if end > MAX_HEADER_BYTES:
@@ -168,72 +248,129 @@ class _Cursor:
                 "corrupt file",
                 offset=self.pos,
             )
-        if end > len(self.data):
-            raise _NeedMore(end)
-        view = self.data[self.pos : end]
-        self.pos = end
+
+    def _fill(self, n: int, what: str) -> None:
+        """Make ``n`` bytes from ``pos`` available in the buffer."""
+        while len(self._buf) - self._at < n:
+            if self._at:
+                del self._buf[: self._at]  # what was consumed is never looked at again
+                self._at = 0
+            chunk = self._source.read(n - len(self._buf))
+            if not chunk:
+                raise GGUFError(
+                    f"{what} at offset {self.pos}: the file ends inside its header: truncated",
+                    offset=self.pos,
+                )
+            self._buf += chunk
+
+    def take(self, n: int, what: str) -> bytes:
+        self._check_end(n, what)
+        self._fill(n, what)
+        view = bytes(self._buf[self._at : self._at + n])
+        self._at += n
+        self.pos += n
         return view
+
+    def skip(self, n: int, what: str) -> None:
+        """Step over ``n`` bytes without keeping them (only what one read brings is held)."""
+        self._check_end(n, what)
+        while n:
+            if self._at == len(self._buf):
+                self._fill(1, what)
+            step = min(n, len(self._buf) - self._at)
+            self._at += step
+            self.pos += step
+            n -= step
 
     def scalar(self, fmt: str, what: str) -> Any:
         size = struct.calcsize("<" + fmt)
-        return struct.unpack("<" + fmt, self._take(size, what))[0]
+        return struct.unpack("<" + fmt, self.take(size, what))[0]
 
-    def count(self, item_bytes: int, what: str) -> int:
+    def count(self, item_bytes: int, what: str, maximum: int | None = None) -> int:
         """A uint64 count, rejected when that many items cannot fit in what is left."""
         start = self.pos
         n = self.scalar("Q", what)
-        limit = (self.file_size if self.file_size is not None else MAX_HEADER_BYTES) - self.pos
-        if n * item_bytes > max(limit, 0):
+        left = max(self._limit() - self.pos, 0)
+        if n * item_bytes > left:
             raise GGUFError(
-                f"{what} at offset {start} is {n}, more than the {limit} bytes left: corrupt file",
+                f"{what} at offset {start} is {n}, more than the {left} bytes left: corrupt file",
                 offset=start,
             )
+        if maximum is not None and n > maximum:
+            raise GGUFError(f"{what} at offset {start} is {n}, over {maximum}: corrupt file", offset=start)
         return n
 
-    def string(self, what: str) -> str:
-        n = self.count(1, f"{what} length")
-        raw = self._take(n, what)
+    def text(self, n: int, what: str) -> str:
+        start = self.pos
+        raw = self.take(n, what)
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as exc:
-            raise GGUFError(f"{what} at offset {self.pos - n} is not UTF-8", offset=self.pos - n) from exc
+            raise GGUFError(f"{what} at offset {start} is not UTF-8", offset=start) from exc
 
-    def skip_string(self, what: str) -> None:
-        self._take(self.count(1, f"{what} length"), what)
+    def string(self, what: str, maximum: int) -> str:
+        return self.text(self.count(1, f"{what} length", maximum), what)
+
+    @property
+    def size(self) -> int | None:
+        return self._source.size
+
+    def skip_strings(self, n: int, what: str) -> None:
+        """Step over ``n`` length-prefixed strings (a token table: the hot loop of a header)."""
+        limit = self._limit()
+        unpack = _U64.unpack_from
+        for index in range(n):
+            have = len(self._buf) - self._at
+            if have >= 8:
+                step = 8 + unpack(self._buf, self._at)[0]
+                if step <= have and self.pos + step <= limit:
+                    self._at += step
+                    self.pos += step
+                    continue
+            self.skip(self.count(1, f"{what}[{index}] length"), what)
+
+    def keep(self, cost: int, *, key: bool = False) -> bool:
+        """Charge ``cost`` bytes of kept Python objects to the budget; False when it is spent.
+        Values leave a reserve for keys, so big values make later ones counted, not the
+        header refused."""
+        if cost > self.kept_budget - (0 if key else KEPT_KEYS_RESERVE):
+            return False
+        self.kept_budget -= cost
+        return True
 
 
 def _read_value(cur: _Cursor, value_type: int, key: str) -> Any:
+    """One metadata value; ``key`` (already cut short) is only for messages."""
     if value_type in _SCALARS:
         return cur.scalar(_SCALARS[value_type], key)
     if value_type == _STRING:
-        return cur.string(key)
+        n = cur.count(1, f"{key} length")
+        if n <= KEPT_STRING_BYTES and cur.keep(64 + n):
+            return cur.text(n, key)
+        cur.skip(n, key)
+        return StringInfo(n)
     if value_type != _ARRAY:
         raise GGUFError(f"metadata {key!r} has unknown value type {value_type}", key=key)
     item_type = cur.scalar("I", f"{key} item type")
     if item_type in _SCALARS:
-        item_size = struct.calcsize("<" + _SCALARS[item_type])
+        fmt = _SCALARS[item_type]
+        item_size = struct.calcsize("<" + fmt)
         n = cur.count(item_size, f"{key} length")
-        raw = cur._take(n * item_size, key)
-        if n <= KEPT_ARRAY_ITEMS:
-            return list(struct.unpack(f"<{n}{_SCALARS[item_type]}", raw))
+        # A kept item costs a list slot and, at worst, its own int or float object.
+        if n <= KEPT_ARRAY_ITEMS and cur.keep(64 + 40 * n):
+            return list(struct.unpack(f"<{n}{fmt}", cur.take(n * item_size, key)))
+        cur.skip(n * item_size, key)
         return ArrayInfo(item_type, n)
     if item_type == _STRING:
         n = cur.count(8, f"{key} length")  # each string costs at least its 8-byte length
-        for index in range(n):
-            cur.skip_string(f"{key}[{index}]")
+        cur.skip_strings(n, key)
         return ArrayInfo(item_type, n)
     # Nested arrays exist in the spec but no writer uses them; refusing keeps the walk bounded.
     raise GGUFError(f"metadata {key!r} is an array of type {item_type}, not supported", key=key)
 
 
-def parse_header(data: bytes, file_size: int | None = None) -> GGUFInfo:
-    """Parse a GGUF header from the file's first bytes (pure).
-
-    Raises GGUFError for a malformed header and the private _NeedMore when ``data`` ends
-    before the header does but the file may hold the rest.
-    """
-    cur = _Cursor(data, file_size)
-    if bytes(cur._take(4, "magic")) != MAGIC:
+def _parse(cur: _Cursor) -> GGUFInfo:
+    if cur.take(4, "magic") != MAGIC:
         raise GGUFError("not a GGUF file (bad magic)")
     version = cur.scalar("I", "version")
     if version not in SUPPORTED_VERSIONS:
@@ -241,17 +378,24 @@ def parse_header(data: bytes, file_size: int | None = None) -> GGUFInfo:
             raise GGUFError("big-endian GGUF files are not supported", version=version)
         raise GGUFError(f"GGUF version {version} is not supported (2 or 3)", version=version)
     # Minimum sizes on disk: a tensor entry is at least 8+4+4+8 bytes, a key/value 8+4+1.
-    n_tensors = cur.count(24, "tensor count")
-    n_kv = cur.count(13, "metadata count")
+    n_tensors = cur.count(24, "tensor count", MAX_TENSORS)
+    n_kv = cur.count(13, "metadata count", MAX_METADATA_KEYS)
     metadata: dict[str, Any] = {}
     for index in range(n_kv):
-        key = cur.string(f"metadata[{index}] key")
-        value_type = cur.scalar("I", f"{key} type")
-        metadata[key] = _read_value(cur, value_type, key)
+        key = cur.string(f"metadata[{index}] key", MAX_KEY_BYTES)
+        if not cur.keep(64 + len(key), key=True):
+            raise GGUFError(f"metadata keys exceed {KEPT_BYTES_BUDGET} bytes: corrupt file")
+        label = key if len(key) <= 80 else shown(key)  # keys go into messages
+        value_type = cur.scalar("I", f"{label} type")
+        metadata[key] = _read_value(cur, value_type, label)
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(alignment) is not int or not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
+        raise GGUFError(f"general.alignment {shown(alignment)} is not a power of two up to {MAX_ALIGNMENT}")
 
     tensors_raw = []
     for index in range(n_tensors):
-        name = cur.string(f"tensor[{index}] name")
+        name = cur.string(f"tensor[{index}] name", MAX_TENSOR_NAME_BYTES)
         n_dims = cur.scalar("I", f"{name} dims")
         if not 1 <= n_dims <= 4:
             raise GGUFError(f"tensor {name!r} has {n_dims} dimensions (1..4 allowed)", tensor=name)
@@ -259,18 +403,16 @@ def parse_header(data: bytes, file_size: int | None = None) -> GGUFInfo:
         ggml_type = cur.scalar("I", f"{name} type")
         offset = cur.scalar("Q", f"{name} offset")
         tensors_raw.append((name, shape, ggml_type, offset))
-
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"general.alignment {alignment!r} is not a power of two")
     header_bytes = -(-cur.pos // alignment) * alignment
 
-    tensors = [_tensor(name, shape, t, off, file_size, header_bytes) for name, shape, t, off in tensors_raw]
+    size = cur.size
+    tensors = [_tensor(name, shape, t, off, size, header_bytes, alignment) for name, shape, t, off in tensors_raw]
     return _info(version, metadata, tensors, header_bytes, alignment)
 
 
 def _tensor(
-    name: str, shape: tuple[int, ...], ggml_type: int, offset: int, file_size: int | None, data_start: int
+    name: str, shape: tuple[int, ...], ggml_type: int, offset: int, file_size: int | None,
+    data_start: int, alignment: int,
 ) -> TensorInfo:
     if ggml_type not in GGML_TYPES:
         raise GGUFError(f"tensor {name!r} has unknown ggml type {ggml_type}", tensor=name)
@@ -278,19 +420,45 @@ def _tensor(
     elements = 1
     for dim in shape:
         elements *= dim
+    if elements > MAX_ELEMENTS:
+        raise GGUFError(f"tensor {name!r} of shape {shape} has more elements than int64 holds", tensor=name)
     if shape[0] % block:
         raise GGUFError(
             f"tensor {name!r} row of {shape[0]} is not a multiple of the {block}-element block",
             tensor=name,
         )
+    if offset % alignment:
+        raise GGUFError(f"tensor {name!r} offset {offset} is not a multiple of {alignment}", tensor=name)
     nbytes = elements // block * block_bytes
-    if file_size is not None and data_start + offset + nbytes > file_size:
+    end = data_start + offset + nbytes
+    if end > (MAX_ELEMENTS if file_size is None else file_size):
         raise GGUFError(
-            f"tensor {name!r} ends at {data_start + offset + nbytes}, past the end of the "
-            f"{file_size}-byte file: truncated",
+            f"tensor {name!r} ends at {end}, past the end of the "
+            f"{file_size if file_size is not None else 'largest possible'}-byte file: truncated",
             tensor=name,
         )
     return TensorInfo(name, shape, ggml_type, offset, nbytes)
+
+
+def _arch_number(metadata: dict[str, Any], arch: str, key: str, default: int | None = None) -> int | None:
+    """``{arch}.{key}`` as a bounded int; a per-layer list gives its largest item."""
+    full = f"{arch}.{key}"
+    value = metadata.get(full)
+    low, high = ARCH_LIMITS[key]
+    items = value if isinstance(value, list) else [value]
+    numbers = []
+    for item in items:
+        if item is None:
+            continue
+        # bool is an int to Python, not to GGUF; floats must be finite whole numbers.
+        if type(item) is float and math.isfinite(item) and item.is_integer():
+            item = int(item)
+        if type(item) is not int:
+            raise GGUFError(f"{full} is {shown(value)}, not a whole number", key=full)
+        if not low <= item <= high:
+            raise GGUFError(f"{full} is {item}, outside {low}..{high}: corrupt file", key=full)
+        numbers.append(item)
+    return max(numbers) if numbers else default
 
 
 def _info(
@@ -299,14 +467,11 @@ def _info(
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError("general.architecture is missing")
+    if not _ARCH_NAME.fullmatch(arch):
+        raise GGUFError(f"general.architecture {shown(arch)} is not an architecture name")
 
     def number(key: str, default: int | None = None) -> int | None:
-        value = metadata.get(f"{arch}.{key}", default)
-        if isinstance(value, list):  # per-layer values (e.g. OpenELM head counts): the largest
-            value = max(value) if value else default
-        if value is not None and not isinstance(value, (int, float)):
-            raise GGUFError(f"{arch}.{key} is {value!r}, not a number", key=f"{arch}.{key}")
-        return int(value) if value is not None else None
+        return _arch_number(metadata, arch, key, default)
 
     def required(key: str) -> int:
         value = number(key)
@@ -320,9 +485,10 @@ def _info(
     head_count_kv = number("attention.head_count_kv", head_count) or head_count
     head_dim = embedding_length // head_count if head_count else 0
     tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab_size = number("vocab_size") or (
-        tokens.count if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else 0
-    )
+    token_count = tokens.count if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else 0
+    vocab_size = number("vocab_size") or token_count
+    if vocab_size > ARCH_LIMITS["vocab_size"][1]:
+        raise GGUFError(f"tokenizer.ggml.tokens has {vocab_size} entries: corrupt file")
     per_layer = [0] * block_count
     other = 0
     for tensor in tensors:
@@ -345,7 +511,7 @@ def _info(
         context_length=number("context_length", 0) or 0,
         vocab_size=vocab_size,
         sliding_window=number("attention.sliding_window"),
-        file_type=file_type if isinstance(file_type, int) else None,
+        file_type=file_type if type(file_type) is int and 0 <= file_type < 2**32 else None,
         n_tensors=len(tensors),
         header_bytes=header_bytes,
         alignment=alignment,
@@ -356,90 +522,146 @@ def _info(
     )
 
 
-def _grow(needed: int, have: int) -> int:
-    return min(max(needed, have * 2, FIRST_WINDOW_BYTES), MAX_HEADER_BYTES)
+def _parse_source(source: _Source, label: str) -> GGUFInfo:
+    """One pass over ``source``; whatever goes wrong is a GGUFError naming ``label``."""
+    try:
+        return _parse(_Cursor(source))
+    except (struct.error, ValueError, OverflowError, MemoryError, RecursionError) as exc:
+        # The checks above are meant to leave nothing for this; it is the last line, so a
+        # header nobody foresaw still answers gguf_invalid instead of killing the caller.
+        raise GGUFError(f"{label}: corrupt GGUF header ({type(exc).__name__})", source=label) from exc
+
+
+def parse_header(data: bytes, file_size: int | None = None) -> GGUFInfo:
+    """Parse a GGUF header from the file's first bytes (pure). ``data`` ending before the
+    header does is a GGUFError (truncated), like every other malformed header."""
+    return _parse_source(_BytesSource(data, file_size), "header")
 
 
 def read_gguf_file(path: str | os.PathLike[str]) -> GGUFInfo:
     """The header of a local GGUF file; reads only the header bytes."""
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            data = f.read(min(FIRST_WINDOW_BYTES, file_size))
-            while True:
-                try:
-                    return parse_header(data, file_size)
-                except _NeedMore as more:
-                    # file_size bounds every length, so the parser only asks for bytes the file has.
-                    want = min(_grow(more.needed, len(data)), file_size)
-                    data += f.read(want - len(data))
+            return _parse_source(_FileSource(f, os.fstat(f.fileno()).st_size), str(path))
     except OSError as exc:
         raise GGUFError(f"{path}: cannot read: {exc.strerror}", path=str(path)) from exc
+
+
+class _HTTPSource:
+    """The file behind a URL, window after window with Range requests (each byte asked
+    once); a server that answers 200 (Range ignored) is read on as one stream."""
+
+    def __init__(self, http: httpx.Client, url: str) -> None:
+        self._http = http
+        self._url = url
+        self.size: int | None = None
+        self.pos = 0  # file offset of the next byte this source returns
+        self._window = FIRST_WINDOW_BYTES
+        self._stream: httpx.Response | None = None  # the 200 answer being read on
+        self._pieces: Any = None
+        self._ended = False
+        self.requests = 0
+
+    def read(self, hint: int) -> bytes:
+        if self._stream is not None:
+            return self._read_stream()
+        if self._ended or (self.size is not None and self.pos >= self.size):
+            return b""
+        want = max(hint, self._window)
+        self._window = min(self._window * 2, MAX_WINDOW_BYTES)
+        end = min(self.pos + want, MAX_HEADER_BYTES)
+        if self.size is not None:
+            end = min(end, self.size)
+        if end <= self.pos:
+            return b""
+        return self._request(self.pos, end)
+
+    def _request(self, start: int, end: int) -> bytes:
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
+        request = self._http.build_request("GET", self._url, headers=headers)
+        response = self._http.send(request, stream=True)
+        self.requests += 1
+        if response.status_code == 416:
+            response.close()
+            self._ended = True
+            return b""
+        if response.status_code not in (200, 206):
+            response.close()
+            raise GGUFError(f"{self._url}: HTTP {response.status_code}", url=self._url,
+                            status=response.status_code)
+        if response.status_code == 206:
+            try:
+                match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+                if match is None or int(match.group(1)) != start:
+                    raise GGUFError(f"{self._url}: the server sent another range than asked for",
+                                    url=self._url)
+                if self.size is None and match.group(3) != "*":
+                    self.size = int(match.group(3))
+                body = bytearray()
+                for piece in response.iter_bytes():
+                    body += piece[: end - start - len(body)]
+                    if len(body) >= end - start:
+                        break
+            finally:
+                response.close()  # closing mid-body drops the connection: the rest never travels
+            if len(body) < end - start:
+                self._ended = True  # the server had no more bytes
+            self.pos += len(body)
+            return bytes(body)
+        # Range ignored: the body is the whole file from byte 0. Keep reading it as the
+        # parser asks, dropping the bytes already had, instead of asking again from 0.
+        length = response.headers.get("Content-Length", "")
+        if self.size is None and _DIGITS.fullmatch(length):
+            self.size = int(length)
+        self._stream, self._pieces = response, response.iter_bytes()
+        skip = start
+        while skip:
+            piece = self._next_piece()
+            if not piece:
+                return b""
+            if len(piece) > skip:
+                self.pos += len(piece) - skip
+                return piece[skip:]
+            skip -= len(piece)
+        return self._read_stream()
+
+    def _next_piece(self) -> bytes:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            return b""
+
+    def _read_stream(self) -> bytes:
+        if self.pos >= MAX_HEADER_BYTES:
+            return b""
+        piece = self._next_piece()
+        self.pos += len(piece)
+        return piece
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
 
 
 def read_gguf_url(url: str, *, client: httpx.Client | None = None, timeout_s: float = 30.0) -> GGUFInfo:
     """The header of a GGUF file behind an http(s) URL, fetched with growing Range requests."""
     owned = client is None
-    http = client or httpx.Client(timeout=timeout_s, follow_redirects=True)
+    source: _HTTPSource | None = None
     try:
-        data = b""
-        file_size: int | None = None
-        want = FIRST_WINDOW_BYTES
-        while True:
-            asked = want - len(data)
-            chunk, total = _fetch_range(http, url, len(data), want)
-            file_size = total if total is not None else file_size
-            data += chunk
-            try:
-                info = parse_header(data, file_size)
-            except _NeedMore as more:
-                if len(chunk) < asked:
-                    # The server had no more bytes although the header goes on.
-                    raise GGUFError(f"{url}: the file ends inside its header: truncated", url=url) from None
-                want = _grow(more.needed, len(data))
-                if file_size is not None:
-                    want = min(want, file_size)
-                continue
-            log.debug("gguf_header_read", url=url, header_bytes=info.header_bytes, fetched=len(data))
+        http = client or httpx.Client(timeout=timeout_s, follow_redirects=True)
+        try:
+            source = _HTTPSource(http, url)
+            info = _parse_source(source, url)
+            log.debug("gguf_header_read", url=url, header_bytes=info.header_bytes, fetched=source.pos,
+                      requests=source.requests)
             return info
-    except httpx.HTTPError as exc:
+        finally:
+            if source is not None:
+                source.close()
+            if owned:
+                http.close()
+    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
         raise GGUFError(f"{url}: cannot read the GGUF header: {exc}", url=url) from exc
-    finally:
-        if owned:
-            http.close()
-
-
-def _fetch_range(http: httpx.Client, url: str, start: int, end: int) -> tuple[bytes, int | None]:
-    """Bytes [start, end) of ``url`` and the file's total size when the server says it."""
-    headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
-    with http.stream("GET", url, headers=headers) as response:
-        if response.status_code == 416:
-            raise GGUFError(f"{url}: the file ends inside its header: truncated", url=url)
-        if response.status_code not in (200, 206):
-            raise GGUFError(f"{url}: HTTP {response.status_code}", url=url, status=response.status_code)
-        total = None
-        skip = 0
-        if response.status_code == 206:
-            content_range = response.headers.get("Content-Range", "")
-            size = content_range.rpartition("/")[2]
-            total = int(size) if size.isdigit() else None
-        else:
-            # Range ignored: the body is the whole file from byte 0; keep only what we asked.
-            skip = start
-            length = response.headers.get("Content-Length", "")
-            total = int(length) if length.isdigit() else None
-        wanted = end - start
-        parts: list[bytes] = []
-        got = 0
-        for piece in response.iter_bytes():
-            if skip:
-                dropped = min(skip, len(piece))
-                piece, skip = piece[dropped:], skip - dropped
-            parts.append(piece)
-            got += len(piece)
-            if got >= wanted:
-                break  # leaving the block closes the stream: the rest never travels
-        return b"".join(parts)[:wanted], total
 
 
 def read_gguf_header(source: str | os.PathLike[str]) -> GGUFInfo:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agent.catalog.gguf import read_gguf_file, read_gguf_header, read_gguf_url
 from agent.errors import GGUFError
+from tests.catalog import gguf_bytes
 from tests.support.range_server import link_into
+
+MIB = 1024 * 1024
 
 LADDER = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 
@@ -112,3 +118,117 @@ def test_url_errors_are_gguf_errors(range_server, tmp_path: Path, ladder_model):
     (range_server.root / "short.gguf").write_bytes(_header(ladder_model("Q2_K"), 5000))
     with pytest.raises(GGUFError, match="truncated|corrupt"):
         read_gguf_url(f"{range_server.url}/short.gguf")
+
+
+# -- hostile headers (issue 10, finding 4): every one is gguf_invalid, cheap, and bounded --------
+
+HOSTILE_BLOCK_COUNTS = [
+    pytest.param(2**63, gguf_bytes.UINT64, id="2^63"),
+    pytest.param(2**64 - 1, gguf_bytes.UINT64, id="2^64-1"),
+    pytest.param(float("inf"), gguf_bytes.FLOAT32, id="inf"),
+    pytest.param(float("nan"), gguf_bytes.FLOAT64, id="nan"),
+    pytest.param(-1, gguf_bytes.INT32, id="negative"),
+    pytest.param(300_000_000, gguf_bytes.UINT32, id="3e8"),
+    pytest.param(2.5, gguf_bytes.FLOAT32, id="fraction"),
+    pytest.param(True, gguf_bytes.BOOL, id="bool"),
+]
+
+
+@pytest.mark.parametrize(("block_count", "block_type"), HOSTILE_BLOCK_COUNTS)
+def test_a_hostile_block_count_is_gguf_invalid(tmp_path: Path, range_server, block_count, block_type):
+    header = gguf_bytes.llama(block_count, block_type=block_type)
+    data = header.file(gguf_bytes.tensor_data_bytes(header))
+    path = tmp_path / "evil.gguf"
+    path.write_bytes(data)
+    (range_server.root / "evil.gguf").write_bytes(data)
+    for read in (lambda: read_gguf_file(path), lambda: read_gguf_url(f"{range_server.url}/evil.gguf")):
+        with pytest.raises(GGUFError) as caught:
+            read()
+        assert caught.value.code == "gguf_invalid" and "block_count" in caught.value.message
+
+
+def test_the_crafted_header_is_otherwise_valid(tmp_path: Path):
+    """The hostile cases above differ from this one only in block_count."""
+    header = gguf_bytes.llama(3)
+    path = tmp_path / "ok.gguf"
+    path.write_bytes(header.file(gguf_bytes.tensor_data_bytes(header)))
+    info = read_gguf_file(path)
+    assert (info.block_count, info.embedding_length, info.head_count, info.vocab_size) == (3, 64, 4, 8)
+    assert len(info.layer_tensor_bytes) == 3 and all(info.layer_tensor_bytes)
+
+
+def test_a_non_ascii_digit_in_a_tensor_name_is_not_a_layer(tmp_path: Path):
+    # "²".isdigit() is True but int("²") raises: such a name once escaped as ValueError.
+    header = gguf_bytes.llama(1)
+    header.tensors[0].name = "blk.\u00b2.attn_q.weight"
+    path = tmp_path / "digit.gguf"
+    path.write_bytes(header.file(gguf_bytes.tensor_data_bytes(header)))
+    info = read_gguf_file(path)
+    assert info.other_tensor_bytes == info.tensors[0].nbytes
+
+
+CHILD = r"""
+import json, resource, sys, time
+from agent.catalog.gguf import read_gguf_header
+from agent.errors import GGUFError
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+results = []
+for source in sys.argv[1:]:
+    before, cpu = status("VmRSS"), time.process_time()
+    try:
+        info = read_gguf_header(source)
+        outcome = {"ok": True, "block_count": info.block_count}
+    except GGUFError as exc:
+        outcome = {"ok": False, "code": exc.code}
+    # VmHWM: this process image's own peak (ru_maxrss would carry a parent's over exec).
+    results.append({**outcome, "growth": status("VmHWM") - before, "cpu_s": time.process_time() - cpu})
+print(json.dumps(results))
+"""
+
+
+def _read_in_child(*sources: str) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", CHILD, *sources], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_huge_block_count_in_a_tiny_file_costs_nothing(tmp_path: Path, range_server):
+    """block_count 3e8 in a ~200-byte file once took 2.3 GiB and 5 s before failing."""
+    header = gguf_bytes.llama(300_000_000, vocab=1)
+    header.tensors = []
+    data = header.file()
+    assert len(data) < 400
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(data)
+    (range_server.root / "tiny.gguf").write_bytes(data)
+    for result in _read_in_child(str(path), f"{range_server.url}/tiny.gguf"):
+        assert result["code"] == "gguf_invalid", result
+        assert result["growth"] < 32 * MIB and result["cpu_s"] < 1.0, result
+
+
+def test_a_120_mib_header_of_arrays_parses_in_bounded_memory(tmp_path: Path, range_server):
+    """7,000 arrays of 4,096 uint32 each once grew the reader to 1.1 GiB RSS; a header that
+    size is legal (under the 128 MiB cap), so it must parse, keeping what it can afford."""
+    array = struct.pack("<IQ", gguf_bytes.UINT32, 4096) + struct.pack("<4096I", *range(1 << 20, (1 << 20) + 4096))
+    extra = [gguf_bytes.Entry(f"junk.{i:05d}", gguf_bytes.ARRAY, None) for i in range(7600)]
+    header = gguf_bytes.llama(2)
+    entries = b"".join(gguf_bytes.Entry(e.key, e.type, e.value, e.item_type).encode() for e in header.entries)
+    junk = b"".join(gguf_bytes.string(e.key) + struct.pack("<I", gguf_bytes.ARRAY) + array for e in extra)
+    tensors = b"".join(t.encode() for t in header.tensors)
+    body = b"GGUF" + struct.pack("<IQQ", 3, len(header.tensors), len(header.entries) + len(extra))
+    body += entries + junk + tensors
+    body += b"\0" * (-len(body) % 32) + b"\0" * gguf_bytes.tensor_data_bytes(header)
+    assert len(body) > 118 * MIB
+    path = range_server.root / "arrays.gguf"
+    path.write_bytes(body)
+    range_server.served.body_bytes = 0
+    results = _read_in_child(str(path), f"{range_server.url}/arrays.gguf")
+    for result in results:
+        assert result["ok"] and result["block_count"] == 2, result
+        assert result["growth"] < 160 * MIB, result
+    # One pass: each header byte crossed the network once (plus the last window's tail).
+    assert range_server.served.body_bytes < len(body) + 20 * MIB
