@@ -25,6 +25,8 @@ import msgspec
 import yaml
 
 from agent.errors import ConfigError
+# The topic contract's rules (pure, import-free) decide which ids and filters are valid.
+from agent.mqtt.topics import device_id_problem, is_valid_filter, is_valid_level
 
 ENV_PREFIX = "EDGE_AGENT_"
 
@@ -70,6 +72,18 @@ class MQTTConfig(_Section):
     # How many recent request ids (and their final replies) are remembered, so a redelivered
     # prompt or cmd is answered once.
     dedup_entries: int = 1024
+    # Topic filters inside topic_prefix (or the Home Assistant discovery prefix) that a prompt
+    # may name as its reply topic, besides the device's own reply/ subtree; any other reply
+    # topic inside those trees is refused with bad_request (agent.mqtt.topics.ReplyPolicy).
+    reply_topics: list[str] = []
+
+    def __post_init__(self) -> None:
+        if self.pool is not None and (not is_valid_level(self.pool) or not self.pool.isprintable()):
+            raise ValueError("pool: must be one topic level: printable, without '/', '+', '#'")
+        for index, topic_filter in enumerate(self.reply_topics):
+            if not is_valid_filter(topic_filter):
+                raise ValueError(f"reply_topics[{index}]: {topic_filter[:120]!r} is not a topic "
+                                 "filter ('+' and '#' only as whole levels, no leading '$')")
 
 
 class ModelConfig(_Section):
@@ -140,6 +154,12 @@ class AgentConfig(_Section):
     home_assistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
     signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        # The id is a topic level, the MQTT client id and the username the ACL keys on.
+        problem = device_id_problem(self.device_id)
+        if problem:
+            raise ValueError(f"device_id: {problem}")
 
 
 T = TypeVar("T", bound=msgspec.Struct)

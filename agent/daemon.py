@@ -156,6 +156,9 @@ class Daemon:
         self.config = config
         self.notifier = notifier or Notifier()
         self.topics = topics.DeviceTopics(config.device_id, config.mqtt.topic_prefix)
+        self.reply_policy = topics.ReplyPolicy.for_device(
+            self.topics, discovery_prefix=config.home_assistant.discovery_prefix,
+            allowed=config.mqtt.reply_topics)
         self.state = DaemonState(Path(config.state_dir))
         self.stop_event = threading.Event()
         self.inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10000)
@@ -427,15 +430,24 @@ class Daemon:
         else:
             log.warning("unexpected_topic", topic=item.topic)
 
-    def _route(self, message: Inbound, request_id: str | None, reply_to: str | None) -> ReplyRoute | None:
-        """Response Topic + Correlation Data, else ``reply_to``, else the default reply topic."""
-        if message.response_topic and topics.is_valid_publish_topic(message.response_topic):
-            return ReplyRoute(message.response_topic, message.correlation_data)
-        if reply_to:
-            return ReplyRoute(reply_to, message.correlation_data)
+    def _route(self, message: Inbound, request_id: str | None,
+               reply_to: str | None) -> tuple[ReplyRoute | None, RequestError | None]:
+        """Response Topic + Correlation Data, else ``reply_to``, else the default reply topic.
+
+        A requested topic that the reply policy refuses is never written to: the route is the
+        next address that is allowed (the default reply topic at the latest), and the refusal
+        comes back with it, so the request is answered there with ``bad_request``."""
+        refused: RequestError | None = None
+        for field, topic in (("response_topic", message.response_topic), ("reply_to", reply_to)):
+            if not topic:
+                continue
+            why = self.reply_policy.refusal(topic)
+            if why is None:
+                return ReplyRoute(topic, message.correlation_data), refused
+            refused = refused or RequestError(f"{field}: {why}", field=field)
         if request_id and topics.is_valid_level(request_id) and len(request_id) <= payloads.MAX_ID_CHARS:
-            return ReplyRoute(self.topics.reply(request_id), message.correlation_data)
-        return None
+            return ReplyRoute(self.topics.reply(request_id), message.correlation_data), refused
+        return None, refused
 
     def _handle_prompt(self, message: Inbound) -> None:
         assert self.engine is not None and self.mqtt is not None
@@ -444,16 +456,18 @@ class Daemon:
             request = payloads.decode_prompt(message.payload, max_bytes=max_bytes)
         except RequestError as exc:
             hint = payloads.reply_hint(message.payload, max_bytes=max_bytes)
-            route = self._route(message, hint.id, hint.reply_to)
+            route, _ = self._route(message, hint.id, hint.reply_to)
             self._reject(message, exc, route, hint.id, kind="prompt")
             return
+        route, refused = self._route(message, request.id, request.reply_to)
+        if refused is not None:  # the request does not run: it asked to write where it may not
+            self._reject(message, refused, route, request.id, kind="prompt", event=True)
+            return
         if self.stop_event.is_set():
-            route = self._route(message, request.id, request.reply_to)
             if route:
                 self._send_final(route, payloads.encode(payloads.error_final(
                     request.id, CancelledError_("the agent is stopping; send the request again later").to_dict())))
             return
-        route = self._route(message, request.id, request.reply_to)
         assert route is not None  # decode_prompt guarantees a usable id
         key = f"prompt:{request.id}"
         admission = self.recent.admit(key)
@@ -525,14 +539,16 @@ class Daemon:
             self.ops.put((command, route))
 
     def _reject(self, message: Inbound, error: RequestError, route: ReplyRoute | None,
-                request_id: str | None, *, kind: str) -> None:
-        """An error reply where a reply path exists, else a (rate-limited) ``events`` record."""
+                request_id: str | None, *, kind: str, event: bool = False) -> None:
+        """An error reply where a reply path exists, else (and with ``event`` also) a
+        rate-limited ``events`` record."""
         log.info("rejected_input", topic=message.topic, code=error.code, error=error.message[:200])
         if route is not None:
             body = (payloads.error_final(request_id, error.to_dict()) if kind == "prompt"
                     else payloads.cmd_result(request_id, error=error.to_dict()))
             self._send_final(route, payloads.encode(body))
-            return
+            if not event:
+                return
         second = int(time.monotonic())
         window, sent = self._rejected_window
         if window != second:

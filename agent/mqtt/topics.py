@@ -1,7 +1,8 @@
 """Topic names of the MQTT contract (DESIGN.md), shared by the device daemon and the fleet controller.
 
 Everything under ``<prefix>/<device_id>/`` belongs to one device; ``<prefix>/pool/<pool>/prompt``
-and ``<prefix>/all/cmd`` are shared. Pure string work: no I/O, no paho.
+and ``<prefix>/all/cmd`` are shared. Which topics a device may answer on is decided here too
+(``ReplyPolicy``), so the daemon and its tests share one rule. Pure string work: no I/O, no paho.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ from dataclasses import dataclass
 # Topic levels a device id or request id must never contain: they would change the topic's shape.
 _RESERVED_IN_LEVEL = frozenset("/+#\x00")
 MAX_TOPIC_BYTES = 65535  # MQTT's UTF-8 string limit
+MAX_DEVICE_ID_CHARS = 128
+
+# The fixed words of the contract. ``all`` and ``pool`` sit where a device id sits
+# (``<prefix>/all/cmd``, ``<prefix>/pool/<pool>/prompt``): a device with such an id would own
+# the broadcast command or the pool prompts under any ACL keyed on the username. The per-device
+# words are reserved as well, so that no id can ever be read as a part of the contract.
+RESERVED_DEVICE_IDS = frozenset(
+    {"all", "pool", "status", "meta", "telemetry", "prompt", "cmd", "result", "events", "reply"}
+)
 
 
 def is_valid_level(text: str) -> bool:
@@ -18,11 +28,56 @@ def is_valid_level(text: str) -> bool:
     return bool(text) and not (_RESERVED_IN_LEVEL & set(text)) and len(text.encode()) <= 1024
 
 
+def device_id_problem(device_id: str) -> str | None:
+    """Why ``device_id`` cannot name a device, or None when it can."""
+    if not is_valid_level(device_id) or not device_id.isprintable():
+        return "must be one topic level: printable, without '/', '+', '#' or NUL"
+    if len(device_id) > MAX_DEVICE_ID_CHARS:
+        return f"must be at most {MAX_DEVICE_ID_CHARS} characters"
+    if device_id in RESERVED_DEVICE_IDS:
+        return (f"{device_id!r} is a reserved topic word; none of "
+                f"{', '.join(sorted(RESERVED_DEVICE_IDS))} can be a device id")
+    if device_id.startswith("$"):
+        return "must not start with '$' (the broker's own topics and $share start with it)"
+    return None
+
+
+def is_valid_device_id(device_id: str) -> bool:
+    return device_id_problem(device_id) is None
+
+
 def is_valid_publish_topic(topic: str) -> bool:
     """True when a client may publish to ``topic`` (no wildcards, no NUL, not $-reserved)."""
     if not topic or "+" in topic or "#" in topic or "\x00" in topic or topic.startswith("$"):
         return False
     return len(topic.encode("utf-8", "surrogatepass")) <= MAX_TOPIC_BYTES and _encodes(topic)
+
+
+def is_valid_filter(topic_filter: str) -> bool:
+    """True for a subscription filter: ``+`` alone in a level, ``#`` alone and last, not ``$``."""
+    if not topic_filter or "\x00" in topic_filter or topic_filter.startswith("$"):
+        return False
+    if not _encodes(topic_filter) or len(topic_filter.encode()) > MAX_TOPIC_BYTES:
+        return False
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching of one topic against one (valid) filter: ``+`` one level, ``#`` the rest."""
+    wanted = topic_filter.split("/")
+    levels = topic.split("/")
+    for index, level in enumerate(wanted):
+        if level == "#":
+            return True  # also matches the parent itself: "a/#" matches "a"
+        if index >= len(levels) or (level != "+" and level != levels[index]):
+            return False
+    return len(wanted) == len(levels)
 
 
 def _encodes(topic: str) -> bool:
@@ -41,8 +96,9 @@ class DeviceTopics:
     prefix: str = "edge/v1"
 
     def __post_init__(self) -> None:
-        if not is_valid_level(self.device_id):
-            raise ValueError(f"device id {self.device_id!r} cannot be a topic level")
+        problem = device_id_problem(self.device_id)
+        if problem:
+            raise ValueError(f"device id {self.device_id[:MAX_DEVICE_ID_CHARS]!r}: {problem}")
 
     @property
     def base(self) -> str:
@@ -85,6 +141,41 @@ class DeviceTopics:
         return broadcast_cmd(self.prefix)
 
 
+@dataclass(frozen=True)
+class ReplyPolicy:
+    """Which topics a device answers on when a prompt names one (Response Topic or ``reply_to``).
+
+    A requester could otherwise make the device write into any topic of the fleet: another
+    device's ``cmd`` or ``status``, its own ``status``, Home Assistant's discovery configs. So
+    inside the protected trees (the topic prefix, the discovery prefix) only the device's own
+    ``reply/`` subtree and the configured filters are allowed; outside them anything a client
+    may publish to is (the broker's ACL decides the rest)."""
+
+    own_replies: str  # "<prefix>/<device>/reply": its subtree is always allowed
+    protected: tuple[str, ...]  # topic trees a reply may not enter
+    allowed: tuple[str, ...] = ()  # filters inside them that replies may use (mqtt.reply_topics)
+
+    @classmethod
+    def for_device(cls, topics: DeviceTopics, *, discovery_prefix: str,
+                   allowed: list[str] | tuple[str, ...] = ()) -> "ReplyPolicy":
+        return cls(f"{topics.base}/reply", (topics.prefix, discovery_prefix), tuple(allowed))
+
+    def refusal(self, topic: str) -> str | None:
+        """Why replies may not go to ``topic``, or None when they may."""
+        if not is_valid_publish_topic(topic):
+            return "must be a topic without wildcards, NUL or a leading '$'"
+        if topic.startswith(self.own_replies + "/"):
+            return None
+        if any(filter_matches(allowed, topic) for allowed in self.allowed):
+            return None
+        for root in self.protected:
+            if topic == root or topic.startswith(root + "/"):
+                return (f"{topic[:120]!r} is inside the topic tree {root}/; use this device's "
+                        f"{self.own_replies}/ subtree, a topic outside it, or list it in "
+                        "mqtt.reply_topics")
+        return None
+
+
 def pool_prompt(pool: str, prefix: str = "edge/v1") -> str:
     """Where a controller publishes a prompt for any device of ``pool``."""
     return f"{prefix}/pool/{pool}/prompt"
@@ -100,11 +191,12 @@ def broadcast_cmd(prefix: str = "edge/v1") -> str:
 
 
 def device_of(topic: str, prefix: str = "edge/v1") -> tuple[str, str] | None:
-    """Split ``<prefix>/<device>/<rest>`` into (device, rest); None for other topics."""
+    """Split ``<prefix>/<device>/<rest>`` into (device, rest); None for other topics, and for
+    a level that cannot be a device id (``pool``, ``all``, …): nobody is learned from those."""
     head = prefix + "/"
     if not topic.startswith(head):
         return None
     device, _, rest = topic[len(head) :].partition("/")
-    if not device or not rest or device in ("pool", "all"):
+    if not rest or not is_valid_device_id(device):
         return None
     return device, rest
