@@ -1,11 +1,13 @@
 """The daemon as users run it: `edge-agent run --config F` as a real subprocess, a real mosquitto,
-the real SmolLM2 ladder, prompts sent with mosquitto_pub and paho, replies watched with paho."""
+the real SmolLM2 ladder, prompts sent with mosquitto_pub and paho, replies watched with paho.
+
+Order does not matter: the module's daemon is only asked, never changed; the tests that change
+its model or stop it (commands, graceful stop) get a daemon and a broker of their own."""
 
 from __future__ import annotations
 
 import json
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -43,6 +45,21 @@ def watch(module_broker):
     observers = Observers(module_broker)
     yield observers.connect
     observers.close()
+
+
+@pytest.fixture
+def own_daemon(tmp_path, ladder_dir):
+    """A daemon on a broker of this test's own, and a ``watch`` for that broker."""
+    broker = Broker(tmp_path / "broker").start()
+    observers = Observers(broker)
+    running = RunningDaemon(tmp_path / "daemon", broker, ladder_dir).start()
+    try:
+        wait_ready(running)
+        yield running, observers.connect
+    finally:
+        running.close()
+        observers.close()
+        broker.stop()
 
 
 def test_ready_notify_and_retained_status_and_meta(daemon, watch):
@@ -86,7 +103,12 @@ def test_chat_messages_with_reply_to_and_default_reply_topic(daemon, watch):
     assert chat["id"] == "chat-1" and chat["usage"]["completion_tokens"] >= 1
     assert len(observer.on("mine/chat")) == 1  # stream: false sends only the final
     plain = wait_final(observer, f"{BASE}/reply/plain-1")
-    assert plain["id"] == "plain-1" and "text" in plain
+    assert plain["id"] == "plain-1" and "error" not in plain, plain
+    # What was streamed on the default reply topic is the text, within the asked-for budget.
+    chunks = [json.loads(m.payload) for m in observer.on(f"{BASE}/reply/plain-1")
+              if "delta" in json.loads(m.payload)]
+    assert plain["text"] and "".join(c["delta"] for c in chunks) == plain["text"]
+    assert 1 <= plain["usage"]["completion_tokens"] <= 4
 
 
 def test_duplicates_are_answered_once(daemon, watch):
@@ -96,14 +118,17 @@ def test_duplicates_are_answered_once(daemon, watch):
     observer.publish(f"{BASE}/prompt", body)
     observer.publish(f"{BASE}/prompt", body)  # while the first is in flight: ignored
     first = wait_final(observer, "dup/r")
-    time.sleep(0.5)
-    assert len(finals(observer, "dup/r")) == 1
+    # A later request on the same topic is answered after anything the duplicate could cause.
+    observer.publish(f"{BASE}/prompt", json.dumps({"id": "dup-marker", "prompt": "Hi", "max_tokens": 2,
+                                                   "reply_to": "dup/r"}).encode())
+    observer.wait_for(lambda m: any(f["id"] == "dup-marker" for f in finals(observer, "dup/r")), timeout=60)
+    assert [f["id"] for f in finals(observer, "dup/r")] == ["dup-1", "dup-marker"]
     observer.publish(f"{BASE}/prompt", body)  # after it finished: the stored final again
-    observer.wait_for(lambda m: len(finals(observer, "dup/r")) == 2, timeout=10)
-    again = finals(observer, "dup/r")[1]
+    observer.wait_for(lambda m: len(finals(observer, "dup/r")) == 3, timeout=10)
+    again = finals(observer, "dup/r")[2]
     assert again == first
-    seqs = [json.loads(m.payload)["seq"] for m in observer.on("dup/r") if "delta" in json.loads(m.payload)]
-    assert seqs.count(0) == 1  # generated once
+    chunks = [json.loads(m.payload) for m in observer.on("dup/r") if "delta" in json.loads(m.payload)]
+    assert [c["seq"] for c in chunks if c["id"] == "dup-1"].count(0) == 1  # generated once
 
 
 def test_bad_input_gets_stable_codes_and_does_not_block(daemon, watch):
@@ -136,7 +161,8 @@ def test_bad_input_gets_stable_codes_and_does_not_block(daemon, watch):
     assert result == {"id": "c-x", "ok": False, "error": result["error"]} and result["error"]["code"] == "unknown_op"
 
 
-def test_commands(daemon, watch):
+def test_commands(own_daemon):
+    _, watch = own_daemon
     observer = watch(f"{BASE}/cmd/result", f"{BASE}/status")
 
     def command(op: str, topic: str = f"{BASE}/cmd", **args) -> dict:
@@ -157,8 +183,10 @@ def test_commands(daemon, watch):
     assert bench["ok"] and bench["result"]["usage"]["completion_tokens"] >= 1
     fetched = command("fetch")
     assert fetched["ok"] and Path(fetched["result"]["path"]).exists()
-    bad_manifest = command("set_manifest", source="/nonexistent/manifest.json")
-    assert not bad_manifest["ok"] and bad_manifest["error"]["code"]
+    bad_manifest = command("set_manifest", source="http://127.0.0.1:9/manifest.json")
+    # Nothing listens on port 9 (discard), so the manifest cannot be fetched at all.
+    assert not bad_manifest["ok"] and bad_manifest["error"]["code"] == "manifest_invalid", bad_manifest
+    assert "cannot fetch the manifest" in bad_manifest["error"]["message"]
     bad_args = command("pin", quant=7)
     assert bad_args["error"]["code"] == "bad_request" and bad_args["error"]["message"].startswith("args.quant")
 
@@ -184,7 +212,8 @@ def test_broker_restart_mid_stream_loses_no_final(daemon, watch, module_broker):
     assert final["id"] == "rs-1" and "usage" in final, final
 
 
-def test_graceful_stop_publishes_stopped_and_exits_zero(daemon, watch):
+def test_graceful_stop_publishes_stopped_and_exits_zero(own_daemon):
+    daemon, watch = own_daemon
     observer = watch(f"{BASE}/status")
     assert daemon.stop(signal.SIGTERM) == 0
     observer.wait_for(lambda m: json.loads(m.payload)["state"] == "stopped", timeout=10)
