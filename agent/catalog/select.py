@@ -332,8 +332,12 @@ def _header_sources(manifest: Manifest, variant: Variant, store_dir: Path | None
 
 
 def read_headers(manifest: Manifest, model: ModelEntry, store_dir: Path | None = None) -> dict[str, GGUFInfo]:
-    """GGUF headers of every variant that can be read; failures are logged and left out."""
+    """GGUF headers of every variant that can be read; failures are logged and left out.
+
+    When not one header could be read, the first failure is raised (``gguf_invalid`` for a
+    hostile or broken header): that, not ``no_fit``, is what the device must report."""
     headers: dict[str, GGUFInfo] = {}
+    failures: list[EdgeAgentError] = []
     for variant in model.variants:
         for source in _header_sources(manifest, variant, store_dir):
             if "://" not in source and not os.path.exists(source):
@@ -342,7 +346,10 @@ def read_headers(manifest: Manifest, model: ModelEntry, store_dir: Path | None =
                 headers[variant.file] = read_gguf_header(source)
                 break
             except EdgeAgentError as exc:
+                failures.append(exc)
                 log.warning("gguf_header_unreadable", file=variant.file, source=source, error=exc.message)
+    if not headers and failures:
+        raise failures[0]
     return headers
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import subprocess
@@ -13,7 +14,10 @@ import pytest
 from agent.catalog.gguf import read_gguf_file, read_gguf_header, read_gguf_url
 from agent.errors import GGUFError
 from tests.catalog import gguf_bytes
+from tests.support.daemon import BASE, RunningDaemon, wait_final, wait_ready
+from tests.support.observer import Observers
 from tests.support.range_server import link_into
+from tests.support.signing import sign_file
 
 MIB = 1024 * 1024
 
@@ -232,3 +236,38 @@ def test_a_120_mib_header_of_arrays_parses_in_bounded_memory(tmp_path: Path, ran
         assert result["growth"] < 160 * MIB, result
     # One pass: each header byte crossed the network once (plus the last window's tail).
     assert range_server.served.body_bytes < len(body) + 20 * MIB
+
+
+def test_a_daemon_pointed_at_a_hostile_header_reports_gguf_invalid_and_keeps_serving(
+    tmp_path: Path, broker, range_server, ladder_dir
+):
+    """The header is read by HTTP Range from a mirror before any sha256 check: block_count
+    2^63 there once killed `edge-agent run` (OverflowError), and systemd gave up on the unit."""
+    header = gguf_bytes.llama(2**63, block_type=gguf_bytes.UINT64)
+    data = header.file(gguf_bytes.tensor_data_bytes(header))
+    (range_server.root / "evil.gguf").write_bytes(data)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"schema": 1, "models": [{"id": "evil", "variants": [{
+        "quant": "Q4_K_M", "file": "evil.gguf", "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        "urls": [f"{range_server.url}/evil.gguf"], "quality": 0.9}]}]}))
+    sign_file(manifest)
+    daemon = RunningDaemon(tmp_path / "d", broker, ladder_dir, model={"manifest": str(manifest)})
+    observers = Observers(broker)
+    try:
+        observer = observers.connect(f"{BASE}/events", f"{BASE}/cmd/result", "evil/r")
+        daemon.start()
+        wait_ready(daemon)
+        event = observer.wait_for(lambda m: json.loads(m.payload).get("event") == "model_unavailable", timeout=60)
+        assert json.loads(event.payload)["error"]["code"] == "gguf_invalid"
+        assert any("STATUS=degraded (gguf_invalid" in n for n in daemon.read_notifications())
+        # Still serving: a prompt is answered no_model, a reload answers the header's error.
+        observer.publish(f"{BASE}/prompt", json.dumps({"id": "p1", "prompt": "hi", "reply_to": "evil/r"}).encode())
+        assert wait_final(observer, "evil/r")["error"]["code"] == "no_model"
+        observer.publish(f"{BASE}/cmd", json.dumps({"id": "c1", "op": "reload"}).encode())
+        result = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/cmd/result", timeout=60).payload)
+        assert result["ok"] is False and result["error"]["code"] == "gguf_invalid"
+        assert daemon.process.poll() is None
+        assert daemon.stop() == 0
+    finally:
+        observers.close()
+        daemon.close()
