@@ -16,6 +16,7 @@ Unknown keys are rejected; every error names the file and the key path.
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 from pathlib import Path
@@ -88,6 +89,9 @@ class MQTTConfig(_Section):
 
 class ModelConfig(_Section):
     manifest: str | None = None  # path or http(s) URL
+    # Local manifests that a set_manifest command may name must lie under this directory
+    # (after resolving symlinks and ".."); None: set_manifest takes http(s) URLs only.
+    manifest_dir: str | None = None
     model_id: str | None = None  # which model of the manifest; default: the first
     pin: str | None = None  # force a quant, e.g. "Q4_K_M"; an error if it does not fit
     profile: str | None = None  # force a profile by name instead of matching
@@ -132,9 +136,42 @@ class HomeAssistantConfig(_Section):
     discovery_prefix: str = "homeassistant"
 
 
+def _is_ed25519_public_key(text: str) -> bool:
+    try:
+        return len(base64.b64decode(text.strip(), validate=True)) == 32
+    except ValueError:  # binascii.Error is a ValueError
+        return False
+
+
 class SigningConfig(_Section):
-    required: bool = False
-    public_key: str | None = None  # Ed25519 public key, base64 (raw 32 bytes)
+    """Manifest signatures (agent.catalog.signing): required unless explicitly opted out.
+
+    ``required`` is derived, not a switch: on whenever a key is pinned, and on without a key
+    too (every manifest is then refused) unless ``allow_unsigned`` says otherwise. Setting it
+    is accepted only when it agrees, so a config written as ``required: false`` fails loudly
+    instead of silently meaning something else."""
+
+    public_key: str | None = None  # Ed25519 public key, base64 (raw 32 bytes): the controller's
+    # The only way to load unsigned manifests; logged at warning on start and shown in meta.
+    allow_unsigned: bool = False
+    required: bool | None = None  # derived (see above); None in a file means "as derived"
+
+    def __post_init__(self) -> None:
+        if self.public_key is not None and not _is_ed25519_public_key(self.public_key):
+            raise ValueError("public_key: expected base64 of a raw 32-byte Ed25519 key")
+        if self.public_key and self.allow_unsigned:
+            raise ValueError(
+                "allow_unsigned: true contradicts public_key: a pinned key is always enforced; "
+                "remove one of them"
+            )
+        derived = not self.allow_unsigned
+        if self.required is not None and self.required != derived:
+            raise ValueError(
+                "required: false does not turn signatures off; set allow_unsigned: true "
+                "(and no public_key) to load unsigned manifests"
+                if derived else "required: true contradicts allow_unsigned: true"
+            )
+        self.required = derived
 
 
 class LogConfig(_Section):
@@ -240,15 +277,51 @@ def read_secret(path: str | None, credential: str, env: dict[str, str] | None = 
 
 
 class FleetAuthConfig(_Section):
-    # Hashes, never secrets: "scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>" or
-    # "pbkdf2_sha256$<iterations>$<salt b64>$<hash b64>", made by `edge-agent fleet hash-secret`,
-    # so a leaked config file does not open the dashboard. hashlib only: no extra dependency.
+    # Hashes, never secrets, made by `edge-agent fleet hash-secret`, so a leaked config file
+    # does not open the dashboard (hashlib only: no extra dependency). The password:
+    # "scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>" or "pbkdf2_sha256$<iterations>$<salt>$<hash>";
+    # tokens: "sha256$<hash b64>" (--method sha256; scrypt/PBKDF2 token hashes still verify,
+    # off the event loop, but every wrong token then costs a slow hash).
     admin_password_hash: str | None = None  # None: password login is off (tokens still work)
     api_token_hashes: list[str] = []  # bearer tokens for the API, CLI and Prometheus
+    # Failed logins and bearer tokens per client address (IPv6: per /64): this many at once,
+    # then one more per failed_auth_window_s / failed_auth_limit; past it, 429 rate_limited.
+    failed_auth_limit: int = 10
+    failed_auth_window_s: float = 60.0
     session_max_age_s: int = 12 * 3600  # a dashboard login lasts a working day
     cookie_secure: bool = False  # set True when the dashboard is served over TLS
     metrics_public: bool = False  # True lets Prometheus scrape /metrics without a token
     files_public: bool = True  # devices fetch manifests and models from /files without a token
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.failed_auth_limit <= 10_000:
+            raise ValueError("failed_auth_limit: a whole number from 1 to 10000")
+        if not 1.0 <= self.failed_auth_window_s <= 86400.0:
+            raise ValueError("failed_auth_window_s: seconds from 1 to 86400")
+
+
+class FleetIngestConfig(_Section):
+    """What one device may send the controller (agent.fleet.ingest): a device past these
+    limits loses its own messages, is flagged on its row and gets a ``rejected_input`` event."""
+
+    # Per message, by topic: a bigger payload is dropped unread.
+    status_max_bytes: int = 1024
+    meta_max_bytes: int = 64 * 1024  # probe + selection with every candidate
+    telemetry_max_bytes: int = 8 * 1024
+    event_max_bytes: int = 8 * 1024  # also the most one stored event can take
+    cmd_result_max_bytes: int = 64 * 1024
+    # Token bucket per device over telemetry, events and cmd/result (status and meta are
+    # coalesced to the latest per device instead): sustained rate and burst, in messages.
+    device_rate_per_s: float = 10.0
+    device_burst: int = 100
+    # Telemetry, events and cmd/results waiting for the writer; past it new ones are dropped.
+    queue_max: int = 50_000
+    events_per_device: int = 1000  # the newest are kept; older ones are deleted at once
+
+    def __post_init__(self) -> None:
+        for name in msgspec.structs.fields(self):
+            if getattr(self, name.name) <= 0:
+                raise ValueError(f"{name.name}: must be positive")
 
 
 class FleetConfig(_Section):
@@ -271,10 +344,14 @@ class FleetConfig(_Section):
     stale_after_intervals: float = 3.0  # silent longer than this many intervals: shown stale
     # Manifests (*.json) and model files served at /files with Range/ETag/If-Range.
     model_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir() / "fleet-models"))
+    # The Ed25519 key that signs every manifest served from model_dir (made on first start,
+    # mode 0600, never replaced); None: signing.key beside db_path, in the state dir.
+    signing_key_file: str | None = None
     # Base URL devices use to reach /files (manifest URLs in rollouts); None: from the request.
     public_url: str | None = None
     command_timeout_s: float = 600.0  # a rollout step without cmd/result by then counts as failed
     auth: FleetAuthConfig = msgspec.field(default_factory=FleetAuthConfig)
+    ingest: FleetIngestConfig = msgspec.field(default_factory=FleetIngestConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 

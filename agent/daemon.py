@@ -51,14 +51,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import msgspec
 import psutil
 
 from agent import __version__
+from agent.catalog.manifest import is_url
 from agent.catalog.profiles import load_profiles, match_profile
 from agent.catalog.select import plan_selection
 from agent.catalog.selection import Selection
+from agent.catalog.signing import key_id
 from agent.config import AgentConfig, read_secret
 from agent.errors import (
     BusyError,
@@ -194,6 +197,11 @@ class Daemon:
         self._install_signal_handlers()
         self.notifier.status("starting")
         self.session = self.state.next_session()
+        if self.config.signing.allow_unsigned:
+            log.warning("manifest_signatures_off", reason="signing.allow_unsigned is true: any "
+                        "writer of a manifest or of cmd decides what this device loads")
+        else:
+            log.info("manifest_signatures_required", **self._signing_meta())
         self.mqtt = self._make_mqtt_client()
         self._subscribe_all()
         self.mqtt.start()
@@ -394,7 +402,14 @@ class Daemon:
             "runtime": msgspec.to_builtins(self.device.llama) if self.device and self.device.llama else None,
             "pool": self.config.mqtt.pool,
             "protocol": self.config.mqtt.protocol,
+            "signing": self._signing_meta(),
         }
+
+    def _signing_meta(self) -> dict[str, Any]:
+        """Whether manifests must be signed and by which key: an opt-out is visible fleet-wide."""
+        signing = self.config.signing
+        return {"required": signing.required, "allow_unsigned": signing.allow_unsigned,
+                "key_id": key_id(signing.public_key) if signing.public_key else None}
 
     # -- dispatcher thread ------------------------------------------------------------------
 
@@ -646,14 +661,42 @@ class Daemon:
         return {"pin": args.quant, **result}
 
     def _op_set_manifest(self, args: payloads.SetManifestArgs) -> dict[str, Any]:
+        source = self._commanded_manifest(args.source)
         previous = self.state.overrides().get("manifest")
-        self.state.set_override("manifest", args.source)
+        self.state.set_override("manifest", source)
         try:
             result = self._reload(strict=True)
         except EdgeAgentError:
             self.state.set_override("manifest", previous)  # a bad manifest must not stick
             raise
-        return {"manifest": args.source, **result}
+        return {"manifest": source, **result}
+
+    def _commanded_manifest(self, source: str) -> str:
+        """Where a ``set_manifest`` may point: an http(s) URL, the configured manifest, or a
+        file under ``model.manifest_dir`` (symlinks and ``..`` resolved first). Checked before
+        anything is opened, so a command cannot make the daemon read (and quote back in an
+        error) a file such as /etc/shadow. Returns the source to load."""
+        if is_url(source):
+            return source
+        if urlparse(source).scheme:
+            raise RequestError("args.source: only http(s) URLs or local paths", field="args.source")
+        model = self.config.model
+        try:
+            candidate = Path(model.manifest_dir or "/", source).resolve()
+            local = model.manifest and not is_url(model.manifest)
+            configured = Path(model.manifest).resolve() if local else None
+        except (ValueError, OSError):  # a NUL byte, a symlink loop
+            raise RequestError("args.source: not a usable path", field="args.source") from None
+        if candidate == configured:
+            return str(candidate)  # going back to the admin's own choice (a rollback) is fine
+        if model.manifest_dir is None:
+            raise RequestError("args.source: an http(s) URL (local manifests need "
+                               "model.manifest_dir in the device config)", field="args.source")
+        root = Path(model.manifest_dir).resolve()
+        if not candidate.is_relative_to(root):
+            raise RequestError("args.source: a local manifest must lie under "
+                               f"model.manifest_dir ({root})", field="args.source")
+        return str(candidate)
 
     def _op_bench(self, args: payloads.BenchArgs) -> dict[str, Any]:
         assert self.engine is not None

@@ -44,7 +44,7 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
 from agent.catalog.select import plan_selection  # noqa: E402
-from agent.config import AgentConfig, ModelConfig, RuntimeConfig  # noqa: E402
+from agent.config import AgentConfig, ModelConfig, RuntimeConfig, SigningConfig  # noqa: E402
 from agent.log import configure_logging  # noqa: E402
 from agent.runtime.engine import Engine  # noqa: E402
 from agent.runtime.request import GenerateRequest  # noqa: E402
@@ -217,8 +217,10 @@ def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int =
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
         model_config = {"manifest": str(ladder / "manifest.json"), "pin": quant}
+        # The local test ladder: nothing to verify it against, so unsigned is fine here.
         agent_config = AgentConfig(device_id=DEVICE, state_dir=str(work / "plan-state"),
-                                   model=ModelConfig(**model_config))
+                                   model=ModelConfig(**model_config),
+                                   signing=SigningConfig(allow_unsigned=True))
         selection = plan_selection(agent_config, manifest_source=agent_config.model.manifest,
                                    state_dir=agent_config.state_dir)
         selection = msgspec.structs.replace(selection, model_path=str(ladder / selection.file))
@@ -228,6 +230,7 @@ def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int =
         daemon_config = {
             "device_id": DEVICE, "state_dir": str(work / "daemon-state"), "cache_dir": str(work / "models"),
             "model": model_config, "telemetry": {"interval_s": 30.0},
+            "signing": {"allow_unsigned": True},
             "log": {"json": True, "level": "warning"},
         }
         paths = {

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import msgspec  # noqa: E402
 
 from agent.catalog.selection import Selection  # noqa: E402
-from agent.config import AgentConfig, ModelConfig, RuntimeConfig  # noqa: E402
+from agent.config import AgentConfig, ModelConfig, RuntimeConfig, SigningConfig  # noqa: E402
 from agent.log import configure_logging  # noqa: E402
 from agent.runtime.engine import Engine  # noqa: E402
 from agent.runtime.local import selection_for_file  # noqa: E402
@@ -139,7 +139,8 @@ def auto_selection(quant: str, fallback: Selection) -> tuple[Selection, str]:
         from agent.catalog.select import plan_selection
     except ImportError:
         return fallback, "runtime defaults (agent.catalog.select not available)"
-    config = AgentConfig(model=ModelConfig(pin=quant))
+    # The local test ladder: nothing to verify it against, so unsigned is fine here.
+    config = AgentConfig(model=ModelConfig(pin=quant), signing=SigningConfig(allow_unsigned=True))
     chosen = plan_selection(config, manifest_source=str(LADDER / "manifest.json"), state_dir=tempfile.mkdtemp())
     return msgspec.structs.replace(chosen, model_path=fallback.model_path), "agent.catalog.select.plan_selection"
 

@@ -40,7 +40,7 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
 from agent.catalog.select import plan_selection  # noqa: E402
-from agent.config import AgentConfig, ModelConfig, RuntimeConfig  # noqa: E402
+from agent.config import AgentConfig, ModelConfig, RuntimeConfig, SigningConfig  # noqa: E402
 from agent.runtime.engine import Engine  # noqa: E402
 from agent.runtime.request import GenerateRequest  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
@@ -79,8 +79,10 @@ def _client_decode_tps(final: dict, first_s: float, final_s: float) -> float | N
 
 
 def bench_engine(quant: str, prompts: int, max_tokens: int, work: Path) -> list[dict]:
+    # The benchmark's own ladder on this disk: nothing to verify it against, so unsigned is fine.
     config = AgentConfig(device_id=DEVICE, state_dir=str(work / "engine-state"),
-                         model=ModelConfig(manifest=str(ladder_dir() / "manifest.json"), pin=quant))
+                         model=ModelConfig(manifest=str(ladder_dir() / "manifest.json"), pin=quant),
+                         signing=SigningConfig(allow_unsigned=True))
     selection = plan_selection(config, manifest_source=config.model.manifest, state_dir=config.state_dir)
     selection = msgspec.structs.replace(selection, model_path=str(ladder_dir() / selection.file))
     engine = Engine(RuntimeConfig(), state_dir=Path(config.state_dir), device_id=DEVICE)
@@ -162,6 +164,7 @@ def bench_mqtt(quant: str, prompts: int, max_tokens: int, work: Path) -> list[di
         "mqtt": {"host": broker.host, "port": broker.port},
         "model": {"manifest": str(ladder_dir() / "manifest.json"), "pin": quant},
         "telemetry": {"interval_s": 10.0}, "log": {"json": True, "level": "warning"},
+        "signing": {"allow_unsigned": True},
     }
     (work / "agent.yaml").write_text(yaml.safe_dump(config))
     daemon = subprocess.Popen([str(Path(sys.executable).with_name("edge-agent")), "run", "--config",

@@ -4,6 +4,7 @@
 #
 #   sudo scripts/install.sh [--device-id ID] [--broker-host HOST] [--broker-port PORT]
 #                           [--manifest PATH_OR_URL] [--password-file FILE] [--fleet] [--no-start]
+#                           (--signing-key BASE64 | --allow-unsigned)
 #   sudo scripts/install.sh --uninstall [--purge]
 #   scripts/install.sh --print-config [options]   show the agent.yaml a first install writes
 #
@@ -14,7 +15,16 @@
 #                                     never overwritten (the options above only fill it then)
 #   /etc/edge-agent/mqtt-password     root-only; empty until you put the broker password in
 #   /etc/systemd/system/edge-agent.service (+ edge-fleet.service with --fleet)
-#   the system user edge-agent, in the video/render groups where they exist (GPU nodes)
+#   the system user edge-agent, in the video/render groups where they exist (GPU nodes);
+#   with --fleet also edge-fleet: the controller runs as its own user, so a compromised
+#   agent can neither read fleet.db (/var/lib/edge-fleet, 0700) nor signal the controller
+#   /opt/edge-agent is root's (root:root, nothing group- or world-writable), whoever owns the
+#   checkout: root runs what is in it.
+#
+# --signing-key pins the fleet controller's Ed25519 public key (`edge-agent fleet signing-key`
+# on the controller, or its GET /api/signing-key) as signing.public_key: the agent then loads
+# only manifests the controller signed. A first install refuses to go without one unless
+# --allow-unsigned is given, which writes signing.allow_unsigned: true (shown in meta).
 #
 # --uninstall removes the service, the venv and the state, and keeps /etc/edge-agent and
 # the downloaded models (/var/cache/edge-agent); --purge removes those and the user too.
@@ -22,12 +32,15 @@
 # Environment: EDGE_AGENT_CACHE (where setup keeps built llama.cpp wheels, default
 # /root/.cache/edge-agent), PIP_* (e.g. PIP_FIND_LINKS for an offline wheelhouse).
 set -euo pipefail
+# Whatever sudo passed on: what this script creates is never group- or world-writable.
+umask 022
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 prefix=/opt/edge-agent
 config_dir=/etc/edge-agent
 unit_dir=/etc/systemd/system
 user=edge-agent
+fleet_user=edge-fleet
 
 say() { printf 'install: %s\n' "$*" >&2; }
 die() { printf 'install: error: %s\n' "$*" >&2; exit 2; }
@@ -35,7 +48,7 @@ die() { printf 'install: error: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 action=install
-device_id="" broker_host="" broker_port="" manifest="" password_file=""
+device_id="" broker_host="" broker_port="" manifest="" password_file="" signing_key="" allow_unsigned=0
 fleet=0 start=1 purge=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,6 +57,8 @@ while [ $# -gt 0 ]; do
     --broker-port) broker_port=${2:?--broker-port needs a value}; shift 2 ;;
     --manifest) manifest=${2:?--manifest needs a value}; shift 2 ;;
     --password-file) password_file=${2:?--password-file needs a value}; shift 2 ;;
+    --signing-key) signing_key=${2:?--signing-key needs a value}; shift 2 ;;
+    --allow-unsigned) allow_unsigned=1; shift ;;
     --fleet) fleet=1; shift ;;
     --no-start) start=0; shift ;;
     --uninstall) action=uninstall; shift ;;
@@ -65,6 +80,15 @@ if [ -n "$broker_port" ] && ! { [[ "$broker_port" =~ ^[0-9]+$ ]] && [ "$broker_p
   die "--broker-port '$broker_port' is not a port number (1-65535)"
 fi
 case "$manifest" in *$'\n'*) die "--manifest must be one line" ;; esac
+# Signing: base64 of a raw 32-byte Ed25519 key is 43 characters and one '='.
+if [ -n "$signing_key" ] && ! [[ "$signing_key" =~ ^[A-Za-z0-9+/]{43}=$ ]]; then
+  die "--signing-key: expected the controller's Ed25519 public key, base64 (44 characters)"
+fi
+[ -n "$signing_key" ] && [ "$allow_unsigned" = 1 ] && die "--signing-key and --allow-unsigned exclude each other"
+if [ "$action" != uninstall ] && [ -z "$signing_key" ] && [ "$allow_unsigned" = 0 ] \
+    && { [ "$action" = print-config ] || [ ! -e "$config_dir/agent.yaml" ]; }; then
+  die "give --signing-key BASE64 (the controller's key: edge-agent fleet signing-key) so only signed manifests load, or --allow-unsigned"
+fi
 
 # agent.yaml for a first install: the commented template with the given options filled in.
 render_config() {
@@ -79,6 +103,9 @@ render_config() {
   [ -n "$broker_host" ] && sed_script+=(-e "s|^  host: .*|  host: $broker_host|")
   [ -n "$broker_port" ] && sed_script+=(-e "s|^  port: [0-9]*|  port: $broker_port|")
   [ -n "$manifest" ] && sed_script+=(-e "s|^  manifest: null|  manifest: $(printf '%s' "$yaml_manifest" | sed 's/[\\|&]/\\&/g')|")
+  # base64 has '/' and '+': fine inside a '|'-delimited sed expression and a YAML double quote.
+  [ -n "$signing_key" ] && sed_script+=(-e "s|^  public_key: null|  public_key: \"$signing_key\"|")
+  [ "$allow_unsigned" = 1 ] && sed_script+=(-e "s|^  # allow_unsigned: false.*|  allow_unsigned: true|")
   sed "${sed_script[@]:-}" "$repo/systemd/agent.yaml.example"
 }
 
@@ -107,8 +134,10 @@ uninstall() {
   if [ "$purge" = 1 ]; then
     say "purging configuration, models and the user $user"
     rm -rf "$config_dir" /var/cache/edge-agent /var/cache/edge-fleet
-    if getent passwd "$user" >/dev/null; then userdel "$user"; fi
-    if getent group "$user" >/dev/null; then groupdel "$user"; fi
+    for account in "$user" "$fleet_user"; do
+      if getent passwd "$account" >/dev/null; then userdel "$account"; fi
+      if getent group "$account" >/dev/null; then groupdel "$account"; fi
+    done
   else
     say "kept $config_dir and /var/cache/edge-agent (models); --purge removes them"
   fi
@@ -145,6 +174,11 @@ if ! getent passwd "$user" >/dev/null; then
   useradd --system --user-group --home-dir /var/lib/edge-agent --no-create-home \
     --shell /usr/sbin/nologin --comment "edge-agent daemon" "$user"
 fi
+if [ "$fleet" = 1 ] && ! getent passwd "$fleet_user" >/dev/null; then
+  say "creating system user $fleet_user"
+  useradd --system --user-group --home-dir /var/lib/edge-fleet --no-create-home \
+    --shell /usr/sbin/nologin --comment "edge-agent fleet controller" "$fleet_user"
+fi
 # GPU device nodes are group-accessible (video: /dev/nvidia*, Jetson; render: /dev/dri, /dev/kfd).
 for group in video render; do
   if getent group "$group" >/dev/null && ! id -nG "$user" | tr ' ' '\n' | grep -qx "$group"; then
@@ -163,11 +197,14 @@ units_before=$(installed_digest)
 # and the checkout it runs from may be read-only.
 if [ "$repo" != "$prefix/src" ]; then
   say "copying the source to $prefix/src"
-  mkdir -p "$prefix"
+  install -d -m 0755 -o root -g root "$prefix"
   rm -rf "$prefix/src.new"
   mkdir "$prefix/src.new"
+  # Extracted as root, tar would keep the checkout's owner and modes: a user who owns (or
+  # can write) a file root later runs would own root. Root's files, the umask's modes.
   tar -C "$repo" --exclude=__pycache__ --exclude='*.egg-info' --exclude=build \
-    -cf - pyproject.toml README.md agent profiles scripts systemd | tar -C "$prefix/src.new" -xf -
+    -cf - pyproject.toml README.md agent profiles scripts systemd \
+    | tar -C "$prefix/src.new" --no-same-owner --no-same-permissions -xf -
   rm -rf "$prefix/src"
   mv "$prefix/src.new" "$prefix/src"
 fi
@@ -175,6 +212,10 @@ extras=signing
 [ "$fleet" = 1 ] && extras=fleet,signing
 EDGE_AGENT_VENV="$prefix/venv" EDGE_AGENT_EDITABLE=0 EDGE_AGENT_CACHE="$cache" EXTRAS="$extras" \
   PYTHON="$python" "$prefix/src/scripts/setup"
+# Also for a tree left by an older install.sh (which kept the checkout's owner), and for the
+# venv: everything root executes belongs to root and only root can change it.
+chown -R root:root "$prefix"
+chmod -R go-w "$prefix"
 
 # --- configuration --------------------------------------------------------------------
 install -d -m 0755 "$config_dir"
@@ -185,7 +226,7 @@ if [ ! -e "$config_dir/agent.yaml" ]; then
   chmod 0640 "$config_dir/agent.yaml.new"
   mv "$config_dir/agent.yaml.new" "$config_dir/agent.yaml"
 else
-  [ -z "$device_id$broker_host$broker_port$manifest" ] \
+  [ -z "$device_id$broker_host$broker_port$manifest$signing_key" ] \
     || say "$config_dir/agent.yaml exists: left as it is (the options only fill a new one)"
 fi
 # LoadCredential= needs the file to exist; an empty one means "no password".
@@ -217,7 +258,8 @@ if [ "$fleet" = 1 ]; then
   if [ -e "$config_dir/fleet.yaml" ]; then
     services+=(edge-fleet.service)
   else
-    say "edge-fleet.service installed but not started: write $config_dir/fleet.yaml first"
+    say "edge-fleet.service installed but not started: write $config_dir/fleet.yaml first" \
+      "(readable by the controller: chown root:$fleet_user, chmod 0640)"
   fi
 fi
 systemctl enable --quiet "${services[@]}"

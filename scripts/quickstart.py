@@ -2,9 +2,10 @@
 
 Starts, in order: a broker (Mosquitto when installed, else edge-agent's embedded broker so
 nothing needs root), the fleet controller hosting the demo ladder, one agent whose manifest
-is the controller's; waits for the agent to come up ready, sends a prompt through the
-controller and prints the streamed answer, the dashboard URL and its login; then runs until
-Ctrl-C and stops everything in reverse order. All it writes is one run directory under the
+is the controller's, pinned to the controller's signing key as an install would; waits for
+the agent to come up ready, sends a prompt through the controller and prints the streamed
+answer, the dashboard URL and its login; then runs until Ctrl-C and stops everything in
+reverse order. All it writes is one run directory under the
 cache, removed on exit.
 """
 
@@ -168,6 +169,9 @@ def main() -> int:
         base = f"http://127.0.0.1:{http_port}"
         wait_for("the controller", lambda: port_open(http_port), services, 30)
         say(f"fleet controller: {base} (hosting {len(list(hosted.glob('*.gguf')))} demo variants)")
+        # The key the controller made on first start: the agent refuses what it did not sign.
+        signing = httpx.get(f"{base}/api/signing-key", timeout=10).json()
+        say(f"manifests signed by the controller's key {signing['key_id']}")
 
         agent_config = run_dir / "agent.yaml"
         agent_config.write_text(json.dumps({
@@ -176,6 +180,7 @@ def main() -> int:
             "cache_dir": str(run_dir / "agent-models"),
             "mqtt": {"host": "127.0.0.1", "port": broker_port},
             "model": {"manifest": f"{base}/files/manifest.json"},
+            "signing": {"public_key": signing["public_key"]},
             "telemetry": {"interval_s": 2},
         }))
         services.start("agent", [edge_agent, "run", "--config", str(agent_config)])
@@ -193,6 +198,9 @@ def main() -> int:
         selection = (detail.get("meta") or {}).get("selection") or {}
         say(f"agent ready: {selection.get('model_id', '?')} {selection.get('quant', '?')} "
             f"(n_ctx {selection.get('n_ctx', '?')}, {selection.get('n_threads', '?')} threads)")
+        pinned = (detail.get("meta") or {}).get("signing") or {}
+        say(f"agent requires signed manifests: {pinned.get('required')}, "
+            f"key {pinned.get('key_id')}")
 
         say(f"prompt: {args.prompt}")
         env = {**os.environ, "EDGE_AGENT_FLEET_URL": base, "EDGE_AGENT_FLEET_TOKEN": token}

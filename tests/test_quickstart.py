@@ -33,6 +33,9 @@ def test_quickstart_answers_and_cleans_up(ladder_dir: Path) -> None:
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     assert "agent ready: smollm2-135m-instruct" in out
+    # Signed end to end: the agent pinned the key the controller made, and says so in meta.
+    key_id = out.split("manifests signed by the controller's key ", 1)[1].split()[0]
+    assert f"agent requires signed manifests: True, key {key_id}" in out
     answer = out.split("quickstart: prompt:", 1)[1].split("quickstart: dashboard:", 1)[0]
     assert len(answer.strip().splitlines()) >= 2, "no streamed answer after the prompt line"
     assert "login password: " in out

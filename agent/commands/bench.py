@@ -2,8 +2,9 @@
 
 Each variant is loaded in a fresh worker through the engine (so the numbers include
 exactly what serving pays), warmed up with one short generation, then measured on a
-fixed prompt at temperature 0. A table on a terminal, JSON with ``--json``. This module
-measures and prints; it changes no state except the runtime's remembered settings.
+fixed prompt at temperature 0. A table on a terminal, JSON with ``--json``. ``--manifest``
+follows the daemon's signature rules, as ``prompt`` does. This module measures and prints;
+it changes no state except the runtime's remembered settings.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent.commands.prompt import add_signing_arguments, with_signing_arguments
 from agent.config import load_config
 from agent.errors import EdgeAgentError
 from agent.log import configure_logging
@@ -43,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_signing_arguments(parser)
 
 
 def bench_selection(engine, selection, max_tokens: int) -> dict[str, Any]:
@@ -92,14 +95,16 @@ def run(args: argparse.Namespace) -> int:
     from agent.runtime.local import manifest_selections, selection_for_file
 
     configure_logging(level=os.environ.get("EDGE_AGENT_LOG__LEVEL", "warning"))
-    config = load_config(args.config)
+    config = with_signing_arguments(load_config(args.config), args)
     if args.model:
         selections = [selection_for_file(args.model, n_ctx=args.n_ctx, n_threads=args.threads)]
     else:
         source = args.manifest or config.model.manifest
         if not source:
             raise EdgeAgentError("give --model PATH or --manifest M (or model.manifest in the config)")
-        _, selections = manifest_selections(source, n_ctx=args.n_ctx, n_threads=args.threads)
+        _, selections = manifest_selections(
+            source, config.signing, n_ctx=args.n_ctx, n_threads=args.threads
+        )
     rows = []
     for selection in selections:
         # A fresh engine per variant: peak RSS is per worker, and no swap logic is measured.

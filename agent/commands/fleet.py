@@ -27,10 +27,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", help="run the controller, dashboard, API and model hosting")
     serve.add_argument("--config", help="fleet YAML config (FleetConfig)")
 
+    key = sub.add_parser(
+        "signing-key", help="print the controller's manifest-signing public key (for install.sh)"
+    )
+    key.add_argument("--config", help="fleet YAML config (FleetConfig)")
+    key.add_argument("--json", action="store_true", help="print JSON")
+
     hashing = sub.add_parser(
         "hash-secret", help="hash a password or token (read from stdin) for the config"
     )
-    hashing.add_argument("--method", choices=["scrypt", "pbkdf2_sha256"], default="scrypt")
+    hashing.add_argument(
+        "--method",
+        choices=["scrypt", "pbkdf2_sha256", "sha256"],
+        default="scrypt",
+        help="scrypt (default) or pbkdf2_sha256 for the admin password; sha256 for a random "
+        "API token (api_token_hashes): a wrong token then costs the controller almost nothing",
+    )
+
+    acl = sub.add_parser(
+        "acl", help="print a Mosquitto ACL for the devices, pools and accounts of an inventory"
+    )
+    acl.add_argument("--inventory", required=True, help="inventory YAML (see agent/fleet/acl.py)")
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
@@ -91,6 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.fleet_command == "serve":
         return _serve(args)
+    if args.fleet_command == "signing-key":
+        return _signing_key(args)
     if args.fleet_command == "hash-secret":
         from agent.fleet.auth import hash_secret
 
@@ -102,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
         if not secret:
             raise RequestError("secret: empty", field="secret")
         print(hash_secret(secret, method=args.method))
+        return 0
+    if args.fleet_command == "acl":
+        from agent.fleet.acl import load_inventory, render_acl
+
+        print(render_acl(load_inventory(args.inventory)), end="")
         return 0
     from agent.fleet.client import FleetClient
 
@@ -129,6 +153,25 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_fleet_config(args.config)
     configure_logging(config.log.level, config.log.json)
     FleetService(config).serve_forever()
+    return 0
+
+
+def _signing_key(args: argparse.Namespace) -> int:
+    """Read on the controller's host, from its own file: no network to trust for the key."""
+    from agent.config import load_fleet_config
+    from agent.errors import ConfigError
+    from agent.fleet.controller import signing_key_path
+    from agent.fleet.hosting import ControllerKey
+
+    path = signing_key_path(load_fleet_config(args.config))
+    if not path.exists():
+        raise ConfigError(f"no signing key at {path} yet: start the controller once (it makes it)")
+    key = ControllerKey.load(path)
+    if args.json:
+        _print_json({"algorithm": "ed25519", "public_key": key.public_key, "key_id": key.key_id})
+    else:
+        print(key.public_key)
+        print(f"key_id {key.key_id}  (install.sh --signing-key {key.public_key})", file=sys.stderr)
     return 0
 
 

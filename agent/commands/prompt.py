@@ -2,8 +2,9 @@
 
 The model runs in a worker process exactly as under the daemon (canary, fallback ladder,
 remembered settings), so this is also the quickest check that a device can serve.
-``--json`` prints the final record instead of the stream. This module only parses
-arguments and prints; the work is agent.runtime.
+``--manifest`` follows the daemon's signature rules (``signing`` in the config, or
+``--public-key`` / ``--allow-unsigned``). ``--json`` prints the final record instead of the
+stream. This module only parses arguments and prints; the work is agent.runtime.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import msgspec
 
-from agent.config import load_config
-from agent.errors import EdgeAgentError
+from agent.config import AgentConfig, SigningConfig, load_config
+from agent.errors import ConfigError, EdgeAgentError
 from agent.log import configure_logging
 
 HELP = "run one prompt locally and stream the reply"
@@ -38,6 +39,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default: 4096 or the model's)")
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
     parser.add_argument("--json", action="store_true", help="print the final record as JSON")
+    add_signing_arguments(parser)
+
+
+def add_signing_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--public-key`` / ``--allow-unsigned``: the config's ``signing`` section, per run."""
+    signing = parser.add_mutually_exclusive_group()
+    signing.add_argument("--public-key", help="Ed25519 key (base64) the manifest must be signed "
+                         "with (default: signing.public_key of the config)")
+    signing.add_argument("--allow-unsigned", action="store_true",
+                         help="load a manifest without a signature (as signing.allow_unsigned)")
+
+
+def with_signing_arguments(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
+    """``config`` with its ``signing`` replaced by the flags, when any is given."""
+    try:
+        if args.public_key:
+            signing = SigningConfig(public_key=args.public_key)
+        elif args.allow_unsigned:
+            signing = SigningConfig(allow_unsigned=True)
+        else:
+            return config
+    except ValueError as exc:
+        raise ConfigError(f"--public-key: {exc}", key="signing.public_key") from None
+    return msgspec.structs.replace(config, signing=signing)
 
 
 def _selection(args: argparse.Namespace, config):
@@ -52,7 +77,9 @@ def _selection(args: argparse.Namespace, config):
         from agent.catalog.select import plan_selection
     except ImportError:
         plan_selection = None
-    _, local = manifest_selections(source, n_ctx=args.n_ctx, n_threads=args.threads)
+    _, local = manifest_selections(
+        source, config.signing, n_ctx=args.n_ctx, n_threads=args.threads
+    )
     if plan_selection is not None:
         chosen = plan_selection(config, manifest_source=source, state_dir=config.state_dir)
         match = next((s for s in local if s.sha256 == chosen.sha256), None)
@@ -66,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.runtime.request import GenerateRequest, validate_request
 
     configure_logging(level=os.environ.get("EDGE_AGENT_LOG__LEVEL", "warning"))
-    config = load_config(args.config)
+    config = with_signing_arguments(load_config(args.config), args)
     selection, smaller = _selection(args, config)
 
     def on_event(event: dict) -> None:

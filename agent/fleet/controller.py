@@ -3,8 +3,9 @@
 Threads and who owns what:
 
 - paho's network thread (inside agent.mqtt.client.MQTTClient) only decodes and enqueues. Its
-  "queue" is ``_InboxRouter``: status/meta/telemetry/events go straight onto the ingest queue
-  (the bulk of the traffic, one hop fewer), everything else onto the dispatch queue.
+  "queue" is ``_InboxRouter``: status/meta/telemetry/events go straight into ingest's bounded
+  queues (the bulk of the traffic, one hop fewer; size, rate and overflow limits per device
+  are ingest's, see agent.fleet.ingest), everything else onto the dispatch queue.
 - ``fleet-dispatch`` takes prompt replies and cmd results to their waiter (a callback
   registered by the web side); cmd results then also go to ingest.
 - ``fleet-ingest`` (agent.fleet.ingest) owns batched writes to the registry and calls
@@ -25,12 +26,15 @@ import queue
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import msgspec
 
-from agent.config import FleetConfig, read_secret
+from agent.config import FleetConfig, default_state_dir, read_secret
 from agent.errors import RequestError
+from agent.fleet.hosting import ControllerKey
+from agent.fleet import schemas
 from agent.fleet.ingest import Ingest
 from agent.fleet.registry import BatchOutcome, Registry
 from agent.fleet.rollout import RolloutManager
@@ -66,20 +70,41 @@ class _InboxRouter:
         self.dispatch.put(item)
 
 
+def signing_key_path(config: FleetConfig) -> Path:
+    """``signing_key_file``, else ``signing.key`` in the directory that holds the registry."""
+    if config.signing_key_file:
+        return Path(config.signing_key_file)
+    if config.db_path == ":memory:":
+        return default_state_dir() / "signing.key"
+    return Path(config.db_path).parent / "signing.key"
+
+
 class FleetController:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
         self.prefix = config.mqtt.topic_prefix
+        # First, before anything listens: every manifest this controller serves is signed.
+        self.signing_key = ControllerKey.load_or_create(signing_key_path(config))
+        log.info(
+            "fleet_signing_key",
+            key_id=self.signing_key.key_id,
+            public_key=self.signing_key.public_key,
+            created=self.signing_key.created,
+            path=str(self.signing_key.path),
+        )
         self.registry = Registry(
             config.db_path,
             telemetry_sample_s=config.telemetry_sample_s,
             telemetry_retention_s=config.telemetry_retention_s,
             events_retention_s=config.events_retention_s,
+            events_per_device=config.ingest.events_per_device,
+            event_max_bytes=config.ingest.event_max_bytes,
         )
         self.ingest = Ingest(
             self.registry,
             prefix=self.prefix,
             flush_s=config.ingest_flush_s,
+            limits=config.ingest,
             on_batch=self._on_batch,
         )
         self.rollouts = RolloutManager(self, command_timeout_s=config.command_timeout_s)
@@ -155,12 +180,12 @@ class FleetController:
         if rest.startswith("reply/"):
             self._deliver(rest[len("reply/") :], message.payload)
             return
-        if rest == "cmd/result":
+        if rest == "cmd/result" and len(message.payload) <= self.config.ingest.cmd_result_max_bytes:
             try:
-                body = msgspec.json.decode(message.payload)
-            except msgspec.DecodeError:
-                body = None
-            if isinstance(body, dict) and isinstance(body.get("id"), str):
+                body = schemas.validate("cmd/result", msgspec.json.decode(message.payload))
+            except (msgspec.DecodeError, RequestError):
+                body = None  # ingest refuses it again, and flags the device
+            if body is not None:
                 self._deliver(body["id"], message.payload, body)
         self.ingest.offer(message.topic, message.payload)
 

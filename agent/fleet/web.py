@@ -8,8 +8,10 @@ fed with ``loop.call_soon_threadsafe``.
 Auth: every page and API call needs a dashboard session (cookie, HttpOnly, SameSite=Strict)
 or a bearer token; a POST with a session must also carry the session's CSRF token (form
 field ``csrf`` or header ``X-CSRF-Token``), a POST with a bearer token needs none because
-browsers never attach it on their own. /files (model hosting) and /api/health are public
-by default, /metrics when configured. Everything the pages use is served from /static:
+browsers never attach it on their own. Failed logins and wrong bearer tokens count per client
+address (auth.FailureLimiter; past the limit: 429 rate_limited), and the slow hash checks
+(scrypt logins, old-style token hashes) run in a worker thread one at a time, never on the
+loop. /files (model hosting) and /api/health are public by default, /metrics when configured. Everything the pages use is served from /static:
 no CDN. This module must not touch MQTT or SQL directly.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from urllib.parse import quote
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
@@ -39,8 +43,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from agent.config import FleetConfig
-from agent.errors import EdgeAgentError, RequestError
-from agent.fleet.auth import Authenticator, Session
+from agent.errors import EdgeAgentError, RateLimitedError, RequestError
+from agent.fleet.auth import Authenticator, FailureLimiter, Session
 from agent.fleet.controller import FleetController
 from agent.fleet.hosting import ModelDirectory
 from agent.fleet.metrics import render_metrics
@@ -67,7 +71,12 @@ HTTP_STATUS = {
     "manifest_invalid": 400,
     "no_fit": 409,
     "busy": 429,
+    "rate_limited": 429,
 }
+# Slow hash checks (logins, old-style token hashes) run one at a time in a worker thread; past
+# this many waiting, a caller is turned away at once, so neither the wait nor memory grows.
+SLOW_CHECKS_QUEUED = 8
+EVENT_ID_MAX = 2**63 - 1  # SQLite's INTEGER
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -87,6 +96,12 @@ class FleetWeb:
             config.auth.api_token_hashes,
             session_max_age_s=config.auth.session_max_age_s,
         )
+        # Both owned by the event loop: only handlers touch them.
+        self.failures = FailureLimiter(
+            config.auth.failed_auth_limit, config.auth.failed_auth_window_s
+        )
+        self._slow_gate = asyncio.Semaphore(1)
+        self._slow_queued = 0
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["bytes"] = format_bytes
         self.templates.env.filters["ago"] = lambda ts: _ago(ts)
@@ -107,6 +122,7 @@ class FleetWeb:
             Route("/models/publish", self.publish_form, methods=["POST"]),
             Route("/ui/stream", self.ui_stream),
             Route("/api/health", self.health),
+            Route("/api/signing-key", self.signing_key),
             Route("/api/devices", self.api_devices),
             Route("/api/devices/{device_id}", self.api_device),
             Route("/api/devices/{device_id}/telemetry", self.api_telemetry),
@@ -126,20 +142,55 @@ class FleetWeb:
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, EdgeAgentError)
-        return error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+        response = error_response(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message)
+        if isinstance(exc, RateLimitedError):
+            response.headers["retry-after"] = str(exc.retry_after_s)
+        return response
 
     def _session(self, request: Request) -> Session | None:
         return self.auth.session(request.cookies.get(SESSION_COOKIE))
 
-    def _bearer(self, request: Request) -> bool:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and self.auth.check_token(token.strip())
+    def _refuse_if_limited(self, host: str | None) -> None:
+        retry_after = self.failures.retry_after(host)
+        if retry_after:
+            raise RateLimitedError(
+                f"too many failed logins or tokens from this address; retry in {retry_after} s",
+                retry_after_s=retry_after,
+            )
+
+    def _failed(self, host: str | None, what: str) -> None:
+        if self.failures.failed(host):  # one line per address when it hits the limit, not per try
+            log.warning("auth_rate_limited", client=host, after=what)
+
+    async def _slow_check(self, check: Any, secret: str) -> Any:
+        """``check(secret)`` (a slow hash) in a worker thread, one at a time: the loop stays
+        free, and a flood holds one core and one scrypt's memory, not one per request."""
+        if self._slow_queued >= SLOW_CHECKS_QUEUED:
+            raise RateLimitedError("too many logins in progress; retry in a second", retry_after_s=1)
+        self._slow_queued += 1
+        try:
+            async with self._slow_gate:
+                return await run_in_threadpool(check, secret)
+        finally:
+            self._slow_queued -= 1
+
+    async def _token_ok(self, token: str) -> bool:
+        if self.auth.token_matches(token):
+            return True
+        return self.auth.has_slow_tokens and bool(
+            await self._slow_check(self.auth.check_slow_token, token)
+        )
 
     async def _authorize(self, request: Request, form: Any = None) -> Response | None:
-        """None when the caller may proceed; else the 401/403 response."""
-        if self._bearer(request):
-            return None
+        """None when the caller may proceed; else the 401/403 response. A wrong bearer token
+        counts against the client's address; a limited address gets 429 (RateLimitedError)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            host = _client_host(request)
+            self._refuse_if_limited(host)
+            if await self._token_ok(token.strip()):
+                return None
+            self._failed(host, "token")
         session = self._session(request)
         if session is None:
             return error_response(
@@ -149,6 +200,8 @@ class FleetWeb:
             offered = request.headers.get("x-csrf-token") or (
                 form.get("csrf") if form is not None else None
             )
+            if offered is not None and not (isinstance(offered, str) and offered.isascii()):
+                raise _bad("X-CSRF-Token: must be the ASCII token from the page", "csrf")
             if not self.auth.csrf_matches(session, offered):
                 return error_response(
                     403, "csrf_failed", "missing or wrong CSRF token; reload the page"
@@ -209,6 +262,8 @@ class FleetWeb:
     async def _json_body(self, request: Request) -> dict[str, Any]:
         try:
             body = json.loads(await request.body() or b"{}")
+        except RecursionError:  # [[[[…: nesting deeper than the parser's stack
+            raise _bad("body: nested too deeply", "body") from None
         except ValueError as exc:
             raise _bad(f"body: not valid JSON ({exc})", "body") from None
         if not isinstance(body, dict):
@@ -244,9 +299,12 @@ class FleetWeb:
         if not cookie_token or form.get("login_token") != cookie_token:
             return error_response(403, "csrf_failed", "login form expired; reload /login")
         secret = str(form.get("secret") or "")
-        user = await asyncio.to_thread(self.auth.check_login, secret)  # scrypt: keep the loop free
+        host = _client_host(request)
+        self._refuse_if_limited(host)
+        user = await self._slow_check(self.auth.check_login, secret)
         if user is None:
-            log.warning("login_failed", client=request.client.host if request.client else None)
+            log.warning("login_failed", client=host)
+            self._failed(host, "login")
             response = self.templates.TemplateResponse(
                 request,
                 "login.html",
@@ -408,6 +466,13 @@ class FleetWeb:
             }
         )
 
+    async def signing_key(self, request: Request) -> Response:
+        """Public, like /files: the key devices pin (install.sh checks its key_id)."""
+        key = self.controller.signing_key
+        return JSONResponse(
+            {"algorithm": "ed25519", "public_key": key.public_key, "key_id": key.key_id}
+        )
+
     async def api_devices(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
@@ -428,7 +493,7 @@ class FleetWeb:
     async def api_telemetry(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        since = _float(request.query_params.get("since"), 0.0)
+        since = _query_float(request, "since", 0.0)
         return JSONResponse(
             {"points": self.registry.series(request.path_params["device_id"], since)}
         )
@@ -436,7 +501,7 @@ class FleetWeb:
     async def api_events(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        after = int(_float(request.query_params.get("after"), 0))
+        after = _query_int(request, "after", 0, high=EVENT_ID_MAX)
         return JSONResponse(
             {"events": self.registry.events(request.path_params["device_id"], after_id=after)}
         )
@@ -468,7 +533,7 @@ class FleetWeb:
         op = body.get("op")
         if not isinstance(op, str):
             raise _bad("op: required, a string", "op")
-        wait_s = min(_float(body.get("wait_s"), 30.0), 600.0)
+        wait_s = min(_seconds(body, "wait_s", 30.0), 600.0)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[dict[str, Any]] = loop.create_future()
 
@@ -513,7 +578,7 @@ class FleetWeb:
         request_id = self.controller.send_prompt(
             device_id, body, lambda record: loop.call_soon_threadsafe(records.put_nowait, record)
         )
-        deadline = _float(body.get("timeout_s"), 300.0) + PROMPT_GRACE_S
+        deadline = min(_seconds(body, "timeout_s", 300.0), 86400.0) + PROMPT_GRACE_S
 
         async def stream() -> AsyncIterator[str]:
             try:
@@ -616,7 +681,16 @@ class FleetWeb:
     async def files(self, request: Request) -> Response:
         if not self.config.auth.files_public and (denied := await self._authorize(request)):
             return denied
-        path = self.models.resolve(request.path_params["name"])
+        name = request.path_params["name"]
+        if (manifest := self.models.signed_name(name)) is not None:
+            # Signed when asked (agent.fleet.hosting): reading and parsing are file work.
+            signature = await run_in_threadpool(
+                self.models.signature, manifest, self.controller.signing_key
+            )
+            if signature is None:
+                return error_response(404, "not_found", "no such manifest (or it is not valid)")
+            return PlainTextResponse(signature + "\n", headers={"cache-control": "no-store"})
+        path = self.models.resolve(name)
         if path is None:
             return error_response(404, "not_found", "no such file")
         return FileResponse(path)  # Range, If-Range, ETag and Last-Modified come from Starlette
@@ -632,16 +706,57 @@ def _random() -> str:
 
 def _safe_next(value: str | None) -> str:
     """Only same-site paths: an open redirect after login would help phishing."""
-    if not value or not value.startswith("/") or value.startswith("//"):
+    # Browsers read "/\\host" as "//host"; control characters are never part of a path here.
+    if (
+        not value
+        or not value.startswith("/")
+        or value.startswith("//")
+        or "\\" in value
+        or not value.isprintable()
+    ):
         return "/"
     return value
 
 
-def _float(value: Any, default: float) -> float:
-    try:
-        return float(value) if value is not None else default
-    except (TypeError, ValueError):
+def _client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _query_int(request: Request, name: str, default: int, *, high: int) -> int:
+    """A whole-number query parameter from 0 to ``high``; anything else is bad_request."""
+    raw = request.query_params.get(name)
+    if raw is None:
         return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))) or int(raw) > high:
+        raise _bad(f"{name}: a whole number from 0 to {high}", name)
+    return int(raw)
+
+
+def _query_float(request: Request, name: str, default: float) -> float:
+    """A finite, non-negative number (a timestamp, seconds); anything else is bad_request."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw) if len(raw) <= 32 else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise _bad(f"{name}: a finite number, 0 or more", name)
+    return value
+
+
+def _seconds(body: dict[str, Any], field: str, default: float) -> float:
+    """A JSON body's duration, or ``default`` when absent; NaN, infinities, negatives, booleans
+    and strings are bad_request, so no handler waits forever or computes with NaN."""
+    value = body.get(field)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        raise _bad(f"{field}: a finite number of seconds, 0 or more", field)
+    return float(value)
 
 
 def _ago(ts: Any) -> str:

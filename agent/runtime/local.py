@@ -17,6 +17,7 @@ from agent.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from agent.catalog.manifest import Manifest
+    from agent.config import SigningConfig
 
 DEFAULT_N_CTX = 4096  # enough for a chat turn; the model's own maximum is often far larger
 
@@ -60,14 +61,20 @@ def selection_for_file(
 
 
 def manifest_selections(
-    source: str, *, n_ctx: int | None = None, n_threads: int | None = None
+    source: str,
+    signing: SigningConfig,
+    *,
+    n_ctx: int | None = None,
+    n_threads: int | None = None,
 ) -> tuple[Manifest, list[Selection]]:
-    """One Selection per variant whose file sits next to a local manifest, best first."""
+    """One Selection per variant whose file sits next to a local manifest, best first.
+
+    The manifest passes the same signature rules as under the daemon (``signing``)."""
     from agent.catalog.manifest import is_url, load_manifest, location_next_to
 
     if is_url(source):
         raise ModelLoadError(f"{source}: bench and prompt read a local manifest; fetch first")
-    manifest = load_manifest(source)
+    manifest = load_manifest(source, signing)
     selections = []
     for model in manifest.models:
         for variant in sorted(model.variants, key=lambda v: -v.quality):

@@ -57,19 +57,21 @@ def test_operator_tool_signs_a_manifest(tmp_path: Path) -> None:
     verify_manifest(manifest.read_bytes(), (tmp_path / "manifest.json.sig").read_text(), public)
 
 
-def test_load_manifest_enforces_signatures_when_required(tmp_path: Path, ladder_dir: Path, range_server) -> None:
+def test_load_manifest_enforces_signatures_unless_opted_out(ladder_dir: Path, range_server) -> None:
     from agent.catalog.manifest import load_manifest
     from agent.config import SigningConfig
 
     private, public = generate_keypair()
-    required = SigningConfig(required=True, public_key=public)
+    required = SigningConfig(public_key=public)  # a pinned key alone makes them required
     manifest = range_server.root / "manifest.json"
     manifest.write_bytes((ladder_dir / "manifest.json").read_bytes())
 
     for source in (str(manifest), f"{range_server.url}/manifest.json"):
         with pytest.raises(SignatureError, match="no signature"):
             load_manifest(source, required)
-        assert load_manifest(source, SigningConfig()).models  # not required: unsigned is fine
+        with pytest.raises(SignatureError, match="allow_unsigned"):  # no key, no opt-out
+            load_manifest(source, SigningConfig())
+        assert load_manifest(source, SigningConfig(allow_unsigned=True)).models
 
     (range_server.root / "manifest.json.sig").write_text(sign_manifest(manifest.read_bytes(), private))
     for source in (str(manifest), f"{range_server.url}/manifest.json"):
@@ -79,3 +81,49 @@ def test_load_manifest_enforces_signatures_when_required(tmp_path: Path, ladder_
     for source in (str(manifest), f"{range_server.url}/manifest.json"):
         with pytest.raises(SignatureError, match="tampered"):
             load_manifest(source, required)
+
+
+@pytest.mark.parametrize(
+    ("section", "required"),
+    [({}, True), ({"public_key": "A" * 43 + "="}, True), ({"allow_unsigned": True}, False),
+     ({"required": True, "public_key": "A" * 43 + "="}, True)],
+)
+def test_signing_config_derives_required(tmp_path: Path, section: dict, required: bool) -> None:
+    import yaml
+
+    from agent.config import load_config
+
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"signing": section}))
+    assert load_config(path, env={}).signing.required is required
+
+
+@pytest.mark.parametrize(
+    ("section", "complaint"),
+    [
+        ({"required": False}, "allow_unsigned: true"),  # the old switch no longer turns it off
+        ({"public_key": "A" * 43 + "=", "allow_unsigned": True}, "contradicts public_key"),
+        ({"required": True, "allow_unsigned": True}, "contradicts"),
+        ({"public_key": "not a key"}, "32-byte"),
+    ],
+)
+def test_contradictory_signing_config_is_refused_naming_the_key(tmp_path, section, complaint) -> None:
+    import yaml
+
+    from agent.config import load_config
+    from agent.errors import ConfigError
+
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"signing": section}))
+    with pytest.raises(ConfigError, match=complaint) as err:
+        load_config(path, env={})
+    assert str(path) in err.value.message and "signing" in err.value.message
+
+
+def test_key_id_is_a_stable_short_fingerprint() -> None:
+    from agent.catalog.signing import key_id, public_key_of
+
+    private, public = generate_keypair()
+    assert public_key_of(private) == public
+    assert key_id(public) == key_id(public) and len(key_id(public)) == 16
+    assert key_id(public) != key_id(generate_keypair()[1])

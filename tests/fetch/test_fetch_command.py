@@ -13,6 +13,7 @@ from agent.catalog.selection import MemoryEstimate, Selection
 from agent.fetch.downloader import sha256_of
 from agent.fetch.store import ModelStore
 from tests.support.range_server import link_into
+from tests.support.signing import TEST_PUBLIC_KEY, sign_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,8 +34,10 @@ def served_ladder(tmp_path, ladder_dir, ladder_manifest, range_server):
         link_into(range_server.root, source)
         variant["urls"] = [f"{range_server.url}/{variant['file']}"]
     (manifest_dir / "manifest.json").write_text(json.dumps(manifest))
+    sign_file(manifest_dir / "manifest.json")
     config = tmp_path / "agent.yaml"
-    config.write_text(f"state_dir: {tmp_path / 'state'}\ncache_dir: {tmp_path / 'cache'}\n")
+    config.write_text(f"state_dir: {tmp_path / 'state'}\ncache_dir: {tmp_path / 'cache'}\n"
+                      f"signing: {{public_key: '{TEST_PUBLIC_KEY}'}}\n")
     return manifest_dir / "manifest.json", config, manifest
 
 

@@ -177,6 +177,7 @@ def real_agent(tmp_path, broker, fleet, ladder_dir):
             "reconnect_max_s": 2,
         },
         "model": {"manifest": f"{fleet.url}/files/ladder-q4.json"},
+        "signing": {"public_key": fleet.controller.signing_key.public_key},  # what /files signs with
         "runtime": {"default_max_tokens": 24},
         "telemetry": {"interval_s": 1.0},
         "log": {"json": True, "level": "info"},

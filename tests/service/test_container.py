@@ -34,7 +34,8 @@ from tests.service.container import (
     ensure_wheelhouse,
     missing_requirements,
 )
-from tests.support.broker import Broker
+from tests.support.broker import Broker, free_port
+from tests.support.signing import TEST_PUBLIC_KEY, sign_file
 
 pytestmark = [
     pytest.mark.slow,
@@ -43,6 +44,10 @@ pytestmark = [
 
 DEVICE = "nspawn-dev"
 UNIT = "edge-agent.service"
+FLEET_UNIT = "edge-fleet.service"
+# Where the admin checked the source out: their own user, a umask of 002 (group-writable
+# files), as on a desktop. install.sh must not carry either into the tree root runs.
+CHECKOUT = "/home/dev/edge-agent"
 PREFIX = f"edge/v1/{DEVICE}"
 START_TIMEOUT_S = 300  # model copy + load + canary on two shared cores
 
@@ -103,6 +108,7 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     ladder = Path(CACHE / "ladder")
     if not (ladder / "manifest.json").exists():
         pytest.fail(f"no model ladder at {ladder}: run scripts/make-test-models")
+    sign_file(ladder / "manifest.json")
     wheels = CACHE / "wheels"
     if not list(wheels.glob("llama-cpp-python-*/llama_cpp_python-*.whl")):
         pytest.fail(f"no llama-cpp-python wheel under {wheels}: run scripts/setup first")
@@ -131,7 +137,7 @@ def container(tmp_path_factory: pytest.TempPathFactory):
 
 def install(ct: Container, *args: str) -> str:
     result = ct.run(
-        "/mnt/edge-agent/scripts/install.sh", *args,
+        f"{CHECKOUT}/scripts/install.sh", *args,
         env={"EDGE_AGENT_CACHE": "/mnt/cache", "PIP_NO_INDEX": "1",
              "PIP_FIND_LINKS": "/mnt/wheelhouse", "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
         timeout=900,
@@ -139,15 +145,28 @@ def install(ct: Container, *args: str) -> str:
     return result.stderr
 
 
-def wait_active(ct: Container, *, not_pid: str | None = None, timeout_s: float = START_TIMEOUT_S) -> dict:
+def wait_active(ct: Container, *, not_pid: str | None = None, timeout_s: float = START_TIMEOUT_S,
+                unit: str = UNIT) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        props = ct.unit(UNIT)
+        props = ct.unit(unit)
         if props["ActiveState"] == "active" and props["MainPID"] not in ("0", not_pid):
             return props
         time.sleep(1)
-    raise AssertionError(f"{UNIT} not active within {timeout_s} s: {ct.unit(UNIT)['ActiveState']}\n"
-                         f"{ct.journal(UNIT)}")
+    raise AssertionError(f"{unit} not active within {timeout_s} s: {ct.unit(unit)['ActiveState']}\n"
+                         f"{ct.journal(unit)}")
+
+
+def user_of(ct: Container, pid: str) -> str:
+    status = ct.run("cat", f"/proc/{pid}/status").stdout
+    uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+    return ct.run("getent", "passwd", uid).stdout.split(":")[0]
+
+
+def as_user(ct: Container, user: str, script: str):
+    """``sh -c script`` as ``user`` (uid, gid and supplementary groups), as a daemon of it would."""
+    return ct.run("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups",
+                  "sh", "-c", script, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +175,22 @@ def installed(container: Container, broker: Broker, observer: Observer) -> dict:
     container.run("mkdir", "-p", f"/etc/systemd/system/{UNIT}.d")
     container.run("sh", "-c", f"printf '[Service]\\nEnvironment=EDGE_AGENT_MODEL__PIN=Q2_K\\n"
                   f"Environment=EDGE_AGENT_TELEMETRY__INTERVAL_S=2\\n' > /etc/systemd/system/{UNIT}.d/test.conf")
+    container.run("useradd", "--create-home", "dev")
+    container.run("cp", "-r", "/mnt/edge-agent", CHECKOUT)
+    container.run("chown", "-R", "dev:dev", CHECKOUT)
+    container.run("chmod", "-R", "g+w", CHECKOUT)
+    # The controller on the same host, with its own config (an admin writes it first).
+    container.run("mkdir", "-p", "/etc/edge-agent")
+    container.run("sh", "-c", f"""cat > /etc/edge-agent/fleet.yaml <<EOF
+mqtt: {{host: {broker.host}, port: {broker.port}}}
+http_port: {free_port()}
+db_path: /var/lib/edge-fleet/fleet.db
+model_dir: /var/cache/edge-fleet/models
+EOF""")
     started = time.monotonic()
-    log = install(container, "--device-id", DEVICE, "--broker-host", broker.host,
-                  "--broker-port", str(broker.port), "--manifest", "/mnt/ladder/manifest.json")
+    log = install(container, "--fleet", "--device-id", DEVICE, "--broker-host", broker.host,
+                  "--broker-port", str(broker.port), "--manifest", "/mnt/ladder/manifest.json",
+                  "--signing-key", TEST_PUBLIC_KEY)  # the ladder is signed with the test key
     installed_at = time.monotonic()
     props = wait_active(container)
     print(f"install.sh {installed_at - started:.0f} s, unit active after "
@@ -184,6 +216,38 @@ def test_unit_reaches_active_with_a_readable_status(container: Container, instal
     assert "Q2_K" in models, models
 
 
+def test_the_installed_tree_is_roots_however_the_checkout_was_owned(container: Container,
+                                                                  installed: dict) -> None:
+    foreign = container.run("find", "/opt/edge-agent", "(", "!", "-user", "root", "-o", "!",
+                            "-group", "root", ")", "-print").stdout.splitlines()
+    assert foreign == [], f"{len(foreign)} paths not root:root, e.g. {foreign[:5]}"
+    writable = container.run("find", "/opt/edge-agent", "!", "-type", "l", "-perm", "/022",
+                             "-print").stdout.splitlines()
+    assert writable == [], f"{len(writable)} group/world-writable paths, e.g. {writable[:5]}"
+    # The user who owns the checkout cannot change what root runs.
+    refused = as_user(container, "dev", "echo x >> /opt/edge-agent/src/agent/__init__.py")
+    assert refused.returncode != 0
+
+
+def test_the_controller_runs_as_its_own_user_out_of_the_agents_reach(container: Container,
+                                                                     installed: dict) -> None:
+    fleet = wait_active(container, unit=FLEET_UNIT, timeout_s=60)
+    deadline = time.monotonic() + 60
+    while container.run("test", "-s", "/var/lib/edge-fleet/fleet.db", check=False).returncode:
+        assert time.monotonic() < deadline, f"no fleet.db:\n{container.journal(FLEET_UNIT)}"
+        time.sleep(1)
+    agent_pid = container.unit(UNIT)["MainPID"]
+    assert user_of(container, agent_pid) == "edge-agent"
+    assert user_of(container, fleet["MainPID"]) == "edge-fleet"
+    # What a compromised agent daemon could try, with the agent's uid and groups.
+    read = as_user(container, "edge-agent", "cat /var/lib/edge-fleet/fleet.db > /dev/null")
+    assert read.returncode != 0 and "Permission denied" in read.stderr
+    signal = as_user(container, "edge-agent", f"kill -0 {fleet['MainPID']}")
+    assert signal.returncode != 0, "the agent's user may signal the controller"
+    assert container.run("stat", "-c", "%a %U", "/var/lib/edge-fleet").stdout.split() == [
+        "700", "edge-fleet"]
+
+
 def test_prompt_from_the_host_is_answered(installed: dict, observer: Observer) -> None:
     observer.wait_for(lambda t, r: t == f"{PREFIX}/status" and r.get("state") == "ready", 60,
                       "retained status ready")
@@ -200,7 +264,7 @@ def test_prompt_from_the_host_is_answered(installed: dict, observer: Observer) -
 def test_install_again_changes_nothing(container: Container, installed: dict) -> None:
     before = container.unit(UNIT)
     container.run("sh", "-c", "echo '# edited by the admin' >> /etc/edge-agent/agent.yaml")
-    log = install(container, "--device-id", "someone-else")
+    log = install(container, "--fleet", "--device-id", "someone-else")
     assert "up to date" in log and "left as it is" in log, log
     after = container.unit(UNIT)
     assert after["MainPID"] == before["MainPID"] and after["ActiveState"] == "active"
@@ -244,4 +308,5 @@ def test_uninstall_keeps_config_and_models_and_purge_removes_them(container: Con
 
     install(container, "--uninstall", "--purge")
     assert not exists("/etc/edge-agent") and not exists("/var/cache/edge-agent")
-    assert container.run("getent", "passwd", "edge-agent", check=False).returncode == 2
+    for user in ("edge-agent", "edge-fleet"):
+        assert container.run("getent", "passwd", user, check=False).returncode == 2

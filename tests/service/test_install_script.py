@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, load_config
+from tests.support.signing import TEST_PUBLIC_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "systemd/agent.yaml.example"
@@ -36,7 +37,7 @@ def test_first_install_config_carries_the_options(tmp_path: Path) -> None:
     manifest = 'http://ctl.lan:8080/m|a&b"c\\d/manifest.json'
     result = install_sh(
         "--print-config", "--device-id", "pi-kitchen.2", "--broker-host", "10.1.2.3",
-        "--broker-port", "8883", "--manifest", manifest,
+        "--broker-port", "8883", "--manifest", manifest, "--signing-key", TEST_PUBLIC_KEY,
     )
     assert result.returncode == 0, result.stderr
     rendered = tmp_path / "agent.yaml"
@@ -45,14 +46,27 @@ def test_first_install_config_carries_the_options(tmp_path: Path) -> None:
     assert config.device_id == "pi-kitchen.2"
     assert (config.mqtt.host, config.mqtt.port) == ("10.1.2.3", 8883)
     assert config.model.manifest == manifest
+    assert config.signing.public_key == TEST_PUBLIC_KEY and config.signing.required
     # The comments that explain each key survive the rendering.
     assert result.stdout.count("\n#") == TEMPLATE.read_text().count("\n#") - 1
 
 
-def test_without_options_the_template_is_written_unchanged() -> None:
-    result = install_sh("--print-config")
+def test_with_only_a_key_the_template_changes_only_there() -> None:
+    result = install_sh("--print-config", "--signing-key", TEST_PUBLIC_KEY)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == TEMPLATE.read_text()
+    expected = TEMPLATE.read_text().replace("  public_key: null", f'  public_key: "{TEST_PUBLIC_KEY}"')
+    assert result.stdout == expected
+
+
+def test_no_install_without_a_signing_key_unless_unsigned_is_explicit(tmp_path: Path) -> None:
+    refused = install_sh("--print-config")
+    assert refused.returncode == 2 and "--signing-key" in refused.stderr and refused.stdout == ""
+    allowed = install_sh("--print-config", "--allow-unsigned")
+    assert allowed.returncode == 0, allowed.stderr
+    rendered = tmp_path / "agent.yaml"
+    rendered.write_text(allowed.stdout)
+    signing = load_config(rendered, env={}).signing
+    assert signing.allow_unsigned and not signing.required and signing.public_key is None
 
 
 @pytest.mark.parametrize(
@@ -62,10 +76,12 @@ def test_without_options_the_template_is_written_unchanged() -> None:
         ("--device-id", "dev+", "--device-id"),
         ("--broker-port", "70000", "--broker-port"),
         ("--broker-host", "host name", "--broker-host"),
+        ("--signing-key", "bm90IGEga2V5", "--signing-key"),
     ],
 )
 def test_bad_options_are_refused_with_a_reason(option: str, value: str, complaint: str) -> None:
-    result = install_sh("--print-config", option, value)
+    key = [] if option == "--signing-key" else ["--signing-key", TEST_PUBLIC_KEY]
+    result = install_sh("--print-config", *key, option, value)
     assert result.returncode == 2
     assert complaint in result.stderr and "error" in result.stderr
     assert result.stdout == ""

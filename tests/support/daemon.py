@@ -17,6 +17,7 @@ import yaml
 
 from tests.support.broker import Broker
 from tests.support.observer import Observer
+from tests.support.signing import TEST_PUBLIC_KEY
 
 DEVICE = "dev-test"
 BASE = f"edge/v1/{DEVICE}"
@@ -39,6 +40,8 @@ class RunningDaemon:
             "runtime": {"default_max_tokens": 16, "queue_size": 64},
             "telemetry": {"interval_s": 1.0},
             "log": {"json": True, "level": "info"},
+            # The ladder's manifest is signed with the test key (tests/conftest.py ladder_dir).
+            "signing": {"public_key": TEST_PUBLIC_KEY},
         }
         for section, values in overrides.items():
             config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
