@@ -1,74 +1,174 @@
-"""Who may use the controller: hashed secrets, bearer tokens, dashboard sessions, CSRF tokens.
+"""Who may use the controller: hashed secrets, bearer tokens, dashboard sessions, CSRF tokens,
+and the per-address limit on failed attempts.
 
-Secrets are stored only as hashes (``hash_secret``; scrypt, or PBKDF2-SHA256, both from
-hashlib so there is no extra dependency) and compared in constant time. A bearer token
-that verified once is remembered by its SHA-256 so an API call does not pay for scrypt.
-Dashboard sessions live in memory: a controller restart logs everyone out, which is the
-safe direction. Each session carries its own CSRF token, checked on every POST; the
-cookie is HttpOnly and SameSite=Strict. This module knows nothing about HTTP frameworks.
+Secrets are stored only as hashes (``hash_secret``, hashlib only, no extra dependency) and
+compared in constant time. Two kinds, for two kinds of secret:
+
+- the admin password is chosen by a person, so it gets a deliberately slow hash (scrypt
+  N=2^17, ~128 MiB and a few hundred ms; PBKDF2-SHA256 as the alternative). Checking it is
+  slow by design: callers run ``check_login`` in a worker thread, never on an event loop;
+- API tokens are random (at least ``TOKEN_MIN_CHARS`` characters), so guessing one is hopeless
+  and a slow hash buys nothing: they are stored as ``sha256$<digest>`` and a wrong token
+  costs one SHA-256 (``token_matches``, fine on the loop).
+
+Token hashes written before that (scrypt or PBKDF2 in ``api_token_hashes``) still verify, but
+only through ``check_slow_token``, which callers run off the loop like a login; a token that
+verified once is remembered by its SHA-256, so only wrong tokens pay for the slow hash again.
+Re-hash such tokens with ``edge-agent fleet hash-secret --method sha256``.
+
+``FailureLimiter`` counts failed logins and tokens per client address so that nobody can
+guess for long or keep the slow hashes busy. Dashboard sessions live in memory: a controller
+restart logs everyone out, which is the safe direction. Each session carries its own CSRF
+token, checked on every POST. This module knows nothing about HTTP frameworks.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
+import ipaddress
+import math
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, RequestError
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # ~16 MiB and ~50 ms per check: fine for a login
+# 2^17 * 8 * 128 bytes = 128 MiB per check: costly for anyone holding a leaked hash, and
+# affordable for one login at a time (the web side runs one slow check at a time).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 PBKDF2_ITERATIONS = 600_000
+TOKEN_MIN_CHARS = 32  # e.g. secrets.token_urlsafe(24); anything shorter may be a password
+# What a stored hash may ask for: a config with n=2^30 must fail at start, not eat 128 GiB.
+SCRYPT_MAX_BYTES = 2**30
+PBKDF2_MAX_ITERATIONS = 100_000_000
+SLOW_SCHEMES = ("scrypt", "pbkdf2_sha256")
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def _scrypt_maxmem(n: int, r: int) -> int:
+    # scrypt needs 128*r*n bytes (plus a little); hashlib's default cap (32 MiB) is below N=2^17.
+    return 128 * r * n + 2**20
+
+
 def hash_secret(secret: str, *, method: str = "scrypt") -> str:
-    """The config-file form of ``secret``; put it in auth.admin_password_hash or api_token_hashes."""
+    """The config-file form of ``secret``: ``scrypt`` or ``pbkdf2_sha256`` for
+    auth.admin_password_hash, ``sha256`` for auth.api_token_hashes (random tokens only)."""
+    if method == "sha256":
+        if len(secret) < TOKEN_MIN_CHARS:
+            raise RequestError(
+                f"secret: an API token must be random and at least {TOKEN_MIN_CHARS} characters "
+                "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))'); hash a "
+                "password with scrypt",
+                field="secret",
+            )
+        return f"sha256${_b64(hashlib.sha256(secret.encode()).digest())}"
     salt = secrets.token_bytes(16)
     if method == "scrypt":
-        digest = hashlib.scrypt(secret.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+        digest = hashlib.scrypt(
+            secret.encode(),
+            salt=salt,
+            n=SCRYPT_N,
+            r=SCRYPT_R,
+            p=SCRYPT_P,
+            maxmem=_scrypt_maxmem(SCRYPT_N, SCRYPT_R),
+        )
         return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
     if method == "pbkdf2_sha256":
         digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, PBKDF2_ITERATIONS)
         return f"pbkdf2_sha256${PBKDF2_ITERATIONS}${_b64(salt)}${_b64(digest)}"
-    raise ConfigError(f"unknown hash method {method!r}; use scrypt or pbkdf2_sha256")
+    raise ConfigError(f"unknown hash method {method!r}; use scrypt, pbkdf2_sha256 or sha256")
 
 
-def verify_secret(secret: str, stored: str) -> bool:
-    """True when ``secret`` matches the stored hash; a malformed hash is a ConfigError."""
+@dataclass(frozen=True)
+class _Stored:
+    """A stored hash, parsed and bounded; ``params`` are the scheme's numbers."""
+
+    scheme: str
+    params: tuple[int, ...]
+    salt: bytes
+    digest: bytes
+
+
+def _parse(stored: str) -> _Stored:
+    """Parse without hashing, so a malformed hash fails at start at no cost."""
     parts = stored.split("$")
     try:
+        if parts[0] == "sha256" and len(parts) == 2:
+            digest = base64.b64decode(parts[1], validate=True)
+            if len(digest) != 32:
+                raise ValueError("a SHA-256 digest is 32 bytes")
+            return _Stored("sha256", (), b"", digest)
         if parts[0] == "scrypt" and len(parts) == 6:
             n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
-            salt, expected = base64.b64decode(parts[4]), base64.b64decode(parts[5])
-            digest = hashlib.scrypt(
-                secret.encode(),
-                salt=salt,
-                n=n,
-                r=r,
-                p=p,
-                maxmem=256 * r * n + 2**20,
-                dklen=len(expected),
-            )
+            if n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16:
+                raise ValueError("n must be a power of 2, r 1..64, p 1..16")
+            if 128 * r * n * p > SCRYPT_MAX_BYTES:
+                raise ValueError("scrypt parameters ask for more than 1 GiB")
+            params: tuple[int, ...] = (n, r, p)
+            salt, digest = parts[4], parts[5]
         elif parts[0] == "pbkdf2_sha256" and len(parts) == 4:
-            salt, expected = base64.b64decode(parts[2]), base64.b64decode(parts[3])
-            digest = hashlib.pbkdf2_hmac(
-                "sha256", secret.encode(), salt, int(parts[1]), len(expected)
-            )
+            iterations = int(parts[1])
+            if not 1 <= iterations <= PBKDF2_MAX_ITERATIONS:
+                raise ValueError("iterations out of range")
+            params = (iterations,)
+            salt, digest = parts[2], parts[3]
         else:
             raise ValueError("unknown scheme")
-    except (ValueError, TypeError) as exc:
+        decoded = _Stored(
+            parts[0],
+            params,
+            base64.b64decode(salt, validate=True),
+            base64.b64decode(digest, validate=True),
+        )
+        if not 16 <= len(decoded.digest) <= 64:
+            raise ValueError("digest length")
+        return decoded
+    except (ValueError, binascii.Error) as exc:
         raise ConfigError(
             "auth: a stored hash is malformed; make one with `edge-agent fleet hash-secret`",
             key="fleet.auth",
         ) from exc
-    return hmac.compare_digest(digest, expected)
+
+
+def _compute(secret: str, stored: _Stored) -> bytes:
+    if stored.scheme == "sha256":
+        return hashlib.sha256(secret.encode()).digest()
+    if stored.scheme == "scrypt":
+        n, r, p = stored.params
+        return hashlib.scrypt(
+            secret.encode(),
+            salt=stored.salt,
+            n=n,
+            r=r,
+            p=p,
+            maxmem=_scrypt_maxmem(n, r) * p,
+            dklen=len(stored.digest),
+        )
+    return hashlib.pbkdf2_hmac(
+        "sha256", secret.encode(), stored.salt, stored.params[0], len(stored.digest)
+    )
+
+
+def verify_secret(secret: str, stored: str) -> bool:
+    """True when ``secret`` matches the stored hash; a malformed hash is a ConfigError.
+    Slow for scrypt and PBKDF2 hashes: never call it on an event loop."""
+    return _verify(secret, _parse(stored))
+
+
+def _verify(secret: str, stored: _Stored) -> bool:
+    return hmac.compare_digest(_compute(secret, stored), stored.digest)
+
+
+def _fingerprint(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 @dataclass
@@ -80,37 +180,55 @@ class Session:
 
 
 class Authenticator:
+    """Checks passwords and tokens, keeps sessions. Thread-safe: ``check_login`` and
+    ``check_slow_token`` run in worker threads while the loop calls the rest."""
+
     def __init__(
         self, password_hash: str | None, token_hashes: list[str], *, session_max_age_s: int = 43200
     ) -> None:
-        self.password_hash = password_hash
-        self.token_hashes = list(token_hashes)
+        # Parsed here: a malformed hash fails at start, not at first login.
+        self._password = _parse(password_hash) if password_hash else None
+        parsed = [_parse(stored) for stored in token_hashes]
+        self._slow_tokens = [p for p in parsed if p.scheme in SLOW_SCHEMES]
+        # SHA-256 of every token that may pass the fast check: the sha256$ hashes plus the
+        # old-style ones that verified once (at most one entry per stored hash).
+        self._token_digests = [p.digest for p in parsed if p.scheme == "sha256"]
         self.session_max_age_s = session_max_age_s
         self._sessions: dict[str, Session] = {}
-        self._verified_tokens: set[bytes] = set()
         self._lock = threading.Lock()
-        for stored in [password_hash, *token_hashes]:
-            if stored:
-                verify_secret("", stored)  # a malformed hash fails at start, not at first login
 
-    def check_token(self, token: str) -> bool:
+    @property
+    def has_slow_tokens(self) -> bool:
+        """Whether old-style (scrypt/PBKDF2) token hashes are configured."""
+        return bool(self._slow_tokens)
+
+    def token_matches(self, token: str) -> bool:
+        """The fast check: one SHA-256 and a constant-time compare per known digest."""
         if not token:
             return False
-        fingerprint = hashlib.sha256(token.encode()).digest()
+        offered = _fingerprint(token)
         with self._lock:
-            if fingerprint in self._verified_tokens:
-                return True
-        if any(verify_secret(token, stored) for stored in self.token_hashes):
-            with self._lock:
-                self._verified_tokens.add(fingerprint)
+            known = list(self._token_digests)
+        matched = False
+        for digest in known:  # no short cut: the time does not depend on which one matched
+            matched |= hmac.compare_digest(offered, digest)
+        return matched
+
+    def check_slow_token(self, token: str) -> bool:
+        """The fast check, then every old-style token hash. Slow: run it off the loop."""
+        if self.token_matches(token):
             return True
-        return False
+        if not token or not any(_verify(token, stored) for stored in self._slow_tokens):
+            return False
+        with self._lock:
+            self._token_digests.append(_fingerprint(token))
+        return True
 
     def check_login(self, secret: str) -> str | None:
-        """The user a password or token logs in as, or None."""
-        if self.password_hash and secret and verify_secret(secret, self.password_hash):
+        """The user a password or token logs in as, or None. Slow: run it off the loop."""
+        if self._password is not None and secret and _verify(secret, self._password):
             return "admin"
-        if self.check_token(secret):
+        if self.check_slow_token(secret):
             return "token"
         return None
 
@@ -143,4 +261,59 @@ class Authenticator:
 
     @staticmethod
     def csrf_matches(session: Session, offered: str | None) -> bool:
-        return bool(offered) and hmac.compare_digest(session.csrf, offered)
+        # Bytes, not str: compare_digest raises TypeError on non-ASCII str.
+        return bool(offered) and hmac.compare_digest(
+            session.csrf.encode(), offered.encode("utf-8", "surrogatepass")
+        )
+
+
+def address_key(host: str | None) -> str:
+    """The unit a limit applies to: an IPv4 address, or an IPv6 /64 (one subscriber usually
+    holds a whole /64, so per-address keys there would be free to rotate)."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return host or "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class FailureLimiter:
+    """A token bucket per client address for failed logins and tokens: ``limit`` failures at
+    once, then one more per ``window_s / limit`` seconds. At most ``max_addresses`` buckets
+    are kept, least recently used dropped first, so a flood of addresses cannot grow it.
+
+    Not thread-safe: one owner, the web server's event loop. Every call is O(1)."""
+
+    def __init__(self, limit: int, window_s: float, *, max_addresses: int = 4096) -> None:
+        self.limit = limit
+        self.rate = limit / window_s  # attempts regained per second
+        self.max_addresses = max_addresses
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key: (left, at)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _left(self, key: str, now: float) -> float:
+        left, at = self._buckets.get(key, (float(self.limit), now))
+        return min(float(self.limit), left + (now - at) * self.rate)
+
+    def retry_after(self, host: str | None, now: float | None = None) -> int:
+        """0 when ``host`` may try; else the whole seconds until it may try again."""
+        now = time.monotonic() if now is None else now
+        left = self._left(address_key(host), now) + 1e-9  # refill arithmetic is not exact
+        return 0 if left >= 1.0 else max(1, math.ceil((1.0 - left) / self.rate))
+
+    def failed(self, host: str | None, now: float | None = None) -> bool:
+        """Count one failure; True when it used the last attempt (worth one log line)."""
+        now = time.monotonic() if now is None else now
+        key = address_key(host)
+        left = max(0.0, self._left(key, now) - 1.0)
+        self._buckets[key] = (left, now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_addresses:
+            self._buckets.popitem(last=False)
+        return left < 1.0

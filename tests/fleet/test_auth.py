@@ -1,25 +1,82 @@
-"""Hashed secrets and sessions: what logs in, what does not, what a malformed hash does."""
+"""Hashed secrets, sessions and the failure limiter: what logs in, what does not, what a
+malformed hash does, what old hashes still do. Attacks on the running controller are in
+test_auth_attacks.py."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+import secrets
+
 import pytest
 
-from agent.errors import ConfigError
-from agent.fleet.auth import Authenticator, hash_secret, verify_secret
+from agent.cli import main
+from agent.errors import ConfigError, RequestError
+from agent.fleet.auth import Authenticator, FailureLimiter, address_key, hash_secret, verify_secret
 
 
-@pytest.mark.parametrize("method", ["scrypt", "pbkdf2_sha256"])
+@pytest.mark.parametrize("method", ["scrypt", "pbkdf2_sha256", "sha256"])
 def test_hash_verifies_only_the_same_secret(method):
-    stored = hash_secret("s3cret", method=method)
-    assert stored.startswith(method + "$") and "s3cret" not in stored
-    assert verify_secret("s3cret", stored)
-    assert not verify_secret("s3cret ", stored)
+    secret = "s3cret-" + secrets.token_urlsafe(32)
+    stored = hash_secret(secret, method=method)
+    assert stored.startswith(method + "$") and secret not in stored
+    assert verify_secret(secret, stored)
+    assert not verify_secret(secret + " ", stored)
 
 
-def test_a_malformed_hash_is_a_config_error_at_start():
+def test_a_short_secret_is_not_accepted_as_a_token():
+    with pytest.raises(RequestError) as caught:
+        hash_secret("hunter2", method="sha256")
+    assert caught.value.code == "bad_request"
+
+
+def old_n_scrypt_hash(secret: str) -> str:
+    """What hash_secret stored before the cost was raised: scrypt N=2^14."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1)
+    b64 = base64.b64encode
+    return f"scrypt${2**14}$8$1${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def test_new_password_hashes_cost_n_2_17_and_old_ones_still_verify():
+    new = hash_secret("correct horse")
+    assert int(new.split("$")[1]) >= 2**17 and verify_secret("correct horse", new)
+    old = old_n_scrypt_hash("correct horse")
+    assert verify_secret("correct horse", old) and not verify_secret("wrong", old)
+    auth = Authenticator(old, [])
+    assert auth.check_login("correct horse") == "admin" and auth.check_login("wrong") is None
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "scrypt$not-a-hash",
+        f"scrypt${2**30}$8$1$AAAA$AAAA",  # 128 GiB per check: refused, not attempted
+        "scrypt$1000$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAA==",  # n not a power of 2
+        "sha256$c2hvcnQ=",
+        "md5$abc",
+    ],
+)
+def test_a_malformed_hash_is_a_config_error_at_start(stored):
     with pytest.raises(ConfigError) as caught:
-        Authenticator("scrypt$not-a-hash", [])
+        Authenticator(stored, [])
     assert caught.value.code == "config_invalid"
+    with pytest.raises(ConfigError):
+        Authenticator(None, [stored])
+
+
+def test_tokens_sha256_fast_and_old_style_off_the_fast_path(credentials):
+    token = secrets.token_urlsafe(32)
+    auth = Authenticator(None, [hash_secret(token, method="sha256"), credentials.token_hash])
+    assert auth.token_matches(token) and not auth.token_matches(token[:-1])
+    assert not auth.token_matches("") and not auth.token_matches("é\udcff")
+    # The old-style (PBKDF2) token passes only the slow check, then the fast one as well.
+    assert auth.has_slow_tokens and not auth.token_matches(credentials.token)
+    assert auth.check_slow_token(credentials.token)
+    assert auth.token_matches(credentials.token)
+    assert not auth.check_slow_token("wrong")
+    assert not Authenticator(None, [hash_secret(token, method="sha256")]).has_slow_tokens
 
 
 def test_login_sessions_and_csrf(credentials):
@@ -30,5 +87,35 @@ def test_login_sessions_and_csrf(credentials):
     session = auth.open_session("admin")
     assert auth.session(session.id) is session
     assert auth.csrf_matches(session, session.csrf) and not auth.csrf_matches(session, "x")
+    assert not auth.csrf_matches(session, "jeton-é")  # False, not TypeError
     auth.close_session(session.id)
     assert auth.session(session.id) is None
+
+
+def test_failure_limiter_buckets_refill_and_stay_bounded():
+    limiter = FailureLimiter(3, 30.0, max_addresses=5)
+    for _ in range(2):
+        assert not limiter.failed("10.0.0.1", now=0.0)
+    assert limiter.retry_after("10.0.0.1", now=0.0) == 0
+    assert limiter.failed("10.0.0.1", now=0.0)  # the last attempt
+    wait = limiter.retry_after("10.0.0.1", now=0.0)
+    assert wait >= 1 and limiter.retry_after("10.0.0.2", now=0.0) == 0
+    assert limiter.retry_after("10.0.0.1", now=float(wait)) == 0  # one attempt back
+    for i in range(100):
+        limiter.failed(f"10.1.0.{i}", now=1.0)
+    assert len(limiter) == 5
+
+
+def test_ipv6_addresses_are_limited_per_64():
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9")
+    assert address_key("2001:db8:1:2::1") != address_key("2001:db8:1:3::1")
+    assert address_key("::ffff:192.0.2.7") == address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key(None) == "unknown"
+
+
+def test_hash_secret_command_makes_token_hashes(monkeypatch, capsys):
+    token = secrets.token_urlsafe(32)
+    monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
+    assert main(["fleet", "hash-secret", "--method", "sha256"]) == 0
+    stored = capsys.readouterr().out.strip()
+    assert stored.startswith("sha256$") and Authenticator(None, [stored]).token_matches(token)
