@@ -93,9 +93,12 @@ def ensure_wheelhouse() -> Path:
     container installs offline (PIP_NO_INDEX) instead of from PyPI on every run."""
     requirements = []
     # The installed metadata of both: the llama.cpp wheel itself comes from setup's cache.
+    # The extras install.sh --fleet installs: the controller runs in the container too.
+    wanted_extras = ('extra == "signing"', 'extra == "fleet"')
     for requirement in (requires("edge-agent") or []) + (requires("llama-cpp-python") or []):
         spec, _, marker = requirement.partition(";")
-        if spec.startswith("llama-cpp-python") or (marker and 'extra == "signing"' not in marker):
+        if spec.startswith("llama-cpp-python") or (
+                marker and not any(extra in marker for extra in wanted_extras)):
             continue
         requirements.append(spec.strip())
     requirements += ["pip", "setuptools>=68", "wheel"]  # setup upgrades pip; the build backend
