@@ -22,6 +22,7 @@ from __future__ import annotations
 import queue
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -137,6 +138,7 @@ class MQTTClient:
             )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_socket_open = self._on_socket_open
@@ -269,6 +271,10 @@ class MQTTClient:
         self.inbox.put(ConnectionChange(True, session_present=bool(flags.session_present),
                                         client_id=self.client_id))
 
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        log.warning("mqtt_connect_failed", host=self.config.host, port=self.config.port,
+                    tls=self.config.tls.enabled, error=_connect_error())
+
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Any) -> None:
         was_connected = self._connected.is_set()
@@ -276,6 +282,13 @@ class MQTTClient:
         if was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code))
             self.inbox.put(ConnectionChange(False, reason=str(reason_code), client_id=self.client_id))
+        elif self.fatal_reason is None and reason_code.is_failure:
+            # Closed before CONNACK: e.g. a broker that wants a client certificate (TLS 1.3
+            # lets the handshake finish and refuses it at the first read).
+            log.warning("mqtt_connect_failed", host=self.config.host, port=self.config.port,
+                        tls=self.config.tls.enabled, error=str(reason_code),
+                        hint="the broker closed the connection before CONNACK; its log says why "
+                             "(a missing mqtt.tls.cert_file where it requires client certificates)")
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         response_topic = correlation_data = None
@@ -324,3 +337,12 @@ class MQTTClient:
             )
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError(f"mqtt.tls: cannot set up TLS: {exc}", key="mqtt.tls") from exc
+
+
+def _connect_error() -> str:
+    """Why paho's connect attempt failed. paho calls on_connect_fail from inside its ``except
+    OSError`` and passes no error, so the exception being handled is the reason (a refused TLS
+    handshake names the check that failed). tests/mqtt/test_tls.py fails loudly if a paho
+    upgrade stops calling it there."""
+    error = sys.exc_info()[1]
+    return f"{type(error).__name__}: {error}" if error is not None else "unknown (paho gave no reason)"
