@@ -88,6 +88,18 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
         [("", stats.rejected)],
     )
     metric(
+        "edge_fleet_ingest_dropped_total",
+        "counter",
+        "Device messages dropped by reason: too_large, rate_limited, queue_full, bad_request",
+        [(f'{{reason="{reason}"}}', count) for reason, count in stats.dropped.items()],
+    )
+    metric(
+        "edge_fleet_ingest_coalesced_total",
+        "counter",
+        "Status/meta messages replaced by a newer one of the same device before the writer ran",
+        [("", stats.coalesced)],
+    )
+    metric(
         "edge_fleet_ingest_stale_status_total",
         "counter",
         "Status messages of an older session, ignored",
@@ -161,6 +173,12 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
             )
             for r in rows
         ],
+    )
+    metric(
+        "edge_device_problem",
+        "gauge",
+        "1 while the controller is refusing some of what the device sends (see its row)",
+        [(f'{{device="{escape_label(r["id"])}"}}', 1 if r["problem"] else 0) for r in rows],
     )
     for name, help_text, key in PER_DEVICE:
         metric(

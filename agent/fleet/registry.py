@@ -10,6 +10,16 @@ Writes: ``apply_batch`` is called by the one ingest writer thread with a batch o
 messages and commits them in one transaction (executemany per table); the web side writes
 its low-rate rows (commands, rollouts) through the same connection under ``_write_lock``.
 Reads of history use one connection per thread. This module does no MQTT and no HTTP.
+
+What it takes is validated (agent.fleet.schemas): ``apply_batch`` gets objects that passed
+their schema, and rows loaded at start are validated again, so a record written by an older
+controller cannot break the dashboard; a device whose stored meta fails is flagged instead.
+
+Bound on disk per device: one ``devices`` row (meta and telemetry, each at most its message
+limit), telemetry points at most one per ``telemetry_sample_s`` of controller time for
+``telemetry_retention_s``, and at most ``events_per_device`` plus 10 % events (the newest;
+older ones go in the same transaction), each at most ``event_max_bytes``: with the defaults,
+1100 x 8 KiB = 8.6 MiB of events per device, whatever the device sends.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from typing import Any, Iterable
 
 import msgspec
 
+from agent.errors import RequestError
+from agent.fleet import schemas
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -106,6 +118,10 @@ TELEMETRY_FIELDS = {
     "cpu_percent": ("cpu_percent", "cpu"),
     "queue_depth": ("queue_depth",),
 }
+# A device clock further off than this from the controller's is not believed: its points and
+# lag are stamped with the arrival time instead (a far-future ts would dodge retention).
+MAX_CLOCK_SKEW_S = 300.0
+REJECTION_EVENT_EVERY_S = 10.0  # at most one rejected_input event per device and this period
 
 
 def pick(source: dict[str, Any] | None, names: Iterable[str]) -> Any:
@@ -161,6 +177,11 @@ class DeviceRecord:
     # Seen spacing of telemetry (EWMA): the stale rule needs each device's own interval even
     # when the device does not state it.
     interval_estimate_s: float | None = None
+    # What the controller refused from the device, by topic kind ("meta": "bad_request: …");
+    # a valid message of the same kind clears its entry. Memory only: a retained bad message
+    # is redelivered, so the flag comes back after a restart by itself.
+    problems: dict[str, str] = field(default_factory=dict)
+    last_rejection_event: float = 0.0
     version: int = 0
 
 
@@ -168,7 +189,9 @@ class DeviceRecord:
 class Incoming:
     """One decoded device message, as the ingest queue hands it to ``apply_batch``."""
 
-    kind: str  # status | meta | telemetry | events | cmd/result
+    # status | meta | telemetry | events | cmd/result, validated; or "rejected": what ingest
+    # refused from the device, {kind, code, reason, dropped}
+    kind: str
     device_id: str
     body: dict[str, Any]
     received: float
@@ -204,6 +227,8 @@ class Registry:
         telemetry_sample_s: float = 10.0,
         telemetry_retention_s: float = 7 * 86400.0,
         events_retention_s: float = 30 * 86400.0,
+        events_per_device: int = 1000,
+        event_max_bytes: int = 8 * 1024,
     ) -> None:
         self.db_path = str(db_path)
         if self.db_path != ":memory:":
@@ -211,6 +236,8 @@ class Registry:
         self.telemetry_sample_s = telemetry_sample_s
         self.telemetry_retention_s = telemetry_retention_s
         self.events_retention_s = events_retention_s
+        self.events_per_device = events_per_device
+        self.event_max_bytes = event_max_bytes
         self._write_lock = threading.Lock()
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
@@ -218,6 +245,8 @@ class Registry:
         self._devices_lock = threading.Lock()
         self.devices: dict[str, DeviceRecord] = {}
         self._load_devices()
+        self._event_counts: dict[str, int] = {}
+        self._bound_stored_events()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
@@ -246,20 +275,35 @@ class Registry:
             " telemetry, telemetry_ts FROM devices"
         ).fetchall()
         for row in rows:
-            self.devices[row[0]] = DeviceRecord(
+            record = DeviceRecord(
                 id=row[0],
                 first_seen=row[1],
                 last_seen=row[2],
-                state=row[3],
-                session=row[4],
-                status_ts=row[5],
-                agent_version=row[6],
-                meta=_decode.decode(row[7]) if row[7] else {},
+                state=row[3] if row[3] in _STATES else None,
+                session=row[4] if isinstance(row[4], int) else None,
+                status_ts=row[5] if isinstance(row[5], float) else None,
+                agent_version=row[6] if isinstance(row[6], str) else None,
                 meta_ts=row[8],
-                telemetry=_decode.decode(row[9]) if row[9] else {},
-                telemetry_ts=row[10],
-                last_sample_ts=row[10] or 0.0,
             )
+            record.meta = _load_stored(record, "meta", row[7])
+            record.telemetry = _load_stored(record, "telemetry", row[9])
+            if record.telemetry:
+                record.telemetry_ts = row[10]
+                record.last_sample_ts = row[10] or 0.0
+            self.devices[record.id] = record
+
+    def _bound_stored_events(self) -> None:
+        """Hold events written before these bounds to them too: drop oversize bodies, trim
+        each device to its cap, and learn the per-device counts that later trims use."""
+        with self._write_lock:
+            self._writer.execute("DELETE FROM events WHERE length(body) > ?", (self.event_max_bytes,))
+            counts = self._writer.execute(
+                "SELECT device_id, COUNT(*) FROM events GROUP BY device_id"
+            ).fetchall()
+            for device_id, count in counts:
+                self._event_counts[device_id] = count
+                if count > self.events_per_device:
+                    self._trim_events(self._writer, device_id)
 
     # --- ingest -------------------------------------------------------------------------
 
@@ -280,9 +324,26 @@ class Registry:
         samples: list[tuple] = []
         events: list[tuple] = []
         results: list[tuple] = []
+        trim: set[str] = set()
         for message in batch:
             record = self._record(message.device_id, message.received)
             body = message.body
+            if message.kind == "rejected":
+                problem = f"{body['code']}: {body['reason']}"
+                if body["dropped"] > 1:
+                    problem += f" ({body['dropped']} messages dropped)"
+                record.problems[body["kind"]] = problem
+                record.version += 1
+                if message.received - record.last_rejection_event >= REJECTION_EVENT_EVERY_S:
+                    record.last_rejection_event = message.received
+                    events.append(
+                        (record.id, message.received, "rejected_input",
+                         _dumps({"event": "rejected_input", "ts": message.received, **body}))
+                    )
+                    trim.add(record.id)
+                continue
+            if record.problems.pop(message.kind, None) is not None:
+                record.version += 1
             if message.kind == "status":
                 session = body.get("session")
                 if (
@@ -301,12 +362,10 @@ class Registry:
                         newest=record.session,
                     )
                     continue
-                record.state = str(body.get("state"))
-                record.session = session if isinstance(session, int) else record.session
-                record.status_ts = (
-                    body.get("ts") if isinstance(body.get("ts"), (int, float)) else message.received
-                )
-                record.agent_version = body.get("version") or record.agent_version
+                record.state = body["state"]
+                record.session = session
+                record.status_ts = float(body["ts"])
+                record.agent_version = body["version"] or record.agent_version
                 if record.state != "lost":
                     record.last_seen = max(record.last_seen, message.received)
                 status_rows[record.id] = (
@@ -332,7 +391,8 @@ class Registry:
             elif message.kind == "telemetry":
                 record.telemetry = body
                 sent = body.get("ts")
-                sent = sent if isinstance(sent, (int, float)) else message.received
+                if sent is None or abs(sent - message.received) > MAX_CLOCK_SKEW_S:
+                    sent = message.received
                 if record.telemetry_ts is not None and 0 < sent - record.telemetry_ts < 3600:
                     gap = sent - record.telemetry_ts
                     estimate = record.interval_estimate_s
@@ -357,18 +417,17 @@ class Registry:
                     )
             elif message.kind == "events":
                 kind = str(body.get("event") or body.get("type") or "event")
-                ts = (
-                    body.get("ts") if isinstance(body.get("ts"), (int, float)) else message.received
-                )
+                ts = body.get("ts")
+                if ts is None or abs(ts - message.received) > MAX_CLOCK_SKEW_S:
+                    ts = message.received  # retention counts from it: it must not be the future
                 events.append((record.id, ts, kind, _dumps(body)))
+                trim.add(record.id)
                 outcome.events.append((record.id, body))
             elif message.kind == "cmd/result":
-                command_id = body.get("id")
-                if isinstance(command_id, str):
-                    ok = 1 if body.get("ok") else 0
-                    payload = body.get("result") if ok else body.get("error")
-                    results.append((message.received, ok, _dumps(payload), command_id, record.id))
-                    outcome.cmd_results.append((record.id, body))
+                ok = 1 if body["ok"] else 0
+                payload = body.get("result") if ok else body.get("error")
+                results.append((message.received, ok, _dumps(payload), body["id"], record.id))
+                outcome.cmd_results.append((record.id, body))
             else:
                 continue
             record.version += 1
@@ -404,6 +463,12 @@ class Registry:
                     conn.executemany(
                         "INSERT INTO events (device_id, ts, kind, body) VALUES (?,?,?,?)", events
                     )
+                    for device_id, *_ in events:
+                        self._event_counts[device_id] = self._event_counts.get(device_id, 0) + 1
+                    for device_id in trim:
+                        # 10 % slack: one DELETE per device per ~100 events, not per event.
+                        if self._event_counts[device_id] > self.events_per_device * 1.1:
+                            self._trim_events(conn, device_id)
                 if results:
                     conn.executemany(
                         "UPDATE commands SET done_ts=?, ok=?, result=? WHERE id=? AND device_id=?",
@@ -414,6 +479,19 @@ class Registry:
                 conn.execute("ROLLBACK")
                 raise
         return outcome
+
+    def _trim_events(self, conn: sqlite3.Connection, device_id: str) -> None:
+        """Keep the newest ``events_per_device`` events of one device (under ``_write_lock``)."""
+        removed = conn.execute(
+            "DELETE FROM events WHERE device_id=? AND id <= (SELECT id FROM events WHERE"
+            " device_id=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (device_id, device_id, self.events_per_device),
+        ).rowcount
+        # Counted again rather than decremented: retention prunes without telling the counts.
+        self._event_counts[device_id] = conn.execute(
+            "SELECT COUNT(*) FROM events WHERE device_id=?", (device_id,)
+        ).fetchone()[0]
+        log.info("events_trimmed", device=device_id, removed=removed)
 
     def persist_latest(self) -> None:
         """Write every device's latest telemetry and last_seen (at shutdown)."""
@@ -535,3 +613,22 @@ def _command_dict(row: sqlite3.Row) -> dict[str, Any]:
         "result": _decode.decode(row["result"]) if row["result"] else None,
         "source": row["source"],
     }
+
+
+_STATES = frozenset({"starting", "ready", "busy", "degraded", "draining", "stopped", "lost"})
+
+
+def _load_stored(record: DeviceRecord, kind: str, text: str | None) -> dict[str, Any]:
+    """A stored meta/telemetry validated as if it had just arrived; {} and a flag if not."""
+    if not text:
+        return {}
+    try:
+        try:
+            body = _decode.decode(text)
+        except msgspec.DecodeError:
+            raise RequestError(f"{kind}: not valid JSON", field=kind) from None
+        return schemas.validate(kind, body)
+    except RequestError as exc:
+        record.problems[kind] = f"bad_request: stored {exc.message}"
+        log.warning("stored_record_invalid", device=record.id, kind=kind, reason=exc.message)
+        return {}

@@ -5,7 +5,8 @@ silent for longer than ``stale_after_intervals`` telemetry intervals (its own in
 (stated in meta or telemetry, else measured from its telemetry timestamps, else the
 configured default). Summaries read the ``meta`` layout
 the daemon publishes (``device`` = the probe's DeviceInfo, ``selection`` = the Selection)
-and tolerate missing parts: a device that sent only a status still gets a row.
+and tolerate missing parts: a device that sent only a status still gets a row. The meta
+and telemetry read here passed agent.fleet.schemas, so every key read has its schema's type.
 No I/O here.
 """
 
@@ -111,6 +112,9 @@ def device_row(
         "queue_depth": point.get("queue_depth"),
         "last_seen": record.last_seen,
         "first_seen": record.first_seen,
+        # What the controller refused from this device, if anything: its own row says so.
+        "problem": "; ".join(f"{kind}: {why}" for kind, why in sorted(record.problems.items()))
+        or None,
     }
 
 

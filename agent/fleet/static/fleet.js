@@ -33,9 +33,20 @@ function ago(ts) {
   return `${(s / 3600).toFixed(1)} h ago`;
 }
 
+function problemBadge(problem) {
+  const b = document.createElement("span");
+  b.className = "badge state-degraded problem"; b.title = problem; b.textContent = "input refused";
+  return b;
+}
+
 const CELL = {
   id: (r) => { const a = document.createElement("a"); a.href = `/devices/${encodeURIComponent(r.id)}`; a.textContent = r.id; return a; },
-  state: (r) => { const s = document.createElement("span"); s.className = `badge state-${r.state}`; s.textContent = r.state; return s; },
+  state: (r) => {
+    const s = document.createElement("span"); s.className = `badge state-${r.state}`; s.textContent = r.state;
+    if (!r.problem) return s;
+    // The controller refuses some of what this device sends: say so on its own row.
+    const box = document.createDocumentFragment(); box.append(s, " ", problemBadge(r.problem)); return box;
+  },
   board: (r) => r.board || "",
   cpu: (r) => r.cpu || "",
   ram_bytes: (r) => formatBytes(r.ram_bytes),
@@ -235,6 +246,8 @@ function devicePage() {
       document.getElementById("quant").textContent = row.quant;
       document.getElementById("model").textContent = row.model || "no model";
       document.getElementById("last-seen").dataset.ts = row.last_seen;
+      const problem = document.getElementById("problem");
+      problem.textContent = row.problem || ""; problem.hidden = !row.problem;
       for (const [field, fmt] of Object.entries(nowCells)) {
         const td = document.querySelector(`#now td[data-field="${field}"]`);
         if (td) td.textContent = fmt(row[field]);
