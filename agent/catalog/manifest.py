@@ -2,8 +2,15 @@
 
 Loads YAML or JSON from a local path or an http(s) URL and validates it strictly: unknown
 keys are rejected and every error names the key path ("models[0].variants[2].sha256:
-expected 64 hex characters"). A variant's ``file`` must be a bare file name, because the
-fetcher joins it to the store directory and to the manifest's location.
+expected 64 hex characters"). A variant's ``file`` must be a bare, safe file name, because
+the fetcher joins it to the store directory and to the manifest's location; file, quant and
+model id also end up in logs, topics and systemd's STATUS line, so they are refused with
+control characters or anything outside a small alphabet.
+
+A manifest is hostile input until its signature is checked (and a signed one is still parsed
+by the same code): YAML anchors and aliases are refused (a 300-byte alias bomb expands to
+gigabytes), nesting is bounded, and error messages quote values only through
+:func:`agent.errors.shown`, never whole.
 
 The URL read uses urllib from the standard library: httpx stays confined to agent/fetch
 and the GGUF range reader, and a manifest is one small GET. This module does not fetch
@@ -17,7 +24,7 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urljoin, urlparse
 
 import msgspec
@@ -25,11 +32,35 @@ import yaml
 
 from agent.catalog.signing import SIGNATURE_SUFFIX, verify_manifest
 from agent.config import SigningConfig
-from agent.errors import ManifestError
+from agent.errors import ManifestError, shown
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # a manifest is text; more is a wrong URL, not a manifest
 FETCH_TIMEOUT_S = 30.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_DEPTH = 16  # a manifest is five levels deep; deeper is an attack on the parser's stack
+# Safe names: no separators, no whitespace or control characters, bounded.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,194}\.gguf")
+_QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # family, arch and cpu flag names
+MAX_URL_CHARS = 2048
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases, and with bounded nesting: both only cost here
+    (no manifest needs them), aliases can expand without bound, nesting can exhaust the stack."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML anchors and aliases are not allowed")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"line {event.start_mark.line + 1}: nested deeper than {MAX_DEPTH}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,7 +104,7 @@ class Manifest(_Strict, kw_only=True):
             if entry.id == model_id:
                 return entry
         known = ", ".join(m.id for m in self.models)
-        raise ManifestError(f"model {model_id!r} is not in the manifest (it has: {known})")
+        raise ManifestError(f"model {shown(model_id)} is not in the manifest (it has: {shown(known, 200)})")
 
 
 def is_url(source: str) -> bool:
@@ -105,6 +136,24 @@ def _file_name_problem(name: str) -> str | None:
         return "must be a bare file name, not a path"
     if name in (".", ".."):
         return "must be a file name"
+    if not _FILE_NAME.fullmatch(name):
+        return "must be a .gguf file name of letters, digits, '.', '_' and '-' (at most 200)"
+    return None
+
+
+def _name_problem(name: str, pattern: re.Pattern[str], what: str) -> str | None:
+    if not name:
+        return "must not be empty"
+    if not pattern.fullmatch(name):
+        return f"must be a {what} of letters, digits and '._+-' (no spaces or control characters)"
+    return None
+
+
+def _url_problem(url: str) -> str | None:
+    if len(url) > MAX_URL_CHARS or any(c <= " " or c == "\x7f" for c in url):
+        return f"must be at most {MAX_URL_CHARS} characters without spaces or control characters"
+    if not is_url(url):
+        return f"{shown(url)} is not an http(s) URL"
     return None
 
 
@@ -115,10 +164,14 @@ def _validate(manifest: Manifest) -> None:
     seen_ids: set[str] = set()
     for m, model in enumerate(manifest.models):
         where = f"models[{m}]"
-        if not model.id:
-            raise ManifestError(f"{where}.id: must not be empty", key=f"{where}.id")
+        problem = _name_problem(model.id, _MODEL_ID, "model id")
+        if problem:
+            raise ManifestError(f"{where}.id: {problem}", key=f"{where}.id")
+        problem = None if model.family is None else _name_problem(model.family, _TAG, "family name")
+        if problem:
+            raise ManifestError(f"{where}.family: {problem}", key=f"{where}.family")
         if model.id in seen_ids:
-            raise ManifestError(f"{where}.id: {model.id!r} is listed twice", key=f"{where}.id")
+            raise ManifestError(f"{where}.id: {shown(model.id)} is listed twice", key=f"{where}.id")
         seen_ids.add(model.id)
         if not model.variants:
             raise ManifestError(f"{where}.variants: must list at least one variant", key=f"{where}.variants")
@@ -126,8 +179,8 @@ def _validate(manifest: Manifest) -> None:
         for v, variant in enumerate(model.variants):
             at = f"{where}.variants[{v}]"
             problems = {
-                "quant": "must not be empty" if not variant.quant else
-                f"{variant.quant!r} is listed twice" if variant.quant in quants else None,
+                "quant": _name_problem(variant.quant, _QUANT, "quant name") or
+                (f"{shown(variant.quant)} is listed twice" if variant.quant in quants else None),
                 "file": _file_name_problem(variant.file),
                 "size": "must be a positive number of bytes" if variant.size <= 0 else None,
                 "sha256": None if _SHA256.fullmatch(variant.sha256) else
@@ -135,8 +188,10 @@ def _validate(manifest: Manifest) -> None:
                 "quality": None if 0.0 <= variant.quality <= 1.0 else "must be between 0 and 1",
             }
             for index, url in enumerate(variant.urls):
-                if not is_url(url):
-                    problems[f"urls[{index}]"] = f"{url!r} is not an http(s) URL"
+                problems[f"urls[{index}]"] = _url_problem(url)
+            for field in ("arch", "cpu_flags"):
+                for index, name in enumerate(getattr(variant.requires, field)):
+                    problems[f"requires.{field}[{index}]"] = _name_problem(name, _TAG, "name")
             for key, problem in problems.items():
                 if problem:
                     raise ManifestError(f"{at}.{key}: {problem}", key=f"{at}.{key}")
@@ -144,7 +199,10 @@ def _validate(manifest: Manifest) -> None:
 
 
 def _key_path(error: msgspec.ValidationError) -> str:
+    # msgspec quotes what it refused (an unknown key, an enum value): bound it.
     text = str(error)
+    if len(text) > 400:
+        text = text[:200] + " … " + text[-200:]
     message, marker, where = text.partition(" - at `$")
     if not marker:
         return text
@@ -152,21 +210,33 @@ def _key_path(error: msgspec.ValidationError) -> str:
     return f"{path}: {message[0].lower()}{message[1:]}"
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """yaml's message on one line and bounded: it quotes the document (which may be a local
+    file that is not a manifest) and carries newlines into logs and STATUS lines."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    text = f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if problem and mark else str(exc)
+    return " ".join(text.split())[:160]
+
+
 def parse_manifest(text: str | bytes, source: str | None = None) -> Manifest:
     """Validate a manifest document (pure). ``source`` is kept to resolve bare files."""
     label = source or "manifest"
     try:
-        data = yaml.safe_load(text)  # JSON is YAML, so one parser reads both
-    except yaml.YAMLError as exc:
+        # JSON is YAML, so one parser reads both. ValueError: yaml's int() of a 5,000-digit
+        # number and its datetime() of "2024-13-45" raise it past yaml's own error tree.
+        data = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 (a SafeLoader subclass)
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:
         try:
             data = json.loads(text)
-        except (ValueError, TypeError):
-            raise ManifestError(f"{label}: neither valid YAML nor JSON: {exc}", source=label) from exc
+        except (ValueError, TypeError, RecursionError):
+            raise ManifestError(f"{label}: neither valid YAML nor JSON: {_yaml_problem(exc)}",
+                                source=label) from None
     if not isinstance(data, dict):
         raise ManifestError(f"{label}: the top level must be a mapping", source=label)
     if data.get("schema") != 1:
         raise ManifestError(
-            f"{label}: schema: {data.get('schema')!r} is not supported (this agent reads schema 1)",
+            f"{label}: schema: {shown(data.get('schema'))} is not supported (this agent reads schema 1)",
             key="schema", source=label,
         )
     if "source" in data:

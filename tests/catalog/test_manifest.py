@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,81 @@ def test_unreadable_and_non_mapping_documents(tmp_path: Path):
         load_manifest(str(tmp_path / "nope.json"))
     with pytest.raises(ManifestError, match="top level must be a mapping"):
         parse_manifest("[1, 2]")
+
+
+# -- hostile manifests (issue 10, findings 8 and 10) ---------------------------------------------
+
+ALIAS_BOMB = "\n".join(
+    ["a: &a [x,x,x,x,x,x,x,x,x]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    + ["schema: *i", "models: []", ""]
+)
+
+
+def test_a_yaml_alias_bomb_is_refused_cheaply_with_a_short_message():
+    """305 bytes once made a 522 MB error message (the repr of the expanded value), 1 GiB RSS
+    and 8 s of CPU."""
+    assert len(ALIAS_BOMB) < 400
+    started = time.process_time()
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(ALIAS_BOMB, "bomb.yaml")
+    assert time.process_time() - started < 1.0
+    assert caught.value.code == "manifest_invalid" and "alias" in caught.value.message
+    assert len(caught.value.message) < 500
+
+
+def test_a_single_anchor_is_refused_too():
+    text = f"""schema: 1
+models:
+  - id: m
+    variants:
+      - &v {{quant: Q4_0, file: a.gguf, size: 1, sha256: "{SHA}", quality: 0.5}}
+"""
+    with pytest.raises(ManifestError, match="anchors and aliases are not allowed"):
+        parse_manifest(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("schema: " + "9" * 5000 + "\nmodels: []\n", "neither valid YAML nor JSON"),  # int() past 4300 digits
+        ("schema: 1\nmodels: 2024-13-45\n", "neither valid YAML nor JSON"),  # datetime() of a bad date
+        ("schema: 1\nmodels: " + "[" * 5000 + "]" * 5000 + "\n", "neither valid YAML nor JSON"),
+        ("[" * 100_000, "neither valid YAML nor JSON"),  # deeper than json's recursion limit
+        ("schema: '" + "x" * 1_000_000 + "'\nmodels: []\n", "is not supported"),
+    ],
+)
+def test_parser_traps_are_manifest_errors_with_bounded_messages(text: str, message: str):
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(text, "trap.yaml")
+    assert message in caught.value.message and len(caught.value.message) < 500
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"quant": "Q4\nWATCHDOG=trigger"}, "quant"),
+        ({"file": "m.gguf\nWATCHDOG=trigger"}, "file"),
+        ({"file": "m\rx.gguf"}, "file"),
+        ({"file": "m.bin"}, "file"),
+        ({"file": "-" + "x" * 300 + ".gguf"}, "file"),
+        ({"quant": "Q4 K"}, "quant"),
+        ({"quant": "Q4/K"}, "quant"),
+        ({"urls": ["https://host/a\nb.gguf"]}, "urls[0]"),
+        ({"requires": {"cpu_flags": ["avx2\n"]}}, "requires.cpu_flags[0]"),
+    ],
+)
+def test_names_with_control_characters_or_outside_the_safe_alphabet_are_refused(override: dict, key: str):
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(json.dumps(document(**override)), "m.json")
+    assert caught.value.code == "manifest_invalid"
+    assert f"models[0].variants[2].{key}:" in caught.value.message
+    assert "\n" not in caught.value.message and "WATCHDOG" not in caught.value.message
+
+
+def test_a_model_id_with_a_newline_is_refused():
+    doc = document()
+    doc["models"][0]["id"] = "m\nWATCHDOG=trigger"
+    with pytest.raises(ManifestError, match=r"models\[0\]\.id: must be a model id") as caught:
+        parse_manifest(json.dumps(doc))
+    assert "\n" not in caught.value.message
