@@ -3,8 +3,9 @@ controller on a real mosquitto: first with simulated devices (login, CSRF, table
 lost), then with a real `edge-agent run` on the SmolLM2 ladder (online with its model, a
 prompt typed in the page streams a reply, a rollout to Q2_K switches it, a kill turns it lost).
 
-Screenshots go to $EDGE_AGENT_ARTIFACTS or <repo>/artifacts. Playwright never downloads a
-browser here: it is pointed at /usr/bin/chromium.
+Screenshots go to $EDGE_AGENT_ARTIFACTS or <repo>/artifacts (gitignored). Playwright never
+downloads a browser here: it is pointed at the Chromium on PATH (chromium, chromium-browser or
+google-chrome; $EDGE_AGENT_CHROMIUM names another).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from tests.fleet.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--headless=new",
@@ -44,16 +46,26 @@ def artifacts_dir() -> Path:
     return path
 
 
+def chromium() -> str:
+    if os.environ.get("EDGE_AGENT_CHROMIUM"):
+        return os.environ["EDGE_AGENT_CHROMIUM"]
+    for name in CHROMIUM_NAMES:
+        if found := shutil.which(name):
+            return found
+    pytest.fail(f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)}): install it, e.g. "
+                "`sudo apt-get install chromium` (scripts/test does as root), `sudo dnf install "
+                "chromium`, or set EDGE_AGENT_CHROMIUM to the browser's path")
+
+
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed at /usr/bin/chromium; scripts/test installs it")
+    executable = chromium()
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         instance = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+            executable_path=executable, args=CHROMIUM_ARGS, headless=True
         )
         yield instance
         instance.close()
