@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.catalog.select import choose
+from agent.catalog.estimate import estimate_memory, repack_rules
+from agent.catalog.select import choose, predict_tokens_per_s
 from agent.config import ModelConfig
 from agent.errors import ConfigError, SelectionError
 from agent.hardware.device import GPUInfo
@@ -110,20 +111,77 @@ def test_gpu_offload_all_layers_when_vram_allows_else_the_most_that_fit(ladder, 
     assert 0 < partial.n_gpu_layers < 31 and partial.estimate.vram_bytes <= 600 * MiB
 
 
+def _oracle_fitting(ladder, headers, device, profile, memory):
+    """The variants that can run within ``memory``, decided apart from the selector: each at its
+    cheapest setting (the context floor, q8_0 KV, no GPU), where memory and bytes read per
+    token are smallest, so if any setting fits this one does. Uses the estimator and the speed
+    model directly, never the selector's own planning or ranking."""
+    policy = profile.policy
+    budget = max(memory - policy.memory_headroom_bytes, 0)
+    repack = repack_rules(device.cpu.arch, device.cpu.flags)
+    fitting = []
+    for variant in ladder.model().variants:
+        info = headers[variant.file]
+        target = min(policy.n_ctx_target, info.context_length or policy.n_ctx_target)
+        floor = min(policy.n_ctx_floor, target)
+        need = estimate_memory(info, variant.size, n_ctx=floor, n_batch=policy.n_batch,
+                               n_ubatch=min(policy.n_batch, 512), kv_type="q8_0", n_gpu_layers=0,
+                               flash_attn=True, use_mmap=True, repack=repack)
+        speed = predict_tokens_per_s(info, floor, "q8_0", device.bandwidth_gbps)
+        if need.ram_bytes <= budget and (speed is None or speed >= policy.min_tokens_per_s):
+            fitting.append(variant)
+    return fitting
+
+
+def _with_tie(ladder, tie):
+    """The ladder with variant ``tie[0]`` given the quality of ``tie[1]`` (None: unchanged)."""
+    if tie is None:
+        return ladder
+    variants = list(ladder.model().variants)
+    first, second = tie
+    variants[first] = msgspec.structs.replace(variants[first], quality=variants[second].quality)
+    return msgspec.structs.replace(ladder, models=[msgspec.structs.replace(ladder.model(), variants=variants)])
+
+
+def test_ties_go_to_the_smaller_file(ladder, ladder_headers):
+    variants = ladder.model().variants
+    f16, q8 = variants[0], variants[1]
+    assert (f16.quant, q8.quant) == ("F16", "Q8_0") and q8.size < f16.size
+    tied = _with_tie(ladder, (0, 1))  # F16 as good as Q8_0: the bigger file has no reason to win
+    s = choose(make_device(16 * GIB), make_profile(), tied, ModelConfig(), ladder_headers)
+    assert s.quant == "Q8_0"
+    assert next(c for c in s.candidates if c.quant == "F16").reason == "same quality as Q8_0, larger file"
+    swapped = _with_tie(ladder, (1, 0))  # and the other way round: still the smaller one
+    assert choose(make_device(16 * GIB), make_profile(), swapped, ModelConfig(), ladder_headers).quant == "Q8_0"
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(budget=st.integers(min_value=100 * MiB, max_value=1200 * MiB), extra=st.integers(0, 400 * MiB),
-       headroom=st.integers(0, 64 * MiB), bandwidth=st.one_of(st.none(), st.floats(1.0, 100.0)))
-def test_properties_fit_and_monotonic_quality(ladder, ladder_headers, budget, extra, headroom, bandwidth):
+       headroom=st.integers(0, 64 * MiB), bandwidth=st.one_of(st.none(), st.floats(1.0, 100.0)),
+       tie=st.one_of(st.none(), st.lists(st.integers(0, 6), min_size=2, max_size=2, unique=True)))
+def test_properties_fit_optimal_and_monotonic_quality(ladder, ladder_headers, budget, extra, headroom,
+                                                       bandwidth, tie):
+    manifest = _with_tie(ladder, tie)
     device = make_device(bandwidth=bandwidth)
     profile = make_profile(headroom=headroom, min_tps=5.0)
 
     def pick(memory):
         try:
-            return choose(device, profile, ladder, ModelConfig(), ladder_headers, memory_bytes=memory)
-        except SelectionError:
+            return choose(device, profile, manifest, ModelConfig(), ladder_headers, memory_bytes=memory)
+        except SelectionError as exc:
+            assert exc.code == "no_fit"
             return None
 
     small, large = pick(budget), pick(budget + extra)
+    for memory, chosen in ((budget, small), (budget + extra, large)):
+        fitting = _oracle_fitting(manifest, ladder_headers, device, profile, memory)
+        if chosen is None:
+            assert fitting == [], f"choose found nothing, yet {[v.quant for v in fitting]} fit"
+            continue
+        assert chosen.quant in {v.quant for v in fitting}
+        best = max(v.quality for v in fitting)
+        assert chosen.quality == best  # no fitting variant is better than the pick
+        assert chosen.size == min(v.size for v in fitting if v.quality == best)  # ties: smaller file
     if small is not None:
         assert small.estimate.ram_bytes <= budget - headroom  # never exceeds the budget
         assert large is not None and large.quality >= small.quality  # more memory, never worse
@@ -131,4 +189,4 @@ def test_properties_fit_and_monotonic_quality(ladder, ladder_headers, budget, ex
         too_big = [c for c in small.candidates if c.verdict == "rejected" and c.reason.startswith("needs")]
         for row in too_big:
             with pytest.raises(SelectionError):
-                choose(device, profile, ladder, ModelConfig(pin=row.quant), ladder_headers, memory_bytes=budget)
+                choose(device, profile, manifest, ModelConfig(pin=row.quant), ladder_headers, memory_bytes=budget)
