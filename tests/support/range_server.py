@@ -6,7 +6,9 @@ list), ``ignore_range`` (answer 200 with the whole file), ``stall_s`` (sleep bef
 body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer this code),
 ``send_etag`` (False: only Last-Modified validates If-Range), ``rate_bps`` (pace the
 body so a test can act mid-download). Counters show what was served; ``body_bytes`` counts only bytes the client
-took.
+took. ``served.responses`` has one entry per body sent, written when its handler is done (wait
+with ``wait_for_responses``): the range it started at, the bytes written, and whether the whole
+body went out or the client hung up first.
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ class Faults:
 
 
 @dataclass
+class Response:
+    name: str
+    status: int
+    start: int
+    sent: int  # body bytes written into the socket; a hung-up client ends it early
+    complete: bool
+
+
+@dataclass
 class Served:
     requests: int = 0
     body_bytes: int = 0
     bytes_by_path: dict[str, int] = field(default_factory=dict)
     ranges: list[str] = field(default_factory=list)
+    responses: list[Response] = field(default_factory=list)
 
 
 class RangeServer:
@@ -48,6 +60,7 @@ class RangeServer:
         self.faults = Faults()
         self.served = Served()
         self._lock = threading.Lock()
+        self._responded = threading.Condition(self._lock)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -118,6 +131,7 @@ class RangeServer:
                     if faults.drop_after:
                         drop = faults.drop_after.pop(0)
                 sent = 0
+                complete = False
                 with open(path, "rb") as f:
                     f.seek(start)
                     remaining = end - start + 1
@@ -138,12 +152,15 @@ class RangeServer:
                             break  # the client went away: count only what was delivered
                         sent += len(chunk)
                         remaining -= len(chunk)
+                        complete = remaining == 0
                         if faults.rate_bps:
                             time.sleep(len(chunk) / faults.rate_bps)
                 with server._lock:
                     server.served.body_bytes += sent
                     by_path = server.served.bytes_by_path
                     by_path[path.name] = by_path.get(path.name, 0) + sent
+                    server.served.responses.append(Response(path.name, status, start, sent, complete))
+                    server._responded.notify_all()
 
             def _write(self, data: bytes) -> bool:
                 try:
@@ -157,6 +174,13 @@ class RangeServer:
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def wait_for_responses(self, count: int, timeout: float = 30) -> list[Response]:
+        """The first ``count`` responses, once their handlers are done writing."""
+        with self._responded:
+            if not self._responded.wait_for(lambda: len(self.served.responses) >= count, timeout):
+                raise AssertionError(f"{len(self.served.responses)} of {count} responses finished")
+            return list(self.served.responses[:count])
 
     def start(self) -> "RangeServer":
         self._thread.start()
