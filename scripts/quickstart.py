@@ -1,12 +1,12 @@
 """The quickstart's orchestration (run through scripts/quickstart, which does setup first).
 
 Starts, in order: a broker (Mosquitto when installed, else edge-agent's embedded broker so
-nothing needs root), the fleet controller hosting the demo ladder, one agent whose manifest
-is the controller's, pinned to the controller's signing key as an install would; waits for
-the agent to come up ready, sends a prompt through the controller and prints the streamed
-answer, the dashboard URL and its login; then runs until Ctrl-C and stops everything in
-reverse order. All it writes is one run directory under the
-cache, removed on exit.
+nothing needs root; ``--broker embedded`` forces the latter), the fleet controller hosting
+the demo ladder, one agent whose manifest is the controller's, pinned to the controller's
+signing key as an install would; waits for the agent to come up ready, sends a prompt
+through the controller and prints the streamed answer, the dashboard URL and its login; then
+runs until Ctrl-C and stops everything in reverse order. All it writes is one run directory
+under the cache, removed on exit.
 """
 
 from __future__ import annotations
@@ -96,11 +96,15 @@ def port_open(port: int) -> bool:
         return False
 
 
-def start_broker(services: Services, run_dir: Path, port: int) -> str:
+def start_broker(services: Services, run_dir: Path, port: int, choice: str) -> str:
+    """``choice``: auto (Mosquitto when installed), mosquitto, or embedded."""
     mosquitto = shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
     )
-    if mosquitto:
+    if choice == "mosquitto" and not mosquitto:
+        raise RuntimeError("--broker mosquitto: mosquitto is not installed "
+                           "(apt-get install mosquitto)")
+    if mosquitto and choice != "embedded":
         conf = run_dir / "mosquitto.conf"
         # set_tcp_nodelay: streamed chunks are small packets; Nagle would hold each up to 40 ms.
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
@@ -108,7 +112,7 @@ def start_broker(services: Services, run_dir: Path, port: int) -> str:
         kind = "mosquitto"
     else:
         services.start("broker", [sys.executable, "-m", "agent.fleet.broker", "--port", str(port)])
-        kind = "embedded broker (mosquitto not installed)"
+        kind = "embedded broker" + (" (mosquitto not installed)" if choice == "auto" else "")
     wait_for("the broker", lambda: port_open(port), services, 15)
     return kind
 
@@ -131,6 +135,9 @@ def main() -> int:
         "EDGE_AGENT_LADDER", Path(os.environ.get("EDGE_AGENT_CACHE", Path.home() / ".cache/edge-agent")) / "ladder")))
     parser.add_argument("--http-port", type=int, default=8080, help="dashboard port (0: any free port)")
     parser.add_argument("--prompt", default=QUESTION)
+    # The embedded broker is what a newcomer without root gets; this runs that path anywhere.
+    parser.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
+                        help="auto: Mosquitto when installed, else the embedded broker")
     parser.add_argument("--exit-after-prompt", action="store_true",
                         help="stop everything after the first answer (for scripts and tests)")
     args = parser.parse_args()
@@ -153,7 +160,7 @@ def main() -> int:
         hosted = run_dir / "hosted"
         link_ladder(args.ladder, hosted)
 
-        kind = start_broker(services, run_dir, broker_port)
+        kind = start_broker(services, run_dir, broker_port, args.broker)
         say(f"broker: {kind} on 127.0.0.1:{broker_port}")
 
         fleet_config = run_dir / "fleet.yaml"
