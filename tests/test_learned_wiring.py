@@ -13,28 +13,35 @@ from tests.support.observer import Observers
 
 
 @pytest.mark.slow
-def test_a_real_load_is_learned_and_the_next_plan_uses_it(tmp_path: Path, broker, ladder_dir, ladder_manifest):
+def test_a_real_load_is_learned_and_the_next_plan_uses_it(tmp_path: Path, broker, ladder_dir,
+                                                          ladder_manifest):
     daemon = RunningDaemon(tmp_path / "daemon", broker, ladder_dir).start()
     observers = Observers(broker)
     try:
         wait_ready(daemon)
         # RunningDaemon pins Q4_K_M.
-        sha256 = next(v["sha256"] for v in ladder_manifest["models"][0]["variants"] if v["quant"] == "Q4_K_M")
+        variants = ladder_manifest["models"][0]["variants"]
+        sha256 = next(v["sha256"] for v in variants if v["quant"] == "Q4_K_M")
         # Read the file the daemon wrote, not through the module that wrote it.
-        stored = json.loads((tmp_path / "daemon" / "state" / "learned-memory.json").read_text())["entries"]
-        mine = {key: entry["ram_bytes"] for key, entry in stored.items() if key.startswith(f"{DEVICE}|{sha256}|")}
+        learned_file = tmp_path / "daemon" / "state" / "learned-memory.json"
+        stored = json.loads(learned_file.read_text())["entries"]
+        mine = {key: entry["ram_bytes"] for key, entry in stored.items()
+                if key.startswith(f"{DEVICE}|{sha256}|")}
         assert len(mine) == 1, stored  # one load, one settings key
         (key, measured), = mine.items()
         assert measured > 0
 
         observer = observers.connect(f"{BASE}/cmd/result")
-        observer.publish(f"{BASE}/cmd", json.dumps({"id": "plan", "op": "select", "args": {}}).encode())
-        result = json.loads(observer.wait_for(lambda m: json.loads(m.payload)["id"] == "plan", timeout=60).payload)
+        select = {"id": "plan", "op": "select", "args": {}}
+        observer.publish(f"{BASE}/cmd", json.dumps(select).encode())
+        answer = observer.wait_for(lambda m: json.loads(m.payload)["id"] == "plan", timeout=60)
+        result = json.loads(answer.payload)
         assert result["ok"], result
         selection = result["result"]
         assert selection["quant"] == "Q4_K_M" and selection["sha256"] == sha256
-        settings = (f"ctx={selection['n_ctx']},batch={selection['n_batch']},ubatch={selection['n_ubatch']},"
-                    f"kv={selection['kv_type']},gpu={selection['n_gpu_layers']},fa={int(selection['flash_attn'])}")
+        settings = (f"ctx={selection['n_ctx']},batch={selection['n_batch']},"
+                    f"ubatch={selection['n_ubatch']},kv={selection['kv_type']},"
+                    f"gpu={selection['n_gpu_layers']},fa={int(selection['flash_attn'])}")
         assert key == f"{DEVICE}|{sha256}|{settings}"  # the plan's settings are the learned ones
         estimate = selection["estimate"]
         # The learned figure is the measured growth plus the worker's own baseline; the raw

@@ -19,8 +19,8 @@ RESULTS = f"{BASE}/cmd/result"
 
 
 @pytest.mark.slow
-def test_prompts_during_a_swap_are_answered_once_each_by_a_named_model(tmp_path: Path, broker, ladder_dir,
-                                                                        ladder_manifest):
+def test_prompts_during_a_swap_are_answered_once_each_by_a_named_model(
+        tmp_path: Path, broker, ladder_dir, ladder_manifest):
     daemon = RunningDaemon(tmp_path / "daemon", broker, ladder_dir).start()
     observers = Observers(broker)
     try:
@@ -54,14 +54,16 @@ def test_prompts_during_a_swap_are_answered_once_each_by_a_named_model(tmp_path:
                 send()
 
         top_up()
-        observer.publish(f"{BASE}/cmd", json.dumps({"id": "swap", "op": "pin", "args": {"quant": NEW}}).encode())
+        pin = {"id": "swap", "op": "pin", "args": {"quant": NEW}}
+        observer.publish(f"{BASE}/cmd", json.dumps(pin).encode())
         sent_before_swap = len(sent)
         while swap_result() is None:  # every answer (or the swap's result) lets another prompt in
             seen = len(observer.messages)
             top_up()
             observer.wait_for(lambda m, n=seen: len(observer.messages) > n, timeout=120)
         result = swap_result()
-        assert result["ok"] and result["result"]["changed"] and result["result"]["quant"] == NEW, result
+        assert result["ok"], result
+        assert result["result"]["changed"] and result["result"]["quant"] == NEW, result
         sent_during_swap = len(sent) - sent_before_swap
         assert sent_during_swap >= 1, "no prompt was sent while the swap was in progress"
 
@@ -81,7 +83,8 @@ def test_prompts_during_a_swap_are_answered_once_each_by_a_named_model(tmp_path:
         quants = [f["model"]["quant"] for f in answered]
         # One model at a time, in arrival order: the old one until the switch, then the new one.
         switch = quants.index(NEW)
-        assert quants[:switch] == [OLD] * switch and quants[switch:] == [NEW] * (len(quants) - switch)
+        assert quants[:switch] == [OLD] * switch
+        assert quants[switch:] == [NEW] * (len(quants) - switch)
         assert switch >= 1, "the old model answered nothing"
         assert all(f["model"]["quant"] == NEW for f in answered if f["id"] in after_swap)
     finally:

@@ -140,7 +140,8 @@ def _with_tie(ladder, tie):
     variants = list(ladder.model().variants)
     first, second = tie
     variants[first] = msgspec.structs.replace(variants[first], quality=variants[second].quality)
-    return msgspec.structs.replace(ladder, models=[msgspec.structs.replace(ladder.model(), variants=variants)])
+    model = msgspec.structs.replace(ladder.model(), variants=variants)
+    return msgspec.structs.replace(ladder, models=[model])
 
 
 def test_ties_go_to_the_smaller_file(ladder, ladder_headers):
@@ -150,24 +151,27 @@ def test_ties_go_to_the_smaller_file(ladder, ladder_headers):
     tied = _with_tie(ladder, (0, 1))  # F16 as good as Q8_0: the bigger file has no reason to win
     s = choose(make_device(16 * GIB), make_profile(), tied, ModelConfig(), ladder_headers)
     assert s.quant == "Q8_0"
-    assert next(c for c in s.candidates if c.quant == "F16").reason == "same quality as Q8_0, larger file"
+    f16_row = next(c for c in s.candidates if c.quant == "F16")
+    assert f16_row.reason == "same quality as Q8_0, larger file"
     swapped = _with_tie(ladder, (1, 0))  # and the other way round: still the smaller one
-    assert choose(make_device(16 * GIB), make_profile(), swapped, ModelConfig(), ladder_headers).quant == "Q8_0"
+    s = choose(make_device(16 * GIB), make_profile(), swapped, ModelConfig(), ladder_headers)
+    assert s.quant == "Q8_0"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(budget=st.integers(min_value=100 * MiB, max_value=1200 * MiB), extra=st.integers(0, 400 * MiB),
        headroom=st.integers(0, 64 * MiB), bandwidth=st.one_of(st.none(), st.floats(1.0, 100.0)),
        tie=st.one_of(st.none(), st.lists(st.integers(0, 6), min_size=2, max_size=2, unique=True)))
-def test_properties_fit_optimal_and_monotonic_quality(ladder, ladder_headers, budget, extra, headroom,
-                                                       bandwidth, tie):
+def test_properties_fit_optimal_and_monotonic_quality(ladder, ladder_headers, budget, extra,
+                                                       headroom, bandwidth, tie):
     manifest = _with_tie(ladder, tie)
     device = make_device(bandwidth=bandwidth)
     profile = make_profile(headroom=headroom, min_tps=5.0)
 
     def pick(memory):
         try:
-            return choose(device, profile, manifest, ModelConfig(), ladder_headers, memory_bytes=memory)
+            return choose(device, profile, manifest, ModelConfig(), ladder_headers,
+                          memory_bytes=memory)
         except SelectionError as exc:
             assert exc.code == "no_fit"
             return None
@@ -181,7 +185,8 @@ def test_properties_fit_optimal_and_monotonic_quality(ladder, ladder_headers, bu
         assert chosen.quant in {v.quant for v in fitting}
         best = max(v.quality for v in fitting)
         assert chosen.quality == best  # no fitting variant is better than the pick
-        assert chosen.size == min(v.size for v in fitting if v.quality == best)  # ties: smaller file
+        # Ties go to the smaller file.
+        assert chosen.size == min(v.size for v in fitting if v.quality == best)
     if small is not None:
         assert small.estimate.ram_bytes <= budget - headroom  # never exceeds the budget
         assert large is not None and large.quality >= small.quality  # more memory, never worse
@@ -189,4 +194,5 @@ def test_properties_fit_optimal_and_monotonic_quality(ladder, ladder_headers, bu
         too_big = [c for c in small.candidates if c.verdict == "rejected" and c.reason.startswith("needs")]
         for row in too_big:
             with pytest.raises(SelectionError):
-                choose(device, profile, manifest, ModelConfig(pin=row.quant), ladder_headers, memory_bytes=budget)
+                choose(device, profile, manifest, ModelConfig(pin=row.quant), ladder_headers,
+                       memory_bytes=budget)

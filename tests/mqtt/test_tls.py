@@ -7,7 +7,6 @@ mutual TLS and answers a prompt."""
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import queue
 from dataclasses import dataclass
@@ -44,34 +43,38 @@ class CA:
         self.name = subject
         self.cert = (self._builder(subject, self.key.public_key())
                      .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                  content_commitment=False, key_encipherment=False,
-                                                  data_encipherment=False, key_agreement=False,
-                                                  encipher_only=False, decipher_only=False), critical=True)
+                     .add_extension(x509.KeyUsage(
+                         digital_signature=True, key_cert_sign=True, crl_sign=True,
+                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                         key_agreement=False, encipher_only=False, decipher_only=False),
+                         critical=True)
                      .sign(self.key, hashes.SHA256()))
         self.path = directory / f"{name}.crt"
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def _builder(self, subject: x509.Name, public_key) -> x509.CertificateBuilder:
         now = datetime.datetime.now(datetime.timezone.utc)
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(getattr(self, "name", subject))
+        issuer = getattr(self, "name", subject)  # the CA's own certificate issues itself
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
                 .public_key(public_key).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=1)))
 
-    def issue(self, common_name: str, *, dns: list[str] = (), ips: list[str] = (), client: bool = False) -> Issued:
+    def issue(self, common_name: str, *, dns: tuple[str, ...] = (), client: bool = False) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         builder = self._builder(subject, key.public_key()).add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client
                                    else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        names = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if dns:
+            names = x509.SubjectAlternativeName([x509.DNSName(d) for d in dns])
+            builder = builder.add_extension(names, critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
-        issued = Issued(self.directory / f"{common_name}.crt", self.directory / f"{common_name}.key")
+        issued = Issued(self.directory / f"{common_name}.crt",
+                        self.directory / f"{common_name}.key")
         issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        issued.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        issued.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()))
         issued.key.chmod(0o600)
         return issued
@@ -92,7 +95,7 @@ def tls_broker(tmp_path: Path):
     certs = tmp_path / "certs"
     ca, other_ca = CA(certs, "test-ca"), CA(certs / "other", "other-ca")
     # The broker's certificate names "localhost" only: 127.0.0.1 is a wrong host name for it.
-    server = ca.issue("broker", dns=["localhost"])
+    server = ca.issue("broker", dns=("localhost",))
     client = ca.issue(DEVICE, client=True)
     server_only, mutual = free_port(), free_port()
     listener = f"certfile {server.cert}\nkeyfile {server.key}\ncafile {ca.path}\n"
@@ -140,20 +143,22 @@ def _refusal(host: str, port: int, tls: TLSConfig) -> str:
 
 
 def test_verifies_the_broker_and_its_host_name(tls_broker: TLSBroker):
-    port = tls_broker.server_only_port
-    assert _connects("localhost", port, TLSConfig(enabled=True, ca_file=str(tls_broker.ca.path)))
-    wrong_ca = _refusal("localhost", port, TLSConfig(enabled=True, ca_file=str(tls_broker.other_ca.path)))
+    port, ca = tls_broker.server_only_port, str(tls_broker.ca.path)
+    assert _connects("localhost", port, TLSConfig(enabled=True, ca_file=ca))
+    wrong_ca = _refusal("localhost", port,
+                        TLSConfig(enabled=True, ca_file=str(tls_broker.other_ca.path)))
     assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca and "mismatch" not in wrong_ca
-    wrong_host = _refusal("127.0.0.1", port, TLSConfig(enabled=True, ca_file=str(tls_broker.ca.path)))
+    wrong_host = _refusal("127.0.0.1", port, TLSConfig(enabled=True, ca_file=ca))
     assert "CERTIFICATE_VERIFY_FAILED" in wrong_host and "mismatch" in wrong_host
     # verify: false is the explicit opt-out; it connects where the host name is wrong.
-    assert _connects("127.0.0.1", port, TLSConfig(enabled=True, ca_file=str(tls_broker.ca.path), verify=False))
+    assert _connects("127.0.0.1", port, TLSConfig(enabled=True, ca_file=ca, verify=False))
 
 
 def test_mutual_tls_needs_the_client_certificate(tls_broker: TLSBroker):
     port, ca = tls_broker.mutual_port, str(tls_broker.ca.path)
     client = tls_broker.client
-    assert _connects("localhost", port, TLSConfig(enabled=True, ca_file=ca, cert_file=str(client.cert),
+    assert _connects("localhost", port, TLSConfig(enabled=True, ca_file=ca,
+                                                  cert_file=str(client.cert),
                                                   key_file=str(client.key)))
     assert _refusal("localhost", port, TLSConfig(enabled=True, ca_file=ca))
     # TLS 1.3 finishes the client's handshake first, so the broker says why it closed.
@@ -171,8 +176,8 @@ def test_agent_over_mutual_tls_answers_a_prompt(tmp_path: Path, tls_broker: TLSB
     try:
         wait_ready(daemon)  # READY=1 only once MQTT is connected
         observer = observers.connect(f"{BASE}/reply/#")
-        observer.publish(f"{BASE}/prompt", json.dumps({"id": "tls-1", "prompt": "Hello", "max_tokens": 4,
-                                                       "stream": False}).encode())
+        prompt = {"id": "tls-1", "prompt": "Hello", "max_tokens": 4, "stream": False}
+        observer.publish(f"{BASE}/prompt", json.dumps(prompt).encode())
         final = wait_final(observer, f"{BASE}/reply/tls-1")
         assert "error" not in final and final["usage"]["completion_tokens"] >= 1, final
     finally:
