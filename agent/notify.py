@@ -3,16 +3,32 @@
 ``READY=1``, ``STATUS=<text>``, ``WATCHDOG=1``, ``STOPPING=1`` as described in sd_notify(3).
 Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op that returns False, so the daemon
 runs the same in a terminal. This module only sends; it decides nothing about when.
+
+A datagram is newline-separated assignments, so a STATUS text that carried a newline would
+smuggle its own commands (``WATCHDOG=trigger``, ``MAINPID=``). STATUS texts quote manifest
+names and error messages, so every one goes through :func:`status_text`: control and
+line-breaking characters become spaces and the length is bounded.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 from agent.log import get_logger
 
 log = get_logger(__name__)
+
+MAX_STATUS_CHARS = 400  # what `systemctl status` shows on a line or two
+# C0/C1 controls and what str.splitlines() would break at (U+2028/2029 …): one line only.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def status_text(text: str) -> str:
+    """``text`` as one bounded line, safe to send as ``STATUS=``."""
+    line = _UNSAFE.sub(" ", text[: MAX_STATUS_CHARS * 2])
+    return line if len(line) <= MAX_STATUS_CHARS else line[: MAX_STATUS_CHARS - 1] + "…"
 
 
 class Notifier:
@@ -45,16 +61,16 @@ class Notifier:
             return False
 
     def ready(self, status: str) -> bool:
-        return self.send("READY=1", f"STATUS={status}")
+        return self.send("READY=1", f"STATUS={status_text(status)}")
 
     def status(self, text: str) -> bool:
-        return self.send(f"STATUS={text}")
+        return self.send(f"STATUS={status_text(text)}")
 
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 
     def stopping(self, status: str = "stopping") -> bool:
-        return self.send("STOPPING=1", f"STATUS={status}")
+        return self.send("STOPPING=1", f"STATUS={status_text(status)}")
 
     def close(self) -> None:
         if self._socket is not None:
