@@ -21,6 +21,7 @@ for path in (REPO, REPO / "scripts"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import bench_auth  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_estimator  # noqa: E402
 import bench_fetch  # noqa: E402
@@ -75,6 +76,11 @@ def render_table(result: dict) -> str:
     at = fleet["at_max"] or {}
     lines.append(f"Fleet ingest at 1 telemetry msg/device/s, lag < 1 s: {fleet['max_devices']} devices "
                  f"(controller {at.get('controller_cpu_percent', '-')} % CPU, {at.get('controller_rss_mib', '-')} MiB RSS)")
+    auth = result["auth"]
+    lines.append(f"Public /api/health and /files p50 under {bench_auth.ATTACKERS} clients sending wrong tokens, "
+                 f"attacked/unloaded: " + ", ".join(
+                     f"{form} {max(row['ratio'].values()):.2f}" for form, row in auth["forms"].items())
+                 + f" (target ≤ {auth['target_ratio']})")
     return "\n".join(lines)
 
 
@@ -122,6 +128,8 @@ def main() -> int:
     result["fetch"] = bench_fetch.run(runs=3 if args.quick else 5)
     print("bench: fleet ingest …", file=sys.stderr, flush=True)
     result["fleet"] = bench_fleet.run(steps=[500, 1000, 2000] if args.quick else None)
+    print("bench: auth under attack …", file=sys.stderr, flush=True)
+    result["auth"] = bench_auth.run(requests=300 if args.quick else 1000)
     result["seconds"] = round(time.monotonic() - started, 1)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

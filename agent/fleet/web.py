@@ -76,6 +76,7 @@ HTTP_STATUS = {
 # Slow hash checks (logins, old-style token hashes) run one at a time in a worker thread; past
 # this many waiting, a caller is turned away at once, so neither the wait nor memory grows.
 SLOW_CHECKS_QUEUED = 8
+LIMITED_DELAY_S = 1.0  # a limited address waits this long for its 429
 EVENT_ID_MAX = 2**63 - 1  # SQLite's INTEGER
 
 
@@ -150,9 +151,12 @@ class FleetWeb:
     def _session(self, request: Request) -> Session | None:
         return self.auth.session(request.cookies.get(SESSION_COOKIE))
 
-    def _refuse_if_limited(self, host: str | None) -> None:
+    async def _refuse_if_limited(self, host: str | None) -> None:
         retry_after = self.failures.retry_after(host)
         if retry_after:
+            # A timer, not work: an attacker's tight loop of 429s would otherwise cost the loop
+            # as much as any request flood; this way each limited connection costs ~1 req/s.
+            await asyncio.sleep(LIMITED_DELAY_S)
             raise RateLimitedError(
                 f"too many failed logins or tokens from this address; retry in {retry_after} s",
                 retry_after_s=retry_after,
@@ -187,7 +191,7 @@ class FleetWeb:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             host = _client_host(request)
-            self._refuse_if_limited(host)
+            await self._refuse_if_limited(host)
             if await self._token_ok(token.strip()):
                 return None
             self._failed(host, "token")
@@ -300,7 +304,7 @@ class FleetWeb:
             return error_response(403, "csrf_failed", "login form expired; reload /login")
         secret = str(form.get("secret") or "")
         host = _client_host(request)
-        self._refuse_if_limited(host)
+        await self._refuse_if_limited(host)
         user = await self._slow_check(self.auth.check_login, secret)
         if user is None:
             log.warning("login_failed", client=host)
