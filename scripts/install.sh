@@ -73,6 +73,12 @@ done
 if [ -n "$device_id" ] && ! [[ "$device_id" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]]; then
   die "--device-id '$device_id': use letters, digits, '.', '_', '-' (at most 64)"
 fi
+# The contract's topic words (agent/mqtt/topics.py RESERVED_DEVICE_IDS): a device named `all`
+# would own edge/v1/all/cmd, which every device obeys, and one named `pool` the pool prompts.
+case "$device_id" in
+  all|pool|status|meta|telemetry|prompt|cmd|result|events|reply)
+    die "--device-id '$device_id' is a reserved topic word of the MQTT contract; choose another id" ;;
+esac
 if [ -n "$broker_host" ] && ! [[ "$broker_host" =~ ^[A-Za-z0-9.:-]+$ ]]; then
   die "--broker-host '$broker_host' is not a host name or address"
 fi

@@ -23,7 +23,9 @@ from tests.support.broker import free_port, mosquitto_binary
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO / "systemd" / "mosquitto"
-PASSWORDS = {"dev-a": "secret-a", "dev-b": "secret-b", "controller": "secret-ctl"}
+# `all` and `pool` are accounts an operator should never create; the ACL must hold if one does.
+PASSWORDS = {"dev-a": "secret-a", "dev-b": "secret-b", "controller": "secret-ctl",
+             "all": "secret-all", "pool": "secret-pool", "app-1": "secret-app"}
 
 
 def make_ca_and_broker_cert(directory: Path) -> None:
@@ -62,7 +64,13 @@ class AclBroker:
 
 
 @pytest.fixture
-def acl_broker(tmp_path: Path):
+def acl_text() -> str:
+    """The ACL the broker runs: the shipped example; a test module overrides this fixture."""
+    return (EXAMPLE_DIR / "edge-agent.acl").read_text()
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path, acl_text: str):
     if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
         pytest.skip("openssl and mosquitto_passwd are needed to run the broker example")
     work = tmp_path / "mosquitto"
@@ -72,7 +80,7 @@ def acl_broker(tmp_path: Path):
         create = ["-c"] if index == 0 else []
         subprocess.run(["mosquitto_passwd", *create, "-b", str(passwd), user, password],
                        check=True, capture_output=True, timeout=30)
-    shutil.copy(EXAMPLE_DIR / "edge-agent.acl", work / "edge-agent.acl")
+    (work / "edge-agent.acl").write_text(acl_text)
 
     broker = AclBroker(work, free_port(), free_port(), work / "certs" / "ca.crt")
     conf = (EXAMPLE_DIR / "edge-agent.conf").read_text()
@@ -113,6 +121,7 @@ class ReasonClient:
     acks: dict[int, list[ReasonCode]] = field(default_factory=dict)
     acked: threading.Condition = field(default_factory=threading.Condition)
     connect_reason: ReasonCode | None = None
+    seen: list[tuple[str, str]] = field(default_factory=list)  # what wait_for has read so far
 
     def _wait_ack(self, mid: int, timeout: float = 5.0) -> list[ReasonCode]:
         with self.acked:
@@ -140,6 +149,17 @@ class ReasonClient:
                 break
             got.append((message.topic, message.payload.decode()))
         return got
+
+    def wait_for(self, match, timeout: float = 60.0) -> tuple[str, str]:
+        """The first message for which ``match(topic, payload)`` holds; all seen are kept."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for topic, payload in self.seen:
+                if match(topic, payload):
+                    return topic, payload
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing matched within {timeout} s; got {self.seen[-10:]}")
+            self.seen += self.received(within_s=0.2)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -188,3 +208,30 @@ def connect_as(acl_broker: AclBroker):
     yield connect
     for wrapper in clients:
         wrapper.close()
+
+
+@pytest.fixture
+def agent_as(acl_broker: AclBroker, tmp_path: Path, ladder_dir: Path):
+    """``agent_as(device_id, **mqtt)`` -> a real `edge-agent run` logged in as ``device_id``
+    over the example's TLS listener (host name verified against the test CA), READY."""
+    from types import SimpleNamespace
+
+    from tests.support.daemon import RunningDaemon, wait_ready
+
+    agents: list[RunningDaemon] = []
+
+    def start(device_id: str, **mqtt_settings) -> RunningDaemon:
+        work = tmp_path / f"agent-{device_id}"
+        work.mkdir()
+        (work / "mqtt-password").write_text(PASSWORDS[device_id])
+        endpoint = SimpleNamespace(host="localhost", port=acl_broker.tls_port)
+        agent = RunningDaemon(work, endpoint, ladder_dir, device_id=device_id, mqtt={
+            "tls": {"enabled": True, "ca_file": str(acl_broker.ca_file)},
+            "password_file": str(work / "mqtt-password"), **mqtt_settings})
+        agents.append(agent.start())
+        wait_ready(agent)  # READY=1 comes only once the broker took the connection
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 NOT_AUTHORIZED = 0x87
 
 
@@ -63,17 +65,80 @@ def test_device_cannot_read_another_devices_prompts(connect_as) -> None:
     assert all("for-a" in payload for _, payload in got)
 
 
-def test_pool_and_broadcast_reach_devices_and_only_the_controller_sends_them(connect_as) -> None:
+def test_broadcast_reaches_devices_and_only_the_controller_sends_it(connect_as) -> None:
     device = connect_as("dev-a")
     controller = connect_as("controller")
-    assert not device.subscribe("$share/p1/edge/v1/pool/p1/prompt").is_failure
     assert not device.subscribe("edge/v1/all/cmd").is_failure
-    assert controller.publish("edge/v1/pool/p1/prompt", '{"id": "pool"}') == 0
     assert controller.publish("edge/v1/all/cmd", '{"id": "all", "op": "rebirth"}') == 0
-    topics = [topic for topic, _ in device.received()]
-    assert sorted(topics) == ["edge/v1/all/cmd", "edge/v1/pool/p1/prompt"]
+    assert [topic for topic, _ in device.received()] == ["edge/v1/all/cmd"]
     # The controller writes prompts and commands, never a device's state.
     assert controller.publish("edge/v1/dev-a/status", '{"state": "ready"}') == NOT_AUTHORIZED
+
+
+def test_pool_prompts_reach_no_device_under_the_pattern_acl(connect_as) -> None:
+    # A pattern cannot say which pool a device is in: pools need the generated ACL
+    # (tests/service/test_generated_acl.py). Before, every device read every pool's prompts.
+    device = connect_as("dev-a")
+    controller = connect_as("controller")
+    for topic in ("$share/p1/edge/v1/pool/p1/prompt", "edge/v1/pool/p1/prompt", "edge/v1/pool/#"):
+        device.subscribe(topic)
+    assert controller.publish("edge/v1/pool/p1/prompt", '{"id": "pool"}') == 0
+    assert device.received() == []
+    assert device.publish("edge/v1/pool/p1/prompt", '{"id": "evil"}') == NOT_AUTHORIZED
+
+
+@pytest.mark.parametrize(("account", "topic"), [
+    ("all", "edge/v1/all/cmd"),  # every device obeys it
+    ("pool", "edge/v1/pool/p1/prompt"),
+    ("pool", "edge/v1/pool/reply/prompt"),  # a pool named like a topic word of the contract
+    ("all", "edge/v1/all/status"),
+])
+def test_accounts_named_after_topic_words_write_nothing(connect_as, account, topic) -> None:
+    intruder = connect_as(account)
+    controller = connect_as("controller")
+    assert intruder.connect_reason == 0
+    assert not controller.subscribe("edge/v1/#").is_failure
+    assert intruder.publish(topic, '{"id": "evil", "op": "drain"}') == NOT_AUTHORIZED
+    assert [t for t, payload in controller.received(within_s=0.5) if "evil" in payload] == []
+
+
+def test_a_real_agent_under_the_shipped_acl_works_and_a_second_device_is_denied(
+        connect_as, agent_as) -> None:
+    controller = connect_as("controller")
+    assert not controller.subscribe("edge/v1/#").is_failure
+    intruder = connect_as("dev-b")
+    for topic in ("edge/v1/dev-a/prompt", "edge/v1/dev-a/cmd", "edge/v1/+/prompt"):
+        intruder.subscribe(topic)
+    agent = agent_as("dev-a")
+    # Status (retained, after its subscriptions) reaches the controller through the ACL ...
+    controller.wait_for(lambda t, p: t == "edge/v1/dev-a/status"
+                        and json.loads(p)["state"] in ("ready", "busy"))
+    controller.wait_for(lambda t, p: t == "edge/v1/dev-a/meta")
+    # ... a prompt from the controller's account is answered on the device's reply topic ...
+    prompt = {"id": "p-acl", "prompt": "Say hi", "max_tokens": 3, "temperature": 0,
+              "reply_to": "edge/v1/dev-a/reply/p-acl"}
+    assert controller.publish("edge/v1/dev-a/prompt", json.dumps(prompt)) == 0
+    _, final = controller.wait_for(lambda t, p: t == "edge/v1/dev-a/reply/p-acl"
+                                   and json.loads(p).get("done"))
+    assert "usage" in json.loads(final) and "error" not in json.loads(final)
+    # ... and so is a command (cmd/result is writable, cmd readable).
+    assert controller.publish("edge/v1/dev-a/cmd", '{"id": "c-acl", "op": "rebirth"}') == 0
+    controller.wait_for(lambda t, p: t == "edge/v1/dev-a/cmd/result"
+                        and json.loads(p)["id"] == "c-acl" and json.loads(p)["ok"])
+    # A second device reads none of it and cannot command the first.
+    assert intruder.received(within_s=0.5) == []
+    evil_cmd, evil_prompt = '{"id": "c-evil", "op": "drain"}', '{"id": "p-evil", "prompt": "x"}'
+    assert intruder.publish("edge/v1/dev-a/cmd", evil_cmd) == NOT_AUTHORIZED
+    assert intruder.publish("edge/v1/dev-a/prompt", evil_prompt) == NOT_AUTHORIZED
+    # An account named `all` cannot command the whole fleet: the agent never sees it.
+    broadcast = '{"id": "c-all", "op": "drain"}'
+    assert connect_as("all").publish("edge/v1/all/cmd", broadcast) == NOT_AUTHORIZED
+    assert controller.publish("edge/v1/dev-a/cmd", '{"id": "c-after", "op": "resume"}') == 0
+    controller.wait_for(lambda t, p: t == "edge/v1/dev-a/cmd/result"
+                        and json.loads(p)["id"] == "c-after")
+    results = [json.loads(p)["id"] for t, p in controller.seen if t == "edge/v1/dev-a/cmd/result"]
+    assert "c-evil" not in results and "c-all" not in results
+    assert agent.process.poll() is None
 
 
 def test_wrong_password_and_anonymous_are_refused(connect_as) -> None:

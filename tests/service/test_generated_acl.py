@@ -1,0 +1,102 @@
+"""The ACL that `edge-agent fleet acl --inventory` generates, on the shipped broker example (real
+mosquitto, TLS, passwords) with a real agent under it: pool membership is an ACL rule, and an
+account the inventory does not list, such as `all` or `pool`, may do nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NOT_AUTHORIZED = 0x87
+EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
+INVENTORY = """\
+controllers: [controller]
+applications: [app-1]
+devices:
+  - {id: dev-a, pool: kitchen}
+  - {id: dev-b, pool: hall}
+"""
+
+
+def fleet_acl(tmp_path: Path, inventory: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "devices.yaml"
+    path.write_text(inventory)
+    return subprocess.run([EDGE_AGENT, "fleet", "acl", "--inventory", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def acl_text(tmp_path: Path) -> str:
+    """Overrides tests/service/conftest.py: the broker runs the generated ACL."""
+    generated = fleet_acl(tmp_path, INVENTORY)
+    assert generated.returncode == 0, generated.stderr
+    # Nothing is granted to unlisted accounts: no `pattern` line.
+    assert not [line for line in generated.stdout.splitlines() if line.startswith("pattern")]
+    return generated.stdout
+
+
+def test_a_real_agent_in_a_pool_works_and_other_devices_and_pools_are_denied(
+        connect_as, agent_as) -> None:
+    controller = connect_as("controller")
+    assert not controller.subscribe("edge/v1/#").is_failure
+    snooper = connect_as("dev-b")  # a device of another pool
+    for topic in ("edge/v1/pool/kitchen/prompt", "edge/v1/pool/+/prompt", "edge/v1/dev-a/prompt",
+                  "edge/v1/dev-a/cmd"):
+        snooper.subscribe(topic)
+    agent_as("dev-a", pool="kitchen")
+    controller.wait_for(lambda t, p: t == "edge/v1/dev-a/status"
+                        and json.loads(p)["state"] in ("ready", "busy"))
+
+    def ask(sender, topic: str, request_id: str) -> dict:
+        body = {"id": request_id, "prompt": "Say hi", "max_tokens": 3, "temperature": 0}
+        assert sender.publish(topic, json.dumps(body)) == 0
+        _, final = controller.wait_for(lambda t, p: t == f"edge/v1/dev-a/reply/{request_id}"
+                                       and json.loads(p).get("done"))
+        return json.loads(final)
+
+    # Its own prompt, and its pool's prompt through $share/kitchen/..., from the controller.
+    assert "usage" in ask(controller, "edge/v1/dev-a/prompt", "direct")
+    assert "usage" in ask(controller, "edge/v1/pool/kitchen/prompt", "pooled")
+    # An application sends a pool prompt too and reads the answer on the default reply topic.
+    app = connect_as("app-1")
+    assert not app.subscribe("edge/v1/+/reply/#").is_failure
+    assert "usage" in ask(app, "edge/v1/pool/kitchen/prompt", "from-app")
+    app.wait_for(lambda t, p: t == "edge/v1/dev-a/reply/from-app" and json.loads(p).get("done"))
+    assert app.publish("edge/v1/dev-a/cmd", '{"id": "c-app", "op": "drain"}') == NOT_AUTHORIZED
+
+    # The device of pool `hall` read none of it, and cannot write into pool `kitchen` or dev-a.
+    assert snooper.received(within_s=0.5) == []
+    assert snooper.publish("edge/v1/pool/kitchen/prompt", '{"id": "evil"}') == NOT_AUTHORIZED
+    assert snooper.publish("edge/v1/dev-a/cmd", '{"id": "evil", "op": "drain"}') == NOT_AUTHORIZED
+
+
+@pytest.mark.parametrize(("account", "topic"), [
+    ("all", "edge/v1/all/cmd"), ("pool", "edge/v1/pool/kitchen/prompt"), ("all", "edge/v1/all/status"),
+])
+def test_accounts_the_inventory_does_not_list_may_do_nothing(connect_as, account, topic) -> None:
+    intruder = connect_as(account)  # it has a password: the ACL alone must stop it
+    device = connect_as("dev-a")
+    assert intruder.connect_reason == 0
+    assert not device.subscribe("edge/v1/all/cmd").is_failure
+    assert not device.subscribe("$share/kitchen/edge/v1/pool/kitchen/prompt").is_failure
+    assert intruder.publish(topic, '{"id": "evil", "op": "drain"}') == NOT_AUTHORIZED
+    assert device.received(within_s=0.5) == []
+
+
+@pytest.mark.parametrize(("inventory", "message"), [
+    ("devices: [all]\n", "devices[0].id: 'all' is a reserved topic word"),
+    ("devices: [{id: pool}]\n", "devices[0].id: 'pool' is a reserved topic word"),
+    ("devices: [dev-a, dev-a]\n", "devices[1].id: 'dev-a' is already devices[0].id"),
+    ("devices: ['a b']\n", "devices[0].id: 'a b': use letters"),
+    ("devices: [{id: x, pool: 'k#'}]\n", "devices[0].pool"),
+    ("controllers: [dev-a]\ndevices: [dev-a]\n", "already controllers[0]"),
+    ("devices: [x]\ncolour: red\n", "unknown field `colour`"),
+])
+def test_the_generator_refuses_a_bad_inventory(tmp_path: Path, inventory: str, message: str) -> None:
+    result = fleet_acl(tmp_path, inventory)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "config_invalid" in result.stderr and message in result.stderr
