@@ -314,8 +314,11 @@ class FleetIngestConfig(_Section):
     # coalesced to the latest per device instead): sustained rate and burst, in messages.
     device_rate_per_s: float = 10.0
     device_burst: int = 100
-    # Telemetry, events and cmd/results waiting for the writer; past it new ones are dropped.
+    # Telemetry, events and cmd/results waiting for the writer (also the most devices with a
+    # status or meta waiting); past it new ones are dropped. queue_max_bytes bounds the payload
+    # bytes of everything waiting, status and meta included.
     queue_max: int = 50_000
+    queue_max_bytes: int = 64 * 1024 * 1024
     events_per_device: int = 1000  # the newest are kept; older ones are deleted at once
 
     def __post_init__(self) -> None:

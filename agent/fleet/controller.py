@@ -35,7 +35,7 @@ from agent.config import FleetConfig, default_state_dir, read_secret
 from agent.errors import RequestError
 from agent.fleet.hosting import ControllerKey
 from agent.fleet import schemas
-from agent.fleet.ingest import Ingest
+from agent.fleet.ingest import Ingest, topic_kind
 from agent.fleet.registry import BatchOutcome, Registry
 from agent.fleet.rollout import RolloutManager
 from agent.log import get_logger
@@ -62,11 +62,11 @@ class _InboxRouter:
         self.prefix = prefix
 
     def put(self, item: Inbound | ConnectionChange) -> None:
-        if isinstance(item, Inbound):
-            split = device_of(item.topic, self.prefix)
-            if split is not None and split[1] in BULK_KINDS:
-                self.ingest.offer(item.topic, item.payload)
-                return
+        # By the topic's shape, not its device id: ingest also counts the ones whose id cannot
+        # be a device (``all``, ``pool``…), which must not reach the dispatch queue either.
+        if isinstance(item, Inbound) and topic_kind(item.topic, self.prefix) in BULK_KINDS:
+            self.ingest.offer(item.topic, item.payload)
+            return
         self.dispatch.put(item)
 
 

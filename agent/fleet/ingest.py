@@ -18,7 +18,10 @@ What one device can cost, and the overflow policy (``FleetIngestConfig``):
 - telemetry, events and cmd/result pass a token bucket per device (``device_rate_per_s``,
   ``device_burst``; the table forgets the least recently seen past ``MAX_BUCKETS``), then
   one bounded queue (``queue_max``): past it, new messages are dropped;
-- a message that fails its schema is dropped at the writer.
+- everything waiting holds at most ``queue_max_bytes`` of payload: past it, new messages of
+  any kind are dropped, so a burst of large messages from many ids cannot exhaust memory;
+- a message that fails its schema is dropped at the writer; one whose topic level cannot be
+  a device id (``all``, ``pool``, the other contract words) is dropped at once.
 
 Every drop is counted by reason (``edge_fleet_ingest_dropped_total``) and noted against its
 device, which gets a flag on its row and a throttled ``rejected_input`` event (the
@@ -50,7 +53,7 @@ COALESCED = frozenset({"status", "meta"})
 STATUS_KEPT = 4
 MAX_BUCKETS = 100_000  # devices with a rate bucket; past it the least recently seen is forgotten
 MAX_NOTED = 10_000  # devices with rejections waiting for the writer; past it only counted
-DROP_REASONS = ("too_large", "rate_limited", "queue_full", "bad_request")
+DROP_REASONS = ("too_large", "rate_limited", "queue_full", "bad_request", "bad_device_id")
 PRUNE_EVERY_S = 60.0
 LAG_WINDOW_S = 10.0
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
@@ -82,6 +85,15 @@ class IngestStats:
         since = time.time() - window_s
         ages = self.recent_queue_ages if queue_only else self.recent_ages
         return max((age for at, age in list(ages) if at >= since), default=0.0)
+
+
+def topic_kind(topic: str, prefix: str) -> str | None:
+    """``status``, ``meta``, … of ``<prefix>/<id>/<kind>``, whatever the id; else None."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return None
+    _, _, kind = topic[len(head) :].partition("/")
+    return kind or None
 
 
 class TokenBuckets:
@@ -138,6 +150,7 @@ class Ingest:
         self._statuses: dict[str, deque[tuple[bytes, float]]] = {}
         self._metas: dict[str, tuple[bytes, float]] = {}
         self._records: deque[tuple[str, str, bytes, float]] = deque()
+        self._queued_bytes = 0
         self._noted: dict[str, dict[tuple[str, str], list]] = {}  # id -> (kind, code) -> [n, why]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -145,20 +158,27 @@ class Ingest:
 
     def offer(self, topic: str, payload: bytes) -> bool:
         """Queue a device message within its device's limits; False when not queued."""
-        split = device_of(topic, self.prefix)
-        if split is None or split[1] not in KINDS:
+        if topic_kind(topic, self.prefix) not in KINDS:
             return False
-        device_id, kind = split
+        split = device_of(topic, self.prefix)
         now = time.time()
         with self._lock:
             self.stats.received += 1
+            if split is None:  # a reserved word or no id at all: there is no row to flag
+                self.stats.dropped["bad_device_id"] += 1
+                return False
+            device_id, kind = split
             if len(payload) > self.max_bytes[kind]:
                 return self._drop(device_id, kind, "too_large",
                                   f"{len(payload)} bytes, over the {self.max_bytes[kind]} "
                                   f"bytes a {kind} message may have")
+            if self._queued_bytes + len(payload) > self.limits.queue_max_bytes:
+                return self._drop(device_id, kind, "queue_full", "the ingest queue is full")
             if kind == "meta":
                 self.stats.coalesced += device_id in self._metas
                 if device_id in self._metas or len(self._metas) < self.limits.queue_max:
+                    replaced = self._metas.get(device_id)
+                    self._queued_bytes += len(payload) - (len(replaced[0]) if replaced else 0)
                     self._metas[device_id] = (payload, now)
                     return True
                 return self._drop(device_id, kind, "queue_full", "the ingest queue is full")
@@ -168,8 +188,11 @@ class Ingest:
                     if len(self._statuses) >= self.limits.queue_max:
                         return self._drop(device_id, kind, "queue_full", "the ingest queue is full")
                     kept = self._statuses[device_id] = deque(maxlen=STATUS_KEPT)
-                self.stats.coalesced += len(kept) == STATUS_KEPT
+                if len(kept) == STATUS_KEPT:
+                    self.stats.coalesced += 1
+                    self._queued_bytes -= len(kept[0][0])
                 kept.append((payload, now))
+                self._queued_bytes += len(payload)
                 return True
             if not self._buckets.take(device_id, now):
                 return self._drop(device_id, kind, "rate_limited",
@@ -178,6 +201,7 @@ class Ingest:
             if len(self._records) >= self.limits.queue_max:
                 return self._drop(device_id, kind, "queue_full", "the ingest queue is full")
             self._records.append((kind, device_id, payload, now))
+            self._queued_bytes += len(payload)
         return True
 
     def _drop(self, device_id: str, kind: str, code: str, reason: str) -> bool:
@@ -227,6 +251,7 @@ class Ingest:
             metas, self._metas = self._metas, {}
             records, self._records = self._records, deque()
             noted, self._noted = self._noted, {}
+            self._queued_bytes = 0
         raw = [("status", d, p, at) for d, kept in statuses.items() for p, at in kept]
         raw += [("meta", d, p, at) for d, (p, at) in metas.items()]
         raw += records

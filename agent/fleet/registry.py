@@ -296,7 +296,9 @@ class Registry:
         """Hold events written before these bounds to them too: drop oversize bodies, trim
         each device to its cap, and learn the per-device counts that later trims use."""
         with self._write_lock:
-            self._writer.execute("DELETE FROM events WHERE length(body) > ?", (self.event_max_bytes,))
+            self._writer.execute(
+                "DELETE FROM events WHERE length(body) > ?", (self.event_max_bytes,)
+            )
             counts = self._writer.execute(
                 "SELECT device_id, COUNT(*) FROM events GROUP BY device_id"
             ).fetchall()

@@ -64,6 +64,7 @@ def _check_everyone_else_works(url: str, credentials, good: list[str], bad: list
         listing = api.get("/api/devices")
         assert listing.status_code == 200, listing.text[-2000:]
         rows = {row["id"]: row for row in listing.json()["devices"]}
+        assert "all" not in rows
         for device in good:
             assert rows[device]["model"] == "smollm2-135m-instruct" and rows[device]["quant"]
             assert rows[device]["problem"] is None
@@ -91,6 +92,7 @@ def test_a_bad_meta_degrades_only_its_own_row_also_after_a_restart(
         assert service.controller.mqtt.wait_connected(10)
         good = [d.id for d in sim(3, interval_s=0.3).devices]
         _publish(broker, "edge/v1/bad-1/meta", BAD_META, retain=True)
+        _publish(broker, "edge/v1/all/meta", BAD_META, retain=True)  # a reserved word as id
         registry = service.controller.registry
         wait_for(
             lambda: "bad-1" in registry.devices

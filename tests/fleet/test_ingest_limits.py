@@ -61,7 +61,8 @@ def agent_meta(device: DeviceInfo) -> dict:
 FULL_DEVICE = DeviceInfo(
     cpu=CPUInfo(vendor="ARM", model="Cortex-A76", arch="aarch64", physical_cores=4,
                 logical_cores=4, flags=["neon", "dotprod"],
-                clusters=[CPUCluster(cpus=[0, 1, 2, 3], max_mhz=2400.0, part="Cortex-A76", count=4)]),
+                clusters=[CPUCluster(cpus=[0, 1, 2, 3], max_mhz=2400.0, part="Cortex-A76",
+                                     count=4)]),
     memory=MemoryInfo(total_bytes=8 << 30, available_bytes=6 << 30, cgroup_limit_bytes=4 << 30,
                       budget_bytes=4 << 30),
     gpus=[GPUInfo(vendor="jetson", name="Orin", vram_total_bytes=None, unified_memory=True,
@@ -88,9 +89,11 @@ def test_what_the_agent_and_the_simulator_send_is_accepted(device):
     ("kind", "body", "field"),
     [
         ("meta", {"probe": {"cpu": "a string"}}, "meta.probe.cpu"),
-        ("meta", {"selection": {"candidates": [{"quant": 7}]}}, "meta.selection.candidates[0].quant"),
+        ("meta", {"selection": {"candidates": [{"quant": 7}]}},
+         "meta.selection.candidates[0].quant"),
         ("meta", {"pool": "p" * 1000}, "meta.pool"),
-        ("status", {"state": "ready", "session": 2**70, "ts": 1.0, "version": "1"}, "status.session"),
+        ("status", {"state": "ready", "session": 2**70, "ts": 1.0, "version": "1"},
+         "status.session"),
         ("status", {"state": "exploded", "session": 1, "ts": 1.0, "version": "1"}, "status.state"),
         ("telemetry", {"decode_tps": True}, "telemetry.decode_tps"),
         ("telemetry", {"ts": 1e300}, "telemetry.ts"),
@@ -110,7 +113,8 @@ def test_garbage_is_refused_with_the_field_named(kind, body, field):
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=30,
 )
 KEYS = st.sampled_from(["probe", "cpu", "selection", "candidates", "state", "session", "ts", "mem",
@@ -136,7 +140,8 @@ def test_any_json_is_accepted_or_refused_with_bad_request_and_never_breaks_a_row
 
 
 def good_status(session: int, state: str = "ready") -> bytes:
-    return json.dumps({"state": state, "session": session, "ts": time.time(), "version": "1"}).encode()
+    body = {"state": state, "session": session, "ts": time.time(), "version": "1"}
+    return json.dumps(body).encode()
 
 
 def telemetry(**extra) -> bytes:
@@ -250,3 +255,20 @@ def test_a_device_clock_far_off_cannot_dodge_retention_or_skew_the_lag(tmp_path)
     assert ingest.stats.last_age_s < 60
     assert ingest.registry.events("d")[0]["ts"] < time.time() + 1
     assert ingest.registry.prune(now=time.time() + 40 * 86400) >= 2
+
+
+def test_reserved_ids_and_a_byte_flood_from_many_ids_are_dropped_before_queueing(tmp_path):
+    ingest = make_ingest(tmp_path, queue_max_bytes=10_000)
+    for word in ("all", "pool", "$SYS", "status"):
+        assert not ingest.offer(f"edge/v1/{word}/meta", b'{"probe": {"cpu": "a string"}}')
+    assert ingest.stats.dropped["bad_device_id"] == 4
+    meta = json.dumps({"pool": "p", "pad": "x" * 3000}).encode()
+    accepted = [ingest.offer(f"edge/v1/d{i}/meta", meta) for i in range(10)]
+    assert accepted == [True] * 3 + [False] * 7 and ingest.stats.dropped["queue_full"] == 7
+    ingest.flush()
+    devices = ingest.registry.devices
+    assert devices["d2"].meta["pool"] == "p" and not devices["d2"].problems
+    assert set(devices) == {f"d{i}" for i in range(10)}  # the dropped ones still get a flagged row
+    assert "queue_full" in devices["d9"].problems["meta"] and devices["d9"].meta == {}
+    assert ingest.offer("edge/v1/d9/meta", meta)  # the queue emptied with the flush
+
