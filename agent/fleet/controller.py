@@ -41,7 +41,7 @@ from agent.fleet.rollout import RolloutManager
 from agent.log import get_logger
 from agent.mqtt import payloads
 from agent.mqtt.client import ConnectionChange, Inbound, MQTTClient
-from agent.mqtt.topics import DeviceTopics, device_of, is_valid_level
+from agent.mqtt.topics import DeviceTopics, device_id_problem, device_of
 
 log = get_logger(__name__)
 
@@ -220,8 +220,10 @@ class FleetController:
     # --- outbound ------------------------------------------------------------------------
 
     def _topics(self, device_id: str) -> DeviceTopics:
-        if not is_valid_level(device_id):
-            raise RequestError(f"device: {device_id!r} is not a valid device id", field="device")
+        # `all` or `pool` here would address the whole fleet or a pool through a device's API.
+        problem = device_id_problem(device_id)
+        if problem:
+            raise RequestError(f"device: {device_id[:128]!r}: {problem}", field="device")
         return DeviceTopics(device_id, self.prefix)
 
     def send_command(
