@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -219,14 +221,42 @@ print(ModelStore(sys.argv[2], fetch=FetchConfig(read_timeout_s=10)).ensure(selec
 def test_two_processes_ensuring_one_file_download_it_once(tmp_path, range_server):
     payload = write_payload(tmp_path, "model.gguf", 4 * MiB)
     selection = selection_for(payload, [served_file(range_server, payload)])
-    # The body waits, so the second process arrives while the first holds the lock.
-    range_server.faults.stall_s = 2.0
+    # The body is held until the second process says it waits for the lock the first holds.
+    release = threading.Event()
+    range_server.faults.hold = release
     argv = [sys.executable, "-c", CONCURRENT_ENSURE,
             msgspec.json.encode(selection).decode(), str(tmp_path / "store")]
 
-    processes = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
-    results = [p.communicate(timeout=60) for p in processes]
+    def ensure() -> subprocess.Popen:
+        return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    try:
+        first = ensure()
+        deadline = time.monotonic() + 30
+        while range_server.served.requests == 0:  # the first is inside the lock, downloading
+            assert time.monotonic() < deadline and first.poll() is None, "the first never asked"
+            time.sleep(0.01)
+        second = ensure()
+        second_err: list[str] = []
+        lock_waited = threading.Event()
+
+        def read_second() -> None:
+            for line in second.stderr:
+                second_err.append(line)
+                if "fetch_lock_wait" in line:
+                    lock_waited.set()
+
+        reader = threading.Thread(target=read_second)
+        reader.start()
+        assert lock_waited.wait(30), "the second process never waited for the lock"
+    finally:
+        release.set()
+    processes = [first, second]
+    first_result = first.communicate(timeout=60)
+    second.wait(60)
+    reader.join(10)
+    results = [first_result, (second.stdout.read(), "".join(second_err))]
 
     assert [p.returncode for p in processes] == [0, 0], results
     assert {out.strip() for out, _ in results} == {str(tmp_path / "store" / "model.gguf")}

@@ -5,7 +5,8 @@ Faults are set per test on ``server.faults`` and apply to every GET:
 list), ``ignore_range`` (answer 200 with the whole file), ``stall_s`` (sleep before the
 body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer this code),
 ``send_etag`` (False: only Last-Modified validates If-Range), ``rate_bps`` (pace the
-body so a test can act mid-download). Counters show what was served; ``body_bytes`` counts only bytes the client
+body so a test can act mid-download), ``hold`` (an Event: each body waits until it is set, so
+a test knows a client is mid-request for as long as it needs). Counters show what was served; ``body_bytes`` counts only bytes the client
 took. ``served.responses`` has one entry per body sent, written when its handler is done (wait
 with ``wait_for_responses``): the range it started at, the bytes written, and whether the whole
 body went out or the client hung up first.
@@ -34,6 +35,7 @@ class Faults:
     status: int | None = None
     send_etag: bool = True
     rate_bps: float | None = None  # pace the body, so a test can act mid-download
+    hold: threading.Event | None = None  # bodies wait until it is set
 
 
 @dataclass
@@ -126,6 +128,8 @@ class RangeServer:
                     return
                 if faults.stall_s:
                     time.sleep(faults.stall_s)
+                if faults.hold is not None:
+                    faults.hold.wait(60)
                 drop = None
                 with server._lock:
                     if faults.drop_after:
