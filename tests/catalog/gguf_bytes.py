@@ -65,10 +65,10 @@ class Header:
     version: int = 3
     alignment: int = 32
 
-    def encode(self) -> bytes:
+    def encode(self, *, pad: bool = True) -> bytes:
         body = (b"GGUF" + struct.pack("<IQQ", self.version, len(self.tensors), len(self.entries))
                 + b"".join(e.encode() for e in self.entries) + b"".join(t.encode() for t in self.tensors))
-        return body + b"\0" * (-len(body) % self.alignment)
+        return body + b"\0" * (-len(body) % self.alignment if pad else 0)
 
     def file(self, tensor_bytes: int = 0) -> bytes:
         """Header plus ``tensor_bytes`` of zero tensor data."""
