@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,22 +37,40 @@ def test_variant_file_matches_manifest(ladder_dir: Path, ladder_manifest: dict, 
 
 
 GENERATE = """
-import sys, llama_cpp
+import json, sys, llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=2, verbose=False)
 out = llm("The capital of France is", max_tokens=8, temperature=0.0)
-print(out["choices"][0]["text"])
+print(json.dumps({"text": out["choices"][0]["text"], "finish": out["choices"][0]["finish_reason"],
+                  "tokens": out["usage"]["completion_tokens"],
+                  "retokenized": len(llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False))}))
 """
 
 
-@pytest.mark.parametrize("quant", LADDER)
-def test_variant_loads_and_generates(ladder_model, quant: str) -> None:
+def generate(path: Path) -> dict:
     # A fresh process per variant: a native crash must fail this test, not the run.
-    result = subprocess.run(
-        [sys.executable, "-c", GENERATE, str(ladder_model(quant))],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = subprocess.run([sys.executable, "-c", GENERATE, str(path)],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip(), "the model produced no text"
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(ladder_model) -> dict:
+    return generate(ladder_model("F16"))
+
+
+@pytest.mark.parametrize("quant", LADDER)
+def test_variant_loads_and_generates(ladder_model, ladder_manifest: dict, reference: dict,
+                                     quant: str) -> None:
+    out = generate(ladder_model(quant))
+    # Tokens really came out of the model: the text is as long as the count it reports, within
+    # the budget (retokenizing may merge a token or two at the seams).
+    assert out["finish"] in ("length", "stop") and 1 <= out["tokens"] <= 8, out
+    assert out["text"].strip() and abs(out["retokenized"] - out["tokens"]) <= 2, out
+    # The oracle is the F16: a variant its measured quality puts close to it starts the same way.
+    quality = next(v["quality"] for v in ladder_manifest["models"][0]["variants"] if v["quant"] == quant)
+    if quality >= 0.9:
+        assert out["text"].split()[0] == reference["text"].split()[0], (out, reference)
 
 
 def test_llama_build_has_no_amx_path() -> None:
