@@ -134,12 +134,14 @@ def _oracle_fitting(ladder, headers, device, profile, memory):
 
 
 def _with_tie(ladder, tie):
-    """The ladder with variant ``tie[0]`` given the quality of ``tie[1]`` (None: unchanged)."""
+    """The ladder with variants ``tie[0]`` and ``tie[1]`` both at the top quality, so they tie
+    for the pick whenever both fit (None: unchanged)."""
     if tie is None:
         return ladder
     variants = list(ladder.model().variants)
-    first, second = tie
-    variants[first] = msgspec.structs.replace(variants[first], quality=variants[second].quality)
+    top = max(v.quality for v in variants)
+    for index in tie:
+        variants[index] = msgspec.structs.replace(variants[index], quality=top)
     model = msgspec.structs.replace(ladder.model(), variants=variants)
     return msgspec.structs.replace(ladder, models=[model])
 
@@ -148,14 +150,14 @@ def test_ties_go_to_the_smaller_file(ladder, ladder_headers):
     variants = ladder.model().variants
     f16, q8 = variants[0], variants[1]
     assert (f16.quant, q8.quant) == ("F16", "Q8_0") and q8.size < f16.size
-    tied = _with_tie(ladder, (0, 1))  # F16 as good as Q8_0: the bigger file has no reason to win
+    tied = _with_tie(ladder, (0, 1))  # Q8_0 as good as F16: the bigger file has no reason to win
     s = choose(make_device(16 * GIB), make_profile(), tied, ModelConfig(), ladder_headers)
     assert s.quant == "Q8_0"
     f16_row = next(c for c in s.candidates if c.quant == "F16")
     assert f16_row.reason == "same quality as Q8_0, larger file"
-    swapped = _with_tie(ladder, (1, 0))  # and the other way round: still the smaller one
-    s = choose(make_device(16 * GIB), make_profile(), swapped, ModelConfig(), ladder_headers)
-    assert s.quant == "Q8_0"
+    s = choose(make_device(16 * GIB), make_profile(), _with_tie(ladder, (1, 6)), ModelConfig(),
+               ladder_headers)
+    assert s.quant == "Q2_K"  # the smallest file wins a tie at the top
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
