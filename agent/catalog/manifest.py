@@ -203,6 +203,8 @@ def _key_path(error: msgspec.ValidationError) -> str:
     text = str(error)
     if len(text) > 400:
         text = text[:200] + " … " + text[-200:]
+    # ... and does not escape it: a key with a newline would split log and STATUS lines.
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     message, marker, where = text.partition(" - at `$")
     if not marker:
         return text
@@ -222,14 +224,16 @@ def _yaml_problem(exc: Exception) -> str:
 def parse_manifest(text: str | bytes, source: str | None = None) -> Manifest:
     """Validate a manifest document (pure). ``source`` is kept to resolve bare files."""
     label = source or "manifest"
+    # JSON first: YAML 1.1 is not quite a superset (it reads the JSON number 1e-05 as a
+    # string), and a JSON document is the common case (manifest build, the controller).
     try:
-        # JSON is YAML, so one parser reads both. ValueError: yaml's int() of a 5,000-digit
-        # number and its datetime() of "2024-13-45" raise it past yaml's own error tree.
-        data = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 (a SafeLoader subclass)
-    except (yaml.YAMLError, ValueError, OverflowError) as exc:
+        data = json.loads(text)
+    except (ValueError, TypeError, RecursionError):
         try:
-            data = json.loads(text)
-        except (ValueError, TypeError, RecursionError):
+            # ValueError: yaml's int() of a 5,000-digit number and its datetime() of
+            # "2024-13-45" raise it past yaml's own error tree.
+            data = yaml.load(text, Loader=_ManifestLoader)  # noqa: S506 (a SafeLoader subclass)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:
             raise ManifestError(f"{label}: neither valid YAML nor JSON: {_yaml_problem(exc)}",
                                 source=label) from None
     if not isinstance(data, dict):
