@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "bench": "prefill/decode tok/s, TTFT and peak RSS per variant",
     "run": "the device daemon (systemd ExecStart)",
     "fleet": "fleet controller, dashboard and its API client",
+    "manifest": "build a manifest from your GGUF files, check one, or sign one",
 }
 
 

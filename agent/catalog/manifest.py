@@ -81,6 +81,9 @@ class Variant(_Strict, kw_only=True):
     sha256: str
     urls: list[str] = []  # empty: next to the manifest (same directory or URL prefix)
     quality: float  # higher is better, 1.0 = the reference (e.g. exp(-mean KL vs F16))
+    # measured: exp(-mean KL) against the model's highest-precision variant; prior: the
+    # per-quant figure of agent.catalog.build.QUANT_PRIORS; None: the writer did not say.
+    quality_source: Literal["measured", "prior"] | None = None
     requires: Requires = msgspec.field(default_factory=Requires)
 
 

@@ -15,9 +15,10 @@ import sys
 
 import msgspec
 
+from agent.catalog.manifest import load_manifest
 from agent.catalog.select import format_bytes, plan_selection
 from agent.catalog.selection import Selection
-from agent.config import load_config
+from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
 from agent.log import configure_logging
 
@@ -60,13 +61,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="which model of the manifest (default: the first)")
 
 
-def render(selection: Selection, explain: bool) -> str:
+def quality_sources(selection: Selection, config: AgentConfig) -> dict[str, str]:
+    """quant -> where its quality figure came from (measured, prior, or '-' when the manifest
+    does not say); read from the manifest again, which the Selection does not carry."""
+    if selection.manifest_url is None:
+        return {}
+    model = load_manifest(selection.manifest_url, config.signing).model(selection.model_id)
+    return {v.quant: v.quality_source or "-" for v in model.variants}
+
+
+def render(selection: Selection, explain: bool, sources: dict[str, str] | None = None) -> str:
+    sources = sources or {}
     est = selection.estimate
     ram = est.learned_ram_bytes or est.ram_bytes
     lines = [
         f"model      {selection.model_id}",
         f"variant    {selection.quant}  ({selection.file}, {format_bytes(selection.size)}, "
-        f"quality {selection.quality:.4f})",
+        f"quality {selection.quality:.4f}"
+        + (f" {sources[selection.quant]}" if selection.quant in sources else "") + ")",
         f"settings   n_ctx {selection.n_ctx}, KV {selection.kv_type}, GPU layers {selection.n_gpu_layers}, "
         f"threads {selection.n_threads}, batch {selection.n_batch}, flash_attn {selection.flash_attn}",
         f"memory     needs {format_bytes(ram)} RAM"
@@ -82,14 +94,14 @@ def render(selection: Selection, explain: bool) -> str:
         f"profile    {selection.profile}",
     ]
     if explain:
-        header = f"{'quant':8} {'quality':>7} {'n_ctx':>6} {'KV':5} {'gpu':>3} {'RAM':>10} {'VRAM':>9} " \
+        header = f"{'quant':8} {'quality':>7} {'source':8} {'n_ctx':>6} {'KV':5} {'gpu':>3} {'RAM':>10} {'VRAM':>9} " \
                  f"{'tok/s':>7}  {'verdict':9} reason"
         lines += ["", header, "-" * len(header)]
         for c in selection.candidates:
             need = c.estimate.learned_ram_bytes or c.estimate.ram_bytes
             tps = f"{c.predicted_tokens_per_s:.1f}" if c.predicted_tokens_per_s else "-"
             lines.append(
-                f"{c.quant:8} {c.quality:7.4f} {c.n_ctx or '-':>6} {c.kv_type:5} {c.n_gpu_layers:>3} "
+                f"{c.quant:8} {c.quality:7.4f} {sources.get(c.quant, '-'):8} {c.n_ctx or '-':>6} {c.kv_type:5} {c.n_gpu_layers:>3} "
                 f"{format_bytes(need) if need else '-':>10} "
                 f"{format_bytes(c.estimate.vram_bytes) if c.estimate.vram_bytes else '-':>9} "
                 f"{tps:>7}  {c.verdict:9} {c.reason}"
@@ -116,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(msgspec.json.encode(selection).decode() + "\n")
     else:
-        print(render(selection, args.explain))
+        print(render(selection, args.explain,
+                     quality_sources(selection, config) if args.explain else None))
     return 0

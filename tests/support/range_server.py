@@ -6,7 +6,8 @@ list), ``ignore_range`` (answer 200 with the whole file), ``stall_s`` (sleep bef
 body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer this code),
 ``send_etag`` (False: only Last-Modified validates If-Range), ``rate_bps`` (pace the
 body so a test can act mid-download), ``hold`` (an Event: each body waits until it is set, so
-a test knows a client is mid-request for as long as it needs). Counters show what was served; ``body_bytes`` counts only bytes the client
+a test knows a client is mid-request for as long as it needs), ``linked`` (send Hugging Face's
+``X-Linked-Size`` and ``X-Linked-Etag: "<sha256>"`` of an LFS file). Counters show what was served; ``body_bytes`` counts only bytes the client
 took. ``served.responses`` has one entry per body sent, written when its handler is done (wait
 with ``wait_for_responses``): the range it started at, the bytes written, and whether the whole
 body went out or the client hung up first.
@@ -36,6 +37,7 @@ class Faults:
     send_etag: bool = True
     rate_bps: float | None = None  # pace the body, so a test can act mid-download
     hold: threading.Event | None = None  # bodies wait until it is set
+    linked: bool = False  # X-Linked-Size / X-Linked-Etag (sha256), as a Hugging Face resolve URL
 
 
 @dataclass
@@ -63,6 +65,7 @@ class RangeServer:
         self.served = Served()
         self._lock = threading.Lock()
         self._responded = threading.Condition(self._lock)
+        self._sha256: dict[tuple[Path, int, int], str] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -121,6 +124,9 @@ class RangeServer:
                     self.send_header("ETag", etag)
                 self.send_header("Last-Modified", last_modified)
                 self.send_header("Accept-Ranges", "bytes")
+                if faults.linked:
+                    self.send_header("X-Linked-Size", str(size))
+                    self.send_header("X-Linked-Etag", f'"{server.sha256_of(path)}"')
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.end_headers()
@@ -178,6 +184,21 @@ class RangeServer:
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def sha256_of(self, path: Path) -> str:
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            known = self._sha256.get(key)
+        if known is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            known = digest.hexdigest()
+            with self._lock:
+                self._sha256[key] = known
+        return known
 
     def wait_for_responses(self, count: int, timeout: float = 30) -> list[Response]:
         """The first ``count`` responses, once their handlers are done writing."""
