@@ -1,4 +1,4 @@
-"""``edge-agent manifest build|check|sign`` end to end on real ladder files and a real Range server."""
+"""``edge-agent manifest build|check|sign`` end to end: real ladder files, a real Range server."""
 
 from __future__ import annotations
 

@@ -34,7 +34,6 @@ import msgspec
 from agent.catalog.gguf import GGML_TYPES, GGUFInfo, read_gguf_file, read_gguf_url
 from agent.catalog.manifest import (
     Manifest,
-    ModelEntry,
     Variant,
     is_url,
     parse_manifest,
@@ -226,7 +225,8 @@ def stream_sha256(url: str, progress: Progress | None = None) -> tuple[int, str]
     done = 0
     name = _url_file_name(url)
     try:
-        with urllib.request.urlopen(urllib.request.Request(url), timeout=HTTP_TIMEOUT_S) as response:
+        request = urllib.request.Request(url, headers={"Accept-Encoding": "identity"})
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
             total = int(response.headers.get("Content-Length") or 0)
             while chunk := response.read(CHUNK_BYTES):
                 digest.update(chunk)
@@ -236,6 +236,8 @@ def stream_sha256(url: str, progress: Progress | None = None) -> tuple[int, str]
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise FetchError(f"{shown(url, 200)}: cannot read: {reason}", url=url) from exc
+    if total and done != total:  # a cut connection would hash a prefix
+        raise FetchError(f"{shown(url, 200)}: {done} of {total} bytes arrived", url=url)
     return done, digest.hexdigest()
 
 
@@ -286,7 +288,8 @@ def model_id_of(facts: FileFacts) -> str:
     return slug[:128] or facts.architecture
 
 
-def _group_key(facts: FileFacts) -> tuple[str, str, int]:
+def group_key(facts: FileFacts) -> tuple[str, str, int]:
+    """Files of one model share general.name, architecture and parameter count."""
     return (facts.name, facts.architecture, facts.parameters)
 
 
@@ -317,10 +320,11 @@ def build_manifest(
                 variant.pop("requires")
     groups: dict[tuple[str, str, int], list[FileFacts]] = {}
     for facts in files:
-        groups.setdefault(_group_key(facts), []).append(facts)
+        groups.setdefault(group_key(facts), []).append(facts)
     if model_id and len(groups) > 1:
         names = ", ".join(sorted({f.name for f in files}))
-        raise ManifestError(f"--model-id names one model, the files hold {len(groups)}: {shown(names, 200)}")
+        raise ManifestError(
+            f"--model-id names one model, the files hold {len(groups)}: {shown(names, 200)}")
     for group in groups.values():
         mid = model_id or model_id_of(group[0])
         model = models.setdefault(mid, {"id": mid, "family": group[0].architecture, "variants": []})
@@ -377,7 +381,7 @@ class Problem(msgspec.Struct, kw_only=True):
     message: str
 
 
-def check_location(manifest: Manifest, variant: Variant, location: str) -> list[tuple[str, str]]:
+def check_location(variant: Variant, location: str) -> list[tuple[str, str]]:
     """(code, message) for what is wrong with one mirror of a variant; [] when all is well.
 
     A URL costs a HEAD and the header's Range reads; size and sha256 are compared where the
@@ -408,7 +412,8 @@ def check_location(manifest: Manifest, variant: Variant, location: str) -> list[
     except GGUFError as exc:
         return problems + [(exc.code, exc.message)]
     if quant != variant.quant:
-        problems.append((ManifestError.code, f"the header says {quant}, the manifest says {variant.quant}"))
+        problems.append((ManifestError.code,
+                         f"the header says {quant}, the manifest says {variant.quant}"))
     return problems
 
 
@@ -420,9 +425,10 @@ def check_variants(manifest: Manifest) -> list[Problem]:
             locations = variant_locations(manifest, variant)
             if not locations:
                 found.append(Problem(model=model.id, quant=variant.quant, location=None,
-                                     code=ManifestError.code, message="no urls and no manifest location"))
+                                     code=ManifestError.code,
+                                     message="no urls and no manifest location"))
             for location in locations:
-                for code, message in check_location(manifest, variant, location):
+                for code, message in check_location(variant, location):
                     found.append(Problem(model=model.id, quant=variant.quant, location=location,
                                          code=code, message=message))
     return found

@@ -30,14 +30,19 @@ HELP = "build a manifest from your GGUF files, check one, or sign one"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("build", help="write a manifest for GGUF files, directories or URLs")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="GGUF file, directory or http(s) URL")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="GGUF file, directory or http(s) URL")
     p.add_argument("-o", "--output", default="manifest.json",
-                   help="manifest to write; an existing one is merged into (default: manifest.json)")
+                   help="manifest to write; an existing one is merged into "
+                   "(default: manifest.json)")
     p.add_argument("--model-id", help="model id for all the files (default: from general.name)")
-    p.add_argument("--url-base", help="mirror URL prefix for local files (default: next to the manifest)")
+    p.add_argument("--url-base",
+                   help="mirror URL prefix for local files (default: next to the manifest)")
     p.add_argument("--measure-quality", action="store_true",
-                   help="measure exp(-mean KL) against the highest-precision variant (runs llama.cpp)")
-    p.add_argument("--text", type=Path, help="text to measure quality on (default: the shipped one)")
+                   help="measure exp(-mean KL) against the highest-precision variant "
+                   "(runs llama.cpp)")
+    p.add_argument("--text", type=Path,
+                   help="text to measure quality on (default: the shipped one)")
     p = sub.add_parser("check", help="validate a manifest, its signature and every mirror")
     p.add_argument("manifest", help="manifest path or http(s) URL")
     p.add_argument("--config", help="agent config file whose signing section applies")
@@ -91,8 +96,10 @@ def _build(args: argparse.Namespace) -> int:
 def _measure(files: list[build.FileFacts], existing: Manifest | None,
              text_path: Path | None) -> dict[str, float]:
     """sha256 -> quality for every local file of every model, against its best precision.
-    A file already measured in ``existing`` (same sha256) is not measured again."""
-    from agent.runtime.quality import measure_quality
+    A file already measured in ``existing`` (same sha256) is not measured again, unless the
+    reference is new (a higher precision joined the folder): figures against another
+    reference would not compare."""
+    from agent.runtime.quality import Measurement, measure_quality
 
     done = {v.sha256 for m in (existing.models if existing else []) for v in m.variants
             if v.quality_source == "measured"}
@@ -100,22 +107,24 @@ def _measure(files: list[build.FileFacts], existing: Manifest | None,
     measured: dict[str, float] = {}
     groups: dict[tuple[str, str, int], list[build.FileFacts]] = {}
     for facts in files:
-        groups.setdefault((facts.name, facts.architecture, facts.parameters), []).append(facts)
+        groups.setdefault(build.group_key(facts), []).append(facts)
     for group in groups.values():
         if any(build.is_url(f.location) for f in group):
             raise ManifestError("--measure-quality needs local files (llama.cpp loads them)")
         reference = max(group, key=lambda f: build.precision_rank(f.quant, f.bits_per_weight))
-        todo = [f for f in group if f.sha256 not in done]
+        todo = [f for f in group if f.sha256 not in done or reference.sha256 not in done]
         if not todo:
             continue
         print(f"measuring {len(todo)} variants against {reference.quant}", file=sys.stderr)
 
-        def shown(m, _todo=todo) -> None:
-            quant = next(f.quant for f in _todo if f.location == m.path)
-            print(f"  {quant:8} mean KL {m.mean_kl:.6f}  quality {m.quality:.4f}", file=sys.stderr)
+        quants = {f.location: f.quant for f in todo}
+
+        def report(m: Measurement) -> None:  # called before the loop moves on
+            print(f"  {quants[m.path]:8} mean KL {m.mean_kl:.6f}  quality {m.quality:.4f}",
+                  file=sys.stderr)
 
         results = measure_quality(Path(reference.location), [Path(f.location) for f in todo], text,
-                                  progress=shown)
+                                  progress=report)
         for facts, result in zip(todo, results):
             measured[facts.sha256] = result.quality
     return measured
@@ -142,7 +151,8 @@ def _check(args: argparse.Namespace) -> int:
         try:
             load_manifest(source, signing)
         except SignatureError as exc:
-            problems.append(build.Problem(model=None, quant=None, location=source + SIGNATURE_SUFFIX,
+            problems.append(build.Problem(model=None, quant=None,
+                                          location=source + SIGNATURE_SUFFIX,
                                           code=exc.code, message=exc.message))
     else:
         print("signature not checked: give --public-key or --config", file=sys.stderr)

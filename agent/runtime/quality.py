@@ -97,7 +97,8 @@ def _child(argv: list[str]) -> int:
     import numpy as np
 
     parser = argparse.ArgumentParser(prog="python -m agent.runtime.quality")
-    parser.add_argument("--fd", type=int, required=True, help="write one JSON line per variant here")
+    parser.add_argument("--fd", type=int, required=True,
+                        help="write one JSON line per variant here")
     parser.add_argument("--text", required=True)
     parser.add_argument("reference")
     parser.add_argument("candidates", nargs="+")
@@ -112,8 +113,9 @@ def _child(argv: list[str]) -> int:
     for path in args.candidates:
         candidate = reference if path == args.reference else _log_probs(llama_cpp, np, path, tokens)
         kl = float((np.exp(reference) * (reference - candidate)).sum(axis=1).mean())
-        out.write(json.dumps({"path": path, "mean_kl": round(kl, 6),
-                              "quality": round(float(np.exp(-kl)), 4), "tokens": len(tokens)}) + "\n")
+        result = {"path": path, "mean_kl": round(kl, 6), "quality": round(float(np.exp(-kl)), 4),
+                  "tokens": len(tokens)}
+        out.write(json.dumps(result) + "\n")
         out.flush()
     return 0
 

@@ -41,7 +41,8 @@ def test_folder_build_matches_the_ladder_manifest(tmp_path: Path, ladder_dir: Pa
     (model,) = document["models"]
     assert model["family"] == "llama"
     expected = ladder_variants(ladder_manifest)
-    assert {v["file"] for v in model["variants"]} == {f"smollm2-135m-instruct.{q}.gguf" for q in SMALL}
+    files = {f"smollm2-135m-instruct.{q}.gguf" for q in SMALL}
+    assert {v["file"] for v in model["variants"]} == files
     for variant in model["variants"]:
         ladder = expected[variant["file"]]
         assert (variant["quant"], variant["size"], variant["sha256"]) == \
