@@ -93,3 +93,21 @@ def test_measure_quality_on_two_variants_and_rerun_keeps_it(tmp_path: Path, ladd
     again = {v["quant"]: v for v in json.loads(manifest.read_text())["models"][0]["variants"]}
     assert {q: again[q] for q in SMALL} == variants
     assert again["Q4_K_M"]["quality_source"] == "prior"
+
+
+def test_select_explain_shows_where_quality_came_from(tmp_path: Path, ladder_dir: Path,
+                                                     capsys) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    link_into(folder, ladder_dir / "smollm2-135m-instruct.Q2_K.gguf")
+    manifest = folder / "manifest.json"  # files without urls are looked for beside it
+    assert main(["manifest", "build", str(folder), "-o", str(manifest)]) == 0
+    config = tmp_path / "agent.yaml"
+    config.write_text("signing:\n  allow_unsigned: true\n")
+    capsys.readouterr()
+    assert main(["select", "--config", str(config), "--manifest", str(manifest), "--explain",
+                 "--memory", "4GiB", "--headroom", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "quality 0." in out and "prior)" in out.splitlines()[1]  # the variant line
+    (row,) = [line for line in out.splitlines() if line.startswith("Q2_K ")]
+    assert row.split()[2] == "prior"

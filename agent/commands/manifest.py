@@ -85,6 +85,12 @@ def _build(args: argparse.Namespace) -> int:
     document = build.build_manifest(files, existing, model_id=args.model_id, url_base=args.url_base,
                                     measured=measured)
     build.write_manifest(document, output)
+    apart = [f.file for f in files if not build.is_url(f.location) and not args.url_base
+             and Path(os.path.abspath(f.location)).parent != Path(os.path.abspath(output)).parent]
+    if apart:
+        print(f"note: {len(apart)} files (e.g. {apart[0]}) are not beside {output}, where devices "
+              "look for a variant without urls: give --url-base, or write the manifest into "
+              "their folder", file=sys.stderr)
     for model in document["models"]:
         for v in model["variants"]:
             print(f"{model['id']:24} {v['quant']:8} {v['quality']:.4f} "
