@@ -10,6 +10,7 @@ import pytest
 from agent.catalog.build import (
     QUANT_PRIORS,
     build_manifest,
+    check_variants,
     expand_sources,
     inspect,
     prior_quality,
@@ -89,6 +90,31 @@ def test_urls_with_linked_etag_are_not_downloaded(range_server, ladder_dir: Path
             (ladder["size"], ladder["sha256"], [url])
         # Only the header's Range windows travelled: far less than the file.
         assert range_server.served.bytes_by_path[variant["file"]] < ladder["size"] // 10
+
+
+def test_resolve_urls_redirecting_with_linked_etag_are_not_downloaded(
+        range_server, ladder_dir: Path, ladder_manifest: dict) -> None:
+    # Hugging Face states the sha256 on the resolve URL's redirect, not on the CDN's answer.
+    range_server.faults.resolve_redirect = True
+    name = "smollm2-135m-instruct.Q2_K.gguf"
+    link_into(range_server.root, ladder_dir / name)
+    url = f"{range_server.url}/resolve/{name}"
+    (variant,) = build_manifest([inspect(url)])["models"][0]["variants"]
+    ladder = ladder_variants(ladder_manifest)[name]
+    assert (variant["sha256"], variant["size"], variant["urls"]) == \
+        (ladder["sha256"], ladder["size"], [url])
+    assert range_server.served.bytes_by_path[name] < ladder["size"] // 10
+
+
+def test_check_finds_a_header_that_is_another_quant(tmp_path: Path, ladder_dir: Path) -> None:
+    folder = folder_of(tmp_path, ladder_dir, ["Q2_K"])
+    document = build_manifest([inspect(s) for s in expand_sources([str(folder)])])
+    document["models"][0]["variants"][0]["quant"] = "Q4_K_M"  # what a misnamed file claims
+    (folder / "manifest.json").write_text(json.dumps(document))
+    manifest = parse_manifest(json.dumps(document), str(folder / "manifest.json"))
+    (problem,) = check_variants(manifest)
+    assert (problem.quant, problem.code) == ("Q4_K_M", "manifest_invalid")
+    assert "Q2_K" in problem.message
 
 
 def test_urls_without_linked_etag_are_streamed_once(range_server, ladder_dir: Path,

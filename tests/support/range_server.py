@@ -7,7 +7,9 @@ body), ``corrupt_at`` (flip one byte at that file offset), ``status`` (answer th
 ``send_etag`` (False: only Last-Modified validates If-Range), ``rate_bps`` (pace the
 body so a test can act mid-download), ``hold`` (an Event: each body waits until it is set, so
 a test knows a client is mid-request for as long as it needs), ``linked`` (send Hugging Face's
-``X-Linked-Size`` and ``X-Linked-Etag: "<sha256>"`` of an LFS file). Counters show what was served; ``body_bytes`` counts only bytes the client
+``X-Linked-Size`` and ``X-Linked-Etag: "<sha256>"`` of an LFS file), ``resolve_redirect`` (answer
+``/resolve/<name>`` with a 302 to ``/<name>`` that alone carries the X-Linked headers, as
+Hugging Face's resolve URLs redirect to its CDN). Counters show what was served; ``body_bytes`` counts only bytes the client
 took. ``served.responses`` has one entry per body sent, written when its handler is done (wait
 with ``wait_for_responses``): the range it started at, the bytes written, and whether the whole
 body went out or the client hung up first.
@@ -38,6 +40,7 @@ class Faults:
     rate_bps: float | None = None  # pace the body, so a test can act mid-download
     hold: threading.Event | None = None  # bodies wait until it is set
     linked: bool = False  # X-Linked-Size / X-Linked-Etag (sha256), as a Hugging Face resolve URL
+    resolve_redirect: bool = False  # /resolve/<name>: 302 to /<name>, X-Linked-* on the 302 only
 
 
 @dataclass
@@ -93,9 +96,20 @@ class RangeServer:
                 # Contained by name, not by where a link points: link_into exposes files on
                 # another filesystem (a tmpfs TMPDIR, the ladder in $HOME) as symlinks.
                 name = urllib.parse.unquote(self.path.lstrip("/").split("?")[0])
+                redirect = faults.resolve_redirect and name.startswith("resolve/")
+                if redirect:
+                    name = name.removeprefix("resolve/")
                 path = Path(os.path.normpath(server.root / name))
                 if server.root not in path.parents or not path.is_file():
                     self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if redirect:
+                    self.send_response(302)
+                    self.send_header("Location", f"/{name}")
+                    self.send_header("X-Linked-Size", str(path.stat().st_size))
+                    self.send_header("X-Linked-Etag", f'"{server.sha256_of(path)}"')
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
