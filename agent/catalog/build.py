@@ -197,8 +197,9 @@ def head(url: str) -> RemoteFacts:
             response = _opener.open(request, timeout=HTTP_TIMEOUT_S)
             status, headers = response.status, response.headers
             response.close()
-        except urllib.error.HTTPError as exc:
+        except urllib.error.HTTPError as exc:  # 4xx/5xx, and the 3xx this opener leaves to us
             status, headers = exc.code, exc.headers
+            exc.close()
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise FetchError(f"{shown(url, 200)}: unreachable: {reason}", url=url) from exc
