@@ -43,8 +43,10 @@ KEY_FILE_BYTES = 128  # base64 of 32 bytes and a newline; more is not a key file
 class ControllerKey:
     """The controller's Ed25519 manifest-signing key, kept in one file of mode 0600.
 
-    ``load_or_create`` creates the file with O_EXCL, so two controllers starting together on
-    one state directory end up with one key, and an existing key is never overwritten: every
+    ``load_or_create`` writes a new key to a temporary file beside it and hard-links that into
+    place, so the key file appears complete or not at all: two controllers starting together
+    on one state directory end up with one key (the loser of the link reads the winner's), a
+    crash mid-creation leaves no key file, and an existing key is never overwritten: every
     device pins it at install, and a new key would orphan the fleet."""
 
     def __init__(self, private_key: str, path: Path, *, created: bool) -> None:
@@ -58,16 +60,22 @@ class ControllerKey:
     def load_or_create(cls, path: str | Path) -> "ControllerKey":
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
+        if path.exists() or path.is_symlink():
             return cls(_read_key(path), path, created=False)
         private, _ = generate_keypair()
-        with os.fdopen(fd, "w") as out:
-            out.write(private + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(private + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(temp, path)  # atomic, and unlike rename it never replaces a key
+            except FileExistsError:
+                return cls(_read_key(path), path, created=False)
+        finally:
+            os.unlink(temp)
+        _fsync_dir(path.parent)
         return cls(private, path, created=True)
 
     @classmethod
@@ -77,6 +85,15 @@ class ControllerKey:
 
     def sign(self, data: bytes) -> str:
         return sign_manifest(data, self._private)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new directory entry survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_key(path: Path) -> str:

@@ -11,6 +11,7 @@ import json
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import httpx
 import pytest
 
 from agent.catalog.signing import verify_manifest
+from agent.errors import ConfigError
+from agent.fleet.hosting import ControllerKey
 from agent.fleet.service import FleetService
 from tests.fleet.conftest import make_config
 from tests.support.daemon import BASE, RunningDaemon, wait_ready
@@ -78,6 +81,43 @@ def test_controller_key_is_made_once_kept_private_and_reused(tmp_path, broker) -
     with pytest.raises(Exception, match="chmod 600"):
         FleetService(config)
     assert key_file.read_bytes() == written
+
+
+RACE = """
+import sys, time
+from agent.fleet.hosting import ControllerKey
+start = float(sys.argv[2])
+while time.time() < start:  # every process reaches load_or_create at the same instant
+    pass
+print(ControllerKey.load_or_create(sys.argv[1]).public_key)
+"""
+
+
+def test_controllers_starting_together_end_with_one_key_they_agree_on(tmp_path) -> None:
+    for attempt in range(5):  # the window is short: several rounds, each a fresh state dir
+        key_file = tmp_path / str(attempt) / "signing.key"
+        start = time.time() + 1.5  # after every interpreter has imported
+        racers = [
+            subprocess.Popen([sys.executable, "-c", RACE, str(key_file), str(start)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(8)
+        ]
+        results = [racer.communicate(timeout=60) for racer in racers]
+        assert all(racer.returncode == 0 for racer in racers), [err for _, err in results]
+        assert len({out.strip() for out, _ in results}) == 1
+        assert ControllerKey.load(key_file).public_key == results[0][0].strip()
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert [p.name for p in key_file.parent.iterdir()] == ["signing.key"]  # no temp left
+
+
+def test_an_empty_key_file_is_refused_not_replaced(tmp_path) -> None:
+    # What a crash mid-creation used to leave: it is not a key, and replacing it on its own
+    # would orphan every device that pinned the lost one.
+    key_file = tmp_path / "signing.key"
+    key_file.touch(mode=0o600)
+    with pytest.raises(ConfigError, match="not a base64 Ed25519 private key"):
+        ControllerKey.load_or_create(key_file)
+    assert key_file.read_bytes() == b""
 
 
 def test_every_manifest_the_controller_serves_is_signed_with_its_key(fleet, api, ladder_dir):
