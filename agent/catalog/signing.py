@@ -74,28 +74,33 @@ def verify_manifest(data: bytes, signature: str | bytes | None, public_key: str 
         ) from exc
 
 
+def _private_key(private_key: str):
+    ed25519, _ = _ed25519()
+    try:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(_b64(private_key, "private key"))
+    except ValueError as exc:  # cryptography's word for "not 32 bytes"
+        raise SignatureError("the private key must be 32 raw bytes (base64)") from exc
+
+
 def sign_manifest(data: bytes, private_key: str) -> str:
     """Base64 Ed25519 signature of ``data`` with a base64 raw 32-byte private key."""
-    ed25519, _ = _ed25519()
-    key = ed25519.Ed25519PrivateKey.from_private_bytes(_b64(private_key, "private key"))
-    return base64.b64encode(key.sign(data)).decode()
+    return base64.b64encode(_private_key(private_key).sign(data)).decode()
 
 
 def public_key_of(private_key: str) -> str:
     """The base64 public key that verifies what ``private_key`` signs."""
+    key = _private_key(private_key)  # first, so a missing package is a SignatureError
     from cryptography.hazmat.primitives import serialization
 
-    ed25519, _ = _ed25519()
-    key = ed25519.Ed25519PrivateKey.from_private_bytes(_b64(private_key, "private key"))
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
 
 
 def generate_keypair() -> tuple[str, str]:
     """(private, public), each base64 of the raw 32-byte key."""
+    ed25519, _ = _ed25519()
     from cryptography.hazmat.primitives import serialization
 
-    ed25519, _ = _ed25519()
     private = ed25519.Ed25519PrivateKey.generate()
     raw = serialization.Encoding.Raw
     private_bytes = private.private_bytes(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,33 @@ def test_key_id_is_a_stable_short_fingerprint() -> None:
     assert public_key_of(private) == public
     assert key_id(public) == key_id(public) and len(key_id(public)) == 16
     assert key_id(public) != key_id(generate_keypair()[1])
+
+
+NO_CRYPTOGRAPHY = """
+import sys
+sys.modules["cryptography"] = None  # what an install without the package looks like to import
+from agent.catalog.signing import public_key_of, generate_keypair
+from agent.errors import SignatureError
+for call in (lambda: public_key_of(sys.argv[1]), generate_keypair):
+    try:
+        call()
+    except SignatureError as exc:
+        print(exc.code, exc.message)
+"""
+
+
+def test_key_errors_are_signature_errors_even_without_cryptography() -> None:
+    from agent.catalog.signing import public_key_of
+
+    private, _ = generate_keypair()
+    for broken in (base64.b64encode(b"x" * 31).decode(), "not base64!"):
+        with pytest.raises(SignatureError) as caught:
+            public_key_of(broken)
+        assert caught.value.code == "bad_signature"
+        with pytest.raises(SignatureError):
+            sign_manifest(b"{}", broken)
+    shown = subprocess.run([sys.executable, "-c", NO_CRYPTOGRAPHY, private], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 2 and all("pip install cryptography" in line for line in lines)
