@@ -98,22 +98,31 @@ class _MirrorRejected(Exception):
 def open_store_file(path: Path, flags: int, mode: int = 0o644) -> int:
     """``os.open`` for a file the store writes: never through a symlink, never inherited
     by a child, and only a regular file with one link (a hard link to someone else's file
-    is the same attack as a symlink). Raises StoreError naming the path otherwise."""
+    is the same attack as a symlink). Raises StoreError naming the path otherwise; a missing
+    file (no ``O_CREAT``) raises FileNotFoundError, which callers expect."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        # O_NONBLOCK: opening a planted FIFO for reading would otherwise wait for a writer
+        # forever, before the fstat below could refuse it.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except FileNotFoundError:
+        raise
     except OSError as exc:
         # ELOOP on Linux and macOS, EMLINK on FreeBSD: the last component is a symlink.
         if exc.errno in (errno.ELOOP, errno.EMLINK):
             raise StoreError(
                 f"{path} is a symbolic link; the model store writes only files it made itself:"
                 " remove the link (and find out who planted it)", path=str(path)) from exc
-        raise
+        # ENXIO is a FIFO opened for writing with no reader.
+        raise StoreError(f"cannot open {path} in the model store: {exc.strerror}",
+                         path=str(path)) from exc
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         os.close(fd)
         raise StoreError(
             f"{path} is not a plain file of the store (a device, FIFO or a hard link to another"
             " file): remove it", path=str(path))
+    # A regular file: back to blocking I/O, which the writer and hasher threads rely on.
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd
 
 

@@ -301,6 +301,60 @@ def test_a_planted_symlink_in_the_store_is_never_followed(
     assert not (tmp_path / "created-by-the-fetch").exists()
 
 
+@pytest.mark.parametrize("planted", ["a.gguf.part", "a.gguf.lock", "a.gguf.part.json"])
+def test_a_planted_fifo_in_the_store_is_refused_without_hanging(
+    tmp_path, range_server, fast_fetch, planted
+):
+    """A FIFO where the store expects its own file: opening it for reading blocks until a
+    writer comes, so the fetch would hang before it could see the file is not a plain one."""
+    payload = write_payload(tmp_path, "a.gguf", MiB)
+    selection = selection_for(payload, [served_file(range_server, payload)])
+    (tmp_path / "store").mkdir()
+    store = ModelStore(tmp_path / "store", fetch=fast_fetch)
+    fifo = store.root / planted
+    os.mkfifo(fifo)
+    outcome: list[BaseException | Path] = []
+
+    def fetch() -> None:
+        try:
+            outcome.append(store.ensure(selection))
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    fetching = threading.Thread(target=fetch, daemon=True)
+    fetching.start()
+    fetching.join(timeout=20)
+    hung = fetching.is_alive()
+    if hung:  # release the blocked open so the thread ends and the suite goes on
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))
+        fetching.join(timeout=20)
+
+    assert not hung, f"the fetch blocked on the FIFO at {planted}"
+    assert isinstance(outcome[0], StoreError)
+    assert outcome[0].code == "store_unsafe"
+    assert planted in outcome[0].message
+    assert not (store.root / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("planted", ["a.gguf.part", "a.gguf.lock"])
+def test_a_store_file_that_cannot_be_opened_is_a_store_error(
+    tmp_path, range_server, fast_fetch, planted
+):
+    """A directory where the store writes a file fails to open (EISDIR, even as root): the
+    caller gets store_unsafe naming the path, not a bare OSError outside the error tree."""
+    payload = write_payload(tmp_path, "a.gguf", MiB)
+    selection = selection_for(payload, [served_file(range_server, payload)])
+    (tmp_path / "store").mkdir()
+    store = ModelStore(tmp_path / "store", fetch=fast_fetch)
+    (store.root / planted).mkdir()
+
+    with pytest.raises(StoreError) as caught:
+        store.ensure(selection)
+
+    assert caught.value.code == "store_unsafe"
+    assert planted in caught.value.message
+
+
 def test_a_planted_index_temporary_is_replaced_not_followed(tmp_path, range_server, fast_fetch):
     payload = write_payload(tmp_path, "a.gguf", MiB)
     selection = selection_for(payload, [served_file(range_server, payload)])
