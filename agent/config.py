@@ -26,8 +26,8 @@ import msgspec
 import yaml
 
 from agent.errors import ConfigError
-# The topic contract's rules (pure, import-free) decide which ids and filters are valid.
-from agent.mqtt.topics import device_id_problem, is_valid_filter, is_valid_level
+# The topic contract's rules, from the bottom layer: the same ones agent.mqtt and the ACL apply.
+from agent.topic_rules import device_id_problem, is_valid_filter, is_valid_level
 
 ENV_PREFIX = "EDGE_AGENT_"
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agent.config import load_config
 from agent.errors import ConfigError
-from agent.mqtt.topics import RESERVED_DEVICE_IDS
+from agent.topic_rules import RESERVED_DEVICE_IDS, device_id_problem
 from tests.support.daemon import RunningDaemon
 from tests.support.observer import Observers
 
@@ -66,3 +67,38 @@ def test_an_agent_named_all_exits_before_it_touches_the_broker(tmp_path, broker,
         assert everything.messages == []  # no status, no Will, nothing under edge/v1/all/
     finally:
         observers.close()
+
+
+# Ids on both sides of each edge of the rule: first character, allowed characters, length, words.
+ID_TABLE = ["pi-kitchen-1", "a", "9", "A.b_c-d", "a" * 64, "a" * 65, "all-1", "Pool", "dev 1",
+            "kïtchen", "dev$", "$SYS", "-dev", ".dev", "_dev", "a/b", "a+b", "a#", "dev\t",
+            "all", "pool", "reply"]
+
+
+@pytest.mark.parametrize("device_id", ID_TABLE)
+def test_install_sh_and_the_python_rule_agree_on_device_ids(device_id: str) -> None:
+    # install.sh keeps its own shell copy of the rule; the config, the topic helpers and the ACL
+    # generator share the Python one. A difference would install a device the ACL cannot name.
+    result = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "--print-config",
+                             "--allow-unsigned", "--device-id", device_id],
+                            capture_output=True, text=True, timeout=30)
+    shell_accepts = result.returncode == 0
+    assert shell_accepts or "--device-id" in result.stderr, result.stderr
+    assert shell_accepts is (device_id_problem(device_id) is None)
+
+
+@pytest.mark.parametrize("device_id", ["dev 1", "kïtchen", "a" * 65, "dev$"])
+def test_the_config_refuses_ids_the_acl_generator_refuses(device_id: str) -> None:
+    with pytest.raises(ConfigError, match="device_id: .*use letters, digits"):
+        load_config(None, env={"EDGE_AGENT_DEVICE_ID": json.dumps(device_id)})
+
+
+def test_config_imports_no_upper_layer() -> None:
+    # DESIGN.md: config is the bottom layer; its id rules come from agent.topic_rules.
+    code = ("import sys, agent.config; "
+            "print([m for m in sys.modules if m.startswith('agent.') and m not in "
+            "('agent.config', 'agent.errors', 'agent.topic_rules')])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

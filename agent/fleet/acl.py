@@ -21,18 +21,16 @@ The inventory (YAML)::
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import msgspec
 import yaml
 
 from agent.errors import ConfigError
-from agent.mqtt.topics import RESERVED_DEVICE_IDS, device_id_problem, is_valid_filter
-
-# Accounts and pools become words of an ACL file, whose lines mosquitto splits on whitespace:
-# the same safe names install.sh allows for --device-id.
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+from agent.mqtt.discovery import node_name
+# Accounts and pools become words of an ACL file: every account must be a valid device id (the
+# safe-name rule install.sh applies too, reserved words excluded), so one rule serves all three.
+from agent.topic_rules import SAFE_NAME, device_id_problem, is_valid_filter
 
 
 class InventoryDevice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -83,15 +81,25 @@ def _problem(inventory: Inventory) -> str | None:
     accounts += [(f"applications[{i}]", name) for i, name in enumerate(inventory.applications)]
     accounts += [(f"devices[{i}].id", d.id) for i, d in enumerate(_devices(inventory))]
     for key, name in accounts:
-        if not _SAFE_NAME.fullmatch(name):
-            return f"{key}: {name[:80]!r}: use letters, digits, '.', '_', '-' (at most 64)"
-        if name in RESERVED_DEVICE_IDS:
-            return f"{key}: {device_id_problem(name)}"
+        problem = device_id_problem(name)
+        if problem:
+            return f"{key}: {problem}"
         if name in seen:
             return f"{key}: {name!r} is already {seen[name]}: one account, one role"
         seen[name] = key
+    # Each device may write <ha prefix>/sensor/<its node name>/#, and the node name folds '-' and
+    # '.' into '_': two ids with one node name would each write the other's discovery configs
+    # (and Home Assistant would merge their sensors). Refused with or without
+    # home_assistant_prefix, so that turning discovery on later needs no renaming.
+    nodes: dict[str, str] = {}
     for i, device in enumerate(_devices(inventory)):
-        if device.pool is not None and not _SAFE_NAME.fullmatch(device.pool):
+        node = node_name(device.id)
+        if node in nodes:
+            return (f"devices[{i}].id: {device.id!r} has the Home Assistant node name {node!r} "
+                    f"of {nodes[node]}: one device could write the other's discovery configs; "
+                    "rename one")
+        nodes[node] = f"devices[{i}].id {device.id!r}"
+        if device.pool is not None and not SAFE_NAME.fullmatch(device.pool):
             return f"devices[{i}].pool: {device.pool[:80]!r}: use letters, digits, '.', '_', '-'"
     if not inventory.controllers:
         return "controllers: at least one account must be able to send commands"
@@ -136,6 +144,6 @@ def render_acl(inventory: Inventory) -> str:
         if device.pool:
             lines.append(f"topic read {p}/pool/{device.pool}/prompt")
         if inventory.home_assistant_prefix:
-            node = device.id.replace("-", "_").replace(".", "_")  # as agent.mqtt.discovery names it
+            node = node_name(device.id)
             lines.append(f"topic write {inventory.home_assistant_prefix}/sensor/{node}/#")
     return "\n".join(lines) + "\n"

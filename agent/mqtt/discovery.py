@@ -18,11 +18,16 @@ _ONLINE_TEMPLATE = (
 )
 
 
+def node_name(device_id: str) -> str:
+    """The Home Assistant node id of a device: ``-`` and ``.`` are not allowed in one."""
+    return device_id.replace("-", "_").replace(".", "_")
+
+
 def discovery_messages(
     topics: DeviceTopics, *, discovery_prefix: str, version: str
 ) -> list[tuple[str, dict[str, Any]]]:
     """The retained discovery configs for one device, as (topic, payload) pairs."""
-    node = topics.device_id.replace("-", "_").replace(".", "_")
+    node = node_name(topics.device_id)
     device = {
         "identifiers": [f"edge_agent_{node}"],
         "name": f"edge-agent {topics.device_id}",

@@ -9,63 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Topic levels a device id or request id must never contain: they would change the topic's shape.
-_RESERVED_IN_LEVEL = frozenset("/+#\x00")
-MAX_TOPIC_BYTES = 65535  # MQTT's UTF-8 string limit
-MAX_DEVICE_ID_CHARS = 128
-
-# The fixed words of the contract. ``all`` and ``pool`` sit where a device id sits
-# (``<prefix>/all/cmd``, ``<prefix>/pool/<pool>/prompt``): a device with such an id would own
-# the broadcast command or the pool prompts under any ACL keyed on the username. The per-device
-# words are reserved as well, so that no id can ever be read as a part of the contract.
-RESERVED_DEVICE_IDS = frozenset(
-    {"all", "pool", "status", "meta", "telemetry", "prompt", "cmd", "result", "events", "reply"}
+# The validity rules live in the bottom layer so that agent.config shares them; re-exported here
+# for the daemon, the controller and the payload parsers.
+from agent.topic_rules import (  # noqa: F401
+    RESERVED_DEVICE_IDS,
+    device_id_problem,
+    is_valid_device_id,
+    is_valid_filter,
+    is_valid_level,
+    is_valid_publish_topic,
 )
-
-
-def is_valid_level(text: str) -> bool:
-    """True when ``text`` can be one topic level: non-empty, no separators or wildcards."""
-    return bool(text) and not (_RESERVED_IN_LEVEL & set(text)) and len(text.encode()) <= 1024
-
-
-def device_id_problem(device_id: str) -> str | None:
-    """Why ``device_id`` cannot name a device, or None when it can."""
-    if not is_valid_level(device_id) or not device_id.isprintable():
-        return "must be one topic level: printable, without '/', '+', '#' or NUL"
-    if len(device_id) > MAX_DEVICE_ID_CHARS:
-        return f"must be at most {MAX_DEVICE_ID_CHARS} characters"
-    if device_id in RESERVED_DEVICE_IDS:
-        return (f"{device_id!r} is a reserved topic word; none of "
-                f"{', '.join(sorted(RESERVED_DEVICE_IDS))} can be a device id")
-    if device_id.startswith("$"):
-        return "must not start with '$' (the broker's own topics and $share start with it)"
-    return None
-
-
-def is_valid_device_id(device_id: str) -> bool:
-    return device_id_problem(device_id) is None
-
-
-def is_valid_publish_topic(topic: str) -> bool:
-    """True when a client may publish to ``topic`` (no wildcards, no NUL, not $-reserved)."""
-    if not topic or "+" in topic or "#" in topic or "\x00" in topic or topic.startswith("$"):
-        return False
-    return len(topic.encode("utf-8", "surrogatepass")) <= MAX_TOPIC_BYTES and _encodes(topic)
-
-
-def is_valid_filter(topic_filter: str) -> bool:
-    """True for a subscription filter: ``+`` alone in a level, ``#`` alone and last, not ``$``."""
-    if not topic_filter or "\x00" in topic_filter or topic_filter.startswith("$"):
-        return False
-    if not _encodes(topic_filter) or len(topic_filter.encode()) > MAX_TOPIC_BYTES:
-        return False
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
@@ -80,14 +33,6 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
     return len(wanted) == len(levels)
 
 
-def _encodes(topic: str) -> bool:
-    try:
-        topic.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800"
-        return False
-    return True
-
-
 @dataclass(frozen=True)
 class DeviceTopics:
     """The topics of one device."""
@@ -98,7 +43,7 @@ class DeviceTopics:
     def __post_init__(self) -> None:
         problem = device_id_problem(self.device_id)
         if problem:
-            raise ValueError(f"device id {self.device_id[:MAX_DEVICE_ID_CHARS]!r}: {problem}")
+            raise ValueError(f"device id {problem}")  # the problem names the id
 
     @property
     def base(self) -> str:

@@ -95,6 +95,12 @@ def test_accounts_the_inventory_does_not_list_may_do_nothing(connect_as, account
     ("devices: [{id: x, pool: 'k#'}]\n", "devices[0].pool"),
     ("controllers: [dev-a]\ndevices: [dev-a]\n", "already controllers[0]"),
     ("devices: [x]\ncolour: red\n", "unknown field `colour`"),
+    ("devices: ['dev 1']\n", "devices[0].id: 'dev 1': use letters"),
+    ("devices: [kïtchen]\n", "devices[0].id: 'kïtchen': use letters"),
+    # One Home Assistant node name (`a_b`) for both: each could write the other's discovery configs.
+    ("home_assistant_prefix: homeassistant\ndevices: [a-b, a.b]\n",
+     "devices[1].id: 'a.b' has the Home Assistant node name 'a_b' of devices[0].id 'a-b'"),
+    ("devices: [a_b, {id: a-b, pool: k}]\n", "devices[1].id: 'a-b' has the Home Assistant node name"),
 ])
 def test_the_generator_refuses_a_bad_inventory(tmp_path: Path, inventory: str, message: str) -> None:
     result = fleet_acl(tmp_path, inventory)
