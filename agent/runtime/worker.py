@@ -9,7 +9,8 @@ Threads: the main thread loads the model and runs one generation at a time; a re
 thread reads frames, sets the cancel flag that the generation checks after every token,
 and answers ``count`` (tokenize only) frames while a generation runs.
 
-This is the only module that imports llama_cpp. It must not import the engine, MQTT or
+llama_cpp is imported only in child processes: this worker and agent.runtime.quality's
+measuring child, never in the daemon. This module must not import the engine, MQTT or
 anything else of the daemon.
 
 ``python -m agent.runtime.worker --build-info`` prints the llama.cpp build as JSON.
