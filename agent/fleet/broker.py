@@ -1061,7 +1061,11 @@ class EmbeddedBroker:
         log.debug("broker_client_connected", client_id=client_id, version=connection.version,
                   session_present=session_present, peer=connection.peer)
         for packet_id, (message, retain) in list(session.inflight.items()):
-            connection.send_publish(message, 1, retain, packet_id, dup=True)
+            if not connection.send_publish(message, 1, retain, packet_id, dup=True):
+                # Too big for this connection: discarded as if delivered (MQTT 5 3.1.2.11.4),
+                # so it gives back its bytes and its send-quota slot.
+                del session.inflight[packet_id]
+                session.held_bytes -= message.size
         if session.dropped:
             log.warning("broker_queue_overflowed", client_id=client_id, dropped=session.dropped)
             session.dropped = 0

@@ -982,3 +982,63 @@ def test_a_connect_larger_than_a_connect_needs_is_refused_from_its_header(broker
     raw.send(b"\x10" + varint(512 << 10))  # claims a 512 KiB CONNECT, sends nothing more
     assert raw.read(timeout_s=3) is None
     raw.close()
+
+
+def test_in_flight_messages_a_reconnect_cannot_take_are_let_go(broker_process):
+    """Messages in flight when a client left, which its new connection says are larger than
+    it takes (Maximum Packet Size), are discarded as the spec asks and must free what they
+    held: left in flight, they kept their bytes of the session cap for ever."""
+    cap = 64 << 10
+    broker = broker_process("--max-session-bytes", str(cap))
+
+    def connect(max_packet: int | None = None) -> tuple[mqtt.Client, queue.Queue]:
+        """Session "slow": persistent, v5, and it never acknowledges a message."""
+        received: queue.Queue[bytes] = queue.Queue()
+        connected = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="slow",
+                             protocol=mqtt.MQTTv5, reconnect_on_failure=False, manual_ack=True)
+        client.on_connect = lambda *_: connected.set()
+        client.on_message = lambda _c, _u, message: received.put(message.payload)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 300
+        if max_packet is not None:
+            properties.MaximumPacketSize = max_packet
+        client.connect(HOST, broker.port, clean_start=False, properties=properties)
+        client.loop_start()
+        assert connected.wait(5), "no CONNACK"
+        return client, received
+
+    def leave(client: mqtt.Client) -> None:
+        client.disconnect()
+        client.loop_stop()
+        time.sleep(0.2)
+
+    slow, received = connect()
+    slow.subscribe("t", qos=1)
+    time.sleep(0.2)
+    publisher = Peer(broker.port)
+    big = bytes(cap // 5)
+    for n in range(4):  # most of the cap, in flight and never acknowledged
+        publisher.publish("t", n.to_bytes(4, "big") + big)
+    assert len([received.get(timeout=5) for _ in range(4)]) == 4
+    leave(slow)
+
+    slow, received = connect(max_packet=2048)  # the in-flight ones no longer fit
+    with pytest.raises(queue.Empty):
+        received.get(timeout=0.5)
+    leave(slow)
+    small = bytes(1000)
+    count = cap // 2 // len(small)  # half the cap: fits only if the big ones were let go
+    for n in range(count):
+        publisher.publish("t", n.to_bytes(4, "big") + small)
+
+    slow, received = connect(max_packet=2048)
+    kept = []
+    while True:
+        try:
+            kept.append(int.from_bytes(received.get(timeout=1)[:4], "big"))
+        except queue.Empty:
+            break
+    assert kept == list(range(count))
+    leave(slow)
+    publisher.close()
