@@ -188,6 +188,13 @@ class Authenticator:
     ) -> None:
         # Parsed here: a malformed hash fails at start, not at first login.
         self._password = _parse(password_hash) if password_hash else None
+        if self._password is not None and self._password.scheme not in SLOW_SCHEMES:
+            # A person's password under one fast unsalted hash falls to a dictionary at once.
+            raise ConfigError(
+                f"auth.admin_password_hash: a {self._password.scheme}$ hash is for random API "
+                "tokens; hash the password with `edge-agent fleet hash-secret` (scrypt)",
+                key="fleet.auth.admin_password_hash",
+            )
         parsed = [_parse(stored) for stored in token_hashes]
         self._slow_tokens = [p for p in parsed if p.scheme in SLOW_SCHEMES]
         # SHA-256 of every token that may pass the fast check: the sha256$ hashes plus the
@@ -286,34 +293,64 @@ class FailureLimiter:
     once, then one more per ``window_s / limit`` seconds. At most ``max_addresses`` buckets
     are kept, least recently used dropped first, so a flood of addresses cannot grow it.
 
+    A check ``take``s an attempt before it runs and gets it back (``refund``) when it passes:
+    counting only after a slow check would let every concurrent try pass a spent budget.
+
     Not thread-safe: one owner, the web server's event loop. Every call is O(1)."""
 
     def __init__(self, limit: int, window_s: float, *, max_addresses: int = 4096) -> None:
         self.limit = limit
         self.rate = limit / window_s  # attempts regained per second
         self.max_addresses = max_addresses
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key: (left, at)
+        # key: (attempts left, when, whether "rate limited" was logged since it was last full)
+        self._buckets: OrderedDict[str, tuple[float, float, bool]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def _left(self, key: str, now: float) -> float:
-        left, at = self._buckets.get(key, (float(self.limit), now))
-        return min(float(self.limit), left + (now - at) * self.rate)
+    def _state(self, key: str, now: float) -> tuple[float, bool]:
+        left, at, logged = self._buckets.get(key, (float(self.limit), now, False))
+        left = min(float(self.limit), left + (now - at) * self.rate)
+        return left, logged and left < self.limit
+
+    def _store(self, key: str, left: float, now: float, logged: bool) -> None:
+        self._buckets[key] = (left, now, logged)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_addresses:
+            self._buckets.popitem(last=False)
 
     def retry_after(self, host: str | None, now: float | None = None) -> int:
         """0 when ``host`` may try; else the whole seconds until it may try again."""
         now = time.monotonic() if now is None else now
-        left = self._left(address_key(host), now) + 1e-9  # refill arithmetic is not exact
+        left = self._state(address_key(host), now)[0] + 1e-9  # refill arithmetic is not exact
         return 0 if left >= 1.0 else max(1, math.ceil((1.0 - left) / self.rate))
 
-    def failed(self, host: str | None, now: float | None = None) -> bool:
-        """Count one failure; True when it used the last attempt (worth one log line)."""
+    def take(self, host: str | None, now: float | None = None) -> int:
+        """Debit one attempt before a check: 0 when taken, else (nothing taken) the whole
+        seconds until ``host`` may try again."""
+        now = time.monotonic() if now is None else now
+        if wait := self.retry_after(host, now):
+            return wait
+        key = address_key(host)
+        left, logged = self._state(key, now)
+        self._store(key, max(0.0, left - 1.0), now, logged)
+        return 0
+
+    def refund(self, host: str | None, now: float | None = None) -> None:
+        """Give back the attempt ``take`` debited: the check passed (or never ran)."""
         now = time.monotonic() if now is None else now
         key = address_key(host)
-        left = max(0.0, self._left(key, now) - 1.0)
-        self._buckets[key] = (left, now)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self.max_addresses:
-            self._buckets.popitem(last=False)
-        return left < 1.0
+        left, logged = self._state(key, now)
+        self._store(key, min(float(self.limit), left + 1.0), now, logged)
+
+    def failed(self, host: str | None, now: float | None = None) -> bool:
+        """The check ``take`` debited for failed. True only when that left ``host`` with no
+        attempts for the first time since its bucket was last full: one log line per episode
+        of guessing, however slowly the guesses keep pace with the refill."""
+        now = time.monotonic() if now is None else now
+        key = address_key(host)
+        left, logged = self._state(key, now)
+        if logged or left + 1e-9 >= 1.0:
+            return False
+        self._store(key, left, now, True)
+        return True

@@ -1,9 +1,10 @@
 """The controller's HTTP side: dashboard pages, JSON API, SSE, /metrics and model hosting.
 
 Starlette on uvicorn's event loop. Handlers read the registry's in-memory device records
-and small SQLite queries, and act through FleetController (send_command, send_prompt); the
-bridge from the controller's dispatch thread into a streaming response is an asyncio queue
-fed with ``loop.call_soon_threadsafe``.
+on the loop; SQLite reads and writes, manifest parsing and publishing run in a worker thread
+(``run_in_threadpool``), since nothing slow may hold the loop. Handlers act through
+FleetController (send_command, send_prompt); the bridge from the controller's dispatch thread
+into a streaming response is an asyncio queue fed with ``loop.call_soon_threadsafe``.
 
 Auth: every page and API call needs a dashboard session (cookie, HttpOnly, SameSite=Strict)
 or a bearer token; a POST with a session must also carry the session's CSRF token (form
@@ -23,7 +24,7 @@ import math
 import secrets
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote
 
 import msgspec
@@ -151,8 +152,10 @@ class FleetWeb:
     def _session(self, request: Request) -> Session | None:
         return self.auth.session(request.cookies.get(SESSION_COOKIE))
 
-    async def _refuse_if_limited(self, host: str | None) -> None:
-        retry_after = self.failures.retry_after(host)
+    async def _attempt(self, host: str | None, check: Callable[[], Awaitable[Any]]) -> Any:
+        """``check()`` as one of ``host``'s attempts: taken before it runs, so concurrent tries
+        cannot all pass a spent budget, and given back when it passes or never ran."""
+        retry_after = self.failures.take(host)
         if retry_after:
             # A timer, not work: an attacker's tight loop of 429s would otherwise cost the loop
             # as much as any request flood; this way each limited connection costs ~1 req/s.
@@ -161,9 +164,18 @@ class FleetWeb:
                 f"too many failed logins or tokens from this address; retry in {retry_after} s",
                 retry_after_s=retry_after,
             )
+        try:
+            result = await check()
+        except RateLimitedError:  # too many checks queued: this one never ran
+            self.failures.refund(host)
+            raise
+        if result:
+            self.failures.refund(host)
+        return result
 
     def _failed(self, host: str | None, what: str) -> None:
-        if self.failures.failed(host):  # one line per address when it hits the limit, not per try
+        # One line when an address runs out of attempts, not one per try or per refill.
+        if self.failures.failed(host):
             log.warning("auth_rate_limited", client=host, after=what)
 
     async def _slow_check(self, check: Any, secret: str) -> Any:
@@ -191,8 +203,7 @@ class FleetWeb:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             host = _client_host(request)
-            await self._refuse_if_limited(host)
-            if await self._token_ok(token.strip()):
+            if await self._attempt(host, lambda: self._token_ok(token.strip())):
                 return None
             self._failed(host, "token")
         session = self._session(request)
@@ -304,8 +315,7 @@ class FleetWeb:
             return error_response(403, "csrf_failed", "login form expired; reload /login")
         secret = str(form.get("secret") or "")
         host = _client_host(request)
-        await self._refuse_if_limited(host)
-        user = await self._slow_check(self.auth.check_login, secret)
+        user = await self._attempt(host, lambda: self._slow_check(self.auth.check_login, secret))
         if user is None:
             log.warning("login_failed", client=host)
             self._failed(host, "login")
@@ -371,8 +381,8 @@ class FleetWeb:
             hardware=hardware(meta),
             selection=selection,
             candidates=selection.get("candidates") or [],
-            events=self.registry.events(device_id, limit=30),
-            commands=self.registry.commands(device_id, 10),
+            events=await run_in_threadpool(self.registry.events, device_id, limit=30),
+            commands=await run_in_threadpool(self.registry.commands, device_id, 10),
             meta_json=json.dumps(meta, indent=2, default=str),
         )
 
@@ -384,7 +394,7 @@ class FleetWeb:
             request,
             "models.html",
             session,
-            manifests=self.models.manifests(),
+            manifests=await run_in_threadpool(self.models.manifests),
             rollouts=[r.to_dict() for r in self.controller.rollouts.listing()],
             files_base=self._base_url(request) + "/files/",
             message=request.query_params.get("message"),
@@ -396,7 +406,9 @@ class FleetWeb:
         if denied:
             return denied
         try:
-            self.models.publish(str(form.get("name") or ""), str(form.get("manifest") or ""))
+            await run_in_threadpool(
+                self.models.publish, str(form.get("name") or ""), str(form.get("manifest") or "")
+            )
             message = f"published {form.get('name')}"
         except EdgeAgentError as exc:
             message = f"not published: {exc.message}"
@@ -421,7 +433,7 @@ class FleetWeb:
         last_point_ts = None
         last_commands = ""
         if device_id:
-            known = self.registry.events(device_id, limit=1)
+            known = await run_in_threadpool(self.registry.events, device_id, limit=1)
             last_event_id = known[-1]["id"] if known else 0
         while not await request.is_disconnected():
             if device_id:  # a device page needs its own row only, not the whole fleet's
@@ -447,11 +459,13 @@ class FleetWeb:
                         "ts": record.telemetry_ts,
                         **telemetry_point(record.telemetry),
                     }
-                events = self.registry.events(device_id, after_id=last_event_id, limit=50)
+                events = await run_in_threadpool(
+                    self.registry.events, device_id, after_id=last_event_id, limit=50
+                )
                 if events:
                     last_event_id = events[-1]["id"]
                     payload["events"] = events
-                commands = self.registry.commands(device_id, 10)
+                commands = await run_in_threadpool(self.registry.commands, device_id, 10)
                 fingerprint = json.dumps(commands, default=str)
                 if fingerprint != last_commands:
                     last_commands = fingerprint
@@ -471,7 +485,7 @@ class FleetWeb:
         )
 
     async def signing_key(self, request: Request) -> Response:
-        """Public, like /files: the key devices pin (install.sh checks its key_id)."""
+        """Public, like /files: the key devices pin."""
         key = self.controller.signing_key
         return JSONResponse(
             {"algorithm": "ed25519", "public_key": key.public_key, "key_id": key.key_id}
@@ -498,29 +512,32 @@ class FleetWeb:
         if denied := await self._authorize(request):
             return denied
         since = _query_float(request, "since", 0.0)
-        return JSONResponse(
-            {"points": self.registry.series(request.path_params["device_id"], since)}
+        points = await run_in_threadpool(
+            self.registry.series, request.path_params["device_id"], since
         )
+        return JSONResponse({"points": points})
 
     async def api_events(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
         after = _query_int(request, "after", 0, high=EVENT_ID_MAX)
-        return JSONResponse(
-            {"events": self.registry.events(request.path_params["device_id"], after_id=after)}
+        events = await run_in_threadpool(
+            self.registry.events, request.path_params["device_id"], after_id=after
         )
+        return JSONResponse({"events": events})
 
     async def api_commands(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        return JSONResponse(
-            {"commands": self.registry.commands(request.path_params["device_id"], 50)}
+        commands = await run_in_threadpool(
+            self.registry.commands, request.path_params["device_id"], 50
         )
+        return JSONResponse({"commands": commands})
 
     async def api_command(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        found = self.registry.command(request.path_params["command_id"])
+        found = await run_in_threadpool(self.registry.command, request.path_params["command_id"])
         if found is None:
             return error_response(404, "not_found", "no such command")
         return JSONResponse(found)
@@ -544,7 +561,9 @@ class FleetWeb:
         def on_result(result: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
-        command_id = self.controller.send_command(
+        # Records the command in SQLite under the registry's write lock: off the loop.
+        command_id = await run_in_threadpool(
+            self.controller.send_command,
             device_id,
             op,
             body.get("args") or {},
@@ -625,14 +644,16 @@ class FleetWeb:
             document = body.get("manifest")
             if not isinstance(document, (dict, str)):
                 raise _bad("manifest: required, an object or YAML/JSON text", "manifest")
-            path = self.models.publish(str(body.get("name") or ""), document)
+            path = await run_in_threadpool(
+                self.models.publish, str(body.get("name") or ""), document
+            )
             return JSONResponse(
                 {"name": path.name, "url": f"{self._base_url(request)}/files/{path.name}"},
                 status_code=201,
             )
         return JSONResponse(
             {
-                "manifests": self.models.manifests(),
+                "manifests": await run_in_threadpool(self.models.manifests),
                 "files_base": self._base_url(request) + "/files/",
             }
         )

@@ -94,16 +94,62 @@ def test_login_sessions_and_csrf(credentials):
 
 def test_failure_limiter_buckets_refill_and_stay_bounded():
     limiter = FailureLimiter(3, 30.0, max_addresses=5)
-    for _ in range(2):
-        assert not limiter.failed("10.0.0.1", now=0.0)
-    assert limiter.retry_after("10.0.0.1", now=0.0) == 0
-    assert limiter.failed("10.0.0.1", now=0.0)  # the last attempt
+    for _ in range(3):
+        assert limiter.take("10.0.0.1", now=0.0) == 0
+        limiter.failed("10.0.0.1", now=0.0)
     wait = limiter.retry_after("10.0.0.1", now=0.0)
-    assert wait >= 1 and limiter.retry_after("10.0.0.2", now=0.0) == 0
-    assert limiter.retry_after("10.0.0.1", now=float(wait)) == 0  # one attempt back
+    assert wait >= 1 and limiter.take("10.0.0.1", now=0.0) == wait
+    assert limiter.retry_after("10.0.0.2", now=0.0) == 0
+    assert limiter.take("10.0.0.1", now=float(wait)) == 0  # one attempt back
     for i in range(100):
-        limiter.failed(f"10.1.0.{i}", now=1.0)
+        limiter.take(f"10.1.0.{i}", now=1.0)
     assert len(limiter) == 5
+
+
+def test_concurrent_checks_cannot_pass_a_spent_budget():
+    # Three logins in flight at once (each a slow hash): the fourth is refused before its
+    # check runs, whatever the three turn out to be.
+    limiter = FailureLimiter(3, 30.0)
+    assert [limiter.take("10.0.0.1", now=0.0) for _ in range(3)] == [0, 0, 0]
+    assert limiter.take("10.0.0.1", now=0.0) >= 1
+    limiter.refund("10.0.0.1", now=0.0)  # one of them was the right password
+    assert limiter.take("10.0.0.1", now=0.0) == 0
+    assert limiter.take("10.0.0.1", now=0.0) >= 1
+    # Successes never build credit beyond the limit.
+    fresh = FailureLimiter(3, 30.0)
+    for _ in range(10):
+        fresh.refund("10.0.0.9", now=0.0)
+    assert [fresh.take("10.0.0.9", now=0.0) == 0 for _ in range(4)] == [True] * 3 + [False]
+
+
+def test_rate_limited_is_reported_once_per_episode_not_per_refill():
+    limiter = FailureLimiter(3, 30.0)  # one attempt back every 10 s
+    reported = []
+    for _ in range(3):
+        limiter.take("10.0.0.1", now=0.0)
+        reported.append(limiter.failed("10.0.0.1", now=0.0))
+    assert reported == [False, False, True]
+    # A guesser keeping pace with the refill: still that one report.
+    for step in range(1, 10):
+        assert limiter.take("10.0.0.1", now=10.0 * step) == 0
+        assert not limiter.failed("10.0.0.1", now=10.0 * step)
+    # Once the address has left it alone long enough to be full again, a new episode counts.
+    later = 10.0 * 9 + 60.0
+    for i in range(3):
+        limiter.take("10.0.0.1", now=later)
+        assert limiter.failed("10.0.0.1", now=later) == (i == 2)
+
+
+def test_a_fast_hash_is_refused_for_the_admin_password():
+    # sha256$ suits a random token; for a person's password it is a dictionary attack away.
+    secret = secrets.token_urlsafe(32)
+    stored = hash_secret(secret, method="sha256")
+    with pytest.raises(ConfigError) as caught:
+        Authenticator(stored, [])
+    assert caught.value.code == "config_invalid"
+    assert "admin_password_hash" in caught.value.message
+    assert "edge-agent fleet hash-secret" in caught.value.message
+    assert Authenticator(None, [stored]).token_matches(secret)  # the same hash is fine as a token
 
 
 def test_ipv6_addresses_are_limited_per_64():
