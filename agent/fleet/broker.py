@@ -67,6 +67,7 @@ from typing import Any
 
 from agent.errors import BrokerError, EdgeAgentError
 from agent.log import configure_logging, get_logger
+from agent.mqtt.topics import filter_matches, is_valid_filter
 
 log = get_logger("agent.fleet.broker")
 
@@ -366,15 +367,12 @@ def valid_topic_name(topic: str) -> bool:
 
 
 def valid_topic_filter(topic_filter: str) -> bool:
-    if not topic_filter:
-        return False
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
+    """The contract's filter syntax without its ban on ``$`` filters: to a broker
+    ``$SYS/#`` is plain MQTT (only a leading wildcard must not match such topics)."""
+    if topic_filter.startswith("$"):
+        # '$' is an ordinary character to the syntax: check the same shape without it.
+        return is_valid_filter("x" + topic_filter[1:])
+    return is_valid_filter(topic_filter)
 
 
 def _split_shared(full_filter: str) -> tuple[str | None, str]:
@@ -393,18 +391,9 @@ def _split_shared(full_filter: str) -> tuple[str | None, str]:
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT matching; a filter starting with a wildcard does not match a ``$`` topic."""
-    return _levels_match(topic_filter.split("/"), topic.split("/"))
-
-
-def _levels_match(filter_levels: list[str], topic_levels: list[str]) -> bool:
-    if topic_levels[0].startswith("$") and filter_levels[0] in ("+", "#"):
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
         return False
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels) or (level != "+" and level != topic_levels[index]):
-            return False
-    return len(filter_levels) == len(topic_levels)
+    return filter_matches(topic_filter, topic)
 
 
 # ---------------------------------------------------------------------------- state
@@ -530,10 +519,10 @@ class _SharedGroup:
 class _FilterEntry:
     """Everyone subscribed to one topic filter: plain subscribers and shared groups."""
 
-    __slots__ = ("levels", "plain", "groups")
+    __slots__ = ("topic_filter", "plain", "groups")
 
     def __init__(self, topic_filter: str) -> None:
-        self.levels = topic_filter.split("/")
+        self.topic_filter = topic_filter
         self.plain: dict[str, _Subscription] = {}
         self.groups: dict[str, _SharedGroup] = {}
 
@@ -1201,9 +1190,8 @@ class EmbeddedBroker:
         if exact is not None:
             entries.append(exact)
         if self._wildcard:
-            topic_levels = message.topic.split("/")
             entries.extend(e for e in self._wildcard.values()
-                           if _levels_match(e.levels, topic_levels))
+                           if topic_matches(e.topic_filter, message.topic))
         # One copy per client for overlapping plain subscriptions, at the highest QoS.
         targets: dict[str, list[Any]] = {}
         for entry in entries:
@@ -1251,9 +1239,8 @@ class EmbeddedBroker:
         if self._table(subscription.topic_filter) is self._exact:
             candidates = [self._retained.get(subscription.topic_filter)]
         else:
-            filter_levels = subscription.topic_filter.split("/")
             candidates = [m for topic, m in self._retained.items()
-                          if _levels_match(filter_levels, topic.split("/"))]
+                          if topic_matches(subscription.topic_filter, topic)]
         for message in candidates:
             if message is None:
                 continue

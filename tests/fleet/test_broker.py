@@ -301,9 +301,19 @@ def test_topic_matching_follows_the_spec_examples(topic_filter, topic, expected)
 @pytest.mark.parametrize("topic_filter, valid", [
     ("#", True), ("+", True), ("a/+/c/#", True), ("+/+/+", True), ("/", True),
     ("", False), ("a/#/c", False), ("a#", False), ("a/b+", False), ("a/+b/c", False),
+    ("$SYS/#", True), ("$SYS/+/load", True), ("$", True), ("$#", False), ("$+", False),
 ])
 def test_topic_filter_validity(topic_filter, valid):
     assert valid_topic_filter(topic_filter) is valid
+
+
+def test_the_broker_shares_the_contracts_topic_rules_without_importing_paho():
+    """It reuses agent.mqtt.topics, which must stay pure: the broker runs where paho is not."""
+    probe = ("import sys, agent.fleet.broker; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'paho'))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------------------- routing
