@@ -8,12 +8,14 @@ dropped as soon as the header is parsed.
 
 Parsing is one pass over a small sliding buffer: every byte is fetched and looked at once,
 what is not kept (token tables, merges, oversized values) is skipped without being built,
-and what is kept is charged to a byte budget, so memory stays bounded whatever the header
-claims. Headers come from unverified mirrors before any sha256 check, so every length and
-count is checked against the bytes the file can still hold before anything is allocated or
-looped over, every number the estimator uses is bounded to a sane range and must be finite,
-and every failure is a GGUFError (``gguf_invalid``). This module does not decide anything
-about memory; the estimator (agent.catalog.estimate) turns a GGUFInfo into bytes.
+and what is kept (metadata values, keys, tensor entries) is charged to a byte budget, so
+memory stays bounded whatever the header claims. Headers come from unverified mirrors
+before any sha256 check, so every length and count is checked against the bytes the file
+can still hold before anything is allocated or looped over, every number the estimator
+uses is bounded to a sane range and must be finite, and every bad header is a GGUFError
+(``gguf_invalid``); a mirror that cannot be reached is a FetchError (``fetch_failed``).
+This module does not decide anything about memory; the estimator (agent.catalog.estimate)
+turns a GGUFInfo into bytes.
 
 httpx is allowed here (the GGUF range reader is one of the two network boundaries).
 """
@@ -31,7 +33,7 @@ from urllib.parse import urlparse
 import httpx
 import msgspec
 
-from agent.errors import GGUFError, shown
+from agent.errors import FetchError, GGUFError, shown
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -54,9 +56,14 @@ KEPT_STRING_BYTES = 1024 * 1024
 # are counted, not kept. Real headers keep well under 1 MiB.
 KEPT_BYTES_BUDGET = 32 * 1024 * 1024
 KEPT_KEYS_RESERVE = 8 * 1024 * 1024
-# Counts no real model comes near (the largest have ~60 keys, a few thousand tensors).
+# Counts no real model comes near: the largest have ~60 keys and a few thousand tensors
+# (a 405B llama has ~1,100, a 671B MoE ~1,800). Kept tensor entries are charged to the
+# same budget as metadata (this many cost 24 MiB of it).
 MAX_METADATA_KEYS = 65536
-MAX_TENSORS = 1 << 20
+MAX_TENSORS = 65536
+# A kept tensor entry: the TensorInfo, its name, its shape tuple and, at worst, an int
+# object for each dimension, the offset and the byte count.
+TENSOR_COST = 384
 MAX_KEY_BYTES = 65535  # the GGUF spec's limit
 MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME - 1: llama.cpp refuses longer names
 MAX_ALIGNMENT = 1 << 24
@@ -123,6 +130,11 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_TYPE_OFFSET = struct.Struct("<IQ")
+_DIMS = [struct.Struct(f"<{n}Q") for n in range(5)]
+# The longest tensor entry: name length and name, n_dims, four dims, type and offset.
+_TENSOR_ENTRY_MAX = 8 + MAX_TENSOR_NAME_BYTES + 4 + 4 * 8 + 4 + 8
 
 
 class TensorInfo(msgspec.Struct, frozen=True):
@@ -329,6 +341,36 @@ class _Cursor:
                     continue
             self.skip(self.count(1, f"{what}[{index}] length"), what)
 
+    def tensor_entry(self, index: int) -> tuple[str, tuple[int, ...], int, int]:
+        """One tensor entry: name, shape, ggml type, offset (the hot loop of a tensor table).
+
+        Straight from the buffer when a whole entry is there and sane; the checked reads
+        below only run at a buffer's end or to word an error."""
+        buf, at = self._buf, self._at
+        if len(buf) - at >= _TENSOR_ENTRY_MAX:
+            n = _U64.unpack_from(buf, at)[0]
+            if n <= MAX_TENSOR_NAME_BYTES:
+                dims_at = at + 12 + n
+                n_dims = _U32.unpack_from(buf, dims_at - 4)[0]
+                step = 24 + n + 8 * n_dims
+                if 1 <= n_dims <= 4 and self.pos + step <= self._limit():
+                    try:
+                        name = str(buf[at + 8 : at + 8 + n], "utf-8")
+                    except UnicodeDecodeError:
+                        pass  # the checked read below says where
+                    else:
+                        shape = _DIMS[n_dims].unpack_from(buf, dims_at)
+                        ggml_type, offset = _TYPE_OFFSET.unpack_from(buf, dims_at + 8 * n_dims)
+                        self._at += step
+                        self.pos += step
+                        return name, shape, ggml_type, offset
+        name = self.string(f"tensor[{index}] name", MAX_TENSOR_NAME_BYTES)
+        n_dims = self.scalar("I", f"{name} dims")
+        if not 1 <= n_dims <= 4:
+            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions (1..4 allowed)", tensor=name)
+        shape = tuple(self.scalar("Q", f"{name} shape") for _ in range(n_dims))
+        return name, shape, self.scalar("I", f"{name} type"), self.scalar("Q", f"{name} offset")
+
     def keep(self, cost: int, *, key: bool = False) -> bool:
         """Charge ``cost`` bytes of kept Python objects to the budget; False when it is spent.
         Values leave a reserve for keys, so big values make later ones counted, not the
@@ -393,26 +435,29 @@ def _parse(cur: _Cursor) -> GGUFInfo:
     if type(alignment) is not int or not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
         raise GGUFError(f"general.alignment {shown(alignment)} is not a power of two up to {MAX_ALIGNMENT}")
 
-    tensors_raw = []
+    tensors = []
     for index in range(n_tensors):
-        name = cur.string(f"tensor[{index}] name", MAX_TENSOR_NAME_BYTES)
-        n_dims = cur.scalar("I", f"{name} dims")
-        if not 1 <= n_dims <= 4:
-            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions (1..4 allowed)", tensor=name)
-        shape = tuple(cur.scalar("Q", f"{name} shape") for _ in range(n_dims))
-        ggml_type = cur.scalar("I", f"{name} type")
-        offset = cur.scalar("Q", f"{name} offset")
-        tensors_raw.append((name, shape, ggml_type, offset))
+        # key=True: the reserve held for metadata keys is free once the keys have ended.
+        if not cur.keep(TENSOR_COST, key=True):
+            raise GGUFError(f"the tensor table exceeds {KEPT_BYTES_BUDGET} kept bytes: corrupt")
+        tensors.append(_tensor(*cur.tensor_entry(index), alignment))
     header_bytes = -(-cur.pos // alignment) * alignment
 
-    size = cur.size
-    tensors = [_tensor(name, shape, t, off, size, header_bytes, alignment) for name, shape, t, off in tensors_raw]
+    # Offsets count from the data section, which starts only once the table has ended.
+    limit = MAX_ELEMENTS if cur.size is None else cur.size
+    for tensor in tensors:
+        end = header_bytes + tensor.offset + tensor.nbytes
+        if end > limit:
+            raise GGUFError(
+                f"tensor {tensor.name!r} ends at {end}, past the end of the "
+                f"{cur.size if cur.size is not None else 'largest possible'}-byte file: truncated",
+                tensor=tensor.name,
+            )
     return _info(version, metadata, tensors, header_bytes, alignment)
 
 
 def _tensor(
-    name: str, shape: tuple[int, ...], ggml_type: int, offset: int, file_size: int | None,
-    data_start: int, alignment: int,
+    name: str, shape: tuple[int, ...], ggml_type: int, offset: int, alignment: int
 ) -> TensorInfo:
     if ggml_type not in GGML_TYPES:
         raise GGUFError(f"tensor {name!r} has unknown ggml type {ggml_type}", tensor=name)
@@ -429,15 +474,7 @@ def _tensor(
         )
     if offset % alignment:
         raise GGUFError(f"tensor {name!r} offset {offset} is not a multiple of {alignment}", tensor=name)
-    nbytes = elements // block * block_bytes
-    end = data_start + offset + nbytes
-    if end > (MAX_ELEMENTS if file_size is None else file_size):
-        raise GGUFError(
-            f"tensor {name!r} ends at {end}, past the end of the "
-            f"{file_size if file_size is not None else 'largest possible'}-byte file: truncated",
-            tensor=name,
-        )
-    return TensorInfo(name, shape, ggml_type, offset, nbytes)
+    return TensorInfo(name, shape, ggml_type, offset, elements // block * block_bytes)
 
 
 def _arch_number(metadata: dict[str, Any], arch: str, key: str, default: int | None = None) -> int | None:
@@ -587,14 +624,14 @@ class _HTTPSource:
             return b""
         if response.status_code not in (200, 206):
             response.close()
-            raise GGUFError(f"{self._url}: HTTP {response.status_code}", url=self._url,
-                            status=response.status_code)
+            raise FetchError(f"{self._url}: HTTP {response.status_code}", url=self._url,
+                             status=response.status_code)
         if response.status_code == 206:
             try:
                 match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
                 if match is None or int(match.group(1)) != start:
-                    raise GGUFError(f"{self._url}: the server sent another range than asked for",
-                                    url=self._url)
+                    raise FetchError(f"{self._url}: the server sent another range than asked for",
+                                     url=self._url)
                 if self.size is None and match.group(3) != "*":
                     self.size = int(match.group(3))
                 body = bytearray()
@@ -644,7 +681,10 @@ class _HTTPSource:
 
 
 def read_gguf_url(url: str, *, client: httpx.Client | None = None, timeout_s: float = 30.0) -> GGUFInfo:
-    """The header of a GGUF file behind an http(s) URL, fetched with growing Range requests."""
+    """The header of a GGUF file behind an http(s) URL, fetched with growing Range requests.
+
+    A mirror that cannot be reached or answers an HTTP error is a FetchError (``fetch_failed``):
+    callers try the next mirror, and only bytes that arrived and are wrong are ``gguf_invalid``."""
     owned = client is None
     source: _HTTPSource | None = None
     try:
@@ -661,7 +701,7 @@ def read_gguf_url(url: str, *, client: httpx.Client | None = None, timeout_s: fl
             if owned:
                 http.close()
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-        raise GGUFError(f"{url}: cannot read the GGUF header: {exc}", url=url) from exc
+        raise FetchError(f"{url}: cannot read the GGUF header: {exc}", url=url) from exc
 
 
 def read_gguf_header(source: str | os.PathLike[str]) -> GGUFInfo:

@@ -335,7 +335,8 @@ def read_headers(manifest: Manifest, model: ModelEntry, store_dir: Path | None =
     """GGUF headers of every variant that can be read; failures are logged and left out.
 
     When not one header could be read, the first failure is raised (``gguf_invalid`` for a
-    hostile or broken header): that, not ``no_fit``, is what the device must report."""
+    hostile or broken header, ``fetch_failed`` for a mirror that cannot be reached): that, not
+    ``no_fit``, is what the device must report."""
     headers: dict[str, GGUFInfo] = {}
     failures: list[EdgeAgentError] = []
     for variant in model.variants:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import struct
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.catalog.gguf import read_gguf_file, read_gguf_header, read_gguf_url
-from agent.errors import GGUFError
+from agent.catalog.gguf import MAX_TENSORS, read_gguf_file, read_gguf_header, read_gguf_url
+from agent.errors import FetchError, GGUFError
 from tests.catalog import gguf_bytes
 from tests.support.daemon import BASE, RunningDaemon, wait_final, wait_ready
 from tests.support.observer import Observers
@@ -120,9 +121,21 @@ def test_a_server_that_ignores_range_still_sends_only_a_window(range_server, lad
     assert sum(r.sent for r in responses) < source.stat().st_size / 4, responses
 
 
-def test_url_errors_are_gguf_errors(range_server, tmp_path: Path, ladder_model):
-    with pytest.raises(GGUFError, match="HTTP 404"):
-        read_gguf_url(f"{range_server.url}/missing.gguf")
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_or_missing_mirror_is_fetch_failed_not_a_hostile_header(range_server):
+    """read_headers reports the first failure: an offline mirror once read as gguf_invalid."""
+    for url in (f"{range_server.url}/missing.gguf", f"http://127.0.0.1:{_closed_port()}/m.gguf"):
+        with pytest.raises(FetchError) as caught:
+            read_gguf_url(url)
+        assert caught.value.code == "fetch_failed" and not isinstance(caught.value, GGUFError), url
+
+
+def test_bad_bytes_behind_a_url_are_gguf_errors(range_server, ladder_model):
     (range_server.root / "short.gguf").write_bytes(_header(ladder_model("Q2_K"), 5000))
     with pytest.raises(GGUFError, match="truncated|corrupt"):
         read_gguf_url(f"{range_server.url}/short.gguf")
@@ -178,7 +191,7 @@ def test_a_non_ascii_digit_in_a_tensor_name_is_not_a_layer(tmp_path: Path):
 CHILD = r"""
 import json, resource, sys, time
 from agent.catalog.gguf import read_gguf_header
-from agent.errors import GGUFError
+from agent.errors import FetchError, GGUFError
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -275,3 +288,29 @@ def test_a_daemon_pointed_at_a_hostile_header_reports_gguf_invalid_and_keeps_ser
     finally:
         observers.close()
         daemon.close()
+
+
+def _tensor_table(count: int) -> bytes:
+    """A valid llama file whose tensor table holds ``count`` entries as costly to keep as an
+    entry can be: 63-byte names, four dimensions, dims and offset too large for Python's
+    small-int cache (each is its own object). Shapes hold a 0, so no tensor needs data."""
+    header = gguf_bytes.llama(2)
+    header.tensors += [
+        gguf_bytes.Tensor(f"blk.{i}.".ljust(63, "x"), (1024, 1024, 1024, 0), offset=1024)
+        for i in range(count - len(header.tensors))
+    ]
+    return header.file(max(gguf_bytes.tensor_data_bytes(header), 1024))
+
+
+def test_the_largest_tensor_table_allowed_parses_in_bounded_memory_and_time(range_server):
+    """200,000 tensor entries (18 MiB of header) once grew the reader by ~80 MiB over 10 s,
+    and 1M were allowed; the table is now capped and charged to the kept-bytes budget."""
+    (range_server.root / "table.gguf").write_bytes(_tensor_table(MAX_TENSORS))
+    (range_server.root / "over.gguf").write_bytes(_tensor_table(MAX_TENSORS + 1))
+    sources = [f"{where}/{name}.gguf" for name in ("table", "over")
+               for where in (range_server.root, range_server.url)]
+    results = _read_in_child(*sources)
+    assert all(r["ok"] and r["block_count"] == 2 for r in results[:2]), results
+    assert all(r.get("code") == "gguf_invalid" for r in results[2:]), results
+    for result in results:
+        assert result["growth"] < 64 * MIB and result["cpu_s"] < 2.0, result
