@@ -198,3 +198,28 @@ def test_bad_query_numbers_are_bad_requests(api, query):
     error = answer.json()["error"]
     assert error["code"] == "bad_request"
     assert error["message"].startswith(query.split("?")[1].split("=")[0])  # names the parameter
+
+
+def test_concurrent_wrong_tokens_cannot_pass_a_spent_budget(start_fleet) -> None:
+    """Eight guesses at once from one address against a budget of three: only three reach the
+    slow check, the rest are refused without one (counting only after the check let all in)."""
+    token = secrets.token_urlsafe(32)
+    fleet = start_fleet(
+        api_token_hashes=[slow_legacy_hash(token, 0.3)], failed_auth_limit=3,
+        failed_auth_window_s=600,
+    )
+    barrier = threading.Barrier(8)
+    codes: list[int] = []
+
+    def guess() -> None:
+        with client_from("127.0.0.6", fleet.url) as client:
+            barrier.wait()
+            wrong = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
+            codes.append(client.get("/api/devices", headers=wrong).status_code)
+
+    guessers = [threading.Thread(target=guess) for _ in range(8)]
+    for thread in guessers:
+        thread.start()
+    for thread in guessers:
+        thread.join(120)
+    assert sorted(codes) == [401] * 3 + [429] * 5, codes
