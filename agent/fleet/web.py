@@ -44,7 +44,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from agent.config import FleetConfig
-from agent.errors import EdgeAgentError, RateLimitedError, RequestError
+from agent.errors import EdgeAgentError, RateLimitedError, RequestError, shown
 from agent.fleet.auth import Authenticator, FailureLimiter, Session
 from agent.fleet.controller import FleetController
 from agent.fleet.hosting import ModelDirectory
@@ -676,10 +676,11 @@ class FleetWeb:
             source = f"{self._base_url(request)}/files/{spec.manifest}"
         else:
             raise _bad(
-                f"manifest: {spec.manifest!r} is neither a URL nor a manifest hosted here",
+                f"manifest: {shown(spec.manifest)} is neither a URL nor a manifest hosted here",
                 "manifest",
             )
-        rollout = self.controller.rollouts.create(spec, source)
+        # Reads every device record and writes SQLite: a thread, not the loop.
+        rollout = await run_in_threadpool(self.controller.rollouts.create, spec, source)
         return JSONResponse(rollout.to_dict(), status_code=201)
 
     async def api_rollout(self, request: Request) -> Response:
@@ -693,9 +694,9 @@ class FleetWeb:
     async def api_rollback(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        return JSONResponse(
-            self.controller.rollouts.rollback(request.path_params["rollout_id"]).to_dict()
-        )
+        rollout_id = request.path_params["rollout_id"]
+        rollout = await run_in_threadpool(self.controller.rollouts.rollback, rollout_id)
+        return JSONResponse(rollout.to_dict())
 
     async def metrics(self, request: Request) -> Response:
         if not self.config.auth.metrics_public and (denied := await self._authorize(request)):
