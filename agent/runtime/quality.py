@@ -10,7 +10,8 @@ inference worker does: a native crash or an out-of-memory kill on a large model 
 child, not the command, and the parent never imports llama_cpp. The child loads one model at
 a time; the reference's log-probabilities (tokens x vocabulary, float64) are the one thing
 kept across loads. Results come back as one JSON line per variant on a private pipe, since
-llama.cpp writes its own noise to stdout and stderr.
+llama.cpp writes its own noise to stdout and stderr; that noise goes to a file (the caller's
+build log, or a temporary one) whose last lines the error quotes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 
@@ -30,6 +31,7 @@ from agent.errors import ModelLoadError
 
 DEFAULT_TEXT = Path(__file__).with_name("quality-text.txt")
 STDERR_TAIL_CHARS = 2000
+STDERR_TAIL_LINES = 20
 
 
 class Measurement(msgspec.Struct, kw_only=True):
@@ -44,12 +46,16 @@ def measure_quality(
     candidates: list[Path],
     text: str | None = None,
     progress: Callable[[Measurement], None] | None = None,
+    log: Path | None = None,
 ) -> list[Measurement]:
-    """Measure each candidate against ``reference`` in a child process; in candidate order."""
+    """Measure each candidate against ``reference`` in a child process; in candidate order.
+
+    The child's stdout and stderr (llama.cpp's own log) are appended to ``log`` when given,
+    and the error on failure names it; otherwise they go to a temporary file."""
     text = DEFAULT_TEXT.read_text() if text is None else text
     read_fd, write_fd = os.pipe()
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as text_file, \
-            tempfile.TemporaryFile("w+") as stderr:
+            (open(log, "a+b") if log else tempfile.TemporaryFile("w+b")) as stderr:
         text_file.write(text)
         text_file.flush()
         command = [sys.executable, "-m", "agent.runtime.quality", "--fd", str(write_fd),
@@ -70,11 +76,18 @@ def measure_quality(
                     progress(measurement)
         rc = child.wait()
         if rc != 0 or len(results) != len(candidates):
-            stderr.seek(0)
-            tail = stderr.read()[-STDERR_TAIL_CHARS:]
+            where = f"llama.cpp's log is {log}, ending:" if log else "llama.cpp said:"
             raise ModelLoadError(f"measuring quality failed (exit {rc}) after {len(results)} of "
-                               f"{len(candidates)} variants; llama.cpp said: {tail.strip()}")
+                                 f"{len(candidates)} variants; {where}\n{output_tail(stderr)}")
     return results
+
+
+def output_tail(file: BinaryIO) -> str:
+    """The last lines of a log file, bounded: what an error quotes of llama.cpp's output."""
+    file.seek(0, os.SEEK_END)
+    file.seek(max(0, file.tell() - STDERR_TAIL_CHARS))
+    text = file.read().decode(errors="replace")
+    return "\n".join(text.splitlines()[-STDERR_TAIL_LINES:]).strip()
 
 
 # ---- the child -----------------------------------------------------------------------
