@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import pytest
@@ -120,16 +121,8 @@ def test_failed_tokens_are_rate_limited_per_address(start_fleet, credentials, fo
     with client_from("127.0.0.2", fleet.url) as attacker, client_from(
         "127.0.0.3", fleet.url
     ) as other:
-        answers = []
-        for _ in range(60):
-            wrong = {"Authorization": f"Bearer {secrets.token_urlsafe(24)}"}
-            answers.append(attacker.get("/api/devices", headers=wrong))
-            if answers[-1].status_code != 401:
-                break
-        limited = answers[-1]
-        assert limited.status_code == 429, [a.status_code for a in answers]
-        assert limited.json()["error"]["code"] == "rate_limited"
-        assert int(limited.headers["retry-after"]) >= 1
+        answers = fail_until_limited(lambda: attacker.get("/api/devices", headers={
+            "Authorization": f"Bearer {secrets.token_urlsafe(24)}"}), tries=60)
         assert len(answers) > 1  # some failures are allowed before the limit
         # A limited address is refused even with the right token (no more guessing from it) …
         assert attacker.get("/api/devices", headers=good).status_code == 429
@@ -137,6 +130,20 @@ def test_failed_tokens_are_rate_limited_per_address(start_fleet, credentials, fo
         assert attacker.get("/api/health").status_code == 200
         assert other.get("/api/devices", headers=good).status_code == 200
         assert other.get("/api/devices", headers={"Authorization": "Bearer x"}).status_code == 401
+
+
+def fail_until_limited(attempt: Callable[[], httpx.Response], tries: int) -> list[httpx.Response]:
+    """Repeat a failing attempt until it is no longer a 401; that answer must be the limit."""
+    answers = []
+    for _ in range(tries):
+        answers.append(attempt())
+        if answers[-1].status_code != 401:
+            break
+    limited = answers[-1]
+    assert limited.status_code == 429, [a.status_code for a in answers]
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    return answers
 
 
 def login(client: httpx.Client, secret: str) -> httpx.Response:
@@ -150,15 +157,7 @@ def test_failed_logins_are_rate_limited_per_address(fleet, credentials):
     with client_from("127.0.0.4", fleet.url) as attacker, client_from(
         "127.0.0.5", fleet.url
     ) as other:
-        answers = []
-        for _ in range(40):
-            answers.append(login(attacker, "wrong password"))
-            if answers[-1].status_code != 401:
-                break
-        limited = answers[-1]
-        assert limited.status_code == 429, [a.status_code for a in answers]
-        assert limited.json()["error"]["code"] == "rate_limited"
-        assert int(limited.headers["retry-after"]) >= 1
+        fail_until_limited(lambda: login(attacker, "wrong password"), tries=40)
         assert login(attacker, credentials.password).status_code == 429
         assert login(other, credentials.password).status_code == 303
 
