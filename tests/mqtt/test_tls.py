@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,12 @@ def test_mutual_tls_needs_the_client_certificate(tls_broker: TLSBroker):
                                                   key_file=str(client.key)))
     assert _refusal("localhost", port, TLSConfig(enabled=True, ca_file=ca))
     # TLS 1.3 finishes the client's handshake first, so the broker says why it closed.
-    assert "peer did not return a certificate" in tls_broker.broker.log_path.read_text()
+    # Mosquitto writes its log after closing the socket: wait for the line, do not race it.
+    deadline = time.monotonic() + 10
+    while ("peer did not return a certificate" not in (log := tls_broker.broker.log_path.read_text())
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert "peer did not return a certificate" in log
 
 
 @pytest.mark.slow
