@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -327,6 +328,25 @@ class FleetIngestConfig(_Section):
                 raise ValueError(f"{name.name}: must be positive")
 
 
+class FleetRegistryConfig(_Section):
+    """Where the controller keeps its registry (agent.fleet.registry)."""
+
+    # None: SQLite at db_path (one controller). postgresql://user@host:port/db: PostgreSQL,
+    # which any number of controllers may share. The password never goes in the URL: it is
+    # read from password_file, else the systemd credential `registry-password`.
+    url: str | None = None
+    password_file: str | None = None
+    pool_size: int = 8  # PostgreSQL connections this controller may hold at once
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url: a postgresql:// URL (unset: SQLite at db_path)")
+        if self.url is not None and urllib.parse.urlsplit(self.url).password is not None:
+            raise ValueError("url: no password in the URL; put it in password_file")
+        if not 1 <= self.pool_size <= 1000:
+            raise ValueError("pool_size: 1 to 1000")
+
+
 class FleetConfig(_Section):
     # The controller's own MQTT client id; unique per controller so several can share the
     # telemetry load through $share/ctl/... while each keeps its own normal subscriptions.
@@ -353,6 +373,10 @@ class FleetConfig(_Section):
     # Base URL devices use to reach /files (manifest URLs in rollouts); None: from the request.
     public_url: str | None = None
     command_timeout_s: float = 600.0  # a rollout step without cmd/result by then counts as failed
+    # How long a rollout's lease lasts unrenewed: when the controller driving it dies, another
+    # sharing the registry takes the rollout over after this long.
+    rollout_lease_s: float = 10.0
+    registry: FleetRegistryConfig = msgspec.field(default_factory=FleetRegistryConfig)
     auth: FleetAuthConfig = msgspec.field(default_factory=FleetAuthConfig)
     ingest: FleetIngestConfig = msgspec.field(default_factory=FleetIngestConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)

@@ -17,9 +17,16 @@ verified once is remembered by its SHA-256, so only wrong tokens pay for the slo
 Re-hash such tokens with ``edge-agent fleet hash-secret --method sha256``.
 
 ``FailureLimiter`` counts failed logins and tokens per client address so that nobody can
-guess for long or keep the slow hashes busy. Dashboard sessions live in memory: a controller
-restart logs everyone out, which is the safe direction. Each session carries its own CSRF
-token, checked on every POST. This module knows nothing about HTTP frameworks.
+guess for long or keep the slow hashes busy. Each session carries its own CSRF token,
+checked on every POST.
+
+Dashboard sessions live in the registry (``SessionStore``), keyed by the SHA-256 of the
+cookie, so a login on one controller is valid on every controller sharing that database,
+and a logout on one ends it on all within ``SESSION_RECHECK_S``. Each controller keeps the
+sessions it has seen in memory; ``session`` reads only that copy (fine on the loop), and the
+web side calls ``load_session`` (a query: off the loop) first when ``needs_load`` says the
+copy is missing or older than ``SESSION_RECHECK_S``. ``open_session`` and ``close_session``
+write the store: off the loop too. This module knows nothing about HTTP frameworks.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.errors import ConfigError, RequestError
 
@@ -47,6 +55,9 @@ TOKEN_MIN_CHARS = 32  # e.g. secrets.token_urlsafe(24); anything shorter may be 
 SCRYPT_MAX_BYTES = 2**30
 PBKDF2_MAX_ITERATIONS = 100_000_000
 SLOW_SCHEMES = ("scrypt", "pbkdf2_sha256")
+SESSION_RECHECK_S = 5.0  # a session seen here is re-read from the store after this long
+SESSION_ID_CHARS = 43  # secrets.token_urlsafe(32): anything else is not worth a query
+_URLSAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _b64(data: bytes) -> str:
@@ -179,12 +190,30 @@ class Session:
     expires: float
 
 
+class SessionStore(Protocol):
+    """Where sessions outlive one controller (agent.fleet.registry.Registry). Blocking."""
+
+    def save_session(self, key: str, csrf: str, user: str, expires: float) -> None: ...
+    def load_session(self, key: str) -> tuple[str, str, float] | None: ...
+    def delete_session(self, key: str) -> None: ...
+
+
+def _store_key(session_id: str) -> str:
+    # Whoever reads the database learns no cookie that logs in.
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
 class Authenticator:
     """Checks passwords and tokens, keeps sessions. Thread-safe: ``check_login`` and
     ``check_slow_token`` run in worker threads while the loop calls the rest."""
 
     def __init__(
-        self, password_hash: str | None, token_hashes: list[str], *, session_max_age_s: int = 43200
+        self,
+        password_hash: str | None,
+        token_hashes: list[str],
+        *,
+        session_max_age_s: int = 43200,
+        sessions: SessionStore | None = None,
     ) -> None:
         # Parsed here: a malformed hash fails at start, not at first login.
         self._password = _parse(password_hash) if password_hash else None
@@ -201,7 +230,8 @@ class Authenticator:
         # old-style ones that verified once (at most one entry per stored hash).
         self._token_digests = [p.digest for p in parsed if p.scheme == "sha256"]
         self.session_max_age_s = session_max_age_s
-        self._sessions: dict[str, Session] = {}
+        self._store = sessions
+        self._sessions: dict[str, tuple[Session, float]] = {}  # id -> (session, when checked)
         self._lock = threading.Lock()
 
     @property
@@ -240,31 +270,69 @@ class Authenticator:
         return None
 
     def open_session(self, user: str) -> Session:
+        """A new session, written to the store: run it off the loop."""
         session = Session(
             id=secrets.token_urlsafe(32),
             csrf=secrets.token_urlsafe(32),
             user=user,
             expires=time.time() + self.session_max_age_s,
         )
+        if self._store is not None:
+            self._store.save_session(
+                _store_key(session.id), session.csrf, session.user, session.expires
+            )
+        self._remember(session)
+        return session
+
+    def _remember(self, session: Session) -> None:
         with self._lock:
             now = time.time()
-            for key in [k for k, s in self._sessions.items() if s.expires < now]:
+            for key in [k for k, (s, _) in self._sessions.items() if s.expires < now]:
                 del self._sessions[key]
-            self._sessions[session.id] = session
+            self._sessions[session.id] = (session, time.monotonic())
+
+    def needs_load(self, session_id: str | None) -> bool:
+        """Whether ``load_session`` should run before ``session``: a store is configured, the
+        id could be one, and this controller has not seen it within ``SESSION_RECHECK_S``."""
+        if self._store is None or not session_id or len(session_id) != SESSION_ID_CHARS:
+            return False
+        if not _URLSAFE.issuperset(session_id):
+            return False
+        with self._lock:
+            found = self._sessions.get(session_id)
+        return found is None or time.monotonic() - found[1] >= SESSION_RECHECK_S
+
+    def load_session(self, session_id: str) -> Session | None:
+        """Read a session from the store into memory (a query: run it off the loop); a session
+        the store no longer has (logged out elsewhere, expired) is forgotten here too."""
+        if self._store is None:
+            return self.session(session_id)
+        stored = self._store.load_session(_store_key(session_id))
+        if stored is None:
+            with self._lock:
+                self._sessions.pop(session_id, None)
+            return None
+        csrf, user, expires = stored
+        session = Session(id=session_id, csrf=csrf, user=user, expires=expires)
+        self._remember(session)
         return session
 
     def session(self, session_id: str | None) -> Session | None:
+        """The session as this controller last read it: memory only, fine on the loop."""
         if not session_id:
             return None
         with self._lock:
             found = self._sessions.get(session_id)
-        if found is None or found.expires < time.time():
+        if found is None or found[0].expires < time.time():
             return None
-        return found
+        return found[0]
 
     def close_session(self, session_id: str | None) -> None:
+        """End a session here and in the store: run it off the loop."""
         with self._lock:
             self._sessions.pop(session_id or "", None)
+        if self._store is not None and session_id:
+            self._store.delete_session(_store_key(session_id))
 
     @staticmethod
     def csrf_matches(session: Session, offered: str | None) -> bool:

@@ -14,8 +14,8 @@ Threads and who owns what:
 - The web server (uvicorn, agent.fleet.web) calls ``send_command``/``send_prompt`` from its
   event loop; those only publish and register waiters.
 
-Subscriptions: status, meta, events, cmd/result and replies on normal subscriptions
-(retained status/meta are not delivered to shared subscribers); telemetry through
+Subscriptions: status, meta, cmd/result and replies on normal subscriptions
+(retained status/meta are not delivered to shared subscribers); telemetry and events through
 ``$share/<group>/…`` so several controllers split the load. Start order is registry →
 ingest → rollouts → MQTT → dispatch; stop is the reverse.
 """
@@ -93,7 +93,9 @@ class FleetController:
             path=str(self.signing_key.path),
         )
         self.registry = Registry(
-            config.db_path,
+            config.registry.url or config.db_path,
+            pool_size=config.registry.pool_size,
+            password=read_secret(config.registry.password_file, "registry-password"),
             telemetry_sample_s=config.telemetry_sample_s,
             telemetry_retention_s=config.telemetry_retention_s,
             events_retention_s=config.events_retention_s,
@@ -107,7 +109,9 @@ class FleetController:
             limits=config.ingest,
             on_batch=self._on_batch,
         )
-        self.rollouts = RolloutManager(self, command_timeout_s=config.command_timeout_s)
+        self.rollouts = RolloutManager(
+            self, command_timeout_s=config.command_timeout_s, lease_s=config.rollout_lease_s
+        )
         self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10_000)
         self.mqtt = MQTTClient(
             config.mqtt,
@@ -127,10 +131,13 @@ class FleetController:
         self.ingest.start()
         self.rollouts.start()
         p = self.prefix
-        for kind in ("status", "meta", "events", "cmd/result"):
+        for kind in ("status", "meta", "cmd/result"):
             self.mqtt.subscribe(f"{p}/+/{kind}", 1)
         self.mqtt.subscribe(f"{p}/+/reply/+", 1)
-        self.mqtt.subscribe(f"$share/{self.config.telemetry_share_group}/{p}/+/telemetry", 0)
+        share = f"$share/{self.config.telemetry_share_group}/{p}/+"
+        self.mqtt.subscribe(f"{share}/telemetry", 0)
+        # Shared like telemetry: on a shared database each event is stored once, not N times.
+        self.mqtt.subscribe(f"{share}/events", 1)
         self._dispatch_thread = threading.Thread(
             target=self._dispatch, name="fleet-dispatch", daemon=True
         )

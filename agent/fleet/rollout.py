@@ -8,9 +8,16 @@ after ``command_timeout_s``. When more than ``abort_percent`` of the finished de
 failed, the rollout stops and the rest are skipped. Download events update a device's
 progress. Rollback sends every touched device its previous manifest and pin at once.
 
-State lives in memory and in the registry's rollouts tables (so the API can show history);
-one thread (``fleet-rollout``) paces; cmd results arrive from the ingest thread.
-This module does not talk MQTT itself: it calls the controller's ``send_command``.
+State lives in the registry's rollouts tables and, as a copy, in memory (for the API).
+Several controllers may share one registry: exactly one drives each rollout, the one holding
+its lease (``Registry.take_lease``, renewed every ``lease_s / 4`` while the rollout runs, so a
+dead holder's lease runs out after ``lease_s`` and another controller takes over). Taking
+over reloads the rollout from the registry and settles the steps whose commands were answered
+meanwhile (every controller records every cmd/result), so nothing is sent twice that was
+answered. The others reload their copy every ``SYNC_S``; a rollback asked of any controller
+takes the lease from whoever holds it. One thread (``fleet-rollout``) paces and renews; cmd
+results arrive from the ingest thread. This module does not talk MQTT itself: it calls the
+controller's ``send_command``.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 TICK_S = 0.25
+SYNC_S = 1.0  # how often a controller reloads the rollouts it does not drive
+LEASE_S = 10.0
 FINISHED = ("done", "failed")
 IN_FLIGHT = ("set_manifest", "pin", "rolling_back", "rolling_back_pin")
+ACTIVE = ("running", "rolling_back")
 
 
 class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -98,6 +108,56 @@ class Rollout:
         }
 
 
+def _rollout_of(row: dict[str, Any], step_rows: list[dict[str, Any]]) -> Rollout:
+    """A rollout as the registry stores it."""
+    spec = msgspec.json.decode(row["spec"], type=RolloutSpec)
+    rollout = Rollout(
+        id=row["id"],
+        spec=spec,
+        source=spec.manifest,
+        created=row["created_ts"],
+        state=row["state"],
+        reason=row["reason"],
+    )
+    for step_row in step_rows:
+        rollout.steps.append(
+            DeviceStep(
+                step_row["device_id"],
+                step_row["position"],
+                state=step_row["state"],
+                previous=msgspec.json.decode(step_row["previous"] or "{}"),
+                cmd_id=step_row["cmd_id"],
+                sent_at=step_row["updated_ts"] or 0.0,
+                progress=step_row["progress"],
+                error=step_row["error"],
+            )
+        )
+    return rollout
+
+
+def _step_rows(rollout: Rollout) -> list[tuple]:
+    """The rollout's steps as ``Registry.save_rollout`` stores them."""
+    return [
+        (
+            step.device_id,
+            step.position,
+            step.state,
+            msgspec.json.encode(step.previous).decode(),
+            step.cmd_id,
+            step.progress,
+            step.error,
+            # When its command went out: a controller taking over times it from there.
+            step.sent_at or None,
+        )
+        for step in rollout.steps
+    ]
+
+
+def needs_driver(rollout: Rollout) -> bool:
+    """Whether a controller must hold this rollout's lease: it paces, or waits for answers."""
+    return rollout.state in ACTIVE or any(s.state in IN_FLIGHT for s in rollout.steps)
+
+
 def previous_of(meta: dict[str, Any]) -> dict[str, Any]:
     """What a device runs now, as far as its meta says: where its manifest came from and its pin."""
     selection = meta.get("selection") or {}
@@ -107,11 +167,21 @@ def previous_of(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class RolloutManager:
-    def __init__(self, controller: "FleetController", *, command_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        controller: "FleetController",
+        *,
+        command_timeout_s: float = 600.0,
+        lease_s: float = LEASE_S,
+    ) -> None:
         self.controller = controller
         self.command_timeout_s = command_timeout_s
+        self.lease_s = lease_s
+        self.owner = controller.config.controller_id
         self.rollouts: dict[str, Rollout] = {}
         self._by_command: dict[str, tuple[Rollout, DeviceStep]] = {}
+        self._held: dict[str, float] = {}  # rollout id -> when this controller last renewed
+        self._synced = 0.0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,39 +195,64 @@ class RolloutManager:
         self._stop.set()
         if self._thread:
             self._thread.join(5)
+        with self._lock:
+            for rollout_id in list(self._held):
+                # A clean stop hands the rollout on at once instead of after lease_s.
+                self.controller.registry.release_lease(rollout_id, self.owner)
+            self._held.clear()
 
     def restore(self) -> None:
-        """Rollouts from the registry, so a restarted controller shows them and paces on."""
+        """Reload every rollout this controller does not drive from the registry: those other
+        controllers drive or created, and (at start) all of them."""
+        with self._lock:
+            for row, step_rows in self.controller.registry.rollout_rows():
+                if row["id"] not in self._held:
+                    self.rollouts[row["id"]] = _rollout_of(row, step_rows)
+            self._synced = time.monotonic()
+
+    def _hold(self, rollout: Rollout) -> Rollout | None:
+        """The rollout to drive when this controller holds (or just took) its lease, else
+        None. Under ``_lock``."""
+        now = time.monotonic()
+        renewed = self._held.get(rollout.id)
+        if renewed is not None and now - renewed < self.lease_s / 4:
+            return rollout
+        if not self.controller.registry.take_lease(rollout.id, self.owner, self.lease_s):
+            if renewed is not None:
+                log.warning("rollout_lease_lost", rollout=rollout.id, owner=self.owner)
+                self._drop(rollout.id)
+            return None
+        self._held[rollout.id] = now
+        if renewed is None:
+            rollout = self._take_over(rollout.id) or rollout
+        return rollout
+
+    def _drop(self, rollout_id: str) -> None:
+        self._held.pop(rollout_id, None)
+        for cmd_id in [k for k, (r, _) in self._by_command.items() if r.id == rollout_id]:
+            del self._by_command[cmd_id]
+
+    def _take_over(self, rollout_id: str) -> Rollout | None:
+        """Reload a rollout whose lease this controller just took, and settle the steps whose
+        commands were answered while no one here was waiting for them."""
         registry = self.controller.registry
-        for row in registry.query("SELECT id, created_ts, spec, state, reason FROM rollouts"):
-            spec = msgspec.json.decode(row["spec"], type=RolloutSpec)
-            steps_rows = registry.query(
-                "SELECT * FROM rollout_devices WHERE rollout_id=? ORDER BY position", (row["id"],)
-            )
-            source = spec.manifest
-            rollout = Rollout(
-                id=row["id"],
-                spec=spec,
-                source=source,
-                created=row["created_ts"],
-                state=row["state"],
-                reason=row["reason"],
-            )
-            for step_row in steps_rows:
-                step = DeviceStep(
-                    step_row["device_id"],
-                    step_row["position"],
-                    state=step_row["state"],
-                    previous=msgspec.json.decode(step_row["previous"] or "{}"),
-                    cmd_id=step_row["cmd_id"],
-                    sent_at=step_row["updated_ts"] or 0.0,
-                    progress=step_row["progress"],
-                    error=step_row["error"],
+        found = registry.rollout_rows(rollout_id)
+        if not found:
+            return None
+        rollout = _rollout_of(*found[0])
+        self.rollouts[rollout.id] = rollout
+        log.info("rollout_lease_taken", rollout=rollout.id, owner=self.owner)
+        for step in rollout.steps:
+            if not (step.cmd_id and step.state in IN_FLIGHT):
+                continue
+            self._by_command[step.cmd_id] = (rollout, step)
+            command = registry.command(step.cmd_id)
+            if command is not None and command["done_ts"] is not None:
+                self.on_cmd_result(
+                    step.device_id,
+                    {"id": step.cmd_id, "ok": command["ok"], "error": command["result"]},
                 )
-                rollout.steps.append(step)
-                if step.cmd_id and step.state in IN_FLIGHT:
-                    self._by_command[step.cmd_id] = (rollout, step)
-            self.rollouts[rollout.id] = rollout
+        return rollout
 
     # --- API -----------------------------------------------------------------------------
 
@@ -188,18 +283,17 @@ class RolloutManager:
             rollout.steps.append(
                 DeviceStep(device_id, position, previous=previous_of(records[device_id].meta))
             )
+        # With its steps in one transaction: a controller that saw the rollout without its
+        # steps would find nothing left to do and complete it.
+        self.controller.registry.insert_rollout(
+            rollout.id,
+            rollout.created,
+            msgspec.json.encode(msgspec.structs.replace(spec, manifest=source)).decode(),
+            rollout.state,
+            _step_rows(rollout),
+        )
         with self._lock:
             self.rollouts[rollout.id] = rollout
-        self.controller.registry.execute(
-            "INSERT INTO rollouts (id, created_ts, spec, state) VALUES (?,?,?,?)",
-            (
-                rollout.id,
-                rollout.created,
-                msgspec.json.encode(msgspec.structs.replace(spec, manifest=source)).decode(),
-                rollout.state,
-            ),
-        )
-        self._persist(rollout)
         log.info(
             "rollout_created",
             rollout=rollout.id,
@@ -220,9 +314,13 @@ class RolloutManager:
 
     def rollback(self, rollout_id: str) -> Rollout:
         with self._lock:
-            rollout = self.rollouts.get(rollout_id)
-            if rollout is None:
+            if rollout_id not in self.rollouts:
                 raise RequestError(f"rollout {rollout_id!r} does not exist", field="id")
+            # Whoever drives it now stops at its next renewal; from here on this one does.
+            self.controller.registry.take_lease(rollout_id, self.owner, self.lease_s, force=True)
+            self._drop(rollout_id)
+            rollout = self._take_over(rollout_id) or self.rollouts[rollout_id]
+            self._held[rollout_id] = time.monotonic()
             rollout.state = "rolling_back"
             rollout.reason = "rollback requested"
             for step in rollout.steps:
@@ -256,7 +354,7 @@ class RolloutManager:
             if step.device_id != device_id:
                 return
             ok = bool(body.get("ok"))
-            error = body.get("error") or {}
+            error = (body.get("error") if not ok else None) or {}
             if not ok:
                 step.state = (
                     "rollback_failed" if step.state.startswith("rolling_back") else "failed"
@@ -327,27 +425,9 @@ class RolloutManager:
         self._persist(rollout)
 
     def _persist(self, rollout: Rollout) -> None:
-        registry = self.controller.registry
-        registry.execute(
-            "UPDATE rollouts SET state=?, reason=? WHERE id=?",
-            (rollout.state, rollout.reason, rollout.id),
+        self.controller.registry.save_rollout(
+            rollout.id, rollout.state, rollout.reason, _step_rows(rollout)
         )
-        for step in rollout.steps:
-            registry.execute(
-                "INSERT OR REPLACE INTO rollout_devices (rollout_id, device_id, position, state, previous,"
-                " cmd_id, progress, error, updated_ts) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    rollout.id,
-                    step.device_id,
-                    step.position,
-                    step.state,
-                    msgspec.json.encode(step.previous).decode(),
-                    step.cmd_id,
-                    step.progress,
-                    step.error,
-                    time.time(),
-                ),
-            )
 
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -359,8 +439,18 @@ class RolloutManager:
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._lock:
+            if time.monotonic() - self._synced >= SYNC_S:
+                self.restore()
             for rollout in list(self.rollouts.values()):
-                changed = False
+                if not needs_driver(rollout):
+                    if rollout.id in self._held:
+                        self._drop(rollout.id)
+                        self.controller.registry.release_lease(rollout.id, self.owner)
+                    continue
+                held = self._hold(rollout)
+                if held is None:
+                    continue
+                rollout, changed = held, False
                 for step in rollout.steps:
                     in_flight = step.state in IN_FLIGHT
                     if in_flight and now - step.sent_at > self.command_timeout_s:

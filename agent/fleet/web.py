@@ -30,7 +30,8 @@ from urllib.parse import quote
 import msgspec
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import (
     FileResponse,
     JSONResponse,
@@ -85,6 +86,23 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+class _SessionLoader:
+    """ASGI middleware: the dashboard session a request's cookie names is read (or re-read)
+    from the registry in a thread before the handler runs, so handlers find it in memory and
+    no query runs on the loop (a login on another controller is then valid here)."""
+
+    def __init__(self, app: Any, auth: Authenticator) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            session_id = HTTPConnection(scope).cookies.get(SESSION_COOKIE)
+            if self.auth.needs_load(session_id):
+                await run_in_threadpool(self.auth.load_session, session_id)
+        await self.app(scope, receive, send)
+
+
 class FleetWeb:
     def __init__(
         self, controller: FleetController, config: FleetConfig, models: ModelDirectory | None = None
@@ -97,6 +115,7 @@ class FleetWeb:
             config.auth.admin_password_hash,
             config.auth.api_token_hashes,
             session_max_age_s=config.auth.session_max_age_s,
+            sessions=controller.registry,
         )
         # Both owned by the event loop: only handlers touch them.
         self.failures = FailureLimiter(
@@ -108,7 +127,9 @@ class FleetWeb:
         self.templates.env.filters["bytes"] = format_bytes
         self.templates.env.filters["ago"] = lambda ts: _ago(ts)
         self.app = Starlette(
-            routes=self._routes(), exception_handlers={EdgeAgentError: self._on_error}
+            routes=self._routes(),
+            exception_handlers={EdgeAgentError: self._on_error},
+            middleware=[Middleware(_SessionLoader, auth=self.auth)],
         )
 
     # --- plumbing ------------------------------------------------------------------------
@@ -326,7 +347,7 @@ class FleetWeb:
                 status_code=401,
             )
             return response
-        session = self.auth.open_session(user)
+        session = await run_in_threadpool(self.auth.open_session, user)
         log.info("login", user=user)
         response = RedirectResponse(next_url, status_code=303)
         response.set_cookie(
@@ -345,7 +366,7 @@ class FleetWeb:
         denied = await self._authorize(request, form)
         if denied:
             return denied
-        self.auth.close_session(request.cookies.get(SESSION_COOKIE))
+        await run_in_threadpool(self.auth.close_session, request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
         return response

@@ -2,6 +2,10 @@
 
 The simulated devices are scripts/simulate_fleet.py, the same code `scripts/simulate-fleet`
 runs: protocol-correct status/meta/telemetry/events/replies, no model.
+
+The registry is SQLite unless a test module runs on both databases with ``BOTH_REGISTRIES``
+(``pytestmark = BOTH_REGISTRIES``): then each test runs once on SQLite and once on its own
+database in the session's real PostgreSQL (tests/support/postgres.py).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Callable
 
 import pytest
 
-from agent.config import FleetAuthConfig, FleetConfig, MQTTConfig
+from agent.config import FleetAuthConfig, FleetConfig, FleetRegistryConfig, MQTTConfig
 from agent.fleet.auth import hash_secret
 from tests.support.broker import free_port
+from tests.support.postgres import Postgres
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,8 +81,37 @@ def make_config(tmp_path: Path, broker, **overrides) -> FleetConfig:
     return FleetConfig(**values)
 
 
+BOTH_REGISTRIES = pytest.mark.parametrize(
+    "registry_backend", ["sqlite", "postgresql"], indirect=True
+)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL for the session; tests take databases from it."""
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def fleet_config(tmp_path: Path, broker) -> FleetConfig:
+def registry_backend(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def registry_location(request, registry_backend: str, tmp_path: Path) -> str:
+    """What ``Registry`` opens: a SQLite path, or the URL of a fresh PostgreSQL database."""
+    if registry_backend == "postgresql":
+        return request.getfixturevalue("postgres").fresh_database()
+    return str(tmp_path / "fleet.db")
+
+
+@pytest.fixture
+def fleet_config(tmp_path: Path, broker, registry_backend: str, request) -> FleetConfig:
+    if registry_backend == "postgresql":
+        url = request.getfixturevalue("postgres").fresh_database()
+        return make_config(tmp_path, broker, registry=FleetRegistryConfig(url=url))
     return make_config(tmp_path, broker)
 
 

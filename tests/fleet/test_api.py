@@ -9,7 +9,9 @@ import re
 import httpx
 import pytest
 
-from tests.fleet.conftest import wait_for
+from tests.fleet.conftest import BOTH_REGISTRIES, wait_for
+
+pytestmark = BOTH_REGISTRIES
 
 
 def manifest_for(path, quant: str) -> dict:

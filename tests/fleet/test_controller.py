@@ -7,7 +7,9 @@ import time
 
 import paho.mqtt.client as paho
 
-from tests.fleet.conftest import wait_for
+from tests.fleet.conftest import BOTH_REGISTRIES, wait_for
+
+pytestmark = BOTH_REGISTRIES
 
 
 def publish(broker, topic: str, body: dict, retain: bool = True) -> None:

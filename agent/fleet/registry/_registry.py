@@ -1,15 +1,23 @@
 """The controller's registry: every device, its latest status/meta/telemetry, history, commands.
 
-SQLite in WAL mode holds what must survive a restart: devices with their latest status,
-meta and telemetry, a telemetry time series kept at one point per device per
-``telemetry_sample_s`` for ``telemetry_retention_s``, events, commands with their results,
-and rollouts. An in-memory copy of the device rows (``DeviceRecord``) answers the dashboard,
-API and /metrics without touching the disk.
+A database holds what must survive a restart: devices with their latest status, meta and
+telemetry, a telemetry time series kept at one point per device per ``telemetry_sample_s``
+for ``telemetry_retention_s``, events, commands with their results, rollouts (with the lease
+that says which controller drives each) and dashboard sessions. It is SQLite (WAL) at a path,
+or PostgreSQL at a ``postgresql://`` URL (agent.fleet.registry._backends); the SQL here is the
+one both accept, and nothing outside this package knows which it is. An in-memory copy of the
+device rows (``DeviceRecord``) answers the dashboard, API and /metrics without a query.
 
 Writes: ``apply_batch`` is called by the one ingest writer thread with a batch of decoded
-messages and commits them in one transaction (executemany per table); the web side writes
-its low-rate rows (commands, rollouts) through the same connection under ``_write_lock``.
-Reads of history use one connection per thread. This module does no MQTT and no HTTP.
+messages and commits them in one transaction (telemetry points in one batch insert: COPY on
+PostgreSQL); the web side and the rollout thread write their low-rate rows (commands,
+rollouts, sessions) in their own short transactions. Every method here blocks on the
+database: callers on an event loop go through a thread. This module does no MQTT and no HTTP.
+
+Several controllers on one PostgreSQL each receive every status, meta and cmd/result but only
+their share of telemetry and events (shared subscriptions), so ``refresh_shared`` (called by
+the ingest thread) folds in the latest telemetry the others wrote, and every chart is read
+from the database, which holds all of it.
 
 What it takes is validated (agent.fleet.schemas): ``apply_batch`` gets objects that passed
 their schema, and rows loaded at start are validated again, so a record written by an older
@@ -19,93 +27,27 @@ Bound on disk per device: one ``devices`` row (meta and telemetry, each at most 
 limit), telemetry points at most one per ``telemetry_sample_s`` of controller time for
 ``telemetry_retention_s``, and at most ``events_per_device`` plus 10 % events (the newest;
 older ones go in the same transaction), each at most ``event_max_bytes``: with the defaults,
-1100 x 8 KiB = 8.6 MiB of events per device, whatever the device sends.
+1100 x 8 KiB = 8.6 MiB of events per device, whatever the device sends (with N controllers
+each trims on its own count: up to 1000 + N x 100 events).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import msgspec
 
 from agent.errors import RequestError
 from agent.fleet import schemas
+from agent.fleet.registry._backends import Transaction, open_backend
 from agent.log import get_logger
 
 log = get_logger(__name__)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    id TEXT PRIMARY KEY,
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    state TEXT,
-    session INTEGER,
-    status_ts REAL,
-    version TEXT,
-    meta TEXT,
-    meta_ts REAL,
-    telemetry TEXT,
-    telemetry_ts REAL
-);
-CREATE TABLE IF NOT EXISTS telemetry (
-    device_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    decode_tps REAL,
-    prefill_tps REAL,
-    mem_bytes INTEGER,
-    rss_bytes INTEGER,
-    temp_c REAL,
-    cpu_percent REAL,
-    queue_depth INTEGER
-);
-CREATE INDEX IF NOT EXISTS telemetry_by_device ON telemetry (device_id, ts);
-CREATE INDEX IF NOT EXISTS telemetry_by_ts ON telemetry (ts);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    ts REAL NOT NULL,
-    kind TEXT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_device ON events (device_id, id);
-CREATE TABLE IF NOT EXISTS commands (
-    id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    op TEXT NOT NULL,
-    args TEXT NOT NULL,
-    sent_ts REAL NOT NULL,
-    done_ts REAL,
-    ok INTEGER,
-    result TEXT,
-    source TEXT
-);
-CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device_id, sent_ts);
-CREATE TABLE IF NOT EXISTS rollouts (
-    id TEXT PRIMARY KEY,
-    created_ts REAL NOT NULL,
-    spec TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT
-);
-CREATE TABLE IF NOT EXISTS rollout_devices (
-    rollout_id TEXT NOT NULL,
-    device_id TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    previous TEXT,
-    cmd_id TEXT,
-    progress REAL,
-    error TEXT,
-    updated_ts REAL,
-    PRIMARY KEY (rollout_id, device_id)
-);
-"""
 
 # Telemetry keys as the daemon sends them; the first present name wins, so a renamed field
 # on older agents still charts.
@@ -122,6 +64,10 @@ TELEMETRY_FIELDS = {
 # lag are stamped with the arrival time instead (a far-future ts would dodge retention).
 MAX_CLOCK_SKEW_S = 300.0
 REJECTION_EVENT_EVERY_S = 10.0  # at most one rejected_input event per device and this period
+# Shared database: how far back ``refresh_shared`` looks past the newest row it has seen, so a
+# row another controller committed late (its batch took a while) is still picked up.
+REFRESH_OVERLAP_S = 5.0
+SAMPLE_COLUMNS = ("device_id", "ts", *TELEMETRY_FIELDS)
 
 
 def pick(source: dict[str, Any] | None, names: Iterable[str]) -> Any:
@@ -211,6 +157,13 @@ _UPSERT_TELEMETRY = (
     " ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen,"
     " telemetry=excluded.telemetry, telemetry_ts=excluded.telemetry_ts"
 )
+_UPSERT_STEP = (
+    "INSERT INTO rollout_devices (rollout_id, device_id, position, state, previous, cmd_id,"
+    " progress, error, updated_ts) VALUES (?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT(rollout_id, device_id) DO UPDATE SET position=excluded.position,"
+    " state=excluded.state, previous=excluded.previous, cmd_id=excluded.cmd_id,"
+    " progress=excluded.progress, error=excluded.error, updated_ts=excluded.updated_ts"
+)
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
 
@@ -222,90 +175,90 @@ def _dumps(value: Any) -> str:
 class Registry:
     def __init__(
         self,
-        db_path: str | Path,
+        location: str | Path,
         *,
+        pool_size: int = 8,
+        password: str | None = None,
         telemetry_sample_s: float = 10.0,
         telemetry_retention_s: float = 7 * 86400.0,
         events_retention_s: float = 30 * 86400.0,
         events_per_device: int = 1000,
         event_max_bytes: int = 8 * 1024,
     ) -> None:
-        self.db_path = str(db_path)
-        if self.db_path != ":memory:":
-            Path(self.db_path).parent.mkdir(parents=True, exist_ok=True)
+        """``location``: a SQLite file path (or ":memory:"), or a ``postgresql://`` URL."""
+        self.backend = open_backend(location, pool_size=pool_size, password=password)
         self.telemetry_sample_s = telemetry_sample_s
         self.telemetry_retention_s = telemetry_retention_s
         self.events_retention_s = events_retention_s
         self.events_per_device = events_per_device
         self.event_max_bytes = event_max_bytes
-        self._write_lock = threading.Lock()
-        self._writer = self._connect()
-        self._writer.executescript(SCHEMA)
-        self._local = threading.local()
         self._devices_lock = threading.Lock()
         self.devices: dict[str, DeviceRecord] = {}
+        self._refreshed_to = 0.0  # the newest devices.last_seen refresh_shared has read
         self._load_devices()
         self._event_counts: dict[str, int] = {}
         self._bound_stored_events()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL is durable across a controller crash in WAL mode; only a power cut can lose
-        # the last batch, which the devices resend anyway (retained status/meta, telemetry).
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        return conn
-
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            conn.row_factory = sqlite3.Row
-            self._local.conn = conn
-        return conn
+    @property
+    def shared(self) -> bool:
+        """Whether other controllers may write this database (PostgreSQL)."""
+        return self.backend.shared
 
     def close(self) -> None:
-        with self._write_lock:
-            self._writer.close()
+        self.backend.close()
 
     def _load_devices(self) -> None:
-        rows = self._writer.execute(
+        for row in self.backend.query(
             "SELECT id, first_seen, last_seen, state, session, status_ts, version, meta, meta_ts,"
             " telemetry, telemetry_ts FROM devices"
-        ).fetchall()
-        for row in rows:
-            record = DeviceRecord(
-                id=row[0],
-                first_seen=row[1],
-                last_seen=row[2],
-                state=row[3] if row[3] in _STATES else None,
-                session=row[4] if isinstance(row[4], int) else None,
-                status_ts=row[5] if isinstance(row[5], float) else None,
-                agent_version=row[6] if isinstance(row[6], str) else None,
-                meta_ts=row[8],
-            )
-            record.meta = _load_stored(record, "meta", row[7])
-            record.telemetry = _load_stored(record, "telemetry", row[9])
-            if record.telemetry:
-                record.telemetry_ts = row[10]
-                record.last_sample_ts = row[10] or 0.0
+        ):
+            record = _record_of(row)
             self.devices[record.id] = record
+            self._refreshed_to = max(self._refreshed_to, record.last_seen)
+
+    def refresh_shared(self) -> int:
+        """Fold in what other controllers on this database wrote since the last call: the
+        latest telemetry of every device (their share of it), and devices only they have
+        seen. A no-op on a database no one else writes. Returns the devices updated."""
+        if not self.shared:
+            return 0
+        rows = self.backend.query(
+            "SELECT id, first_seen, last_seen, state, session, status_ts, version, meta, meta_ts,"
+            " telemetry, telemetry_ts FROM devices WHERE last_seen > ?",
+            (self._refreshed_to - REFRESH_OVERLAP_S,),
+        )
+        updated = 0
+        for row in rows:
+            self._refreshed_to = max(self._refreshed_to, row["last_seen"])
+            record = self.devices.get(row["id"])
+            if record is None:
+                record = _record_of(row)
+                with self._devices_lock:
+                    self.devices.setdefault(record.id, record)
+                updated += 1
+                continue
+            stored_ts = row["telemetry_ts"]
+            if stored_ts is None or (record.telemetry_ts or 0.0) >= stored_ts:
+                continue
+            telemetry = _load_stored(record, "telemetry", row["telemetry"])
+            if telemetry:
+                record.telemetry, record.telemetry_ts = telemetry, stored_ts
+                record.last_sample_ts = max(record.last_sample_ts, stored_ts)
+            record.last_seen = max(record.last_seen, row["last_seen"])
+            record.version += 1
+            updated += 1
+        return updated
 
     def _bound_stored_events(self) -> None:
         """Hold events written before these bounds to them too: drop oversize bodies, trim
         each device to its cap, and learn the per-device counts that later trims use."""
-        with self._write_lock:
-            self._writer.execute(
-                "DELETE FROM events WHERE length(body) > ?", (self.event_max_bytes,)
-            )
-            counts = self._writer.execute(
-                "SELECT device_id, COUNT(*) FROM events GROUP BY device_id"
-            ).fetchall()
+        with self.backend.transaction() as tx:
+            tx.execute("DELETE FROM events WHERE length(body) > ?", (self.event_max_bytes,))
+            counts = tx.fetchall("SELECT device_id, COUNT(*) FROM events GROUP BY device_id")
             for device_id, count in counts:
                 self._event_counts[device_id] = count
                 if count > self.events_per_device:
-                    self._trim_events(self._writer, device_id)
+                    self._trim_events(tx, device_id)
 
     # --- ingest -------------------------------------------------------------------------
 
@@ -339,8 +292,12 @@ class Registry:
                 if message.received - record.last_rejection_event >= REJECTION_EVENT_EVERY_S:
                     record.last_rejection_event = message.received
                     events.append(
-                        (record.id, message.received, "rejected_input",
-                         _dumps({"event": "rejected_input", "ts": message.received, **body}))
+                        (
+                            record.id,
+                            message.received,
+                            "rejected_input",
+                            _dumps({"event": "rejected_input", "ts": message.received, **body}),
+                        )
                     )
                     trim.add(record.id)
                 continue
@@ -418,7 +375,8 @@ class Registry:
                         sent,
                     )
             elif message.kind == "events":
-                kind = str(body.get("event") or body.get("type") or "event")
+                # PostgreSQL text cannot hold NUL; the body keeps it, escaped in the JSON.
+                kind = str(body.get("event") or body.get("type") or "event").replace("\x00", "")
                 ts = body.get("ts")
                 if ts is None or abs(ts - message.received) > MAX_CLOCK_SKEW_S:
                     ts = message.received  # retention counts from it: it must not be the future
@@ -434,65 +392,52 @@ class Registry:
                 continue
             record.version += 1
             outcome.applied += 1
-        with self._write_lock:
-            conn = self._writer
-            conn.execute("BEGIN")
-            try:
-                if status_rows:
-                    conn.executemany(
-                        "INSERT INTO devices (id, first_seen, last_seen, state, session, status_ts, version)"
-                        " VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen,"
-                        " state=excluded.state, session=excluded.session, status_ts=excluded.status_ts,"
-                        " version=excluded.version",
-                        list(status_rows.values()),
-                    )
-                if meta_rows:
-                    conn.executemany(
-                        "INSERT INTO devices (id, first_seen, last_seen, meta, meta_ts) VALUES (?,?,?,?,?)"
-                        " ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen, meta=excluded.meta,"
-                        " meta_ts=excluded.meta_ts",
-                        list(meta_rows.values()),
-                    )
-                if seen_rows:
-                    conn.executemany(_UPSERT_TELEMETRY, list(seen_rows.values()))
-                if samples:
-                    conn.executemany(
-                        "INSERT INTO telemetry (device_id, ts, decode_tps, prefill_tps, mem_bytes, rss_bytes,"
-                        " temp_c, cpu_percent, queue_depth) VALUES (?,?,?,?,?,?,?,?,?)",
-                        samples,
-                    )
-                if events:
-                    conn.executemany(
-                        "INSERT INTO events (device_id, ts, kind, body) VALUES (?,?,?,?)", events
-                    )
-                    for device_id, *_ in events:
-                        self._event_counts[device_id] = self._event_counts.get(device_id, 0) + 1
-                    for device_id in trim:
-                        # 10 % slack: one DELETE per device per ~100 events, not per event.
-                        if self._event_counts[device_id] > self.events_per_device * 1.1:
-                            self._trim_events(conn, device_id)
-                if results:
-                    conn.executemany(
-                        "UPDATE commands SET done_ts=?, ok=?, result=? WHERE id=? AND device_id=?",
-                        results,
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self.backend.transaction() as tx:
+            if status_rows:
+                tx.executemany(
+                    "INSERT INTO devices (id, first_seen, last_seen, state, session, status_ts,"
+                    " version) VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
+                    " last_seen=excluded.last_seen, state=excluded.state, session=excluded.session,"
+                    " status_ts=excluded.status_ts, version=excluded.version",
+                    list(status_rows.values()),
+                )
+            if meta_rows:
+                tx.executemany(
+                    "INSERT INTO devices (id, first_seen, last_seen, meta, meta_ts) VALUES"
+                    " (?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET last_seen=excluded.last_seen,"
+                    " meta=excluded.meta, meta_ts=excluded.meta_ts",
+                    list(meta_rows.values()),
+                )
+            if seen_rows:
+                tx.executemany(_UPSERT_TELEMETRY, list(seen_rows.values()))
+            if samples:
+                tx.insert_rows("telemetry", SAMPLE_COLUMNS, samples)
+            if events:
+                tx.insert_rows("events", ("device_id", "ts", "kind", "body"), events)
+                for device_id, *_ in events:
+                    self._event_counts[device_id] = self._event_counts.get(device_id, 0) + 1
+                for device_id in trim:
+                    # 10 % slack: one DELETE per device per ~100 events, not per event.
+                    if self._event_counts[device_id] > self.events_per_device * 1.1:
+                        self._trim_events(tx, device_id)
+            if results:
+                tx.executemany(
+                    "UPDATE commands SET done_ts=?, ok=?, result=? WHERE id=? AND device_id=?",
+                    results,
+                )
         return outcome
 
-    def _trim_events(self, conn: sqlite3.Connection, device_id: str) -> None:
-        """Keep the newest ``events_per_device`` events of one device (under ``_write_lock``)."""
-        removed = conn.execute(
+    def _trim_events(self, tx: Transaction, device_id: str) -> None:
+        """Keep the newest ``events_per_device`` events of one device (inside ``tx``)."""
+        removed = tx.execute(
             "DELETE FROM events WHERE device_id=? AND id <= (SELECT id FROM events WHERE"
             " device_id=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
             (device_id, device_id, self.events_per_device),
-        ).rowcount
+        )
         # Counted again rather than decremented: retention prunes without telling the counts.
-        self._event_counts[device_id] = conn.execute(
+        self._event_counts[device_id] = tx.fetchall(
             "SELECT COUNT(*) FROM events WHERE device_id=?", (device_id,)
-        ).fetchone()[0]
+        )[0][0]
         log.info("events_trimmed", device=device_id, removed=removed)
 
     def persist_latest(self) -> None:
@@ -502,54 +447,137 @@ class Registry:
             for r in self.snapshot()
             if r.telemetry
         ]
-        with self._write_lock:
-            self._writer.executemany(_UPSERT_TELEMETRY, rows)
+        if rows:
+            with self.backend.transaction() as tx:
+                tx.executemany(_UPSERT_TELEMETRY, rows)
 
     def prune(self, now: float | None = None) -> int:
         """Drop telemetry and events past their retention; returns rows removed."""
         now = time.time() if now is None else now
-        with self._write_lock:
-            removed = self._writer.execute(
+        with self.backend.transaction() as tx:
+            removed = tx.execute(
                 "DELETE FROM telemetry WHERE ts < ?", (now - self.telemetry_retention_s,)
-            ).rowcount
-            removed += self._writer.execute(
+            )
+            removed += tx.execute(
                 "DELETE FROM events WHERE ts < ?", (now - self.events_retention_s,)
-            ).rowcount
+            )
+            # Sessions past their expiry are refused anyway; this keeps the table small.
+            tx.execute("DELETE FROM sessions WHERE expires < ?", (now,))
         return removed
 
-    # --- commands and rollouts (low rate, from the web side) -----------------------------
+    # --- commands (low rate, from the web side) ------------------------------------------
 
     def record_command(
         self, command_id: str, device_id: str, op: str, args: dict, source: str
     ) -> None:
-        with self._write_lock:
-            self._writer.execute(
-                "INSERT OR REPLACE INTO commands (id, device_id, op, args, sent_ts, source) VALUES (?,?,?,?,?,?)",
+        with self.backend.transaction() as tx:
+            tx.execute(
+                "INSERT INTO commands (id, device_id, op, args, sent_ts, source) VALUES"
+                " (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET device_id=excluded.device_id,"
+                " op=excluded.op, args=excluded.args, sent_ts=excluded.sent_ts,"
+                " done_ts=NULL, ok=NULL, result=NULL, source=excluded.source",
                 (command_id, device_id, op, _dumps(args), time.time(), source),
             )
 
     def command(self, command_id: str) -> dict[str, Any] | None:
-        row = self._reader().execute("SELECT * FROM commands WHERE id=?", (command_id,)).fetchone()
-        return _command_dict(row) if row else None
+        rows = self.backend.query("SELECT * FROM commands WHERE id=?", (command_id,))
+        return _command_dict(rows[0]) if rows else None
 
     def commands(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
-        rows = (
-            self._reader()
-            .execute(
-                "SELECT * FROM commands WHERE device_id=? ORDER BY sent_ts DESC LIMIT ?",
-                (device_id, limit),
-            )
-            .fetchall()
+        rows = self.backend.query(
+            "SELECT * FROM commands WHERE device_id=? ORDER BY sent_ts DESC LIMIT ?",
+            (device_id, limit),
         )
         return [_command_dict(row) for row in rows]
 
-    def execute(self, sql: str, params: tuple = ()) -> None:
-        """One write of the rollout manager, serialised with the ingest batches."""
-        with self._write_lock:
-            self._writer.execute(sql, params)
+    # --- rollouts (agent.fleet.rollout) ----------------------------------------------------
 
-    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        return self._reader().execute(sql, params).fetchall()
+    def insert_rollout(
+        self, rollout_id: str, created: float, spec: str, state: str, steps: list[tuple]
+    ) -> None:
+        """A new rollout with its device steps (rows as ``save_rollout`` takes), at once."""
+        with self.backend.transaction() as tx:
+            tx.execute(
+                "INSERT INTO rollouts (id, created_ts, spec, state) VALUES (?,?,?,?)",
+                (rollout_id, created, spec, state),
+            )
+            tx.executemany(_UPSERT_STEP, [(rollout_id, *step) for step in steps])
+
+    def save_rollout(
+        self, rollout_id: str, state: str, reason: str | None, steps: list[tuple]
+    ) -> None:
+        """A rollout's state and every device step, in one transaction. ``steps`` rows:
+        (device_id, position, state, previous JSON, cmd_id, progress, error, sent_ts)."""
+        with self.backend.transaction() as tx:
+            tx.execute(
+                "UPDATE rollouts SET state=?, reason=? WHERE id=?", (state, reason, rollout_id)
+            )
+            tx.executemany(_UPSERT_STEP, [(rollout_id, *step) for step in steps])
+
+    def rollout_rows(self, rollout_id: str | None = None) -> list[tuple[dict, list[dict]]]:
+        """Stored rollouts (one, or all) with their device steps in position order."""
+        where, params = ("WHERE id=?", (rollout_id,)) if rollout_id else ("", ())
+        rollouts = self.backend.query(
+            "SELECT id, created_ts, spec, state, reason, lease_owner, lease_expires"
+            f" FROM rollouts {where}",
+            params,
+        )
+        steps: dict[str, list[dict]] = {row["id"]: [] for row in rollouts}
+        if rollouts:
+            step_where = "WHERE rollout_id=?" if rollout_id else ""
+            for step in self.backend.query(
+                f"SELECT * FROM rollout_devices {step_where} ORDER BY rollout_id, position",
+                params,
+            ):
+                steps.setdefault(step["rollout_id"], []).append(step)
+        return [(row, steps[row["id"]]) for row in rollouts]
+
+    def take_lease(self, rollout_id: str, owner: str, ttl_s: float, *, force: bool = False) -> bool:
+        """Hold (or renew) the right to drive one rollout for ``ttl_s``: True when ``owner``
+        holds it now. Free, expired or already ours is taken; someone else's live lease only
+        with ``force`` (a rollback asked of this controller)."""
+        now = time.time()
+        condition = (
+            "" if force else " AND (lease_owner IS NULL OR lease_owner=? OR lease_expires<?)"
+        )
+        params: tuple = (owner, now + ttl_s, rollout_id) + (() if force else (owner, now))
+        with self.backend.transaction() as tx:
+            return (
+                tx.execute(
+                    f"UPDATE rollouts SET lease_owner=?, lease_expires=? WHERE id=?{condition}",
+                    params,
+                )
+                == 1
+            )
+
+    def release_lease(self, rollout_id: str, owner: str) -> None:
+        with self.backend.transaction() as tx:
+            tx.execute(
+                "UPDATE rollouts SET lease_owner=NULL, lease_expires=NULL"
+                " WHERE id=? AND lease_owner=?",
+                (rollout_id, owner),
+            )
+
+    # --- dashboard sessions (agent.fleet.auth) ---------------------------------------------
+
+    def save_session(self, key: str, csrf: str, user: str, expires: float) -> None:
+        with self.backend.transaction() as tx:
+            tx.execute(
+                "INSERT INTO sessions (key, csrf, username, expires) VALUES (?,?,?,?)",
+                (key, csrf, user, expires),
+            )
+
+    def load_session(self, key: str) -> tuple[str, str, float] | None:
+        """(csrf, user, expires) of a live session, or None."""
+        rows = self.backend.query(
+            "SELECT csrf, username, expires FROM sessions WHERE key=? AND expires>=?",
+            (key, time.time()),
+        )
+        return (rows[0]["csrf"], rows[0]["username"], rows[0]["expires"]) if rows else None
+
+    def delete_session(self, key: str) -> None:
+        with self.backend.transaction() as tx:
+            tx.execute("DELETE FROM sessions WHERE key=?", (key,))
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -558,52 +586,32 @@ class Registry:
             return list(self.devices.values())
 
     def series(self, device_id: str, since: float = 0.0, limit: int = 2000) -> list[dict[str, Any]]:
-        rows = (
-            self._reader()
-            .execute(
-                "SELECT ts, decode_tps, prefill_tps, mem_bytes, rss_bytes, temp_c, cpu_percent, queue_depth"
-                " FROM telemetry WHERE device_id=? AND ts>? ORDER BY ts DESC LIMIT ?",
-                (device_id, since, limit),
-            )
-            .fetchall()
+        rows = self.backend.query(
+            "SELECT ts, decode_tps, prefill_tps, mem_bytes, rss_bytes, temp_c, cpu_percent,"
+            " queue_depth FROM telemetry WHERE device_id=? AND ts>? ORDER BY ts DESC LIMIT ?",
+            (device_id, since, limit),
         )
-        return [dict(row) for row in reversed(rows)]
+        return rows[::-1]
 
     def events(
         self, device_id: str | None = None, after_id: int = 0, limit: int = 50
     ) -> list[dict[str, Any]]:
         if device_id is None:
-            rows = (
-                self._reader()
-                .execute(
-                    "SELECT id, device_id, ts, kind, body FROM events WHERE id>? ORDER BY id DESC LIMIT ?",
-                    (after_id, limit),
-                )
-                .fetchall()
+            rows = self.backend.query(
+                "SELECT id, device_id, ts, kind, body FROM events WHERE id>?"
+                " ORDER BY id DESC LIMIT ?",
+                (after_id, limit),
             )
         else:
-            rows = (
-                self._reader()
-                .execute(
-                    "SELECT id, device_id, ts, kind, body FROM events WHERE device_id=? AND id>?"
-                    " ORDER BY id DESC LIMIT ?",
-                    (device_id, after_id, limit),
-                )
-                .fetchall()
+            rows = self.backend.query(
+                "SELECT id, device_id, ts, kind, body FROM events WHERE device_id=? AND id>?"
+                " ORDER BY id DESC LIMIT ?",
+                (device_id, after_id, limit),
             )
-        return [
-            {
-                "id": r["id"],
-                "device_id": r["device_id"],
-                "ts": r["ts"],
-                "kind": r["kind"],
-                "body": _decode.decode(r["body"]),
-            }
-            for r in reversed(rows)
-        ]
+        return [{**r, "body": _decode.decode(r["body"])} for r in reversed(rows)]
 
 
-def _command_dict(row: sqlite3.Row) -> dict[str, Any]:
+def _command_dict(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],
         "device_id": row["device_id"],
@@ -634,3 +642,23 @@ def _load_stored(record: DeviceRecord, kind: str, text: str | None) -> dict[str,
         record.problems[kind] = f"bad_request: stored {exc.message}"
         log.warning("stored_record_invalid", device=record.id, kind=kind, reason=exc.message)
         return {}
+
+
+def _record_of(row: dict[str, Any]) -> DeviceRecord:
+    """A stored devices row as a record, every field checked as if it had just arrived."""
+    record = DeviceRecord(
+        id=row["id"],
+        first_seen=row["first_seen"],
+        last_seen=row["last_seen"],
+        state=row["state"] if row["state"] in _STATES else None,
+        session=row["session"] if isinstance(row["session"], int) else None,
+        status_ts=row["status_ts"] if isinstance(row["status_ts"], float) else None,
+        agent_version=row["version"] if isinstance(row["version"], str) else None,
+        meta_ts=row["meta_ts"],
+    )
+    record.meta = _load_stored(record, "meta", row["meta"])
+    record.telemetry = _load_stored(record, "telemetry", row["telemetry"])
+    if record.telemetry:
+        record.telemetry_ts = row["telemetry_ts"]
+        record.last_sample_ts = row["telemetry_ts"] or 0.0
+    return record
