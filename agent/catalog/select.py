@@ -14,9 +14,10 @@ it fits, so a better variant can win at a smaller context. GPU layers: all when 
 allows, else the most that fit. A pinned variant that does not fit is an error here, not
 an out-of-memory later.
 
-Predicted decode speed = measured memory bandwidth x efficiency / bytes read per token
-(the weights the matmuls stream plus half the KV cache). Without a measured bandwidth no
-variant is rejected for speed and the reason says so.
+Predicted decode speed (agent.catalog.speed) = read rate / bytes read per token at a typical
+context fill, where the read rate is what this device and llama.cpp build learned from its
+own generations (LearnedSpeed), else measured bandwidth x a default efficiency. Without
+either no variant is rejected for speed and the reason says so.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ from pathlib import Path
 
 import msgspec
 
-from agent.catalog.estimate import estimate_memory, kv_cache_bytes, repack_rules
+from agent.catalog.estimate import estimate_memory, repack_rules
 from agent.catalog.gguf import GGUFInfo, read_gguf_header
-from agent.catalog.learned import LearnedMemory, settings_key_for
+from agent.catalog.learned import (
+    DecodeRates,
+    LearnedMemory,
+    LearnedSpeed,
+    llama_build_key,
+    settings_key_for,
+)
 from agent.catalog.manifest import Manifest, ModelEntry, Variant, load_manifest, location_next_to
 from agent.catalog.profiles import Policy, Profile, load_profiles, match_profile
 from agent.catalog.selection import Candidate, KVType, MemoryEstimate, Selection
+from agent.catalog.speed import DEFAULT_EFFICIENCY, predict_tokens_per_s
 from agent.config import AgentConfig, ModelConfig
 from agent.errors import ConfigError, EdgeAgentError, SelectionError
 from agent.hardware.device import DeviceInfo
@@ -41,9 +49,6 @@ from agent.log import get_logger
 
 log = get_logger(__name__)
 
-# Fraction of the measured read bandwidth a decode step achieves on CPU; on-device
-# benchmarks (edge-agent bench) are meant to refine it.
-DEFAULT_EFFICIENCY = 0.55
 MAX_UBATCH = 512
 
 # learned(sha256, settings_key) -> measured RSS growth, or None
@@ -77,6 +82,7 @@ class _Plan:
     ram_needed: int
     vram_needed: int
     tokens_per_s: float | None
+    measured_tokens_per_s: float | None  # what this variant decoded at here, when it has run
 
 
 def _budget(device: DeviceInfo, policy: Policy, cfg: ModelConfig,
@@ -98,19 +104,6 @@ def _context_ladder(target: int, floor: int) -> list[int]:
     return sizes
 
 
-def _bytes_per_token(info: GGUFInfo, n_ctx: int, kv_type: KVType) -> int:
-    tied = not any(t.name == "output.weight" for t in info.tensors)
-    streamed = sum(t.nbytes for t in info.tensors if t.name != "token_embd.weight" or tied)
-    return streamed + kv_cache_bytes(info, n_ctx, kv_type) // 2
-
-
-def predict_tokens_per_s(info: GGUFInfo, n_ctx: int, kv_type: KVType,
-                         bandwidth_gbps: float | None, efficiency: float = DEFAULT_EFFICIENCY) -> float | None:
-    if not bandwidth_gbps:
-        return None
-    return bandwidth_gbps * 1e9 * efficiency / _bytes_per_token(info, n_ctx, kv_type)
-
-
 def _requires_problem(variant: Variant, device: DeviceInfo) -> str | None:
     if variant.requires.arch and device.cpu.arch not in variant.requires.arch:
         return f"needs arch {'/'.join(variant.requires.arch)}, this is {device.cpu.arch}"
@@ -130,6 +123,7 @@ def _plan_variant(
     variant: Variant, info: GGUFInfo, device: DeviceInfo, budget: Budget, *, contexts: list[int],
     kv_types: list[KVType], n_batch: int, gpu_layers: int | None, flash_attn: bool, use_mmap: bool,
     min_tokens_per_s: float, efficiency: float, learned: LearnedLookup | None,
+    rates: DecodeRates | None,
 ) -> tuple[_Plan | None, _Plan, str]:
     """The best way to load ``variant`` within the budget (or None) and, for the explain
     table, the smallest plan tried with the reason it failed."""
@@ -159,8 +153,12 @@ def _plan_variant(
                 vram = estimate.vram_bytes
                 if budget.unified_memory:
                     ram, vram = ram + vram, 0
-                speed = predict_tokens_per_s(info, n_ctx, kv_type, device.bandwidth_gbps, efficiency)
-                plan = _Plan(n_ctx, kv_type, n_gpu, estimate, ram, vram, speed)
+                measured = rates.variant(variant.sha256, n_gpu) if rates else None
+                speed = predict_tokens_per_s(
+                    info, n_ctx, kv_type, device.bandwidth_gbps, efficiency,
+                    rates.bytes_per_s(variant.sha256, n_gpu) if rates else None)
+                plan = _Plan(n_ctx, kv_type, n_gpu, estimate, ram, vram, speed,
+                             measured.tokens_per_s if measured else None)
                 if ram > budget.ram_bytes:
                     failure = f"needs {format_bytes(ram)}, budget {format_bytes(budget.ram_bytes)}"
                 elif vram > budget.vram_bytes:
@@ -191,6 +189,7 @@ def choose(
     headers: Mapping[str, GGUFInfo],
     learned: LearnedLookup | None = None,
     *,
+    rates: DecodeRates | None = None,
     memory_bytes: int | None = None,
     vram_bytes: int | None = None,
     flash_attn: bool | None = None,
@@ -199,7 +198,8 @@ def choose(
     efficiency: float = DEFAULT_EFFICIENCY,
 ) -> Selection:
     """Pick the variant and settings (pure). ``headers`` maps variant file -> GGUFInfo;
-    a variant without a header is rejected with the reason. Raises SelectionError."""
+    a variant without a header is rejected with the reason; ``rates`` are the decode rates
+    this device learned (None: predict from bandwidth alone). Raises SelectionError."""
     policy = profile.policy
     model = manifest.model(model_cfg.model_id)
     budget = _budget(device, policy, model_cfg, memory_bytes, vram_bytes)
@@ -239,7 +239,7 @@ def choose(
         fitting, tried, failure = _plan_variant(
             variant, info, device, budget, contexts=_context_ladder(target, floor), kv_types=kv_types,
             n_batch=n_batch, gpu_layers=model_cfg.n_gpu_layers, flash_attn=flash, use_mmap=use_mmap,
-            min_tokens_per_s=min_speed, efficiency=efficiency, learned=learned,
+            min_tokens_per_s=min_speed, efficiency=efficiency, learned=learned, rates=rates,
         )
         if fitting is not None:
             plans[variant.file] = (fitting, "")
@@ -272,6 +272,7 @@ def choose(
             n_gpu_layers=shown.n_gpu_layers if shown else 0,
             estimate=shown.estimate if shown else MemoryEstimate(ram_bytes=0),
             predicted_tokens_per_s=shown.tokens_per_s if shown else None,
+            measured_tokens_per_s=shown.measured_tokens_per_s if shown else None,
             verdict=verdict, reason=reason,
         ))
     selection = Selection(
@@ -297,7 +298,7 @@ def _chosen_reason(best: Variant, plan: _Plan, budget: Budget, device: DeviceInf
         parts.append(f"{format_bytes(plan.vram_needed)} VRAM of {format_bytes(budget.vram_bytes)}")
     if plan.estimate.learned_ram_bytes is not None:
         parts.append(f"learned figure (raw estimate {format_bytes(plan.estimate.ram_bytes)})")
-    if device.bandwidth_gbps is None:
+    if plan.tokens_per_s is None:
         parts.append("speed not checked: no measured bandwidth")
     return "; ".join(parts)
 
@@ -380,15 +381,17 @@ def plan_selection(
     model = manifest.model(config.model.model_id)
     headers = read_headers(manifest, model, Path(config.cache_dir))
 
-    learned = None
+    learned = rates = None
     if state_dir or config.state_dir:
         memory = LearnedMemory(Path(state_dir or config.state_dir))
+        rates = LearnedSpeed(Path(state_dir or config.state_dir)).rates(
+            config.device_id, llama_build_key())
 
         def learned(sha256: str, key: str) -> int | None:
             return memory.lookup(config.device_id, sha256, key)
 
     return choose(
-        device, matched, manifest, config.model, headers, learned,
+        device, matched, manifest, config.model, headers, learned, rates=rates,
         memory_bytes=memory_bytes, vram_bytes=vram_bytes, flash_attn=config.runtime.flash_attn,
         use_mmap=config.runtime.use_mmap, use_mlock=config.runtime.use_mlock,
     )

@@ -36,6 +36,7 @@ class Candidate(msgspec.Struct, kw_only=True):
     n_gpu_layers: int
     estimate: MemoryEstimate
     predicted_tokens_per_s: float | None
+    measured_tokens_per_s: float | None = None  # decoded here with this llama.cpp build, if known
     verdict: Literal["chosen", "fits", "rejected"]
     reason: str  # "needs 1.9 GiB, budget 1.6 GiB", "below 5.0 tok/s", "lower quality than Q8_0"
 

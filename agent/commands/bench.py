@@ -4,7 +4,9 @@ Each variant is loaded in a fresh worker through the engine (so the numbers incl
 exactly what serving pays), warmed up with one short generation, then measured on a
 fixed prompt at temperature 0. A table on a terminal, JSON with ``--json``. ``--manifest``
 follows the daemon's signature rules, as ``prompt`` does. This module measures and prints;
-it changes no state except the runtime's remembered settings.
+the state it changes is the runtime's: remembered settings, learned memory, and the decode
+rate each measured generation teaches the selector (agent.catalog.learned.LearnedSpeed,
+under the config's state_dir and device_id), so ``select`` predicts this device's speed.
 """
 
 from __future__ import annotations
@@ -117,4 +119,6 @@ def run(args: argparse.Namespace) -> int:
             print(format_table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else format_table(rows), file=sys.stdout, flush=True)
     if args.json:
         print(json.dumps({"variants": rows}, indent=2))
+    else:
+        print(f"decode rates learned in {config.state_dir} for the selector's speed prediction")
     return 0

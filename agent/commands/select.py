@@ -18,6 +18,7 @@ import msgspec
 from agent.catalog.manifest import load_manifest
 from agent.catalog.select import format_bytes, plan_selection
 from agent.catalog.selection import Selection
+from agent.catalog.speed import typical_context
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
 from agent.log import configure_logging
@@ -70,6 +71,17 @@ def quality_sources(selection: Selection, config: AgentConfig) -> dict[str, str]
     return {v.quant: v.quality_source or "-" for v in model.variants}
 
 
+def _speed_line(selection: Selection) -> str:
+    if not selection.predicted_tokens_per_s:
+        return "not predicted (no measured bandwidth, nothing learned yet)"
+    line = (f"{selection.predicted_tokens_per_s:.1f} tok/s predicted "
+            f"at {typical_context(selection.n_ctx)} tokens of context")
+    chosen = next((c for c in selection.candidates if c.verdict == "chosen"), None)
+    if chosen is not None and chosen.measured_tokens_per_s:
+        line += f", {chosen.measured_tokens_per_s:.1f} measured here"
+    return line
+
+
 def render(selection: Selection, explain: bool, sources: dict[str, str] | None = None) -> str:
     sources = sources or {}
     est = selection.estimate
@@ -89,22 +101,22 @@ def render(selection: Selection, explain: bool, sources: dict[str, str] | None =
         f"           weights {format_bytes(est.weights_bytes)}, KV {format_bytes(est.kv_bytes)}, "
         f"compute {format_bytes(est.compute_bytes)}, overhead {format_bytes(est.overhead_bytes)}, "
         f"process {format_bytes(est.process_bytes)}",
-        "speed      " + (f"{selection.predicted_tokens_per_s:.1f} tok/s predicted"
-                         if selection.predicted_tokens_per_s else "not predicted (no measured bandwidth)"),
+        "speed      " + _speed_line(selection),
         f"profile    {selection.profile}",
     ]
     if explain:
         header = f"{'quant':8} {'quality':>7} {'source':8} {'n_ctx':>6} {'KV':5} {'gpu':>3} {'RAM':>10} {'VRAM':>9} " \
-                 f"{'tok/s':>7}  {'verdict':9} reason"
+                 f"{'tok/s':>7} {'meas.':>7}  {'verdict':9} reason"
         lines += ["", header, "-" * len(header)]
         for c in selection.candidates:
             need = c.estimate.learned_ram_bytes or c.estimate.ram_bytes
             tps = f"{c.predicted_tokens_per_s:.1f}" if c.predicted_tokens_per_s else "-"
+            measured = f"{c.measured_tokens_per_s:.1f}" if c.measured_tokens_per_s else "-"
             lines.append(
                 f"{c.quant:8} {c.quality:7.4f} {sources.get(c.quant, '-'):8} {c.n_ctx or '-':>6} {c.kv_type:5} {c.n_gpu_layers:>3} "
                 f"{format_bytes(need) if need else '-':>10} "
                 f"{format_bytes(c.estimate.vram_bytes) if c.estimate.vram_bytes else '-':>9} "
-                f"{tps:>7}  {c.verdict:9} {c.reason}"
+                f"{tps:>7} {measured:>7}  {c.verdict:9} {c.reason}"
             )
     return "\n".join(lines)
 

@@ -8,7 +8,8 @@ Threads and ownership:
 - the caller's threads: submit() validates, counts prompt tokens through the worker
   (a quick ``count`` frame) and enqueues; cancel(), drain(), resume(), stats() take the lock.
 - one ``engine`` thread (the dispatcher) runs one generation at a time in arrival order,
-  calls ``on_record`` for the final record, enforces deadlines and restarts a crashed worker
+  calls ``on_record`` for the final record, records the decode rate it measured
+  (agent.catalog.learned.LearnedSpeed), enforces deadlines and restarts a crashed worker
   down the fallback ladder. The running request's chunks reach ``on_record`` from the
   worker's frame-reader thread (one thread wake-up per token instead of two); a per-job lock
   keeps the calls one at a time and no chunk after the final.
@@ -31,6 +32,7 @@ from typing import Any
 import msgspec
 import psutil
 
+from agent.catalog.learned import MIN_DECODED_TOKENS, LearnedSpeed, llama_build_key
 from agent.catalog.selection import Selection
 from agent.config import RuntimeConfig
 from agent.errors import (
@@ -113,10 +115,27 @@ class _Loaded:
         self.step = step
         self.settings = settings
         self.info = info
+        self.decode_cost: Any = None  # agent.catalog.speed.DecodeCost, for learning the rate
 
 
 def _model_key(selection: Selection) -> str:
     return selection.sha256 or f"path:{selection.model_path}"
+
+
+def _decode_cost(selection: Selection, kv_type: str) -> Any:
+    """What one decoded token of the loaded file reads (agent.catalog.speed.DecodeCost), or
+    None when its header cannot be read: speed is then not learned for it."""
+    from agent.catalog.gguf import read_gguf_header
+    from agent.catalog.speed import decode_cost
+    from agent.errors import EdgeAgentError
+
+    if not selection.sha256 or not selection.model_path:
+        return None
+    try:
+        return decode_cost(read_gguf_header(selection.model_path), kv_type)
+    except EdgeAgentError as exc:
+        log.warning("decode_cost_unknown", file=selection.file, error=exc.message)
+        return None
 
 
 class Engine:
@@ -133,6 +152,8 @@ class Engine:
         self._device_id = device_id
         self._on_event = on_event or (lambda event: None)
         self._memory = SettingsMemory(self._state_dir)
+        self._speed = LearnedSpeed(self._state_dir)
+        self._build = llama_build_key()
         self._metrics = Metrics()
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
@@ -309,6 +330,10 @@ class Engine:
         if loaded is not None:
             loaded.worker.stop()
         self._dispatcher.join(timeout_s)
+        try:
+            self._speed.flush()
+        except OSError as exc:
+            log.warning("learned_speed_not_written", error=str(exc))
 
     # submit helpers -----------------------------------------------------------------------
 
@@ -447,6 +472,7 @@ class Engine:
         self._memory.remember(self._device_id, _model_key(selection), loaded.step, loaded.settings)
         measured = loaded.info["rss_after"] - loaded.info["rss_before"]
         self._record_learned(loaded, measured)
+        loaded.decode_cost = _decode_cost(selection, loaded.settings["kv_type"])
         self._emit(
             {
                 "event": "model_loaded",
@@ -480,6 +506,26 @@ class Engine:
             )
         except OSError as exc:
             log.warning("learned_memory_not_written", error=str(exc))
+
+    def _learn_speed(self, loaded: _Loaded, final: dict[str, Any]) -> None:
+        """Every measured generation teaches the selector this build's decode rate here."""
+        if "error" in final or loaded.decode_cost is None or not loaded.selection.sha256:
+            return  # a cancelled or failed generation carries no timings
+        usage, timings = final["usage"], final["timings"]
+        if usage["completion_tokens"] - 1 < MIN_DECODED_TOKENS:
+            return
+        # The context grows from the prompt to prompt + answer while decoding: its middle.
+        context = usage["prompt_tokens"] + usage["completion_tokens"] / 2
+        try:
+            self._speed.record(
+                self._device_id, self._build, loaded.selection.sha256,
+                loaded.settings["n_gpu_layers"], tokens_per_s=timings["decode_tokens_per_s"],
+                bytes_per_token=loaded.decode_cost.bytes_per_token(context),
+            )
+        except OSError as exc:
+            log.warning("learned_speed_not_written", error=str(exc))
+
+    # swapping ------------------------------------------------------------------------------
 
     # swapping ------------------------------------------------------------------------------
 
@@ -635,6 +681,7 @@ class Engine:
                 record["model"] = {"model_id": loaded.selection.model_id, "quant": loaded.selection.quant}
                 job.deliver(record)
                 self._metrics.record(record)
+                self._learn_speed(loaded, record)
                 return
             elif kind == "exit":
                 reason = describe_exit(record["returncode"])
