@@ -68,6 +68,8 @@ REFUSED = [
     f"{BASE}/cmd",
     "edge/v1/all/cmd",
     "homeassistant/sensor/evil/config",  # Home Assistant discovery
+    "edge/v1/reply/ctl-1",  # the inbox tree takes <requester>/<key>, nothing shallower or deeper
+    "edge/v1/reply/ctl-1/k/extra",
 ]
 
 
@@ -109,7 +111,8 @@ def test_a_refused_response_topic_is_answered_on_the_requesters_reply_to(daemon,
     assert "edge/v1/dev-other/cmd" not in _carrying(everything, request_id)
 
 
-@pytest.mark.parametrize("topic", [f"{ALLOWED}/r1", f"{BASE}/reply/ctl-1/r1", "client/9/answers"])
+@pytest.mark.parametrize("topic", [f"{ALLOWED}/r1", f"{BASE}/reply/ctl-1/r1", "client/9/answers",
+                                   "edge/v1/reply/ctl-1/k1"])  # a requester's reply inbox
 def test_allowlisted_own_and_outside_reply_topics_are_answered(daemon, everything, topic):
     request_id = f"ok-{uuid.uuid4().hex[:8]}"
     everything.publish(f"{BASE}/prompt", _prompt(request_id), response_topic=topic,

@@ -123,23 +123,33 @@ def render_acl(inventory: Inventory) -> str:
         "# $share/<group>/<topic> subscription against <topic>. A device outside a pool cannot",
         "# read its prompts, but mosquitto 2.0 still lets it join the pool's share group",
         "# (the SUBACK grants it) and drops the prompts the broker hands to it.",
+        "#",
+        f"# Reply inboxes: {p}/reply/<account>/<key>. Any device may answer into one (a pool",
+        "# prompt can reach any member); only the account itself reads it, so no controller",
+        "# or application reads the replies another one asked for.",
     ]
     for name in inventory.controllers:
         lines += ["", f"# controller {name}: prompts and commands to any device, pool and all",
-                  f"user {name}", f"topic read {p}/#", f"topic write {p}/+/prompt",
+                  f"user {name}"]
+        # Not {p}/#: that would include the other controllers' inboxes.
+        lines += [f"topic read {p}/+/{kind}"
+                  for kind in ("status", "meta", "telemetry", "events", "cmd/result", "reply/#")]
+        lines += [f"topic read {p}/reply/{name}/+", f"topic write {p}/+/prompt",
                   f"topic write {p}/+/cmd", f"topic write {p}/pool/+/prompt",
                   f"topic write {p}/all/cmd"]
     for name in inventory.applications:
         lines += ["", f"# application {name}: prompts to devices and pools; status and replies",
                   f"user {name}", f"topic write {p}/+/prompt", f"topic write {p}/pool/+/prompt",
-                  f"topic read {p}/+/status", f"topic read {p}/+/reply/#"]
+                  f"topic read {p}/+/status", f"topic read {p}/+/reply/#",
+                  f"topic read {p}/reply/{name}/+"]
     for device in _devices(inventory):
         base = f"{p}/{device.id}"
         lines += ["", f"# device {device.id}" + (f", pool {device.pool}" if device.pool else ""),
                   f"user {device.id}"]
         lines += [f"topic write {base}/{kind}"
                   for kind in ("status", "meta", "telemetry", "events", "cmd/result")]
-        lines += [f"topic write {base}/reply/#", f"topic read {base}/prompt",
+        lines += [f"topic write {base}/reply/#", f"topic write {p}/reply/+/+",
+                  f"topic read {base}/prompt",
                   f"topic read {base}/cmd", f"topic read {p}/all/cmd"]
         if device.pool:
             lines.append(f"topic read {p}/pool/{device.pool}/prompt")

@@ -7,15 +7,22 @@ Threads and who owns what:
   queues (the bulk of the traffic, one hop fewer; size, rate and overflow limits per device
   are ingest's, see agent.fleet.ingest), everything else onto the dispatch queue.
 - ``fleet-dispatch`` takes prompt replies and cmd results to their waiter (a callback
-  registered by the web side); cmd results then also go to ingest.
+  registered by the web side); cmd results then also go to ingest. It alone writes
+  ``reply_counts``.
 - ``fleet-ingest`` (agent.fleet.ingest) owns batched writes to the registry and calls
   ``_on_batch``, which feeds command results and download events to the rollout manager.
 - ``fleet-rollout`` (agent.fleet.rollout) paces rollouts.
 - The web server (uvicorn, agent.fleet.web) calls ``send_command``/``send_prompt`` from its
   event loop; those only publish and register waiters.
 
-Subscriptions: status, meta, cmd/result and replies on normal subscriptions
-(retained status/meta are not delivered to shared subscribers); telemetry and events through
+Replies: each prompt asks for its replies (MQTT 5 Response Topic, and ``reply_to`` for a 3.1.1
+device) at ``<prefix>/reply/<controller id>/<key>``, ``key`` a fresh random token, and the
+controller subscribes to its own inbox only: N controllers cost each reply once, not N times,
+and a reply cannot be forged into a waiting request without its key (the broker ACL lets a
+device write any inbox, and a controller read only its own).
+
+Subscriptions: status, meta, events, cmd/result and the reply inbox on normal subscriptions
+(retained status/meta are not delivered to shared subscribers); telemetry through
 ``$share/<group>/…`` so several controllers split the load. Start order is registry →
 ingest → rollouts → MQTT → dispatch; stop is the reverse.
 """
@@ -23,9 +30,11 @@ ingest → rollouts → MQTT → dispatch; stop is the reverse.
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,12 +50,27 @@ from agent.fleet.rollout import RolloutManager
 from agent.log import get_logger
 from agent.mqtt import payloads
 from agent.mqtt.client import ConnectionChange, Inbound, MQTTClient
-from agent.mqtt.topics import DeviceTopics, device_id_problem, device_of
+from agent.mqtt.topics import (
+    DeviceTopics,
+    device_id_problem,
+    device_of,
+    pool_prompt,
+    reply_inbox,
+)
+from agent.topic_rules import SAFE_NAME
 
 log = get_logger(__name__)
 
 Waiter = Callable[[dict[str, Any]], None]
 BULK_KINDS = frozenset({"status", "meta", "telemetry", "events"})
+
+
+@dataclass(frozen=True)
+class SentPrompt:
+    """A published prompt: its request id, and the key its replies and waiter are found by."""
+
+    request_id: str
+    key: str
 
 
 class _InboxRouter:
@@ -93,9 +117,7 @@ class FleetController:
             path=str(self.signing_key.path),
         )
         self.registry = Registry(
-            config.registry.url or config.db_path,
-            pool_size=config.registry.pool_size,
-            password=read_secret(config.registry.password_file, "registry-password"),
+            config.db_path,
             telemetry_sample_s=config.telemetry_sample_s,
             telemetry_retention_s=config.telemetry_retention_s,
             events_retention_s=config.events_retention_s,
@@ -109,9 +131,7 @@ class FleetController:
             limits=config.ingest,
             on_batch=self._on_batch,
         )
-        self.rollouts = RolloutManager(
-            self, command_timeout_s=config.command_timeout_s, lease_s=config.rollout_lease_s
-        )
+        self.rollouts = RolloutManager(self, command_timeout_s=config.command_timeout_s)
         self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10_000)
         self.mqtt = MQTTClient(
             config.mqtt,
@@ -121,6 +141,10 @@ class FleetController:
         )
         self._waiters: dict[str, Waiter] = {}
         self._waiters_lock = threading.Lock()
+        self.reply_inbox = reply_inbox(config.controller_id, self.prefix)
+        # Messages that arrived in the inbox: for a waiting request, or for none (late, after
+        # the waiter left, or sent there by someone without the key).
+        self.reply_counts = {"delivered": 0, "unmatched": 0}
         self._stop = threading.Event()
         self._dispatch_thread: threading.Thread | None = None
         self.started_at = time.time()
@@ -131,13 +155,10 @@ class FleetController:
         self.ingest.start()
         self.rollouts.start()
         p = self.prefix
-        for kind in ("status", "meta", "cmd/result"):
+        for kind in ("status", "meta", "events", "cmd/result"):
             self.mqtt.subscribe(f"{p}/+/{kind}", 1)
-        self.mqtt.subscribe(f"{p}/+/reply/+", 1)
-        share = f"$share/{self.config.telemetry_share_group}/{p}/+"
-        self.mqtt.subscribe(f"{share}/telemetry", 0)
-        # Shared like telemetry: on a shared database each event is stored once, not N times.
-        self.mqtt.subscribe(f"{share}/events", 1)
+        self.mqtt.subscribe(f"{self.reply_inbox}/+", 1)
+        self.mqtt.subscribe(f"$share/{self.config.telemetry_share_group}/{p}/+/telemetry", 0)
         self._dispatch_thread = threading.Thread(
             target=self._dispatch, name="fleet-dispatch", daemon=True
         )
@@ -180,13 +201,13 @@ class FleetController:
                 log.exception("dispatch_failed", topic=item.topic)
 
     def _route(self, message: Inbound) -> None:
+        if message.topic.startswith(self.reply_inbox + "/"):
+            self._deliver_reply(message)
+            return
         split = device_of(message.topic, self.prefix)
         if split is None:
             return
         rest = split[1]
-        if rest.startswith("reply/"):
-            self._deliver(rest[len("reply/") :], message.payload)
-            return
         if rest == "cmd/result" and len(message.payload) <= self.config.ingest.cmd_result_max_bytes:
             try:
                 body = schemas.validate("cmd/result", msgspec.json.decode(message.payload))
@@ -195,6 +216,17 @@ class FleetController:
             if body is not None:
                 self._deliver(body["id"], message.payload, body)
         self.ingest.offer(message.topic, message.payload)
+
+    def _deliver_reply(self, message: Inbound) -> None:
+        key = message.topic[len(self.reply_inbox) + 1 :]
+        with self._waiters_lock:
+            waiting = key in self._waiters
+        # A device that speaks MQTT 5 echoes the key as Correlation Data; a 3.1.1 one sends none.
+        if not waiting or message.correlation_data not in (None, key.encode()):
+            self.reply_counts["unmatched"] += 1
+            return
+        self.reply_counts["delivered"] += 1
+        self._deliver(key, message.payload)
 
     def _deliver(self, key: str, payload: bytes, body: dict | None = None) -> None:
         with self._waiters_lock:
@@ -255,15 +287,32 @@ class FleetController:
         log.info("command_sent", device=device_id, op=op, command=command_id, source=source)
         return command_id
 
-    def send_prompt(self, device_id: str, request: dict[str, Any], waiter: Waiter) -> str:
-        """Publish a prompt whose records go to ``waiter`` (from the dispatch thread)."""
-        topics = self._topics(device_id)
+    def send_prompt(self, device_id: str, request: dict[str, Any], waiter: Waiter) -> SentPrompt:
+        """Publish a prompt whose records go to ``waiter`` (from the dispatch thread); the
+        caller ends the wait with ``remove_waiter(sent.key)``."""
+        return self._publish_prompt(self._topics(device_id).prompt, request, waiter, device_id)
+
+    def send_pool_prompt(self, pool: str, request: dict[str, Any], waiter: Waiter) -> SentPrompt:
+        """Like send_prompt, to the pool's shared subscription: the broker picks the device."""
+        if not SAFE_NAME.fullmatch(pool):
+            raise RequestError(
+                f"pool: {pool[:80]!r}: use letters, digits, '.', '_', '-'", field="pool"
+            )
+        return self._publish_prompt(pool_prompt(pool, self.prefix), request, waiter, f"pool/{pool}")
+
+    def _publish_prompt(
+        self, topic: str, request: dict[str, Any], waiter: Waiter, target: str
+    ) -> SentPrompt:
         body = dict(request)
         body.setdefault("id", uuid.uuid4().hex)
-        body["reply_to"] = topics.reply(str(body["id"]))
+        key = secrets.token_hex(16)
+        reply_topic = f"{self.reply_inbox}/{key}"
+        body["reply_to"] = reply_topic  # for a device on MQTT 3.1.1; 5 uses the Response Topic
         encoded = payloads.encode(body)
         payloads.decode_prompt(encoded, max_bytes=self.config.mqtt.max_payload_bytes)
-        self.add_waiter(body["id"], waiter)
-        self.mqtt.publish(topics.prompt, encoded, qos=1)
-        log.info("prompt_sent", device=device_id, request=body["id"])
-        return body["id"]
+        self.add_waiter(key, waiter)
+        self.mqtt.publish(
+            topic, encoded, qos=1, response_topic=reply_topic, correlation_data=key.encode()
+        )
+        log.info("prompt_sent", target=target, request=body["id"])
+        return SentPrompt(str(body["id"]), key)

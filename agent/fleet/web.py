@@ -619,9 +619,10 @@ class FleetWeb:
         sse = "text/event-stream" in request.headers.get("accept", "")
         loop = asyncio.get_running_loop()
         records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        request_id = self.controller.send_prompt(
+        sent = self.controller.send_prompt(
             device_id, body, lambda record: loop.call_soon_threadsafe(records.put_nowait, record)
         )
+        request_id = sent.request_id
         deadline = min(_seconds(body, "timeout_s", 300.0), 86400.0) + PROMPT_GRACE_S
 
         async def stream() -> AsyncIterator[str]:
@@ -644,7 +645,7 @@ class FleetWeb:
                     if record.get("done"):
                         return
             finally:
-                self.controller.remove_waiter(request_id)
+                self.controller.remove_waiter(sent.key)
 
         if body.get("stream") is False:
             final: dict[str, Any] = {}

@@ -203,14 +203,21 @@ class MQTTClient:
         qos: int = 0,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        response_topic: str | None = None,
     ) -> bool:
         """Publish now or, for QoS 1 while disconnected, after the reconnect.
 
+        ``response_topic`` and ``correlation_data`` are MQTT 5 properties (left out on 3.1.1).
         False when the message was dropped: QoS 0 while disconnected, or the outgoing queue
         is full (logged).
         """
         properties = None
-        if correlation_data is not None and self.is_v5:
+        if response_topic is not None and self.is_v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = response_topic
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+        elif correlation_data is not None and self.is_v5:
             properties = self._correlation_properties(correlation_data)
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:

@@ -1,7 +1,8 @@
 """Topic names of the MQTT contract (DESIGN.md), shared by the device daemon and the fleet controller.
 
 Everything under ``<prefix>/<device_id>/`` belongs to one device; ``<prefix>/pool/<pool>/prompt``
-and ``<prefix>/all/cmd`` are shared. Which topics a device may answer on is decided here too
+and ``<prefix>/all/cmd`` are shared; ``<prefix>/reply/<requester>/`` is a requester's reply inbox
+(a controller's: it subscribes to its own only). Which topics a device may answer on is decided here too
 (``ReplyPolicy``), so the daemon and its tests share one rule. Pure string work: no I/O, no paho.
 """
 
@@ -99,17 +100,24 @@ class ReplyPolicy:
     own_replies: str  # "<prefix>/<device>/reply": its subtree is always allowed
     protected: tuple[str, ...]  # topic trees a reply may not enter
     allowed: tuple[str, ...] = ()  # filters inside them that replies may use (mqtt.reply_topics)
+    # "<prefix>/reply": requesters' inboxes, <requester>/<key> below it, always allowed.
+    # ``reply`` is never a device id, so no device's topics are in there; a reply written into
+    # someone else's inbox is dropped there, as its key is not one they are waiting on.
+    inboxes: str = ""
 
     @classmethod
     def for_device(cls, topics: DeviceTopics, *, discovery_prefix: str,
                    allowed: list[str] | tuple[str, ...] = ()) -> "ReplyPolicy":
-        return cls(f"{topics.base}/reply", (topics.prefix, discovery_prefix), tuple(allowed))
+        return cls(f"{topics.base}/reply", (topics.prefix, discovery_prefix), tuple(allowed),
+                   inboxes=reply_inboxes(topics.prefix))
 
     def refusal(self, topic: str) -> str | None:
         """Why replies may not go to ``topic``, or None when they may."""
         if not is_valid_publish_topic(topic):
             return "must be a topic without wildcards, NUL or a leading '$'"
         if topic.startswith(self.own_replies + "/"):
+            return None
+        if self.inboxes and filter_matches(f"{self.inboxes}/+/+", topic):
             return None
         if any(filter_matches(allowed, topic) for allowed in self.allowed):
             return None
@@ -119,6 +127,16 @@ class ReplyPolicy:
                         f"{self.own_replies}/ subtree, a topic outside it, or list it in "
                         "mqtt.reply_topics")
         return None
+
+
+def reply_inboxes(prefix: str = "edge/v1") -> str:
+    """The tree of requesters' reply inboxes: ``<prefix>/reply/<requester id>/<key>``."""
+    return f"{prefix}/reply"
+
+
+def reply_inbox(requester_id: str, prefix: str = "edge/v1") -> str:
+    """Where replies to ``requester_id`` (a controller's or an application's id) go."""
+    return f"{reply_inboxes(prefix)}/{requester_id}"
 
 
 def pool_prompt(pool: str, prefix: str = "edge/v1") -> str:

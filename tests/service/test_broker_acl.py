@@ -150,3 +150,15 @@ def test_plain_listener_serves_the_controller_on_loopback(connect_as) -> None:
     controller = connect_as("controller", tls=False)
     assert controller.connect_reason == 0
     assert not controller.subscribe("edge/v1/#").is_failure
+
+
+def test_a_reply_inbox_is_read_by_its_account_alone(connect_as) -> None:
+    # The controller asks for replies at edge/v1/reply/controller/<key>; any device may answer
+    # there (a pool prompt reaches any member), and no other account reads it.
+    controller, other = connect_as("controller"), connect_as("dev-b")
+    assert not controller.subscribe("edge/v1/reply/controller/+").is_failure
+    for topic in ("edge/v1/reply/controller/+", "edge/v1/reply/#", "edge/v1/#", "#"):
+        other.subscribe(topic)
+    assert connect_as("dev-a").publish("edge/v1/reply/controller/k1", '{"id": "r1"}') == 0
+    assert controller.received() == [("edge/v1/reply/controller/k1", '{"id": "r1"}')]
+    assert [t for t, _ in other.received(within_s=0.5) if t.startswith("edge/v1/reply/")] == []

@@ -106,3 +106,19 @@ def test_the_generator_refuses_a_bad_inventory(tmp_path: Path, inventory: str, m
     result = fleet_acl(tmp_path, inventory)
     assert result.returncode == 2 and result.stdout == ""
     assert "config_invalid" in result.stderr and message in result.stderr
+
+
+def test_each_account_reads_its_own_reply_inbox_only(connect_as) -> None:
+    # A device answers into edge/v1/reply/<account>/<key>; the controller reads its inbox and
+    # not the application's, the application its own and not the controller's.
+    controller, app = connect_as("controller"), connect_as("app-1")
+    for reader in (controller, app):
+        for topic in ("edge/v1/reply/controller/+", "edge/v1/reply/app-1/+", "edge/v1/reply/#"):
+            reader.subscribe(topic)
+    device = connect_as("dev-a")
+    assert device.publish("edge/v1/reply/controller/k1", '{"id": "to-ctl"}') == 0
+    assert device.publish("edge/v1/reply/app-1/k2", '{"id": "to-app"}') == 0
+    assert {t for t, _ in controller.received()} == {"edge/v1/reply/controller/k1"}
+    assert {t for t, _ in app.received()} == {"edge/v1/reply/app-1/k2"}
+    # A device still writes no other device's replies.
+    assert device.publish("edge/v1/dev-b/reply/x", '{"id": "evil"}') == NOT_AUTHORIZED
