@@ -21,8 +21,8 @@ controller subscribes to its own inbox only: N controllers cost each reply once,
 and a reply cannot be forged into a waiting request without its key (the broker ACL lets a
 device write any inbox, and a controller read only its own).
 
-Subscriptions: status, meta, events, cmd/result and the reply inbox on normal subscriptions
-(retained status/meta are not delivered to shared subscribers); telemetry through
+Subscriptions: status, meta, cmd/result and the reply inbox on normal subscriptions
+(retained status/meta are not delivered to shared subscribers); telemetry and events through
 ``$share/<group>/…`` so several controllers split the load. Start order is registry →
 ingest → rollouts → MQTT → dispatch; stop is the reverse.
 """
@@ -117,7 +117,9 @@ class FleetController:
             path=str(self.signing_key.path),
         )
         self.registry = Registry(
-            config.db_path,
+            config.registry.url or config.db_path,
+            pool_size=config.registry.pool_size,
+            password=read_secret(config.registry.password_file, "registry-password"),
             telemetry_sample_s=config.telemetry_sample_s,
             telemetry_retention_s=config.telemetry_retention_s,
             events_retention_s=config.events_retention_s,
@@ -131,7 +133,9 @@ class FleetController:
             limits=config.ingest,
             on_batch=self._on_batch,
         )
-        self.rollouts = RolloutManager(self, command_timeout_s=config.command_timeout_s)
+        self.rollouts = RolloutManager(
+            self, command_timeout_s=config.command_timeout_s, lease_s=config.rollout_lease_s
+        )
         self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10_000)
         self.mqtt = MQTTClient(
             config.mqtt,
@@ -155,10 +159,13 @@ class FleetController:
         self.ingest.start()
         self.rollouts.start()
         p = self.prefix
-        for kind in ("status", "meta", "events", "cmd/result"):
+        for kind in ("status", "meta", "cmd/result"):
             self.mqtt.subscribe(f"{p}/+/{kind}", 1)
         self.mqtt.subscribe(f"{self.reply_inbox}/+", 1)
-        self.mqtt.subscribe(f"$share/{self.config.telemetry_share_group}/{p}/+/telemetry", 0)
+        share = f"$share/{self.config.telemetry_share_group}/{p}/+"
+        self.mqtt.subscribe(f"{share}/telemetry", 0)
+        # Shared like telemetry: on a shared database each event is stored once, not N times.
+        self.mqtt.subscribe(f"{share}/events", 1)
         self._dispatch_thread = threading.Thread(
             target=self._dispatch, name="fleet-dispatch", daemon=True
         )
