@@ -5,7 +5,7 @@ in its own process, so the server never competes with our downloader for the GIL
 alternate (ours, curl, ours, curl …) so drift in the machine's load hits both alike; the
 ratio is median(ours MB/s) / median(curl MB/s), target >= 0.9.
 
-    /root/.cache/edge-agent/venv/bin/python scripts/bench_fetch.py [--runs 5] [--quant F16]
+    /root/.cache/edge-agent/venv/bin/python scripts/bench_fetch.py [--runs 7] [--quant F16]
         [--json out.json]
 """
 
@@ -105,6 +105,9 @@ def run(runs: int = 5, quant: str = "F16") -> dict:
                     dest = Path(tmp) / f"{tool}-{index}.gguf"
                     timings[tool].append(timed(url, dest, variant))
                     dest.unlink()
+                    # Untimed: freeing the file (and a discard-mounted disk trimming it) must
+                    # not land in the next tool's run.
+                    os.sync()
         finally:
             server.stdin.close()
             server.wait(timeout=10)
@@ -155,7 +158,7 @@ def _table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs per tool (alternating)")
+    parser.add_argument("--runs", type=int, default=7, help="runs per tool (alternating)")
     parser.add_argument("--quant", default="F16", help="which ladder file to serve")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)

@@ -5,11 +5,10 @@ The bytes go to ``<name>.part`` beside the target while an exclusive ``fcntl`` l
 ``O_NOFOLLOW`` and must be regular files with one link: a symlink planted there (pointing at
 a file the fetching user, maybe root, can write) is refused, never truncated. sha256 is
 computed as the bytes are written (a hasher and a writer thread, beside the receive loop); a resumed
-download hashes the bytes it already has first. An HTTP/1.1 body of known length is read
-from the socket straight into 1 MiB buffers once httpx has parsed the headers, instead of
-as 64 KiB chunks that h11 copies twice each. Only a file whose size and sha256 match is
-fsynced and renamed into place, so the target path either does not exist or holds the
-right bytes.
+download hashes the bytes it already has first. The body is read into reusable 1 MiB buffers
+(agent/fetch/http.py reads the socket into them), so nothing is allocated per chunk. Only a
+file whose size and sha256 match is fsynced and renamed into place, so the target path
+either does not exist or holds the right bytes.
 
 Resume uses ``Range`` plus ``If-Range`` (the strong ETag, else Last-Modified, that came
 with the bytes already on disk); a server that answers 200 instead of 206 is followed from
@@ -18,7 +17,8 @@ retried with exponential backoff and full jitter; a 4xx, a size or sha256 mismat
 running out of retries moves on to the next mirror.
 
 This module must not decide which file to fetch or what to keep: that is the store's job
-(agent/fetch/store.py). httpx is imported here and nowhere else outside agent/catalog/gguf.
+(agent/fetch/store.py), nor speak HTTP itself: agent/fetch/http.py does, through a
+transport the caller may replace.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -34,8 +33,6 @@ import queue
 import random
 import re
 import shutil
-import socket
-import ssl
 import stat
 import sys
 import threading
@@ -45,10 +42,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable
 
-import httpx
-
 from agent.config import FetchConfig
 from agent.errors import ChecksumError, DiskFullError, FetchError, StoreError
+from agent.fetch.http import (ConnectFailed, HttpClient, HttpError, Response, Timeouts,
+                              Transport, UnsupportedURL)
 from agent.fetch.progress import ProgressCallback, ProgressReporter
 from agent.log import get_logger
 
@@ -398,14 +395,7 @@ class _Part:
         self.meta_path.unlink(missing_ok=True)
 
 
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """httpx's default verifying context, built once: loading the CA bundle for every
-    download costs about 50 ms, a tenth of a fast local transfer."""
-    return httpx.create_ssl_context()
-
-
-def _validator(response: httpx.Response) -> str | None:
+def _validator(response: Response) -> str | None:
     """The If-Range value for the bytes of this response: a strong ETag, else Last-Modified."""
     etag = response.headers.get("ETag")
     if etag and not etag.startswith("W/"):
@@ -413,36 +403,13 @@ def _validator(response: httpx.Response) -> str | None:
     return response.headers.get("Last-Modified")
 
 
-def _body_socket(response: httpx.Response, length: int) -> socket.socket | None:
-    """The socket to read the rest of an HTTP/1.1 body of ``length`` bytes from directly,
-    or None where httpx must decode it (chunked, unknown length, TLS inside a TLS proxy).
-
-    httpcore reads 64 KiB at a time and h11 copies each read twice on its way to an event
-    (about 4,000 reads and 12,000 Python calls for a 270 MB file); recv_into the part's
-    1 MiB buffers copies once, in about 300 calls.
-    """
-    if response.http_version != "HTTP/1.1" or "Transfer-Encoding" in response.headers:
-        return None
-    if response.headers.get("Content-Length") != str(length):
-        return None
-    stream = response.extensions.get("network_stream")
-    sock = stream.get_extra_info("socket") if stream is not None else None
-    if isinstance(sock, ssl.SSLSocket):
-        return sock
-    if isinstance(sock, socket.socket) and stream.get_extra_info("ssl_object") is None:
-        return sock
-    return None
-
-
-def _describe(exc: httpx.HTTPError) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 class Downloader:
     """Fetches one file, verified by size and sha256, from mirrors or a local file."""
 
-    def __init__(self, config: FetchConfig | None = None) -> None:
+    def __init__(self, config: FetchConfig | None = None, *,
+                 transport: Transport | None = None) -> None:
         self.config = config or FetchConfig()
+        self.transport = transport  # None: agent.fetch.http's real connections
 
     # ---- public -------------------------------------------------------------------
 
@@ -629,29 +596,31 @@ class Downloader:
     ) -> list[MirrorFailure]:
         """Try each mirror in turn; an empty list means the file is installed at ``dest``."""
         failures: list[MirrorFailure] = []
-        timeout = httpx.Timeout(self.config.read_timeout_s, connect=self.config.connect_timeout_s)
-        with httpx.Client(timeout=timeout, follow_redirects=True, verify=_tls_context()) as client:
-            for url in urls:
-                reporter.mirror = url
-                try:
-                    failure = self._from_mirror(client, url, part, size, sha256, reporter)
-                    if failure is None:
-                        self._install(part, dest)
-                except DiskFullError:
-                    part.discard()
-                    raise
+        client = HttpClient(
+            Timeouts(connect_s=self.config.connect_timeout_s, read_s=self.config.read_timeout_s),
+            transport=self.transport,
+        )
+        for url in urls:
+            reporter.mirror = url
+            try:
+                failure = self._from_mirror(client, url, part, size, sha256, reporter)
                 if failure is None:
-                    reporter.state("complete", size)
-                    log.info("fetch_complete", file=dest.name, mirror=url, size=size)
-                    return []
-                failures.append(failure)
-                log.warning("fetch_mirror_failed", file=dest.name, mirror=url,
-                            reason=failure.reason)
+                    self._install(part, dest)
+            except DiskFullError:
+                part.discard()
+                raise
+            if failure is None:
+                reporter.state("complete", size)
+                log.info("fetch_complete", file=dest.name, mirror=url, size=size)
+                return []
+            failures.append(failure)
+            log.warning("fetch_mirror_failed", file=dest.name, mirror=url,
+                        reason=failure.reason)
         return failures
 
     def _from_mirror(
         self,
-        client: httpx.Client,
+        client: HttpClient,
         url: str,
         part: _Part,
         size: int,
@@ -701,7 +670,7 @@ class Downloader:
         return None
 
     def _attempt(
-        self, client: httpx.Client, url: str, part: _Part, size: int, reporter: ProgressReporter
+        self, client: HttpClient, url: str, part: _Part, size: int, reporter: ProgressReporter
     ) -> None:
         """One GET that appends to the part until it holds ``size`` bytes or fails."""
         if part.offset == size:
@@ -715,67 +684,38 @@ class Downloader:
             if part.validator and part.source_url == url:
                 headers["If-Range"] = part.validator
         try:
-            with client.stream("GET", url, headers=headers) as response:
+            with client.get(url, headers) as response:
                 self._accept(response, url, part, size)
                 self._receive_body(response, part, size, reporter)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _Transient(_describe(exc), connect=True) from exc
-        except httpx.UnsupportedProtocol as exc:
-            raise _MirrorRejected(_describe(exc)) from exc
-        except httpx.TransportError as exc:
-            raise _Transient(_describe(exc)) from exc
+        except ConnectFailed as exc:
+            raise _Transient(str(exc), connect=True) from exc
+        except UnsupportedURL as exc:
+            raise _MirrorRejected(str(exc)) from exc
+        except HttpError as exc:
+            raise _Transient(str(exc)) from exc
         finally:
             part.settle()  # what is on disk is what the next attempt resumes from
         if part.offset < size:
             raise _Transient(f"connection closed at byte {part.offset} of {size}")
 
     def _receive_body(
-        self, response: httpx.Response, part: _Part, size: int, reporter: ProgressReporter
+        self, response: Response, part: _Part, size: int, reporter: ProgressReporter
     ) -> None:
-        chunks = response.iter_raw()
-        sock = _body_socket(response, size - part.offset)
-        if sock is not None:
-            # h11 hands over everything it read past the headers as its first body chunk;
-            # after that the socket holds exactly the rest of the body.
-            if (first := next(chunks, None)) is not None:
-                part.append(first)
-                reporter.advance(part.offset)
-            self._receive_from_socket(sock, part, size, reporter)
-            return
-        for chunk in chunks:
-            if part.offset + len(chunk) > size:
-                raise _MirrorRejected(
-                    f"sent more than the manifest's {size} bytes", mismatch=True
-                )
-            part.append(chunk)
-            reporter.advance(part.offset)
-
-    def _receive_from_socket(
-        self, sock: socket.socket, part: _Part, size: int, reporter: ProgressReporter
-    ) -> None:
-        """recv_into the part's buffers until ``size`` bytes: one copy, no per-chunk objects.
-
-        The connection is left mid-response as far as httpcore knows, so closing the
-        response closes it instead of returning it to the pool.
-        """
-        sock.settimeout(self.config.read_timeout_s)
+        """Read the body into the part's buffers until ``size`` bytes, then check that it ends
+        there (a chunked body states no length up front)."""
         while part.offset < size:
             space = part.space()
-            try:
-                count = sock.recv_into(space, min(len(space), size - part.offset))
-            except TimeoutError as exc:
-                timeout_s = self.config.read_timeout_s
-                raise _Transient(f"ReadTimeout: no data for {timeout_s} s") from exc
-            except OSError as exc:
-                raise _Transient(f"ReadError: {exc}") from exc
+            count = response.readinto(space[: size - part.offset])
             if not count:
                 return  # closed early: the caller retries from part.offset
             part.advance(count)
             reporter.advance(part.offset)
+        if response.readinto(memoryview(bytearray(1))):
+            raise _MirrorRejected(f"sent more than the manifest's {size} bytes", mismatch=True)
 
-    def _accept(self, response: httpx.Response, url: str, part: _Part, size: int) -> None:
+    def _accept(self, response: Response, url: str, part: _Part, size: int) -> None:
         """Check the status and headers; reset the part when the body starts at byte 0."""
-        status = response.status_code
+        status = response.status
         if status >= 500 or status in _RETRYABLE_CLIENT_STATUS:
             raise _Transient(f"HTTP {status}")
         if status == 416:
