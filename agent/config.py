@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import urllib.parse
 from pathlib import Path
@@ -88,6 +89,36 @@ class MQTTConfig(_Section):
                                  "filter ('+' and '#' only as whole levels, no leading '$')")
 
 
+MAX_CHAT_TEMPLATE_BYTES = 64 * 1024  # real chat templates are a few KiB; a bigger file is a mistake
+_CHAT_FORMAT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_chat_template_file(chat_format: str) -> bool:
+    """A chat_format value names a Jinja file (not a registered format) when it looks like a path."""
+    return "/" in chat_format or chat_format.endswith(".jinja")
+
+
+def chat_format_problem(chat_format: str) -> str | None:
+    """What is wrong with a chat_format value, short of the registry check (the worker's: only
+    it may import llama_cpp), or None."""
+    if not is_chat_template_file(chat_format):
+        if _CHAT_FORMAT_NAME.fullmatch(chat_format):
+            return None
+        return (f"{chat_format[:80]!r} is neither a chat format name (letters, digits, '._-') "
+                "nor a template file path (with a '/' or ending in .jinja)")
+    path = Path(chat_format)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        return f"template file {chat_format[:200]!r}: {exc.strerror}"
+    if not path.is_file():
+        return f"template file {chat_format[:200]!r} is not a regular file"
+    if stat.st_size > MAX_CHAT_TEMPLATE_BYTES:
+        return (f"template file {chat_format[:200]!r} is {stat.st_size} bytes, more than "
+                f"{MAX_CHAT_TEMPLATE_BYTES}")
+    return None
+
+
 class ModelConfig(_Section):
     manifest: str | None = None  # path or http(s) URL
     # Local manifests that a set_manifest command may name must lie under this directory
@@ -103,6 +134,16 @@ class ModelConfig(_Section):
     kv_type: Literal["f16", "q8_0", "q4_0"] | None = None
     n_threads: int | None = None
     n_gpu_layers: int | None = None
+    # How messages become a prompt, over the manifest's chat_format and the GGUF's own
+    # tokenizer.chat_template: one of llama-cpp-python's registered chat formats ("gemma",
+    # "chatml", ...; the worker checks the name against its registry), or the path of a Jinja
+    # template file (a value with a '/' or ending in .jinja), read by the worker at each load.
+    chat_format: str | None = None
+
+    def __post_init__(self) -> None:
+        problem = chat_format_problem(self.chat_format) if self.chat_format is not None else None
+        if problem:
+            raise ValueError(f"chat_format: {problem}")
 
 
 class RuntimeConfig(_Section):

@@ -398,6 +398,8 @@ class Daemon:
             "profile": {"name": selection.profile if selection else None, "reasons": self.profile_reasons},
             "selection": msgspec.to_builtins(selection) if selection else None,
             "selection_source": self.selection_source,
+            # gguf / manifest:<name> / config:<name> / none: how messages become a prompt
+            "chat_template": selection.chat_template if selection else None,
             "problem": self.problem,
             "runtime": msgspec.to_builtins(self.device.llama) if self.device and self.device.llama else None,
             "pool": self.config.mqtt.pool,

@@ -51,6 +51,17 @@ def ladder_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """The second architecture (Gemma 3 270M: gemma3, tied embeddings, 262k vocabulary,
+    sliding-window attention, no chat template), made by scripts/make-test-models."""
+    path = Path(os.environ.get("EDGE_AGENT_GEMMA", Path.home() / ".cache/edge-agent/gemma"))
+    if not (path / "manifest.json").exists():
+        pytest.fail(f"no gemma models at {path}: run scripts/make-test-models (scripts/test does)")
+    sign_file(path / "manifest.json")  # signed with the test key that RunningDaemon pins
+    return path
+
+
+@pytest.fixture(scope="session")
 def ladder_manifest(ladder_dir: Path) -> dict:
     return json.loads((ladder_dir / "manifest.json").read_text())
 

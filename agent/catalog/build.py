@@ -314,9 +314,13 @@ def build_manifest(
         # What the entry left unsaid stays unsaid (no nulls, no empty requires).
         if entry.family is None:
             models[entry.id].pop("family")
+        if entry.chat_format is None:
+            models[entry.id].pop("chat_format")
         for variant in models[entry.id]["variants"]:
             if variant["quality_source"] is None:
                 variant.pop("quality_source")
+            if variant["chat_format"] is None:
+                variant.pop("chat_format")
             if not any(variant["requires"].values()):
                 variant.pop("requires")
     groups: dict[tuple[str, str, int], list[FileFacts]] = {}

@@ -85,11 +85,16 @@ class Variant(_Strict, kw_only=True):
     # per-quant figure of agent.catalog.build.QUANT_PRIORS; None: the writer did not say.
     quality_source: Literal["measured", "prior"] | None = None
     requires: Requires = msgspec.field(default_factory=Requires)
+    chat_format: str | None = None  # over the model's; see ModelEntry.chat_format
 
 
 class ModelEntry(_Strict, kw_only=True):
     id: str
     family: str | None = None
+    # One of llama-cpp-python's registered chat formats, for a GGUF without a usable
+    # tokenizer.chat_template; the config's model.chat_format overrides it. A name only: a
+    # manifest comes from a mirror, so it never names a template file on the device.
+    chat_format: str | None = None
     variants: list[Variant]
 
 
@@ -173,6 +178,10 @@ def _validate(manifest: Manifest) -> None:
         problem = None if model.family is None else _name_problem(model.family, _TAG, "family name")
         if problem:
             raise ManifestError(f"{where}.family: {problem}", key=f"{where}.family")
+        problem = None if model.chat_format is None else _name_problem(
+            model.chat_format, _TAG, "chat format name")
+        if problem:
+            raise ManifestError(f"{where}.chat_format: {problem}", key=f"{where}.chat_format")
         if model.id in seen_ids:
             raise ManifestError(f"{where}.id: {shown(model.id)} is listed twice", key=f"{where}.id")
         seen_ids.add(model.id)
@@ -189,6 +198,8 @@ def _validate(manifest: Manifest) -> None:
                 "sha256": None if _SHA256.fullmatch(variant.sha256) else
                 "expected 64 hex characters (lower case)",
                 "quality": None if 0.0 <= variant.quality <= 1.0 else "must be between 0 and 1",
+                "chat_format": None if variant.chat_format is None else _name_problem(
+                    variant.chat_format, _TAG, "chat format name"),
             }
             for index, url in enumerate(variant.urls):
                 problems[f"urls[{index}]"] = _url_problem(url)

@@ -284,11 +284,27 @@ def choose(
         estimate=chosen_plan.estimate, predicted_tokens_per_s=chosen_plan.tokens_per_s,
         budget_bytes=budget.ram_bytes, vram_budget_bytes=budget.vram_bytes, profile=profile.name,
         candidates=candidates, manifest_url=manifest.source,
+        **_chat_template(model_cfg, model, best, headers[best.file]),
     )
     log.info("selected", model=model.id, quant=best.quant, n_ctx=chosen_plan.n_ctx,
              kv_type=chosen_plan.kv_type, n_gpu_layers=chosen_plan.n_gpu_layers,
              ram_bytes=chosen_plan.ram_needed, budget_bytes=budget.ram_bytes)
     return selection
+
+
+def _chat_template(model_cfg: ModelConfig, model: ModelEntry, variant: Variant,
+                   info: GGUFInfo) -> dict[str, str | None]:
+    """The Selection's chat_format and chat_template: the config's over the variant's over
+    the model's over the GGUF's own tokenizer.chat_template."""
+    if model_cfg.chat_format is not None:
+        return {"chat_format": model_cfg.chat_format,
+                "chat_template": f"config:{Path(model_cfg.chat_format).name}"}
+    named = variant.chat_format or model.chat_format
+    if named is not None:
+        return {"chat_format": named, "chat_template": f"manifest:{named}"}
+    # A template too long to keep is still there (a StringInfo); an empty one is none.
+    own = info.metadata.get("tokenizer.chat_template")
+    return {"chat_format": None, "chat_template": "gguf" if own else "none"}
 
 
 def _chosen_reason(best: Variant, plan: _Plan, budget: Budget, device: DeviceInfo) -> str:

@@ -68,3 +68,9 @@ class Selection(msgspec.Struct, kw_only=True):
     candidates: list[Candidate] = []
     manifest_url: str | None = None  # where the manifest came from; a variant without urls is next to it
     model_path: str | None = None  # set once the file is in the local store
+    # What the worker turns messages into a prompt with, when not the GGUF's own template: a
+    # registered chat format name or a Jinja file path, from the config or the manifest.
+    chat_format: str | None = None
+    # Which template that is, for meta and select: "gguf", "manifest:<name>", "config:<name>"
+    # or "none" (messages are refused); None when the Selection was not made by the selector.
+    chat_template: str | None = None

@@ -103,6 +103,8 @@ def render(selection: Selection, explain: bool, sources: dict[str, str] | None =
         f"process {format_bytes(est.process_bytes)}",
         "speed      " + _speed_line(selection),
         f"profile    {selection.profile}",
+        # gguf / manifest:<name> / config:<name> / none: how messages become a prompt
+        f"template   {selection.chat_template or '-'}",
     ]
     if explain:
         header = f"{'quant':8} {'quality':>7} {'source':8} {'n_ctx':>6} {'KV':5} {'gpu':>3} {'RAM':>10} {'VRAM':>9} " \

@@ -36,6 +36,7 @@ def base_settings(selection: Selection, runtime: RuntimeConfig) -> dict[str, Any
         "use_mlock": selection.use_mlock or runtime.use_mlock,
         "flash_attn": selection.flash_attn if runtime.flash_attn is None else runtime.flash_attn,
         "use_extra_bufts": True,
+        "chat_format": selection.chat_format,
         "steps": [],
     }
 

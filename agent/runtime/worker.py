@@ -11,7 +11,7 @@ and answers ``count`` (tokenize only) frames while a generation runs.
 
 llama_cpp is imported only in child processes: this worker and agent.runtime.quality's
 measuring child, never in the daemon. This module must not import the engine, MQTT or
-anything else of the daemon.
+anything else of the daemon (agent.config's chat-format rules are the bottom layer's).
 
 ``python -m agent.runtime.worker --build-info`` prints the llama.cpp build as JSON.
 
@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from agent.config import MAX_CHAT_TEMPLATE_BYTES, is_chat_template_file
 from agent.runtime.protocol import FrameReader, FrameWriter
 
 CRASH_HOOK_ENV = "EDGE_AGENT_WORKER_CRASH_UNLESS"
@@ -78,6 +79,47 @@ def _model_params(use_extra_bufts: bool) -> Iterator[None]:
         yield
     finally:
         bindings.llama_model_default_params = original
+
+
+class ChatFormatRefused(Exception):
+    """The configured chat format cannot format messages here; the message says why."""
+
+
+def registered_formatter(name: str) -> Any:
+    """The formatter llama-cpp-python registered as chat format ``name``.
+
+    Its registry holds completion handlers, which run a whole completion; the worker needs
+    the prompt alone (to count, stream and cancel), and there is no public way from a name to
+    the formatter. A format registered with ``register_chat_format`` wraps its formatter in a
+    handler that keeps it in its closure as ``chat_formatter``: read here, through inspect, and
+    nowhere else; tests/runtime/test_chat_format.py fails loudly if an upgrade changes that."""
+    import inspect
+
+    from llama_cpp import llama_chat_format
+
+    try:
+        handler = llama_chat_format.get_chat_completion_handler(name)
+    except llama_chat_format.LlamaChatCompletionHandlerNotFoundException as exc:
+        raise ChatFormatRefused(
+            f"chat_format {name[:80]!r} is not one of llama-cpp-python's registered chat "
+            f"formats ({str(exc)[:600]})"
+        ) from None
+    formatter = inspect.getclosurevars(handler).nonlocals.get("chat_formatter")
+    if not callable(formatter):
+        raise ChatFormatRefused(
+            f"chat_format {name[:80]!r} is a chat handler (function calling, images), not a "
+            "chat format that turns messages into a prompt"
+        )
+    return formatter
+
+
+def _read_template(path: str) -> str:
+    """A Jinja chat template file, bounded like the config check (it may have grown since)."""
+    with open(path, "rb") as file:
+        data = file.read(MAX_CHAT_TEMPLATE_BYTES + 1)
+    if len(data) > MAX_CHAT_TEMPLATE_BYTES:
+        raise ChatFormatRefused(f"{path}: more than {MAX_CHAT_TEMPLATE_BYTES} bytes")
+    return data.decode("utf-8")
 
 
 class Worker:
@@ -147,6 +189,13 @@ class Worker:
             from llama_cpp import llama_chat_format
 
             rss_before = _rss_bytes()
+            # A chat format that cannot work fails the load before the model costs anything.
+            chat_format = settings.get("chat_format")
+            named = template_text = None
+            if chat_format is not None and is_chat_template_file(chat_format):
+                template_text = _read_template(chat_format)
+            elif chat_format is not None:
+                named = registered_formatter(chat_format)
             kv = _KV_TYPES[settings.get("kv_type", "f16")]
             flash_attn = bool(settings.get("flash_attn")) or kv != _KV_TYPES["f16"]
             with _model_params(settings.get("use_extra_bufts", True)):
@@ -167,8 +216,12 @@ class Worker:
                     seed=settings.get("seed", 0xFFFFFFFF),
                     verbose=False,
                 )
-            template = llama.metadata.get("tokenizer.chat_template")
-            if template:
+            # Precedence (config over manifest over the GGUF's own) was settled by the selector:
+            # chat_format is set only when it overrides the file's template.
+            template = template_text or llama.metadata.get("tokenizer.chat_template")
+            if named is not None:
+                self._formatter = named
+            elif template:
                 eos = llama.token_eos()
                 bos = llama.token_bos()
                 self._formatter = llama_chat_format.Jinja2ChatFormatter(
@@ -234,12 +287,15 @@ class Worker:
         llama = self._llama
         if message.get("messages") is not None:
             if self._formatter is None:
-                raise ValueError("the model has no chat template; send a raw prompt")
+                raise ValueError("the model has no chat template; send a raw prompt, or name a "
+                                 "chat_format in the config (model.chat_format) or the manifest")
             result = self._formatter(messages=message["messages"])
             tokens = llama.tokenize(
                 result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
             )
-            return tokens, list(result.stop or []), result.stopping_criteria
+            # Registered formats give one stop string, templates a list.
+            stop = [result.stop] if isinstance(result.stop, str) else list(result.stop or [])
+            return tokens, stop, result.stopping_criteria
         # special=True as create_completion does for a string: a raw prompt is the caller's
         # whole input, control tokens included, and must tokenize as it would in-process.
         return llama.tokenize(message["prompt"].encode("utf-8"), add_bos=True, special=True), [], None
