@@ -55,6 +55,7 @@ MAX_BUCKETS = 100_000  # devices with a rate bucket; past it the least recently 
 MAX_NOTED = 10_000  # devices with rejections waiting for the writer; past it only counted
 DROP_REASONS = ("too_large", "rate_limited", "queue_full", "bad_request", "bad_device_id")
 PRUNE_EVERY_S = 60.0
+REFRESH_EVERY_S = 1.0  # on a shared registry: how often the other controllers' telemetry is read
 LAG_WINDOW_S = 10.0
 LAG_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
@@ -235,9 +236,14 @@ class Ingest:
 
     def _run(self) -> None:
         next_prune = time.monotonic() + PRUNE_EVERY_S
+        next_refresh = 0.0
         while not self._stop.wait(self.flush_s):
             try:
                 self.flush()
+                if self.registry.shared and time.monotonic() >= next_refresh:
+                    # The devices' latest telemetry that reached the other controllers.
+                    next_refresh = time.monotonic() + REFRESH_EVERY_S
+                    self.registry.refresh_shared()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_EVERY_S
                     self.registry.prune()
