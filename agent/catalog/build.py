@@ -7,6 +7,11 @@ architecture and parameter count. Size and sha256 are streamed once; for a URL w
 states them (Hugging Face's ``X-Linked-Size`` / ``X-Linked-Etag`` on a resolve URL, which
 is the LFS object's sha256) nothing but the header travels.
 
+The parts of a split model (llama.cpp's ``<name>-00001-of-0000N.gguf`` …) become one variant
+with its ``parts``: they are grouped by what their headers say (split.count, split.tensors.count
+and the tensors they hold, with the shared name prefix), each part's ``split.no`` must match its
+name, and a set with parts missing is refused naming them.
+
 Without a measurement a variant's quality is a prior per quant type (QUANT_PRIORS, from
 llama.cpp's published figures) and says so: ``quality_source: prior``. Merging into an
 existing manifest keeps every entry whose file is unchanged, with its measured quality.
@@ -31,12 +36,23 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import msgspec
 
-from agent.catalog.gguf import GGML_TYPES, GGUFInfo, read_gguf_file, read_gguf_url
+from agent.catalog.gguf import (
+    GGML_TYPES,
+    GGUFInfo,
+    GGUFPart,
+    merge_split,
+    read_gguf_part_file,
+    read_gguf_part_url,
+    split_name,
+    split_part_name,
+)
 from agent.catalog.manifest import (
     Manifest,
+    Part,
     Variant,
     is_url,
     parse_manifest,
+    variant_files,
     variant_locations,
 )
 from agent.errors import ChecksumError, EdgeAgentError, FetchError, GGUFError, ManifestError, shown
@@ -78,18 +94,38 @@ _REFERENCE_QUANTS = {"F32": 0, "F16": 1, "BF16": 1}
 Progress = Callable[[str, int, int], None]  # (file, bytes done, total)
 
 
-class FileFacts(msgspec.Struct, kw_only=True):
-    """One GGUF file as build saw it."""
+class PartFacts(msgspec.Struct, kw_only=True):
+    """One file as build saw it, before split parts are put together."""
 
     location: str  # local path or URL
     file: str  # bare file name
     size: int
     sha256: str
+    header: GGUFPart
+
+
+class FilePart(msgspec.Struct, kw_only=True):
+    """One file of a split variant, as the manifest lists it."""
+
+    location: str
+    file: str
+    size: int
+    sha256: str
+
+
+class FileFacts(msgspec.Struct, kw_only=True):
+    """One variant as build saw it: a GGUF file, or the parts of a split one."""
+
+    location: str  # local path or URL (a split's first part: llama.cpp opens the rest beside it)
+    file: str  # bare file name
+    size: int  # a split's parts together
+    sha256: str  # a split's first part's
     quant: str
     architecture: str
     name: str  # general.name, or the file name when the writer set none
     parameters: int
     bits_per_weight: float
+    parts: list[FilePart] = []  # a split's files in order; empty for one file
 
 
 def quant_of(info: GGUFInfo) -> str:
@@ -151,21 +187,26 @@ def sha256_of_file(path: Path, progress: Progress | None = None) -> str:
     return digest.hexdigest()
 
 
-def _facts(location: str, file: str, size: int, sha256: str, info: GGUFInfo) -> FileFacts:
+def _facts(parts: list[PartFacts], info: GGUFInfo) -> FileFacts:
     parameters = parameter_count(info)
     name = info.metadata.get("general.name")
+    first = parts[0]
     return FileFacts(
-        location=location, file=file, size=size, sha256=sha256, quant=quant_of(info),
-        architecture=info.architecture, name=name if isinstance(name, str) and name else file,
+        location=first.location, file=first.file, size=sum(p.size for p in parts),
+        sha256=first.sha256, quant=quant_of(info),
+        architecture=info.architecture, name=name if isinstance(name, str) and name else first.file,
         parameters=parameters,
         bits_per_weight=info.tensor_bytes * 8 / parameters if parameters else 0.0,
+        parts=[FilePart(location=p.location, file=p.file, size=p.size, sha256=p.sha256)
+               for p in parts] if len(parts) > 1 else [],
     )
 
 
-def inspect_file(path: Path, progress: Progress | None = None) -> FileFacts:
-    """Header, size and sha256 of a local GGUF file."""
-    info = read_gguf_file(path)
-    return _facts(str(path), path.name, path.stat().st_size, sha256_of_file(path, progress), info)
+def inspect_part_file(path: Path, progress: Progress | None = None) -> PartFacts:
+    """Header, size and sha256 of a local GGUF file (a whole model or a split part)."""
+    header = read_gguf_part_file(path)
+    return PartFacts(location=str(path), file=path.name, size=path.stat().st_size,
+                     sha256=sha256_of_file(path, progress), header=header)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -246,18 +287,19 @@ def _url_file_name(url: str) -> str:
     return unquote(urlparse(url).path.rsplit("/", 1)[-1]) or "model.gguf"
 
 
-def inspect_url(url: str, progress: Progress | None = None) -> FileFacts:
+def inspect_part_url(url: str, progress: Progress | None = None) -> PartFacts:
     """Header by Range reads; size and sha256 from the server when it states them (so the
     body never travels), else from one streamed read."""
     remote = head(url)
     if remote.status >= 400:
         raise FetchError(f"{shown(url, 200)}: HTTP {remote.status}", url=url, status=remote.status)
-    info = read_gguf_url(url)
+    header = read_gguf_part_url(url)
     if remote.sha256 and remote.size:
         size, sha256 = remote.size, remote.sha256
     else:
         size, sha256 = stream_sha256(url, progress)
-    return _facts(url, _url_file_name(url), size, sha256, info)
+    return PartFacts(location=url, file=_url_file_name(url), size=size, sha256=sha256,
+                     header=header)
 
 
 def expand_sources(sources: Iterable[str]) -> list[str]:
@@ -279,8 +321,62 @@ def expand_sources(sources: Iterable[str]) -> list[str]:
     return out
 
 
+def inspect_part(source: str, progress: Progress | None = None) -> PartFacts:
+    """One file's header, size and sha256, whether it is a whole model or a split part."""
+    if is_url(source):
+        return inspect_part_url(source, progress)
+    return inspect_part_file(Path(source), progress)
+
+
 def inspect(source: str, progress: Progress | None = None) -> FileFacts:
-    return inspect_url(source, progress) if is_url(source) else inspect_file(Path(source), progress)
+    """One whole GGUF file as a variant; a split part alone is refused (its set is not here)."""
+    return combine_parts([inspect_part(source, progress)])[0]
+
+
+def _split_key(facts: PartFacts) -> tuple[str, int, int] | None:
+    """What the parts of one split share: the name prefix and, from their headers, the part
+    and tensor counts. None for a file that is not a split part."""
+    split = facts.header.split
+    if split is None or split.count == 1:
+        return None
+    named = split_name(facts.file)
+    if named is None or named[1:] != (split.no + 1, split.count):
+        said = f"part {split.no + 1} of {split.count}"
+        raise ManifestError(
+            f"{facts.file}: the header says it is {said} of a split, the name does not "
+            "(llama.cpp finds parts by name: "
+            f"{split_part_name('<name>', split.no + 1, split.count)})")
+    return (named[0], split.count, split.tensors_count)
+
+
+def combine_parts(files: list[PartFacts]) -> list[FileFacts]:
+    """Variants from inspected files: a whole GGUF is one, the parts of a split together
+    are one (in order), grouped by their headers' split keys and name prefix. A set with a
+    part missing or given twice is refused, naming what is wrong."""
+    out: list[FileFacts] = []
+    splits: dict[tuple[str, int, int], dict[int, PartFacts]] = {}
+    for facts in files:
+        key = _split_key(facts)
+        if key is None:
+            out.append(_facts([facts], merge_split([facts.header], facts.location)))
+            continue
+        assert facts.header.split is not None
+        number = facts.header.split.no + 1
+        have = splits.setdefault(key, {})
+        if number in have and have[number].sha256 != facts.sha256:
+            raise ManifestError(f"{facts.file}: two different files are part {number} of "
+                                f"{key[1]} ({shown(have[number].location, 200)} and "
+                                f"{shown(facts.location, 200)})")
+        have[number] = facts
+    for (prefix, count, tensors), have in splits.items():
+        missing = [split_part_name(prefix, n, count) for n in range(1, count + 1) if n not in have]
+        if missing:
+            raise ManifestError(
+                f"{prefix}: a split of {count} parts ({tensors} tensors) with {len(missing)} "
+                f"missing: {shown(', '.join(missing), 300)}; give every part")
+        parts = [have[n] for n in range(1, count + 1)]
+        out.append(_facts(parts, merge_split([p.header for p in parts], parts[0].location)))
+    return out
 
 
 def model_id_of(facts: FileFacts) -> str:
@@ -323,6 +419,8 @@ def build_manifest(
                 variant.pop("chat_format")
             if not any(variant["requires"].values()):
                 variant.pop("requires")
+            if not variant["parts"]:
+                variant.pop("parts")
     groups: dict[tuple[str, str, int], list[FileFacts]] = {}
     for facts in files:
         groups.setdefault(group_key(facts), []).append(facts)
@@ -330,15 +428,22 @@ def build_manifest(
         names = ", ".join(sorted({f.name for f in files}))
         raise ManifestError(
             f"--model-id names one model, the files hold {len(groups)}: {shown(names, 200)}")
+    def urls_of(facts: FileFacts | FilePart) -> list[str]:
+        return [facts.location] if is_url(facts.location) else (
+            [f"{url_base.rstrip('/')}/{facts.file}"] if url_base else [])
+
     for group in groups.values():
         mid = model_id or model_id_of(group[0])
         model = models.setdefault(mid, {"id": mid, "family": group[0].architecture, "variants": []})
         variants: list[dict[str, Any]] = model["variants"]
         for facts in sorted(group, key=lambda f: -precision_rank(f.quant, f.bits_per_weight)):
-            urls = [facts.location] if is_url(facts.location) else (
-                [f"{url_base.rstrip('/')}/{facts.file}"] if url_base else [])
+            parts = [{"file": p.file, "size": p.size, "sha256": p.sha256, "urls": urls_of(p)}
+                     for p in facts.parts]
             old = next((v for v in variants if v["file"] == facts.file), None)
-            if old is not None and old["sha256"] == facts.sha256 and old["size"] == facts.size:
+            same_parts = [(p["file"], p["size"], p["sha256"]) for p in old.get("parts", [])] == \
+                [(p.file, p.size, p.sha256) for p in facts.parts] if old is not None else False
+            if old is not None and old["sha256"] == facts.sha256 and old["size"] == facts.size \
+                    and same_parts:
                 if facts.sha256 in measured:
                     old.update(quality=measured[facts.sha256], quality_source="measured")
                 continue
@@ -349,8 +454,10 @@ def build_manifest(
                     "give them separate --model-id runs or remove one")
             variant: dict[str, Any] = {
                 "quant": facts.quant, "file": facts.file, "size": facts.size,
-                "sha256": facts.sha256, "urls": urls,
+                "sha256": facts.sha256, "urls": [] if parts else urls_of(facts),
             }
+            if parts:
+                variant["parts"] = parts
             if facts.sha256 in measured:
                 variant.update(quality=measured[facts.sha256], quality_source="measured")
             else:
@@ -386,8 +493,11 @@ class Problem(msgspec.Struct, kw_only=True):
     message: str
 
 
-def check_location(variant: Variant, location: str) -> list[tuple[str, str]]:
-    """(code, message) for what is wrong with one mirror of a variant; [] when all is well.
+def check_location(
+    expected: Variant | Part, location: str
+) -> tuple[list[tuple[str, str]], GGUFPart | None]:
+    """(code, message) for what is wrong with one mirror of a file, and the header read there
+    (None when it could not be read).
 
     A URL costs a HEAD and the header's Range reads; size and sha256 are compared where the
     server states them. A local file is hashed: that is the one way to know it."""
@@ -396,44 +506,68 @@ def check_location(variant: Variant, location: str) -> list[tuple[str, str]]:
         if is_url(location):
             remote = head(location)
             if remote.status >= 400:
-                return [(FetchError.code, f"HTTP {remote.status}")]
-            info = read_gguf_url(location)
+                return [(FetchError.code, f"HTTP {remote.status}")], None
+            header = read_gguf_part_url(location)
             size, sha256 = remote.size, remote.sha256
         else:
             path = Path(location)
             if not path.is_file():
-                return [(FetchError.code, "no such file")]
-            info = read_gguf_file(path)
+                return [(FetchError.code, "no such file")], None
+            header = read_gguf_part_file(path)
             size, sha256 = path.stat().st_size, sha256_of_file(path)
     except EdgeAgentError as exc:
-        return [(exc.code, exc.message)]
-    if size is not None and size != variant.size:
-        problems.append((ChecksumError.code, f"size is {size}, the manifest says {variant.size}"))
-    if sha256 is not None and sha256 != variant.sha256:
+        return [(exc.code, exc.message)], None
+    if size is not None and size != expected.size:
+        problems.append((ChecksumError.code, f"size is {size}, the manifest says {expected.size}"))
+    if sha256 is not None and sha256 != expected.sha256:
         problems.append((ChecksumError.code,
-                         f"sha256 is {sha256}, the manifest says {variant.sha256}"))
+                         f"sha256 is {sha256}, the manifest says {expected.sha256}"))
+    return problems, header
+
+
+def _header_problems(
+    variant: Variant, headers: list[GGUFPart], label: str
+) -> list[tuple[str, str]]:
+    """What the headers of a variant's files, put together, say against the manifest."""
     try:
-        quant = quant_of(info)
+        quant = quant_of(merge_split(headers, label))
     except GGUFError as exc:
-        return problems + [(exc.code, exc.message)]
+        return [(exc.code, exc.message)]
     if quant != variant.quant:
-        problems.append((ManifestError.code,
-                         f"the header says {quant}, the manifest says {variant.quant}"))
-    return problems
+        return [(ManifestError.code, f"the header says {quant}, the manifest says {variant.quant}")]
+    return []
 
 
 def check_variants(manifest: Manifest) -> list[Problem]:
-    """Every mirror of every variant, checked; a variant with no mirror at all is a problem."""
+    """Every mirror of every file of every variant, checked; a file with no mirror at all is
+    a problem. The quant is checked once per variant, on the first header each file gave."""
     found: list[Problem] = []
     for model in manifest.models:
         for variant in model.variants:
-            locations = variant_locations(manifest, variant)
-            if not locations:
-                found.append(Problem(model=model.id, quant=variant.quant, location=None,
-                                     code=ManifestError.code,
-                                     message="no urls and no manifest location"))
-            for location in locations:
-                for code, message in check_location(variant, location):
-                    found.append(Problem(model=model.id, quant=variant.quant, location=location,
-                                         code=code, message=message))
+            files = variant_files(variant)
+            headers: list[GGUFPart | None] = []
+            first_location: str | None = None
+            for file in files:
+                locations = variant_locations(manifest, file)
+                # A split variant's messages name the part they are about.
+                part = f"{file.file}: " if variant.parts else ""
+                if not locations:
+                    found.append(Problem(model=model.id, quant=variant.quant, location=None,
+                                         code=ManifestError.code,
+                                         message=f"{part}no urls and no manifest location"))
+                header = None
+                for location in locations:
+                    problems, read = check_location(file, location)
+                    header = header or read
+                    first_location = first_location or location
+                    for code, message in problems:
+                        found.append(Problem(model=model.id, quant=variant.quant,
+                                             location=location, code=code,
+                                             message=part + message))
+                headers.append(header)
+            complete = [h for h in headers if h is not None]
+            if first_location is not None and len(complete) == len(files):
+                for code, message in _header_problems(variant, complete, first_location):
+                    found.append(Problem(model=model.id, quant=variant.quant,
+                                         location=first_location, code=code, message=message))
     return found

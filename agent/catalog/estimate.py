@@ -7,7 +7,9 @@ scripts/bench_estimator.py) with llama-cpp-python 0.3.36 on x86_64; the parts ar
 
 - process: an idle worker interpreter with llama_cpp imported (measured 47 MiB).
 - weights: with mmap llama.cpp populates the whole mapping on load, so every page of
-  the file is resident (file-backed, but needed: evicting it means thrashing). Tensors
+  the file is resident (file-backed, but needed: evicting it means thrashing); a split
+  model maps each of its parts, so ``file_size`` is theirs together and the GGUFInfo holds
+  every part's tensors (agent.catalog.gguf.merge_split). Tensors
   that the CPU backend repacks for its SIMD kernels (Q4_0/Q4_K/IQ4_NL on AVX2, Q2_K on
   AVX-512, most 4-8 bit types on ARM dotprod/i8mm) are copied into anonymous memory on
   top of their still-resident file pages. Offloaded layers go to VRAM instead.

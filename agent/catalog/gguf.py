@@ -17,6 +17,14 @@ uses is bounded to a sane range and must be finite, and every bad header is a GG
 This module does not decide anything about memory; the estimator (agent.catalog.estimate)
 turns a GGUFInfo into bytes.
 
+A model split by llama.cpp's gguf-split (``<prefix>-00001-of-00003.gguf`` …) keeps its
+metadata in the first part and spreads its tensors over all of them; every part carries
+``split.no``, ``split.count`` and ``split.tensors.count``. Each part is parsed on its own
+(GGUFPart) and ``merge_split`` checks that the parts form one whole set before it makes one
+GGUFInfo of them, so the estimator sees every tensor. The whole-model readers
+(``read_gguf_file``/``read_gguf_url``) given a first part read the others beside it by name,
+where llama.cpp looks for them too.
+
 httpx is allowed here (the GGUF range reader is one of the two network boundaries).
 """
 
@@ -33,7 +41,7 @@ from urllib.parse import urlparse
 import httpx
 import msgspec
 
-from agent.errors import FetchError, GGUFError, shown
+from agent.errors import EdgeAgentError, FetchError, GGUFError, shown
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -86,6 +94,12 @@ ARCH_LIMITS = {
 _ARCH_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DIGITS = re.compile(r"[0-9]{1,20}")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
+# llama.cpp's split naming (llama_split_path: "%s-%05d-of-%05d.gguf"), numbered from 1.
+_SPLIT_NAME = re.compile(r"(.+)-([0-9]{5})-of-([0-9]{5})\.gguf")
+# Published splits have a few dozen parts at most (a 671B model at F16 is ~30 x 48 GB);
+# the bound keeps the per-part header reads and the manifest's part lists small.
+MAX_SPLIT_PARTS = 256
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
 # ggml_type id -> (name, elements per block, bytes per block); ggml/src/ggml-common.h.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -193,10 +207,47 @@ class GGUFInfo(msgspec.Struct, kw_only=True):
     tensors: list[TensorInfo]
     # scalars, strings and small arrays; large ones as ArrayInfo / StringInfo
     metadata: dict[str, Any]
+    split_count: int = 1  # files the tensors are spread over (llama.cpp's split.count)
 
     @property
     def tensor_bytes(self) -> int:
         return sum(self.layer_tensor_bytes) + self.other_tensor_bytes
+
+
+class SplitInfo(msgspec.Struct, frozen=True):
+    """One part's place in a split model: llama.cpp's ``split.*`` keys."""
+
+    no: int  # 0-based, as in split.no (the file name counts from 1)
+    count: int
+    tensors_count: int  # tensors in all the parts together
+
+
+class GGUFPart(msgspec.Struct, kw_only=True):
+    """One file as parsed, before it is known to be a whole model (a split's later parts
+    hold tensors and the split keys only)."""
+
+    version: int
+    metadata: dict[str, Any]
+    tensors: list[TensorInfo]
+    header_bytes: int
+    alignment: int
+    split: SplitInfo | None  # None: not a split part
+
+
+def split_name(name: str) -> tuple[str, int, int] | None:
+    """(prefix, number from 1, count) of a llama.cpp split file name, else None."""
+    match = _SPLIT_NAME.fullmatch(name)
+    if match is None:
+        return None
+    number, count = int(match.group(2)), int(match.group(3))
+    if not 1 <= number <= count:
+        return None
+    return match.group(1), number, count
+
+
+def split_part_name(prefix: str, number: int, count: int) -> str:
+    """The file name llama.cpp opens for part ``number`` (from 1) of ``count``."""
+    return f"{prefix}-{number:05d}-of-{count:05d}.gguf"
 
 
 class _Source(Protocol):
@@ -411,7 +462,7 @@ def _read_value(cur: _Cursor, value_type: int, key: str) -> Any:
     raise GGUFError(f"metadata {key!r} is an array of type {item_type}, not supported", key=key)
 
 
-def _parse(cur: _Cursor) -> GGUFInfo:
+def _parse(cur: _Cursor) -> GGUFPart:
     if cur.take(4, "magic") != MAGIC:
         raise GGUFError("not a GGUF file (bad magic)")
     version = cur.scalar("I", "version")
@@ -453,7 +504,70 @@ def _parse(cur: _Cursor) -> GGUFInfo:
                 f"{cur.size if cur.size is not None else 'largest possible'}-byte file: truncated",
                 tensor=tensor.name,
             )
-    return _info(version, metadata, tensors, header_bytes, alignment)
+    return GGUFPart(version=version, metadata=metadata, tensors=tensors, header_bytes=header_bytes,
+                    alignment=alignment, split=_split_of(metadata))
+
+
+def _split_of(metadata: dict[str, Any]) -> SplitInfo | None:
+    """The split keys, bounded; None when the file is not a part of a split."""
+    values = [metadata.get(key) for key in SPLIT_KEYS]
+    if all(value is None for value in values):
+        return None
+    for key, value in zip(SPLIT_KEYS, values):
+        if type(value) is not int or value < 0:
+            raise GGUFError(f"{key} is {shown(value)}, not a whole number: corrupt split part",
+                            key=key)
+    no, count, tensors_count = values
+    if not 0 <= no < count <= MAX_SPLIT_PARTS:
+        raise GGUFError(f"split.no {no} of split.count {count} is outside "
+                        f"0..{MAX_SPLIT_PARTS - 1}: corrupt split part", key="split.no")
+    if tensors_count > MAX_TENSORS:
+        raise GGUFError(f"split.tensors.count {tensors_count} is over {MAX_TENSORS}: corrupt file",
+                        key="split.tensors.count")
+    return SplitInfo(no=no, count=count, tensors_count=tensors_count)
+
+
+def merge_split(parts: list[GGUFPart], label: str = "model") -> GGUFInfo:
+    """One GGUFInfo of a model from its parts in order (one part: an unsplit file).
+
+    The parts must be one whole set: each says it is part i of len(parts), they agree on
+    the tensor count, hold that many tensors together, and no tensor name repeats."""
+    first = parts[0]
+    if first.split is None or first.split.count == 1:
+        if len(parts) != 1:
+            raise GGUFError(f"{label}: the first file is not a split part, "
+                            f"{len(parts) - 1} more were given")
+        return _info(first.version, first.metadata, first.tensors, first.header_bytes,
+                     first.alignment)
+    count, tensors_count = first.split.count, first.split.tensors_count
+    if len(parts) != count:
+        raise GGUFError(f"{label}: a split of {count} parts, {len(parts)} given", parts=len(parts))
+    tensors: list[TensorInfo] = []
+    names: set[str] = set()
+    for index, part in enumerate(parts):
+        if part.split is None or part.split.no != index or part.split.count != count:
+            said = "not a split part" if part.split is None else \
+                f"part {part.split.no + 1} of {part.split.count}"
+            raise GGUFError(f"{label}: file {index + 1} of the split says it is {said}",
+                            part=index + 1)
+        if part.split.tensors_count != tensors_count:
+            raise GGUFError(f"{label}: part {index + 1} says the split has "
+                            f"{part.split.tensors_count} tensors, part 1 says {tensors_count}",
+                            part=index + 1)
+        for tensor in part.tensors:
+            if tensor.name in names:
+                raise GGUFError(f"{label}: tensor {tensor.name!r} is in two parts",
+                                tensor=tensor.name)
+            names.add(tensor.name)
+        tensors += part.tensors
+        if len(tensors) > tensors_count:
+            break  # refused below, before later parts add more
+    if len(tensors) != tensors_count:
+        raise GGUFError(f"{label}: the parts hold {len(tensors)} tensors, split.tensors.count says "
+                        f"{tensors_count}", tensors=len(tensors))
+    info = _info(first.version, first.metadata, tensors, first.header_bytes, first.alignment)
+    info.split_count = count
+    return info
 
 
 def _tensor(
@@ -559,7 +673,7 @@ def _info(
     )
 
 
-def _parse_source(source: _Source, label: str) -> GGUFInfo:
+def _parse_source(source: _Source, label: str) -> GGUFPart:
     """One pass over ``source``; whatever goes wrong is a GGUFError naming ``label``."""
     try:
         return _parse(_Cursor(source))
@@ -569,19 +683,47 @@ def _parse_source(source: _Source, label: str) -> GGUFInfo:
         raise GGUFError(f"{label}: corrupt GGUF header ({type(exc).__name__})", source=label) from exc
 
 
-def parse_header(data: bytes, file_size: int | None = None) -> GGUFInfo:
-    """Parse a GGUF header from the file's first bytes (pure). ``data`` ending before the
-    header does is a GGUFError (truncated), like every other malformed header."""
+def parse_part(data: bytes, file_size: int | None = None) -> GGUFPart:
+    """Parse one file's header from its first bytes (pure), split part or not."""
     return _parse_source(_BytesSource(data, file_size), "header")
 
 
-def read_gguf_file(path: str | os.PathLike[str]) -> GGUFInfo:
-    """The header of a local GGUF file; reads only the header bytes."""
+def parse_header(data: bytes, file_size: int | None = None) -> GGUFInfo:
+    """Parse a GGUF header from the file's first bytes (pure). ``data`` ending before the
+    header does is a GGUFError (truncated), like every other malformed header; so is a
+    part of a split (its tensors are not all here)."""
+    return merge_split([parse_part(data, file_size)], "header")
+
+
+def read_gguf_part_file(path: str | os.PathLike[str]) -> GGUFPart:
+    """One local file's header; reads only the header bytes."""
     try:
         with open(path, "rb") as f:
             return _parse_source(_FileSource(f, os.fstat(f.fileno()).st_size), str(path))
     except OSError as exc:
         raise GGUFError(f"{path}: cannot read: {exc.strerror}", path=str(path)) from exc
+
+
+def _with_siblings(first: GGUFPart, location: str, read: Any) -> GGUFInfo:
+    """``first`` merged with the parts named beside it, read with ``read(sibling location)``."""
+    if first.split is None or first.split.count == 1:
+        return merge_split([first], location)
+    name = location.rsplit("/", 1)[-1]
+    parsed = split_name(name)
+    if first.split.no != 0 or parsed is None or parsed[1:] != (1, first.split.count):
+        where = f"part {first.split.no + 1} of {first.split.count}"
+        raise GGUFError(f"{location}: {where} of a split model; give the first part, named "
+                        "<name>-00001-of-<count>.gguf", path=location)
+    prefix, _, count = parsed
+    base = location[: len(location) - len(name)]
+    parts = [first] + [read(base + split_part_name(prefix, n, count)) for n in range(2, count + 1)]
+    return merge_split(parts, location)
+
+
+def read_gguf_file(path: str | os.PathLike[str]) -> GGUFInfo:
+    """The header of a local GGUF file; reads only the header bytes. The first part of a
+    split brings the other parts' headers from beside it."""
+    return _with_siblings(read_gguf_part_file(path), str(path), read_gguf_part_file)
 
 
 class _HTTPSource:
@@ -681,20 +823,32 @@ class _HTTPSource:
 
 
 def read_gguf_url(url: str, *, client: httpx.Client | None = None, timeout_s: float = 30.0) -> GGUFInfo:
-    """The header of a GGUF file behind an http(s) URL, fetched with growing Range requests.
+    """The header of a GGUF file behind an http(s) URL, fetched with growing Range requests;
+    the first part of a split brings the other parts' headers from beside it.
 
     A mirror that cannot be reached or answers an HTTP error is a FetchError (``fetch_failed``):
     callers try the next mirror, and only bytes that arrived and are wrong are ``gguf_invalid``."""
+
+    def read(location: str) -> GGUFPart:
+        return read_gguf_part_url(location, client=client, timeout_s=timeout_s)
+
+    return _with_siblings(read(url), url, read)
+
+
+def read_gguf_part_url(
+    url: str, *, client: httpx.Client | None = None, timeout_s: float = 30.0
+) -> GGUFPart:
+    """One file's header behind an http(s) URL (see read_gguf_url)."""
     owned = client is None
     source: _HTTPSource | None = None
     try:
         http = client or httpx.Client(timeout=timeout_s, follow_redirects=True)
         try:
             source = _HTTPSource(http, url)
-            info = _parse_source(source, url)
-            log.debug("gguf_header_read", url=url, header_bytes=info.header_bytes, fetched=source.pos,
-                      requests=source.requests)
-            return info
+            part = _parse_source(source, url)
+            log.debug("gguf_header_read", url=url, header_bytes=part.header_bytes,
+                      fetched=source.pos, requests=source.requests)
+            return part
         finally:
             if source is not None:
                 source.close()
@@ -704,9 +858,39 @@ def read_gguf_url(url: str, *, client: httpx.Client | None = None, timeout_s: fl
         raise FetchError(f"{url}: cannot read the GGUF header: {exc}", url=url) from exc
 
 
+def _is_url(text: str) -> bool:
+    return urlparse(text).scheme in ("http", "https")
+
+
 def read_gguf_header(source: str | os.PathLike[str]) -> GGUFInfo:
     """The header of a GGUF file from a local path or an http(s) URL."""
     text = str(source)
-    if urlparse(text).scheme in ("http", "https"):
+    if _is_url(text):
         return read_gguf_url(text)
     return read_gguf_file(Path(text))
+
+
+def read_gguf_part(source: str) -> GGUFPart:
+    """One file's header from a local path or an http(s) URL, split part or not."""
+    return read_gguf_part_url(source) if _is_url(source) else read_gguf_part_file(source)
+
+
+def read_gguf_split(part_sources: list[list[str]]) -> GGUFInfo:
+    """A split model's header from its parts, each tried at its locations in order (a
+    location that fails is logged and the next tried); raises the last failure of a part
+    no location could give."""
+    parts: list[GGUFPart] = []
+    for index, sources in enumerate(part_sources):
+        failure: EdgeAgentError | None = None
+        for source in sources:
+            try:
+                parts.append(read_gguf_part(source))
+                break
+            except (GGUFError, FetchError) as exc:
+                failure = exc
+                log.warning("gguf_part_unreadable", part=index + 1, source=source,
+                            error=exc.message)
+        else:
+            raise failure or GGUFError(f"part {index + 1} of the split has no location",
+                                       part=index + 1)
+    return merge_split(parts, part_sources[0][0] if part_sources and part_sources[0] else "split")

@@ -12,6 +12,13 @@ by the same code): YAML anchors and aliases are refused (a 300-byte alias bomb e
 gigabytes), nesting is bounded, and error messages quote values only through
 :func:`agent.errors.shown`, never whole.
 
+A variant split into llama.cpp's parts (``<prefix>-00001-of-0000N.gguf`` …) lists them under
+``parts``, each with its own size, sha256 and mirrors; its ``file``, ``size`` and ``sha256``
+are then those of the whole set as the rest of the agent uses them: the first part's name
+(what llama.cpp is given: it opens the others beside it by name), the parts' total size
+(what selection and the disk check count) and the first part's sha256 (the variant's
+identity in the store and the learned figures). Validation holds the two views together.
+
 The URL read uses urllib from the standard library: httpx stays confined to agent/fetch
 and the GGUF range reader, and a manifest is one small GET. This module does not fetch
 models, check signatures (a later issue) or decide anything about the device.
@@ -30,6 +37,7 @@ from urllib.parse import urljoin, urlparse
 import msgspec
 import yaml
 
+from agent.catalog.gguf import MAX_SPLIT_PARTS, split_name, split_part_name
 from agent.catalog.signing import SIGNATURE_SUFFIX, verify_manifest
 from agent.config import SigningConfig
 from agent.errors import ManifestError, shown
@@ -44,6 +52,7 @@ _QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # family, arch and cpu flag names
 MAX_URL_CHARS = 2048
+MAX_PARTS = MAX_SPLIT_PARTS
 
 
 class _ManifestLoader(yaml.SafeLoader):
@@ -74,12 +83,23 @@ class Requires(_Strict, kw_only=True):
     cpu_flags: list[str] = []  # all of these ISA flags must be present, e.g. ["avx2"]
 
 
-class Variant(_Strict, kw_only=True):
-    quant: str
-    file: str  # a bare file name, never a path
+class Part(_Strict, kw_only=True):
+    """One file of a split variant."""
+
+    file: str  # <prefix>-0000i-of-0000N.gguf, a bare file name
     size: int
     sha256: str
+    urls: list[str] = []  # empty: next to the manifest
+
+
+class Variant(_Strict, kw_only=True):
+    quant: str
+    file: str  # a bare file name, never a path; for a split variant its first part
+    size: int  # for a split variant: all parts together
+    sha256: str  # for a split variant: the first part's
     urls: list[str] = []  # empty: next to the manifest (same directory or URL prefix)
+    # A split variant's files in order; empty for a single file. Its urls are per part.
+    parts: list[Part] = []
     quality: float  # higher is better, 1.0 = the reference (e.g. exp(-mean KL vs F16))
     # measured: exp(-mean KL) against the model's highest-precision variant; prior: the
     # per-quant figure of agent.catalog.build.QUANT_PRIORS; None: the writer did not say.
@@ -126,13 +146,23 @@ def location_next_to(manifest_source: str, file: str) -> str:
     return str(Path(manifest_source).parent / file)
 
 
-def variant_locations(manifest: Manifest, variant: Variant) -> list[str]:
-    """The variant's mirrors, or the place next to the manifest when it lists none."""
+def variant_locations(manifest: Manifest, variant: Variant | Part) -> list[str]:
+    """The variant's (or part's) mirrors, or the place next to the manifest when it lists
+    none. A split variant's own list is its first part's."""
+    if isinstance(variant, Variant) and variant.parts:
+        return variant_locations(manifest, variant.parts[0])
     if variant.urls:
         return list(variant.urls)
     if manifest.source is None:
         return []
     return [location_next_to(manifest.source, variant.file)]
+
+
+def variant_files(variant: Variant) -> list[Part]:
+    """The files a variant consists of: its parts, or the one file as a Part."""
+    if variant.parts:
+        return list(variant.parts)
+    return [Part(file=variant.file, size=variant.size, sha256=variant.sha256, urls=variant.urls)]
 
 
 def _file_name_problem(name: str) -> str | None:
@@ -163,6 +193,44 @@ def _url_problem(url: str) -> str | None:
     if not is_url(url):
         return f"{shown(url)} is not an http(s) URL"
     return None
+
+
+def _urls_problems(urls: list[str]) -> dict[str, str | None]:
+    return {f"urls[{index}]": _url_problem(url) for index, url in enumerate(urls)}
+
+
+def _parts_problems(variant: Variant) -> dict[str, str | None]:
+    """What makes a split variant's parts not one set that agrees with the variant."""
+    parts = variant.parts
+    if len(parts) == 1 or len(parts) > MAX_PARTS:
+        return {"parts": f"lists {len(parts)} parts; a split has 2 to {MAX_PARTS}"}
+    if variant.urls:
+        return {"urls": "must be empty for a split variant: each part lists its own"}
+    named = split_name(parts[0].file)
+    if named is None:
+        return {"parts[0].file": "must be a split part name, <name>-00001-of-<count>.gguf"}
+    prefix = named[0]
+    problems: dict[str, str | None] = {}
+    for index, part in enumerate(parts):
+        at = f"parts[{index}]"
+        expected = split_part_name(prefix, index + 1, len(parts))
+        problems[f"{at}.file"] = _file_name_problem(part.file) or (
+            None if part.file == expected else f"must be {shown(expected)} (part {index + 1} of "
+            f"{len(parts)}, named as llama.cpp looks for it)")
+        problems[f"{at}.size"] = "must be a positive number of bytes" if part.size <= 0 else None
+        problems[f"{at}.sha256"] = None if _SHA256.fullmatch(part.sha256) else \
+            "expected 64 hex characters (lower case)"
+        problems.update({f"{at}.{key}": problem
+                         for key, problem in _urls_problems(part.urls).items()})
+    if not any(problems.values()):
+        total = sum(part.size for part in parts)
+        problems["file"] = None if variant.file == parts[0].file else \
+            f"must be the first part's file, {shown(parts[0].file)}"
+        problems["size"] = None if variant.size == total else \
+            f"is {variant.size}, the parts add up to {total}"
+        problems["sha256"] = None if variant.sha256 == parts[0].sha256 else \
+            "must be the first part's sha256"
+    return problems
 
 
 def _validate(manifest: Manifest) -> None:
@@ -201,8 +269,11 @@ def _validate(manifest: Manifest) -> None:
                 "chat_format": None if variant.chat_format is None else _name_problem(
                     variant.chat_format, _TAG, "chat format name"),
             }
-            for index, url in enumerate(variant.urls):
-                problems[f"urls[{index}]"] = _url_problem(url)
+            problems.update(_urls_problems(variant.urls))
+            if variant.parts:
+                problems.update(_parts_problems(variant))
+            elif (split_name(variant.file) or ("", 1, 1))[2] > 1:
+                problems["file"] = "is a split part's name: list the split's files under parts"
             for field in ("arch", "cpu_flags"):
                 for index, name in enumerate(getattr(variant.requires, field)):
                     problems[f"requires.{field}[{index}]"] = _name_problem(name, _TAG, "name")

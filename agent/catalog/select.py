@@ -30,7 +30,7 @@ from pathlib import Path
 import msgspec
 
 from agent.catalog.estimate import estimate_memory, repack_rules
-from agent.catalog.gguf import GGUFInfo, read_gguf_header
+from agent.catalog.gguf import GGUFInfo, read_gguf_header, read_gguf_split
 from agent.catalog.learned import (
     DecodeRates,
     LearnedMemory,
@@ -38,9 +38,16 @@ from agent.catalog.learned import (
     llama_build_key,
     settings_key_for,
 )
-from agent.catalog.manifest import Manifest, ModelEntry, Variant, load_manifest, location_next_to
+from agent.catalog.manifest import (
+    Manifest,
+    ModelEntry,
+    Part,
+    Variant,
+    load_manifest,
+    location_next_to,
+)
 from agent.catalog.profiles import Policy, Profile, load_profiles, match_profile
-from agent.catalog.selection import Candidate, KVType, MemoryEstimate, Selection
+from agent.catalog.selection import Candidate, KVType, MemoryEstimate, Selection, SelectionPart
 from agent.catalog.speed import DEFAULT_EFFICIENCY, predict_tokens_per_s
 from agent.config import AgentConfig, ModelConfig
 from agent.errors import ConfigError, EdgeAgentError, SelectionError
@@ -285,6 +292,8 @@ def choose(
         budget_bytes=budget.ram_bytes, vram_budget_bytes=budget.vram_bytes, profile=profile.name,
         candidates=candidates, manifest_url=manifest.source,
         **_chat_template(model_cfg, model, best, headers[best.file]),
+        parts=[SelectionPart(file=p.file, size=p.size, sha256=p.sha256, urls=list(p.urls))
+               for p in best.parts],
     )
     log.info("selected", model=model.id, quant=best.quant, n_ctx=chosen_plan.n_ctx,
              kv_type=chosen_plan.kv_type, n_gpu_layers=chosen_plan.n_gpu_layers,
@@ -336,9 +345,11 @@ def _no_fit_message(model: ModelEntry, rows: list, plans: dict, budget: Budget, 
             f"{plans[smallest_variant.file][1]}")
 
 
-def _header_sources(manifest: Manifest, variant: Variant, store_dir: Path | None) -> list[str]:
-    """Where to read a variant's header from, cheapest first: the model store, next to the
-    manifest, then its mirrors (HTTP Range)."""
+def _header_sources(
+    manifest: Manifest, variant: Variant | Part, store_dir: Path | None
+) -> list[str]:
+    """Where to read a variant's (or a split part's) header from, cheapest first: the model
+    store, next to the manifest, then its mirrors (HTTP Range)."""
     sources = []
     if store_dir is not None:
         sources.append(str(store_dir / variant.file))
@@ -346,6 +357,14 @@ def _header_sources(manifest: Manifest, variant: Variant, store_dir: Path | None
         sources.append(location_next_to(manifest.source, variant.file))
     sources.extend(variant.urls)
     return sources
+
+
+def _read_split_header(manifest: Manifest, variant: Variant, store_dir: Path | None) -> GGUFInfo:
+    """A split variant's header from all its parts (each holds some of the tensors)."""
+    return read_gguf_split([
+        [s for s in _header_sources(manifest, part, store_dir) if "://" in s or os.path.exists(s)]
+        for part in variant.parts
+    ])
 
 
 def read_headers(manifest: Manifest, model: ModelEntry, store_dir: Path | None = None) -> dict[str, GGUFInfo]:
@@ -357,6 +376,13 @@ def read_headers(manifest: Manifest, model: ModelEntry, store_dir: Path | None =
     headers: dict[str, GGUFInfo] = {}
     failures: list[EdgeAgentError] = []
     for variant in model.variants:
+        if variant.parts:
+            try:
+                headers[variant.file] = _read_split_header(manifest, variant, store_dir)
+            except EdgeAgentError as exc:
+                failures.append(exc)
+                log.warning("gguf_header_unreadable", file=variant.file, error=exc.message)
+            continue
         for source in _header_sources(manifest, variant, store_dir):
             if "://" not in source and not os.path.exists(source):
                 continue

@@ -41,6 +41,15 @@ class Candidate(msgspec.Struct, kw_only=True):
     reason: str  # "needs 1.9 GiB, budget 1.6 GiB", "below 5.0 tok/s", "lower quality than Q8_0"
 
 
+class SelectionPart(msgspec.Struct, kw_only=True):
+    """One file of a split variant: fetched, verified and kept beside the first part."""
+
+    file: str
+    size: int
+    sha256: str
+    urls: list[str] = []
+
+
 class Selection(msgspec.Struct, kw_only=True):
     model_id: str
     quant: str
@@ -74,3 +83,6 @@ class Selection(msgspec.Struct, kw_only=True):
     # Which template that is, for meta and select: "gguf", "manifest:<name>", "config:<name>"
     # or "none" (messages are refused); None when the Selection was not made by the selector.
     chat_template: str | None = None
+    # A split variant's files in order (file, size and sha256 above are then the first part's
+    # name, the parts' total size and the first part's sha256); empty for one file.
+    parts: list[SelectionPart] = []

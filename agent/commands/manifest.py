@@ -76,11 +76,12 @@ def _build(args: argparse.Namespace) -> int:
     if output.exists():
         existing = load_manifest(str(output))
     report = _progress()
-    files = []
-    for source in build.expand_sources(args.sources):
-        facts = build.inspect(source, report)
-        print(f"{facts.file}: {facts.quant}, {facts.size} bytes, {facts.name}", file=sys.stderr)
-        files.append(facts)
+    parts = [build.inspect_part(source, report) for source in build.expand_sources(args.sources)]
+    files = build.combine_parts(parts)
+    for facts in files:
+        split = f" in {len(facts.parts)} parts" if facts.parts else ""
+        print(f"{facts.file}: {facts.quant}, {facts.size} bytes{split}, {facts.name}",
+              file=sys.stderr)
     measured = _measure(files, existing, args.text) if args.measure_quality else None
     document = build.build_manifest(files, existing, model_id=args.model_id, url_base=args.url_base,
                                     measured=measured)

@@ -16,6 +16,12 @@ a symlink for a root-run fetch to truncate its target, or swap a verified model 
 own. Files the store writes are opened with ``O_NOFOLLOW`` (downloader.open_store_file);
 index temporaries are made fresh with ``O_EXCL``.
 
+A split variant (llama.cpp's ``<name>-00001-of-0000N.gguf`` parts) is one entry of the index:
+every part is downloaded (each resumable and verified by the downloader), the first part
+last, so the path the worker is given appears only once all the others are verified beside
+it, under the names llama.cpp opens; the record is written after that. Eviction, the
+disk-space check, moving an older version aside and "is it here" all take the set whole.
+
 A file already in the store is used without touching the network. When every mirror is
 unreachable the error says so (``offline``) and lists what the store still has.
 
@@ -37,9 +43,10 @@ from typing import Any
 
 import msgspec
 
-from agent.catalog.selection import Selection
+from agent.catalog.gguf import split_name, split_part_name
+from agent.catalog.selection import Selection, SelectionPart
 from agent.config import FetchConfig
-from agent.errors import FetchError, ManifestError, StoreError
+from agent.errors import DiskFullError, FetchError, ManifestError, StoreError
 from agent.fetch.downloader import Downloader, FileLock, fsync_directory, open_store_file
 from agent.fetch.progress import ProgressCallback, ProgressReporter
 from agent.log import get_logger
@@ -50,12 +57,22 @@ INDEX_NAME = "index.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class StoredModel(msgspec.Struct, kw_only=True):
-    file: str  # name inside the store root
+class StoredPart(msgspec.Struct, kw_only=True):
+    file: str
     sha256: str
     size: int
+
+
+class StoredModel(msgspec.Struct, kw_only=True):
+    file: str  # name inside the store root (a split's first part)
+    sha256: str  # a split's first part's
+    size: int  # a split's parts together
     installed_at: float
     last_used_at: float
+    parts: list[StoredPart] = []  # a split's files in order; empty for one file
+
+    def files(self) -> list[StoredPart]:
+        return list(self.parts) or [StoredPart(file=self.file, sha256=self.sha256, size=self.size)]
 
 
 class StoreIndex(msgspec.Struct, kw_only=True):
@@ -105,9 +122,14 @@ class ModelStore:
 
     # ---- public -------------------------------------------------------------------
 
-    def find(self, sha256: str) -> Path | None:
-        """The stored file with this sha256, or None."""
+    def find(self, sha256: str, parts: list[SelectionPart] | None = None) -> Path | None:
+        """The stored file with this sha256 (a split's first part, with every other part
+        beside it; when ``parts`` are given, exactly those), or None."""
         record = self._record(self._read_index(), sha256.lower())
+        if record is not None and parts is not None and [
+            (p.file, p.sha256, p.size) for p in record.parts
+        ] != [(p.file, p.sha256.lower(), p.size) for p in parts]:
+            return None
         return self._usable(record)
 
     def models(self) -> list[StoredModel]:
@@ -125,34 +147,27 @@ class ModelStore:
             raise ManifestError(f"{name}: sha256 must be 64 hex characters", file=name)
         self.check_root()
 
-        cached = self.find(sha256)
+        parts = self._checked_parts(selection, name, sha256)
+
+        cached = self.find(sha256, parts)
         if cached is not None:
             log.info("fetch_cached", file=cached.name, sha256=sha256)
             ProgressReporter(on_progress, file=name, total=selection.size).state(
                 "cached", selection.size
             )
-            self._mark_current(sha256, name, selection.size)
+            self._mark_current(sha256, name, selection.size, parts)
             return cached
 
-        dest = self.root / name
         self._move_aside_other_version(name, sha256)
-        self._make_room(selection.size)
-        source = self._source(selection, name)
-        try:
-            if isinstance(source, Path):
-                self._downloader.copy_local(
-                    source, dest, size=selection.size, sha256=sha256, on_progress=on_progress
-                )
-            else:
-                self._downloader.download(
-                    source, dest, size=selection.size, sha256=sha256, on_progress=on_progress
-                )
-        except FetchError as exc:
-            if exc.details.get("offline"):
-                raise self._offline_error(exc) from exc
-            raise
-        self._mark_current(sha256, name, selection.size)
-        return dest
+        # The first part last: the path the worker is given exists only once the parts
+        # llama.cpp will open beside it are all in place and verified.
+        files = parts[1:] + parts[:1] or [
+            SelectionPart(file=name, size=selection.size, sha256=sha256, urls=list(selection.urls))]
+        self._make_room(name, self._bytes_missing(files))
+        for file in files:
+            self._fetch_file(selection, file, on_progress)
+        self._mark_current(sha256, name, selection.size, parts)
+        return self.root / name
 
     def check_root(self) -> None:
         """Make the root if it is missing; raise StoreError unless it is a directory, not a
@@ -187,12 +202,71 @@ class ModelStore:
                 f" {stat.S_IMODE(info.st_mode):04o}): chmod go-w {where}",
                 path=where, mode=f"{stat.S_IMODE(info.st_mode):04o}")
 
+    # ---- fetching -----------------------------------------------------------------
+
+    @staticmethod
+    def _checked_parts(selection: Selection, name: str, sha256: str) -> list[SelectionPart]:
+        """A split selection's parts, checked to be the set the manifest rules describe (the
+        manifest checked them too: a Selection may come from elsewhere, e.g. a cmd)."""
+        if not selection.parts:
+            return []
+        parts = [msgspec.structs.replace(p, sha256=p.sha256.lower()) for p in selection.parts]
+        named = split_name(name)
+        expected = [split_part_name(named[0], n, len(parts)) for n in range(1, len(parts) + 1)] \
+            if named else []
+        if [bare_file_name(p.file) for p in parts] != expected or parts[0].sha256 != sha256 or \
+                sum(p.size for p in parts) != selection.size or \
+                not all(_SHA256.fullmatch(p.sha256) for p in parts):
+            raise ManifestError(
+                f"{name}: the split's parts are not one set named <name>-0000i-of-0000N.gguf "
+                "whose first part is the variant's file and sha256 and whose sizes add up",
+                file=name)
+        return parts
+
+    def _fetch_file(self, selection: Selection, file: SelectionPart,
+                    on_progress: ProgressCallback | None) -> None:
+        dest = self.root / file.file
+        source = self._source(selection, file.file, file.urls)
+        try:
+            if isinstance(source, Path):
+                self._downloader.copy_local(
+                    source, dest, size=file.size, sha256=file.sha256, on_progress=on_progress
+                )
+            else:
+                self._downloader.download(
+                    source, dest, size=file.size, sha256=file.sha256, on_progress=on_progress
+                )
+        except FetchError as exc:
+            if exc.details.get("offline"):
+                raise self._offline_error(exc) from exc
+            raise
+
+    def _bytes_missing(self, parts: list[SelectionPart]) -> int:
+        """What the disk must still take for these files: a part already in place costs
+        nothing, a partial download only what it lacks."""
+        missing = 0
+        for part in parts:
+            have = 0
+            # In place whole, or a partial download of at most the size (what it resumes).
+            for path, whole in ((self.root / part.file, True),
+                                (self.root / f"{part.file}.part", False)):
+                try:
+                    info = path.lstat()
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(info.st_mode) and (
+                        info.st_size == part.size if whole else info.st_size <= part.size):
+                    have = info.st_size
+                    break
+            missing += part.size - have
+        return missing
+
     # ---- sources ------------------------------------------------------------------
 
-    def _source(self, selection: Selection, name: str) -> list[str] | Path:
-        """The variant's URLs, else the file next to the manifest (URL or local path)."""
-        if selection.urls:
-            return list(selection.urls)
+    def _source(self, selection: Selection, name: str, urls: list[str]) -> list[str] | Path:
+        """The file's URLs, else the file next to the manifest (URL or local path)."""
+        if urls:
+            return list(urls)
         manifest = selection.manifest_url
         if not manifest:
             raise FetchError(
@@ -243,27 +317,33 @@ class ModelStore:
         return next((m for m in index.models if m.sha256 == sha256), None)
 
     def _usable(self, record: StoredModel | None) -> Path | None:
+        """The record's (first) file when it and every other part of it are in place."""
         if record is None:
             return None
-        path = self.root / record.file
-        try:
-            # lstat: a symlink put in place of a verified file is not that file.
-            info = path.lstat()
-        except FileNotFoundError:
-            return None
-        if stat.S_ISREG(info.st_mode) and info.st_size == record.size:
-            return path
-        return None
+        for file in record.files():
+            try:
+                # lstat: a symlink put in place of a verified file is not that file.
+                info = (self.root / file.file).lstat()
+            except FileNotFoundError:
+                return None
+            if not stat.S_ISREG(info.st_mode) or info.st_size != file.size:
+                return None
+        return self.root / record.file
 
-    def _mark_current(self, sha256: str, name: str, size: int) -> None:
+    def _mark_current(self, sha256: str, name: str, size: int,
+                      parts: list[SelectionPart] | None = None) -> None:
+        stored_parts = [StoredPart(file=p.file, sha256=p.sha256, size=p.size) for p in parts or []]
         with self._index_lock():
             index = self._read_index()
             now = time.time()
             record = self._record(index, sha256)
+            if record is not None and record.parts != stored_parts:
+                index.models.remove(record)  # another set with this first part: replaced
+                record = None
             if record is None:
                 index.models.append(
                     StoredModel(file=name, sha256=sha256, size=size, installed_at=now,
-                                last_used_at=now)
+                                last_used_at=now, parts=stored_parts)
                 )
             else:
                 record.last_used_at = now
@@ -273,23 +353,46 @@ class ModelStore:
             self._write_index(index)
 
     def _move_aside_other_version(self, name: str, sha256: str) -> None:
-        """Keep an older file of the same name (maybe the rollback target) under a new name."""
+        """Keep an older file of the same name (maybe the rollback target) under a new name;
+        an older split set moves whole, to names llama.cpp still finds beside each other."""
         with self._index_lock():
             index = self._read_index()
             other = next((m for m in index.models if m.file == name and m.sha256 != sha256), None)
             if other is None or not (self.root / name).exists():
                 return
-            aside = f"{name}.{other.sha256[:16]}"
-            os.replace(self.root / name, self.root / aside)
-            other.file = aside
+            named = split_name(name) if other.parts else None
+            if named is None:
+                aside = f"{name}.{other.sha256[:16]}"
+                os.replace(self.root / name, self.root / aside)
+                other.file = aside
+            else:
+                prefix = f"{named[0]}.{other.sha256[:16]}"
+                for number, part in enumerate(other.parts, start=1):
+                    moved = split_part_name(prefix, number, len(other.parts))
+                    if (self.root / part.file).exists():
+                        os.replace(self.root / part.file, self.root / moved)
+                    part.file = moved
+                aside = other.file = other.parts[0].file
             log.info("fetch_store_moved_aside", file=name, to=aside, sha256=other.sha256)
             self._write_index(index)
 
-    def _make_room(self, size: int) -> None:
-        """Evict unprotected models when the disk cannot take ``size`` plus the margin."""
+    def _make_room(self, name: str, size: int) -> None:
+        """Evict unprotected models when the disk cannot take ``size`` (every file of the
+        variant still to come) plus the margin; DiskFullError when even that is not enough,
+        before a byte is written: a split whose last part cannot fit is not started."""
         needed = size + self.fetch_config.disk_margin_bytes
-        if shutil.disk_usage(self.root).free >= needed:
-            return
+        if shutil.disk_usage(self.root).free < needed:
+            self._evict_for_space(needed)
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise DiskFullError(
+                f"{name}: needs {size} bytes plus a {self.fetch_config.disk_margin_bytes}-byte"
+                f" margin on {self.root}, only {free} free; free some space or lower"
+                " fetch.disk_margin_bytes",
+                file=name, needed_bytes=needed, free_bytes=free,
+            )
+
+    def _evict_for_space(self, needed: int) -> None:
         with self._index_lock():
             index = self._read_index()
             keep = {index.current, index.previous}
@@ -315,7 +418,8 @@ class ModelStore:
 
     def _remove(self, index: StoreIndex, record: StoredModel, *, reason: str) -> None:
         # A worker that still has the file mmapped keeps its pages: unlink is safe on Linux.
-        (self.root / record.file).unlink(missing_ok=True)
+        for file in record.files():
+            (self.root / file.file).unlink(missing_ok=True)
         index.models.remove(record)
         log.info("fetch_store_evicted", file=record.file, sha256=record.sha256, reason=reason,
                  size=record.size)
