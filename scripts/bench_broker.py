@@ -1,6 +1,6 @@
 """Broker throughput: the embedded broker vs Mosquitto, two paho clients on loopback.
 
-Each broker runs in its own process (``python -m agent.fleet.broker`` / ``mosquitto``) so it
+Each broker runs in its own process (``python -m agent.broker`` / ``mosquitto``) so it
 never competes with the clients for the GIL. One paho MQTT 5 publisher sends ``--messages``
 64-byte messages to one paho subscriber, at QoS 0 and at QoS 1 (both clients allow 100
 messages in flight); the rate is messages received / (last received - first sent). Runs
@@ -41,7 +41,7 @@ class _EmbeddedProcess:
     def __init__(self) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.fleet.broker", "--port", str(self.port),
+            [sys.executable, "-m", "agent.broker", "--port", str(self.port),
              "--log-level", "warning"], cwd=REPO)
         _wait_listening(self.port, self.process)
 

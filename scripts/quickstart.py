@@ -111,7 +111,7 @@ def start_broker(services: Services, run_dir: Path, port: int, choice: str) -> s
         services.start("broker", [mosquitto, "-c", str(conf)])
         kind = "mosquitto"
     else:
-        services.start("broker", [sys.executable, "-m", "agent.fleet.broker", "--port", str(port)])
+        services.start("broker", [sys.executable, "-m", "agent.broker", "--port", str(port)])
         kind = "embedded broker" + (" (mosquitto not installed)" if choice == "auto" else "")
     wait_for("the broker", lambda: port_open(port), services, 15)
     return kind

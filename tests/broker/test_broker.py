@@ -29,7 +29,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.fleet.broker import EmbeddedBroker, topic_matches, valid_topic_filter
+from agent.broker import EmbeddedBroker, topic_matches, valid_topic_filter, valid_topic_name
+from agent.mqtt.topics import is_valid_filter, is_valid_publish_topic
 from tests.support.broker import Broker, free_port
 
 HOST = "127.0.0.1"
@@ -307,9 +308,19 @@ def test_topic_filter_validity(topic_filter, valid):
     assert valid_topic_filter(topic_filter) is valid
 
 
+@pytest.mark.parametrize("topic", [
+    "a/b", "a/+", "a/#", "#", "+", "", "a\x00b", "x" * 65536, "caf\u00e9/\u00fc", "\ud800",
+    "a//b", "/", "a/b#", "sport/+/player",
+])
+def test_names_and_filters_follow_the_contracts_rules_where_dollar_is_not_involved(topic):
+    """One rule for both: the broker differs from agent.mqtt.topics only on a leading '$'."""
+    assert valid_topic_name(topic) is is_valid_publish_topic(topic)
+    assert valid_topic_filter(topic) is is_valid_filter(topic)
+
+
 def test_the_broker_shares_the_contracts_topic_rules_without_importing_paho():
     """It reuses agent.mqtt.topics, which must stay pure: the broker runs where paho is not."""
-    probe = ("import sys, agent.fleet.broker; "
+    probe = ("import sys, agent.broker; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'paho'))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
                             text=True, check=True)
@@ -822,7 +833,7 @@ def test_stop_and_start_keeps_sessions_and_retained():
 
 def test_module_entry_point_serves_and_refuses_a_busy_port():
     port = free_port()
-    command = [sys.executable, "-m", "agent.fleet.broker", "--port", str(port)]
+    command = [sys.executable, "-m", "agent.broker", "--port", str(port)]
     server = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
@@ -849,12 +860,12 @@ def test_module_entry_point_serves_and_refuses_a_busy_port():
 
 
 class BrokerProcess:
-    """``python -m agent.fleet.broker`` in its own process, so its RSS is its own."""
+    """``python -m agent.broker`` in its own process, so its RSS is its own."""
 
     def __init__(self, *options: str) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.fleet.broker", "--port", str(self.port),
+            [sys.executable, "-m", "agent.broker", "--port", str(self.port),
              "--log-level", "warning", *options], cwd=REPO, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 10
         while True:
