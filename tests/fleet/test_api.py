@@ -156,6 +156,29 @@ def test_metrics_is_prometheus_text(api, sim):
         assert line.startswith("#") or re.fullmatch(r"[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+", line), line
 
 
+def test_metrics_can_leave_out_the_per_device_series(fleet_config, credentials, sim):
+    import msgspec
+
+    from agent.fleet.service import FleetService
+
+    config = msgspec.structs.replace(fleet_config, metrics_per_device=False)
+    service = FleetService(config).start()
+    try:
+        sim(2)
+        with httpx.Client(
+            base_url=service.url, headers={"Authorization": f"Bearer {credentials.token}"}
+        ) as client:
+            wait_for(
+                lambda: 'edge_fleet_devices{state="ready"} 2.0' in client.get("/metrics").text,
+                what="2 ready devices in the fleet totals",
+            )
+            text = client.get("/metrics").text
+    finally:
+        service.stop()
+    assert "edge_fleet_decode_tokens_per_second" in text
+    assert "device=" not in text and "edge_device_" not in text
+
+
 def test_files_are_served_with_range_etag_and_if_range(fleet, api, ladder_model, tmp_path):
     source = ladder_model("Q2_K")
     target = tmp_path / "models" / source.name
