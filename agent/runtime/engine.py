@@ -355,6 +355,10 @@ class Engine:
             frame["messages"] = msgspec.to_builtins(request.messages)
         else:
             frame["prompt"] = request.prompt
+        if request.grammar is not None:
+            frame["grammar"] = request.grammar
+        if request.response_format is not None and request.response_format.type != "text":
+            frame["response_format"] = msgspec.to_builtins(request.response_format)
         return frame
 
     def _admit(self, request: GenerateRequest) -> _Loaded | None:

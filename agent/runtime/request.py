@@ -13,16 +13,35 @@ context needs the model's tokenizer and is checked by the engine.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-from agent.errors import RequestError
+from agent.errors import GrammarError, RequestError
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+MAX_GRAMMAR_CHARS = 16384  # a GBNF grammar; a JSON schema is bounded by the payload size
+
+
+class JSONSchemaFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """OpenAI's ``response_format.json_schema``: the reply is JSON valid for ``schema``."""
+
+    name: str = "response"
+    schema: dict[str, Any]
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``text`` (unconstrained), ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -40,6 +59,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream: bool = True
     timeout_s: float | None = None  # None: the runtime's request_timeout_s
     reply_to: str | None = None  # MQTT only: where replies go when no Response Topic was set
+    response_format: ResponseFormat | None = None  # structured output, as OpenAI's field
+    grammar: str | None = None  # a raw GBNF grammar (llama.cpp's) the reply must match
 
 
 MAX_STOP_STRINGS = 16  # each stop string is checked against the text after every token
@@ -79,3 +100,20 @@ def validate_request(request: GenerateRequest) -> None:
         _check(0 <= request.seed < 2**32, "seed", f"must be in [0, 2**32), got {request.seed}")
     if request.timeout_s is not None:
         _check(request.timeout_s > 0, "timeout_s", f"must be > 0, got {request.timeout_s}")
+    _check_structure(request)
+
+
+def _check_structure(request: GenerateRequest) -> None:
+    """The structured-output fields; the worker checks that llama.cpp can use them."""
+    problem = None
+    grammar, form = request.grammar, request.response_format
+    if grammar is not None and not grammar.strip():
+        problem = ("grammar", "must not be empty")
+    elif grammar is not None and len(grammar) > MAX_GRAMMAR_CHARS:
+        problem = ("grammar", f"at most {MAX_GRAMMAR_CHARS} characters")
+    elif form is not None and (form.type == "json_schema") != (form.json_schema is not None):
+        problem = ("response_format.json_schema", "give it exactly when type is json_schema")
+    elif form is not None and form.type != "text" and grammar is not None:
+        problem = ("grammar", "give either grammar or a JSON response_format, not both")
+    if problem:
+        raise GrammarError(f"{problem[0]}: {problem[1]}", field=problem[0])

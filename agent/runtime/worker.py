@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,13 @@ from agent.runtime.protocol import FrameReader, FrameWriter
 CRASH_HOOK_ENV = "EDGE_AGENT_WORKER_CRASH_UNLESS"
 
 _KV_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type values (ggml.h)
+# Grammars (GBNF text, or a JSON schema turned into one) kept checked and ready: IoT callers send
+# the same few schemas again and again, and turning a schema into GBNF costs more than a token.
+GRAMMAR_CACHE_SIZE = 64
+
+
+class GrammarRefused(Exception):
+    """The request's grammar or JSON schema cannot constrain sampling; the message says why."""
 
 
 def build_info() -> dict[str, Any]:
@@ -134,6 +142,7 @@ class Worker:
         self._formatter: Any = None
         self._settings: dict[str, Any] = {}
         self._sampled: list[tuple[int, float]] = []
+        self._grammars: OrderedDict[str, Any] = OrderedDict()  # key -> LlamaGrammar, LRU
         self._crash_unless = os.environ.get(CRASH_HOOK_ENV) or None
 
     # reader thread ------------------------------------------------------------------
@@ -300,6 +309,56 @@ class Worker:
         # whole input, control tokens included, and must tokenize as it would in-process.
         return llama.tokenize(message["prompt"].encode("utf-8"), add_bos=True, special=True), [], None
 
+    def _grammar(self, message: dict[str, Any]) -> Any:
+        """The LlamaGrammar the request asks for (``grammar`` or ``response_format``), or None;
+        checked and kept per grammar text or schema, least recently used out first."""
+        from llama_cpp import llama_grammar
+
+        form = message.get("response_format")
+        if message.get("grammar") is not None:
+            key = "gbnf:" + message["grammar"]
+        elif form is None:
+            return None
+        elif form["type"] == "json_object":
+            key = "json_object"
+        else:
+            key = "schema:" + json.dumps(form["json_schema"]["schema"], sort_keys=True)
+        cached = self._grammars.get(key)
+        if cached is not None:
+            self._grammars.move_to_end(key)
+            return cached
+        if key.startswith("gbnf:"):
+            text = message["grammar"]
+        elif key == "json_object":
+            text = llama_grammar.JSON_GBNF
+        else:
+            try:
+                text = llama_grammar.json_schema_to_gbnf(key.removeprefix("schema:"))
+            except Exception as exc:  # the converter asserts on what it does not support
+                raise GrammarRefused(
+                    f"response_format.json_schema: not a schema this runtime can enforce: "
+                    f"{type(exc).__name__}: {str(exc)[:300]}"
+                ) from None
+        self._check_grammar(text)
+        grammar = llama_grammar.LlamaGrammar.from_string(text, verbose=False)
+        self._grammars[key] = grammar
+        while len(self._grammars) > GRAMMAR_CACHE_SIZE:
+            self._grammars.popitem(last=False)
+        return grammar
+
+    def _check_grammar(self, text: str) -> None:
+        """llama.cpp parses a grammar only when a sampler is made from it, and llama-cpp-python
+        adds the NULL sampler of a grammar it refused to the chain anyway (a crash at the first
+        token). So it is parsed once here, through the public bindings;
+        tests/runtime/test_grammar.py fails loudly if an upgrade changes that."""
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        if not sampler:
+            raise GrammarRefused("grammar: llama.cpp cannot parse it as GBNF with a `root` rule")
+        llama_cpp.llama_sampler_free(sampler)
+
     def _generate(self, message: dict[str, Any]) -> None:
         import llama_cpp
 
@@ -316,6 +375,11 @@ class Worker:
             self._final_error(
                 request_id, "too_long", f"prompt is {len(tokens)} tokens, context is {n_ctx}"
             )
+            return
+        try:
+            grammar = self._grammar(message)
+        except GrammarRefused as exc:
+            self._final_error(request_id, "bad_grammar", str(exc))
             return
         # Cancels for requests that have already finished are stale now.
         for stale in [key for key in self._cancelled if key != request_id]:
@@ -346,6 +410,7 @@ class Worker:
                 repeat_penalty=message["repeat_penalty"],
                 stop=list(message.get("stop") or []) + extra_stop,
                 seed=message.get("seed"),
+                grammar=grammar,
                 stream=True,
                 stopping_criteria=llama_cpp.StoppingCriteriaList([watch]),
             )
