@@ -66,8 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     device = client("device", "one device's status, meta and latest telemetry")
     device.add_argument("device")
 
-    prompt = client("prompt", "send a prompt to a device and stream the reply")
-    prompt.add_argument("device")
+    prompt = client("prompt", "send a prompt to a device, a model or a pool and stream the reply")
+    prompt.add_argument(
+        "device",
+        metavar="target",
+        help="a device id, model/<model id> (the least busy ready device that has it) or "
+        "pool/<name> (the pool's shared subscription)",
+    )
     prompt.add_argument("text")
     prompt.add_argument("--max-tokens", type=int, default=128)
     prompt.add_argument("--temperature", type=float, default=0.7)
@@ -214,7 +219,14 @@ def _prompt(client, args) -> int:
     ]
     request = {"messages": messages, "max_tokens": args.max_tokens, "temperature": args.temperature}
     streamed = False
-    for record in client.prompt(args.device, request):
+    kind, slash, name = args.device.partition("/")
+    if slash and kind == "model":
+        records = client.prompt_target(name, request)
+    elif slash:
+        records = client.prompt_target(args.device, request)  # pool/<name>, device/<id>
+    else:
+        records = client.prompt(args.device, request)
+    for record in records:
         if args.json:
             print(json.dumps(record), flush=True)
         elif "delta" in record:

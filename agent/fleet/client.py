@@ -99,6 +99,22 @@ class FleetClient:
                 if line.strip():
                     yield json.loads(line)
 
+    def prompt_target(
+        self, target: str, request: dict[str, Any], timeout_s: float = 330.0
+    ) -> Iterator[dict[str, Any]]:
+        """Like prompt(), to a target as /v1 names it: a model id, ``device/<id>`` or
+        ``pool/<name>``; the controller picks the device."""
+        with self._open(
+            "POST",
+            "/api/prompt",
+            {**request, "target": target},
+            timeout=timeout_s,
+            accept="application/x-ndjson",
+        ) as response:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
+
     def manifests(self) -> dict[str, Any]:
         return self._json("GET", "/api/manifests")
 

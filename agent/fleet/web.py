@@ -50,6 +50,7 @@ from agent.fleet.auth import Authenticator, FailureLimiter, Session
 from agent.fleet.controller import FleetController
 from agent.fleet.hosting import ModelDirectory
 from agent.fleet.metrics import render_metrics
+from agent.fleet.openai_api import OpenAIAPI
 from agent.fleet.registry import telemetry_point
 from agent.fleet.rollout import RolloutSpec
 from agent.fleet.view import device_row, fleet_summary, format_bytes, hardware
@@ -126,6 +127,7 @@ class FleetWeb:
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["bytes"] = format_bytes
         self.templates.env.filters["ago"] = lambda ts: _ago(ts)
+        self.openai = OpenAIAPI(controller, config, self.bearer_authorized, self._authorize)
         self.app = Starlette(
             routes=self._routes(),
             exception_handlers={EdgeAgentError: self._on_error},
@@ -160,6 +162,7 @@ class FleetWeb:
             Route("/api/rollouts/{rollout_id}/rollback", self.api_rollback, methods=["POST"]),
             Route("/metrics", self.metrics),
             Route("/files/{name}", self.files, methods=["GET", "HEAD"]),
+            *self.openai.routes(),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
 
@@ -217,6 +220,19 @@ class FleetWeb:
         return self.auth.has_slow_tokens and bool(
             await self._slow_check(self.auth.check_slow_token, token)
         )
+
+    async def bearer_authorized(self, request: Request) -> bool:
+        """For /v1: whether the request carries a valid API token. No session cookie counts
+        there (the OpenAI API is for programs, and a cookie would need CSRF checks); a wrong
+        token counts against the address as everywhere (RateLimitedError past the limit)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        host = _client_host(request)
+        if await self._attempt(host, lambda: self._token_ok(token.strip())):
+            return True
+        self._failed(host, "token")
+        return False
 
     async def _authorize(self, request: Request, form: Any = None) -> Response | None:
         """None when the caller may proceed; else the 401/403 response. A wrong bearer token

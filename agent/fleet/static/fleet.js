@@ -287,15 +287,19 @@ function devicePage() {
     reply.textContent = ""; reply.className = "reply streaming"; meta.textContent = "sending…";
     const button = event.target.querySelector("button"); button.disabled = true;
     try {
-      const response = await fetch(`${base}/prompt`, {
+      // A model id or pool/<name> goes through the controller's router (/api/prompt).
+      const target = form.get("target");
+      const response = await fetch(target ? "/api/prompt" : `${base}/prompt`, {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf() },
         body: JSON.stringify({
+          ...(target ? { target } : {}),
           messages: [{ role: "user", content: form.get("prompt") }],
           max_tokens: Number(form.get("max_tokens")), temperature: Number(form.get("temperature")),
         }),
       });
       if (!response.ok) { const e = (await response.json()).error; throw new Error(`${e.code}: ${e.message}`); }
+      const servedBy = target ? response.headers.get("x-edge-device") : null;
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffered = "";
@@ -316,7 +320,8 @@ function devicePage() {
               reply.className = "reply done";
               const u = record.usage || {}, t = record.timings || {};
               meta.textContent = `${record.finish_reason || "done"} · ${u.completion_tokens ?? "?"} tokens` +
-                (t.decode_tps ? ` · ${Number(t.decode_tps).toFixed(1)} tok/s` : "");
+                (t.decode_tps ? ` · ${Number(t.decode_tps).toFixed(1)} tok/s` : "") +
+                (servedBy ? ` · answered by ${servedBy}` : "");
             }
           }
         }
