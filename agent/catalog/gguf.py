@@ -710,10 +710,13 @@ def _with_siblings(first: GGUFPart, location: str, read: Any) -> GGUFInfo:
         return merge_split([first], location)
     name = location.rsplit("/", 1)[-1]
     parsed = split_name(name)
-    if first.split.no != 0 or parsed is None or parsed[1:] != (1, first.split.count):
-        where = f"part {first.split.no + 1} of {first.split.count}"
-        raise GGUFError(f"{location}: {where} of a split model; give the first part, named "
-                        "<name>-00001-of-<count>.gguf", path=location)
+    where = f"part {first.split.no + 1} of {first.split.count} of a split model"
+    if first.split.no != 0:
+        raise GGUFError(f"{location}: {where}; give the first part", path=location)
+    if parsed is None or parsed[1:] != (1, first.split.count):
+        # llama.cpp finds the other parts by this name pattern, so neither can we.
+        expected = split_part_name("<name>", 1, first.split.count)
+        raise GGUFError(f"{location}: {where}, but not named as one ({expected})", path=location)
     prefix, _, count = parsed
     base = location[: len(location) - len(name)]
     parts = [first] + [read(base + split_part_name(prefix, n, count)) for n in range(2, count + 1)]

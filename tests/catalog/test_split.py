@@ -28,8 +28,11 @@ from agent.catalog.gguf import (
     read_gguf_split,
     read_gguf_url,
 )
-from agent.catalog.manifest import parse_manifest
+from agent.catalog.manifest import load_manifest, parse_manifest
+from agent.catalog.select import choose, read_headers
+from agent.config import ModelConfig
 from agent.errors import GGUFError, ManifestError
+from tests.catalog.conftest import make_device, make_profile
 from tests.support.range_server import link_into
 from tests.support.split import SPLIT_PARTS, SPLIT_QUANT, copy_parts, ladder_split  # noqa: F401
 
@@ -211,3 +214,34 @@ def test_check_checks_every_part(ladder_split, range_server, tmp_path):
         ("checksum_mismatch", ladder_split[2].name),
         ("fetch_failed", ladder_split[1].name),
     ])
+
+
+def test_selection_reads_every_part_and_counts_the_total_size(ladder_split, ladder_dir,
+                                                              tmp_path):
+    folder = tmp_path / "models"
+    copy_parts(ladder_split, folder)
+    link_into(folder, ladder_dir / "smollm2-135m-instruct.Q2_K.gguf")
+    document = build_manifest(combine_parts([inspect_part(s) for s in
+                                             expand_sources([str(folder)])]))
+    (folder / "manifest.json").write_text(json.dumps(document))
+    manifest = load_manifest(str(folder / "manifest.json"))
+    headers = read_headers(manifest, manifest.model())
+    split_file = ladder_split[0].name
+    assert headers[split_file].split_count == SPLIT_PARTS
+    profile = make_profile(target=512, floor=512)
+
+    chosen = choose(make_device(), profile, manifest, ModelConfig(), headers)
+    assert (chosen.quant, chosen.file) == (SPLIT_QUANT, split_file)
+    assert chosen.size == sum(p.stat().st_size for p in ladder_split)
+    assert [p.file for p in chosen.parts] == [p.name for p in ladder_split]
+
+    # Q2_K's need as the budget: the split's first part alone would fit it, the set does not.
+    budget = next(c for c in chosen.candidates if c.quant == "Q2_K").estimate.ram_bytes
+    first_only = estimate_memory(headers[split_file], ladder_split[0].stat().st_size, n_ctx=512,
+                                 repack=repack_rules("x86_64", make_device().cpu.flags))
+    assert first_only.ram_bytes < budget
+    smaller = choose(make_device(), profile, manifest, ModelConfig(), headers,
+                     memory_bytes=budget)
+    assert smaller.quant == "Q2_K" and smaller.parts == []
+    (rejected,) = [c for c in smaller.candidates if c.quant == SPLIT_QUANT]
+    assert rejected.verdict == "rejected" and rejected.size == chosen.size
