@@ -38,4 +38,8 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)
+    """A logger whose every line carries ``logger_name=<name>`` (pass ``__name__``).
+
+    Bound as a key, because PrintLoggerFactory ignores the positional name that stdlib
+    logger factories would use (``logger`` itself is a parameter of structlog.get_logger)."""
+    return structlog.get_logger(logger_name=name)
