@@ -26,6 +26,7 @@ import bench_decode  # noqa: E402
 import bench_estimator  # noqa: E402
 import bench_fetch  # noqa: E402
 import bench_fleet  # noqa: E402
+import bench_speed_prediction  # noqa: E402
 
 from agent.log import configure_logging  # noqa: E402
 
@@ -81,6 +82,7 @@ def render_table(result: dict) -> str:
                  f"attacked/unloaded: " + ", ".join(
                      f"{form} {max(row['ratio'].values()):.2f}" for form, row in auth["forms"].items())
                  + f" (target ≤ {auth['target_ratio']})")
+    lines += ["", bench_speed_prediction.render_table(result["speed"])]
     return "\n".join(lines)
 
 
@@ -124,6 +126,8 @@ def main() -> int:
     result["decode"] = bench_decode.run(rounds=2 if args.quick else 3)
     print("bench: memory estimator …", file=sys.stderr, flush=True)
     result["estimator"] = bench_estimator.run()
+    print("bench: speed prediction vs measurement …", file=sys.stderr, flush=True)
+    result["speed"] = bench_speed_prediction.run()
     print("bench: fetch …", file=sys.stderr, flush=True)
     result["fetch"] = bench_fetch.run(runs=3 if args.quick else 5)
     print("bench: fleet ingest …", file=sys.stderr, flush=True)

@@ -5,6 +5,9 @@ that variant's speed from it instead of from bandwidth x a default efficiency.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from agent.catalog.gguf import read_gguf_file
@@ -80,3 +83,35 @@ def test_short_generations_teach_nothing(tmp_path: Path, make_engine, selection_
     assert "error" not in final, final
     engine.close()
     assert not (tmp_path / "state" / SPEED_FILE_NAME).exists()
+
+
+def test_edge_agent_bench_teaches_select_the_measured_speed(tmp_path: Path, ladder_dir, ladder_manifest):
+    """The operator's path: `edge-agent bench --manifest` on a one-variant manifest, then
+    `select --explain` shows that variant's measured decode speed beside the prediction."""
+    models = tmp_path / "models"
+    models.mkdir()
+    manifest = json.loads(json.dumps(ladder_manifest))
+    manifest["models"][0]["variants"] = [
+        v for v in manifest["models"][0]["variants"] if v["quant"] == "Q2_K"]
+    (models / "manifest.json").write_text(json.dumps(manifest))
+    file = manifest["models"][0]["variants"][0]["file"]
+    os.link(ladder_dir / file, models / file)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"device_id: bench-dev\nstate_dir: {tmp_path / 'state'}\n"
+                      f"cache_dir: {tmp_path / 'cache'}\nsigning:\n  allow_unsigned: true\n")
+
+    def edge_agent(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(config)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    explained = edge_agent("select", "--manifest", str(models / "manifest.json"), "--explain")
+    assert "measured here" not in explained.stdout
+    bench = edge_agent("bench", "--manifest", str(models / "manifest.json"), "--json",
+                       "--runs", "1", "--max-tokens", "16")
+    (row,) = json.loads(bench.stdout)["variants"]
+    explained = edge_agent("select", "--manifest", str(models / "manifest.json"), "--explain")
+    assert f"{row['decode_tokens_per_s']:.1f} measured here" in explained.stdout
+    q2_row = next(line for line in explained.stdout.splitlines() if line.startswith("Q2_K "))
+    assert f"{row['decode_tokens_per_s']:.1f}" in q2_row.split()
