@@ -27,6 +27,7 @@ import bench_estimator  # noqa: E402
 import bench_fetch  # noqa: E402
 import bench_fleet  # noqa: E402
 import bench_speed_prediction  # noqa: E402
+import bench_openai  # noqa: E402
 
 from agent.log import configure_logging  # noqa: E402
 
@@ -82,6 +83,7 @@ def render_table(result: dict) -> str:
                  f"attacked/unloaded: " + ", ".join(
                      f"{form} {max(row['ratio'].values()):.2f}" for form, row in auth["forms"].items())
                  + f" (target ≤ {auth['target_ratio']})")
+    lines += ["", bench_openai.render_table(result["openai"])]
     lines += ["", bench_speed_prediction.render_table(result["speed"])]
     return "\n".join(lines)
 
@@ -134,6 +136,8 @@ def main() -> int:
     result["fleet"] = bench_fleet.run(steps=[500, 1000, 2000] if args.quick else None)
     print("bench: auth under attack …", file=sys.stderr, flush=True)
     result["auth"] = bench_auth.run(requests=300 if args.quick else 1000)
+    print("bench: OpenAI front door …", file=sys.stderr, flush=True)
+    result["openai"] = bench_openai.run(rounds=2 if args.quick else 3)
     result["seconds"] = round(time.monotonic() - started, 1)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

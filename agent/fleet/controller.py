@@ -5,10 +5,12 @@ Threads and who owns what:
 - paho's network thread (inside agent.mqtt.client.MQTTClient) only decodes and enqueues. Its
   "queue" is ``_InboxRouter``: status/meta/telemetry/events go straight into ingest's bounded
   queues (the bulk of the traffic, one hop fewer; size, rate and overflow limits per device
-  are ingest's, see agent.fleet.ingest), everything else onto the dispatch queue.
-- ``fleet-dispatch`` takes prompt replies and cmd results to their waiter (a callback
-  registered by the web side); cmd results then also go to ingest. It alone writes
-  ``reply_counts``.
+  are ingest's, see agent.fleet.ingest), and each record of a prompt's reply straight to its
+  waiter (one per streamed token: a waiter only enqueues, e.g. onto the web's event loop, so
+  a token crosses paho's thread and the loop, nothing else); everything else onto the
+  dispatch queue. Only paho's thread writes ``reply_counts``.
+- ``fleet-dispatch`` takes cmd results to their waiter (a callback registered by the web
+  side), then to ingest.
 - ``fleet-ingest`` (agent.fleet.ingest) owns batched writes to the registry and calls
   ``_on_batch``, which feeds command results and download events to the rollout manager.
 - ``fleet-rollout`` (agent.fleet.rollout) paces rollouts.
@@ -74,18 +76,26 @@ class SentPrompt:
 
 
 class _InboxRouter:
-    """The MQTT client's inbox: device state messages to ingest, the rest to dispatch.
+    """The MQTT client's inbox: device state messages to ingest, replies to their waiters, the
+    rest to dispatch.
 
-    Runs on paho's thread, so it only classifies a topic and enqueues (``Ingest.offer``)."""
+    Runs on paho's thread, so it only classifies a topic, decodes and enqueues (``Ingest.offer``,
+    a reply waiter)."""
 
     def __init__(
-        self, ingest: Ingest, dispatch: "queue.Queue[Inbound | ConnectionChange]", prefix: str
+        self, ingest: Ingest, dispatch: "queue.Queue[Inbound | ConnectionChange]", prefix: str,
+        reply_inbox: str, on_reply: Callable[[Inbound], None],
     ) -> None:
         self.ingest = ingest
         self.dispatch = dispatch
         self.prefix = prefix
+        self.reply_prefix = reply_inbox + "/"
+        self.on_reply = on_reply
 
     def put(self, item: Inbound | ConnectionChange) -> None:
+        if isinstance(item, Inbound) and item.topic.startswith(self.reply_prefix):
+            self.on_reply(item)
+            return
         # By the topic's shape, not its device id: ingest also counts the ones whose id cannot
         # be a device (``all``, ``pool``…), which must not reach the dispatch queue either.
         if isinstance(item, Inbound) and topic_kind(item.topic, self.prefix) in BULK_KINDS:
@@ -137,18 +147,20 @@ class FleetController:
             self, command_timeout_s=config.command_timeout_s, lease_s=config.rollout_lease_s
         )
         self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10_000)
-        self.mqtt = MQTTClient(
-            config.mqtt,
-            client_id=config.controller_id,
-            inbox=_InboxRouter(self.ingest, self._inbox, self.prefix),  # type: ignore[arg-type]
-            password=read_secret(config.mqtt.password_file, "mqtt-password"),
-        )
-        self._waiters: dict[str, Waiter] = {}
-        self._waiters_lock = threading.Lock()
         self.reply_inbox = reply_inbox(config.controller_id, self.prefix)
         # Messages that arrived in the inbox: for a waiting request, or for none (late, after
         # the waiter left, or sent there by someone without the key).
         self.reply_counts = {"delivered": 0, "unmatched": 0}
+        router = _InboxRouter(self.ingest, self._inbox, self.prefix, self.reply_inbox,
+                              self._deliver_reply)
+        self.mqtt = MQTTClient(
+            config.mqtt,
+            client_id=config.controller_id,
+            inbox=router,  # type: ignore[arg-type]
+            password=read_secret(config.mqtt.password_file, "mqtt-password"),
+        )
+        self._waiters: dict[str, Waiter] = {}
+        self._waiters_lock = threading.Lock()
         self._stop = threading.Event()
         self._dispatch_thread: threading.Thread | None = None
         self.started_at = time.time()
@@ -208,9 +220,6 @@ class FleetController:
                 log.exception("dispatch_failed", topic=item.topic)
 
     def _route(self, message: Inbound) -> None:
-        if message.topic.startswith(self.reply_inbox + "/"):
-            self._deliver_reply(message)
-            return
         split = device_of(message.topic, self.prefix)
         if split is None:
             return
@@ -225,6 +234,7 @@ class FleetController:
         self.ingest.offer(message.topic, message.payload)
 
     def _deliver_reply(self, message: Inbound) -> None:
+        """paho's thread: one record of a prompt's reply to its waiter."""
         key = message.topic[len(self.reply_inbox) + 1 :]
         with self._waiters_lock:
             waiting = key in self._waiters
@@ -295,8 +305,9 @@ class FleetController:
         return command_id
 
     def send_prompt(self, device_id: str, request: dict[str, Any], waiter: Waiter) -> SentPrompt:
-        """Publish a prompt whose records go to ``waiter`` (from the dispatch thread); the
-        caller ends the wait with ``remove_waiter(sent.key)``."""
+        """Publish a prompt whose records go to ``waiter``, called on paho's network thread, so
+        it must only hand the record on; the caller ends the wait with
+        ``remove_waiter(sent.key)``."""
         return self._publish_prompt(self._topics(device_id).prompt, request, waiter, device_id)
 
     def send_pool_prompt(self, pool: str, request: dict[str, Any], waiter: Waiter) -> SentPrompt:

@@ -20,7 +20,7 @@ shape, ``{"error": {message, type, param, code}}``, with the project's stable co
 Request bodies are parsed with msgspec into bounded structs. Routing (a registry snapshot and a
 sort) and publishing run in a worker thread, never on the event loop. A request crosses:
 uvicorn's loop -> a worker thread (route, publish) -> broker -> device -> broker -> paho's
-network thread -> fleet-dispatch -> the loop (``call_soon_threadsafe``), one hand-off each way.
+network thread -> the loop (``call_soon_threadsafe``), one hand-off each way.
 """
 
 from __future__ import annotations
@@ -261,9 +261,9 @@ class Router:
 class _Exchange:
     """One prompt on one device (or pool): its records, handed from the dispatch thread."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, device: str | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.device = device
+        self.device: str | None = None  # None for a pool: the broker picks the device
         self.records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.sent: SentPrompt | None = None
 
@@ -394,29 +394,42 @@ class OpenAIAPI:
         loop = asyncio.get_running_loop()
         tried: dict[str, str] = {}  # device -> why it was left: busy | gone
         while True:
-            device = await self._pick(target, tried)
-            exchange = _Exchange(loop, device)
+            exchange = _Exchange(loop)
             try:
-                await run_in_threadpool(self._send, exchange, target, body)
+                await run_in_threadpool(self._send, exchange, target, body, tried)
                 first = await self._first(exchange)
-            except BaseException:  # a bad prompt, or the client went away meanwhile
-                if exchange.sent is None and device is not None:
-                    self.router.end(device)
+            except BaseException:  # nothing serves it, a bad prompt, or the client went away
                 await self._close(exchange)
                 raise
             code = "gone" if first is None else _error_code(first)
             if code is None:
                 return exchange, first
             await self._close(exchange)
+            device = exchange.device
             if code not in ("busy", "gone") or target.kind != "model" or device is None:
                 raise self._refusal(target, code, first)
             log.info("openai_failover", model=target.name, device=device, why=code)
             tried[device] = code
 
-    async def _pick(self, target: Target, tried: dict[str, str]) -> str | None:
-        """The device to send to (counted as sent to), None for a pool; APIError when none."""
+    def _send(self, exchange: _Exchange, target: Target, body: dict[str, Any],
+              tried: dict[str, str]) -> None:
+        """Worker thread, one hop for both: pick the device and publish the prompt to it, with
+        a fresh id for each device tried."""
+        request = {**body, "id": uuid.uuid4().hex}
         if target.kind == "pool":
-            return None
+            exchange.sent = self.controller.send_pool_prompt(target.name, request, exchange.put)
+            return
+        device = self._pick(target, tried)
+        try:
+            exchange.sent = self.controller.send_prompt(device, request, exchange.put)
+        except BaseException:
+            self.router.end(device)
+            raise
+        exchange.device = device
+
+    def _pick(self, target: Target, tried: dict[str, str]) -> str:
+        """The device to send to (counted as sent to: ``end`` gives it back); APIError when
+        none can take it."""
         if target.kind == "device":
             record = self.registry.devices.get(target.name)
             if record is None:
@@ -426,7 +439,7 @@ class OpenAIAPI:
                 raise APIError("no_model", f"device {target.name!r} is {record.state}")
             self.router.begin(target.name)
             return target.name
-        device, known = await run_in_threadpool(self.router.claim, target.name, frozenset(tried))
+        device, known = self.router.claim(target.name, frozenset(tried))
         if device is not None:
             return device
         if tried and all(why == "busy" for why in tried.values()):
@@ -447,14 +460,6 @@ class OpenAIAPI:
         return APIError(code, str(error.get("message", code)),
                         param=details.get("field") if isinstance(details, dict) else None,
                         retry_after_s=BUSY_RETRY_AFTER_S if code == "busy" else None)
-
-    def _send(self, exchange: _Exchange, target: Target, body: dict[str, Any]) -> None:
-        """Worker thread: publish the prompt, with a fresh id for each device tried."""
-        request = {**body, "id": uuid.uuid4().hex}
-        if exchange.device is not None:
-            exchange.sent = self.controller.send_prompt(exchange.device, request, exchange.put)
-        else:
-            exchange.sent = self.controller.send_pool_prompt(target.name, request, exchange.put)
 
     async def _first(self, exchange: _Exchange) -> dict[str, Any] | None:
         """The first record, or None when the device went away before it."""
@@ -486,10 +491,13 @@ class OpenAIAPI:
             yield record
             if record.get("done"):
                 return
-            try:
-                record = await asyncio.wait_for(exchange.records.get(), RECORD_GAP_S)
-            except asyncio.TimeoutError:
-                record = _timeout_record(RECORD_GAP_S)
+            try:  # without a timer when the next token is already there (wait_for makes a task)
+                record = exchange.records.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    record = await asyncio.wait_for(exchange.records.get(), RECORD_GAP_S)
+                except asyncio.TimeoutError:
+                    record = _timeout_record(RECORD_GAP_S)
 
     async def _final(self, reply: _Reply, first: dict[str, Any]) -> dict[str, Any]:
         async for record in self._records(reply.exchange, first):

@@ -3,8 +3,9 @@
 Starlette on uvicorn's event loop. Handlers read the registry's in-memory device records
 on the loop; SQLite reads and writes, manifest parsing and publishing run in a worker thread
 (``run_in_threadpool``), since nothing slow may hold the loop. Handlers act through
-FleetController (send_command, send_prompt); the bridge from the controller's dispatch thread
-into a streaming response is an asyncio queue fed with ``loop.call_soon_threadsafe``.
+FleetController (send_command, send_prompt); the bridge from the controller's threads (paho's,
+for reply records) into a streaming response is an asyncio queue fed with
+``loop.call_soon_threadsafe``. /v1 (the OpenAI API) and /api/prompt live in agent.fleet.openai_api.
 
 Auth: every page and API call needs a dashboard session (cookie, HttpOnly, SameSite=Strict)
 or a bearer token; a POST with a session must also carry the session's CSRF token (form
