@@ -1,11 +1,15 @@
-"""Memory estimator vs measurement: every ladder variant x n_ctx 512/2048/8192.
+"""Memory estimator vs measurement: every variant of a manifest x n_ctx (512/2048/8192).
 
 Each cell loads the model in a fresh process (tests/catalog/rss_measure.py: n_threads 2,
 n_batch/n_ubatch 512, mmap on, flash attention on, one full ubatch of prompt + 4 decode
 steps) and compares the peak RSS growth over the idle worker's baseline with
 estimate_memory() for the same settings on this CPU. Prints a table; --json PATH writes it.
+The models are the llama ladder's by default; ``--model-dir`` names another folder with a
+manifest.json, e.g. the second architecture's (gemma3, from scripts/make-test-models):
 
     /root/.cache/edge-agent/venv/bin/python scripts/bench_estimator.py [--json out.json]
+    .../python scripts/bench_estimator.py --model-dir ~/.cache/edge-agent/gemma \
+        --contexts 512,2048,8192,16384,32768
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def run(contexts: tuple[int, ...] = CONTEXTS) -> dict:
-    manifest = load_manifest(str(ladder_dir() / "manifest.json"))
+def run(contexts: tuple[int, ...] = CONTEXTS, model_dir: Path | None = None) -> dict:
+    folder = model_dir or ladder_dir()
+    manifest = load_manifest(str(folder / "manifest.json"))
     repack = repack_rules(platform.machine(), cpu_flags())
     rows = []
     for variant in manifest.model().variants:
-        path = ladder_dir() / variant.file
+        path = folder / variant.file
         info = read_gguf_file(path)
         for n_ctx in contexts:
             measured = measure_peak_rss(str(path), n_ctx)
@@ -66,8 +71,12 @@ def run(contexts: tuple[int, ...] = CONTEXTS) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the result as JSON to this path")
+    parser.add_argument("--model-dir", type=Path, help="folder with manifest.json (default: the "
+                        "ladder, $EDGE_AGENT_LADDER)")
+    parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)),
+                        help="comma-separated n_ctx values")
     args = parser.parse_args()
-    result = run()
+    result = run(tuple(int(n) for n in args.contexts.split(",")), args.model_dir)
     print(f"{'variant':8} {'n_ctx':>6} {'measured':>11} {'estimate':>11} {'error':>9} {'error %':>8}")
     for r in result["rows"]:
         print(f"{r['quant']:8} {r['n_ctx']:>6} {r['measured_bytes'] / MiB:>7.1f} MiB "

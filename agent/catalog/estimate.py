@@ -2,8 +2,10 @@
 
 The figure is the one the device experiences: the worker process's peak resident set
 while it serves prompts, i.e. what a memory budget (RAM + cgroup limit) is charged.
-Calibrated against measurement (tests/catalog/test_estimate_calibration.py,
-scripts/bench_estimator.py) with llama-cpp-python 0.3.36 on x86_64; the parts are:
+Calibrated against measurement (tests/catalog/test_estimate.py and test_gemma.py,
+scripts/bench_estimator.py) with llama-cpp-python 0.3.36 on x86_64, on two architectures
+(llama: SmolLM2-135M; gemma3: Gemma 3 270M, tied embeddings, 262k vocabulary, sliding
+windows); the parts are:
 
 - process: an idle worker interpreter with llama_cpp imported (measured 47 MiB).
 - weights: with mmap llama.cpp populates the whole mapping on load, so every page of
@@ -14,7 +16,10 @@ scripts/bench_estimator.py) with llama-cpp-python 0.3.36 on x86_64; the parts ar
   AVX-512, most 4-8 bit types on ARM dotprod/i8mm) are copied into anonymous memory on
   top of their still-resident file pages. Offloaded layers go to VRAM instead.
 - KV cache: n_ctx (padded to 256) x (K + V head dims x KV heads) x type size per layer;
-  llama.cpp clears the buffer on creation, so all of it is resident from the start.
+  llama.cpp clears the buffer on creation, so all of it is resident from the start. Layers
+  with sliding-window attention (gemma3: 5 of every 6) get the same n_ctx cells, not the
+  window: llama.cpp's ``swa_full`` default, which llama-cpp-python and the worker keep (the
+  prompt-prefix reuse between requests rewinds the cache, which a window-sized one cannot).
 - compute: llama.cpp reserves a worst-case graph buffer (the logits tensor, vocab x
   n_ubatch x 4 bytes, dominates it for small models) but a prompt only writes the
   logits row it samples from, so what becomes resident is the per-ubatch activations
@@ -37,9 +42,10 @@ MiB = 1024 * 1024
 # Measured: RSS of `python -c "import llama_cpp; llama_cpp.llama_backend_init()"`.
 WORKER_PROCESS_BYTES = 47 * MiB
 # Measured: anonymous memory a load adds beyond KV, repack and compute (SmolLM2-135M,
-# 49k vocabulary: 19-20 MiB), with a per-token share for bigger vocabularies.
+# 49k vocabulary: 19-20 MiB; Gemma 3 270M, 262k vocabulary: 5 MiB more than 80 bytes a token
+# gave), with a per-token share for bigger vocabularies.
 RUNTIME_OVERHEAD_BYTES = 16 * MiB
-OVERHEAD_PER_VOCAB_TOKEN = 80
+OVERHEAD_PER_VOCAB_TOKEN = 100
 # CUDA/Metal context, cuBLAS workspace: not measurable here; a conservative constant
 # that the learned correction replaces after the first real load.
 GPU_CONTEXT_BYTES = 300 * MiB
@@ -94,9 +100,11 @@ def compute_bytes(info: GGUFInfo, n_ctx: int, n_ubatch: int, flash_attn: bool) -
     """Resident compute memory at the worst point: a full ubatch at a full context."""
     cells = -(-n_ctx // KV_CTX_PADDING) * KV_CTX_PADDING
     n_ff = info.feed_forward_length or 4 * info.embedding_length
-    # Live per token in a block: FFN gate, up and product (n_ff each), the residual stream,
-    # the norm output and the attention input/output (n_embd each), in f32.
-    activations = n_ubatch * 4 * (3 * n_ff + 4 * info.embedding_length)
+    # Live per token in a block, in f32: FFN gate, up and product (n_ff each), the residual
+    # stream and the norm output (n_embd each), and the attention's Q, K, V and output at their
+    # own widths (heads x head dims: wider than n_embd on gemma3, 4 x 256 for 640).
+    attention = (info.head_count + info.head_count_kv) * (info.key_length + info.value_length)
+    activations = n_ubatch * 4 * (3 * n_ff + 2 * info.embedding_length + attention)
     logits_row = info.vocab_size * 4
     if flash_attn:
         mask = cells * n_ubatch * 2  # f16 mask, n_kv x n_tokens
