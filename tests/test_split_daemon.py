@@ -17,7 +17,7 @@ from tests.support.daemon import BASE, RunningDaemon, wait_final, wait_ready
 from tests.support.observer import Observers
 from tests.support.range_server import link_into
 from tests.support.signing import sign_file
-from tests.support.split import SPLIT_QUANT, ladder_split  # noqa: F401
+from tests.support.split import SPLIT_QUANT, ladder_split_fixture  # noqa: F401
 
 MiB = 1 << 20
 

@@ -515,8 +515,8 @@ def _split_of(metadata: dict[str, Any]) -> SplitInfo | None:
         return None
     for key, value in zip(SPLIT_KEYS, values):
         if type(value) is not int or value < 0:
-            raise GGUFError(f"{key} is {shown(value)}, not a whole number: corrupt split part",
-                            key=key)
+            raise GGUFError(f"{key} is {shown(value)}, not a count (a whole number from 0): "
+                            "corrupt split part", key=key)
     no, count, tensors_count = values
     if not 0 <= no < count <= MAX_SPLIT_PARTS:
         raise GGUFError(f"split.no {no} of split.count {count} is outside "

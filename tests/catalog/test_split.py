@@ -23,6 +23,8 @@ from agent.catalog.build import (
 from agent.catalog.estimate import estimate_memory, repack_rules
 from agent.catalog.gguf import (
     merge_split,
+    parse_header,
+    parse_part,
     read_gguf_file,
     read_gguf_part_file,
     read_gguf_split,
@@ -32,9 +34,15 @@ from agent.catalog.manifest import load_manifest, parse_manifest
 from agent.catalog.select import choose, read_headers
 from agent.config import ModelConfig
 from agent.errors import GGUFError, ManifestError
+from tests.catalog import gguf_bytes
 from tests.catalog.conftest import make_device, make_profile
 from tests.support.range_server import link_into
-from tests.support.split import SPLIT_PARTS, SPLIT_QUANT, copy_parts, ladder_split  # noqa: F401
+from tests.support.split import (
+    SPLIT_PARTS,
+    SPLIT_QUANT,
+    copy_parts,
+    ladder_split_fixture,  # noqa: F401
+)
 
 WHOLE = f"smollm2-135m-instruct.{SPLIT_QUANT}.gguf"
 
@@ -245,3 +253,32 @@ def test_selection_reads_every_part_and_counts_the_total_size(ladder_split, ladd
     assert smaller.quant == "Q2_K" and smaller.parts == []
     (rejected,) = [c for c in smaller.candidates if c.quant == SPLIT_QUANT]
     assert rejected.verdict == "rejected" and rejected.size == chosen.size
+
+
+def split_keys(no, count, tensors, value_type=gguf_bytes.UINT16) -> list[gguf_bytes.Entry]:
+    return [gguf_bytes.Entry("split.no", value_type, no),
+            gguf_bytes.Entry("split.count", value_type, count),
+            gguf_bytes.Entry("split.tensors.count", gguf_bytes.INT32, tensors)]
+
+
+@pytest.mark.parametrize(("no", "count", "tensors", "value_type", "refused"), [
+    (0, 300, 3, gguf_bytes.UINT16, "split.no 0 of split.count 300 is outside"),
+    (3, 3, 3, gguf_bytes.UINT16, "split.no 3 of split.count 3 is outside"),
+    (0, 2, 70000, gguf_bytes.UINT16, "split.tensors.count 70000 is over"),
+    (0, 2, -1, gguf_bytes.UINT16, "split.tensors.count is -1, not a count"),
+    (0.0, 2, 3, gguf_bytes.FLOAT32, "split.no is 0.0, not a count"),
+])
+def test_hostile_split_keys_are_refused_before_any_part_is_fetched(no, count, tensors,
+                                                                   value_type, refused):
+    header = gguf_bytes.llama(extra=split_keys(no, count, tensors, value_type))
+    data = header.file(gguf_bytes.tensor_data_bytes(header))
+    with pytest.raises(GGUFError, match=refused):
+        parse_part(data, len(data))
+
+
+def test_a_split_part_alone_is_not_a_whole_header():
+    header = gguf_bytes.llama(extra=split_keys(0, 2, 3))
+    data = header.file(gguf_bytes.tensor_data_bytes(header))
+    assert parse_part(data, len(data)).split.count == 2
+    with pytest.raises(GGUFError, match="a split of 2 parts, 1 given"):
+        parse_header(data, len(data))

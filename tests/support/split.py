@@ -78,9 +78,10 @@ def copy_parts(parts: list[Path], folder: Path) -> list[Path]:
     return copied
 
 
-@pytest.fixture(scope="session")
-def ladder_split(tmp_path_factory: pytest.TempPathFactory, ladder_dir: Path) -> list[Path]:
-    """The ladder's SPLIT_QUANT variant as SPLIT_PARTS real split files (import the fixture
-    into a test module to use it; the files are written once per session)."""
+@pytest.fixture(scope="session", name="ladder_split")
+def ladder_split_fixture(tmp_path_factory: pytest.TempPathFactory,
+                         ladder_dir: Path) -> list[Path]:
+    """``ladder_split``: the ladder's SPLIT_QUANT variant as SPLIT_PARTS real split files
+    (import ladder_split_fixture into a test module to use it; written once per session)."""
     source = ladder_dir / f"smollm2-135m-instruct.{SPLIT_QUANT}.gguf"
     return split_once(source, tmp_path_factory.getbasetemp() / "splits", SPLIT_PARTS)
