@@ -125,14 +125,17 @@ def _model_key(selection: Selection) -> str:
 def _decode_cost(selection: Selection, kv_type: str) -> Any:
     """What one decoded token of the loaded file reads (agent.catalog.speed.DecodeCost), or
     None when its header cannot be read: speed is then not learned for it."""
-    from agent.catalog.gguf import read_gguf_header
+    from agent.catalog.gguf import read_gguf_header, read_gguf_split
     from agent.catalog.speed import decode_cost
     from agent.errors import EdgeAgentError
 
     if not selection.sha256 or not selection.model_path:
         return None
+    folder = Path(selection.model_path).parent  # a split's parts are kept beside the first
     try:
-        return decode_cost(read_gguf_header(selection.model_path), kv_type)
+        info = (read_gguf_split([[str(folder / part.file)] for part in selection.parts])
+                if selection.parts else read_gguf_header(selection.model_path))
+        return decode_cost(info, kv_type)
     except EdgeAgentError as exc:
         log.warning("decode_cost_unknown", file=selection.file, error=exc.message)
         return None
@@ -528,8 +531,6 @@ class Engine:
             )
         except OSError as exc:
             log.warning("learned_speed_not_written", error=str(exc))
-
-    # swapping ------------------------------------------------------------------------------
 
     # swapping ------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
+
 from agent.catalog.gguf import read_gguf_file
 from agent.catalog.learned import SPEED_FILE_NAME, llama_build_key
 from agent.catalog.select import plan_selection
@@ -17,6 +19,7 @@ from agent.catalog.speed import DEFAULT_EFFICIENCY, decode_cost, typical_context
 from agent.config import AgentConfig, ModelConfig, SigningConfig
 from agent.hardware.device import CPUInfo, DeviceInfo, MemoryInfo
 from agent.runtime.request import GenerateRequest
+from tests.support.split import SPLIT_PARTS, SPLIT_QUANT, split_once
 
 GIB = 1024**3
 STORY = "Once upon a time, in a small village by the sea, there lived"
@@ -115,3 +118,31 @@ def test_edge_agent_bench_teaches_select_the_measured_speed(tmp_path: Path, ladd
     assert f"{row['decode_tokens_per_s']:.1f} measured here" in explained.stdout
     q2_row = next(line for line in explained.stdout.splitlines() if line.startswith("Q2_K "))
     assert f"{row['decode_tokens_per_s']:.1f}" in q2_row.split()
+
+
+def test_a_split_variant_learns_from_all_its_parts(tmp_path: Path, make_engine, selection_for,
+                                                   ladder_dir):
+    """The bytes a token reads are every part's tensors, not the first part's alone."""
+    ladder_split = split_once(ladder_dir / f"smollm2-135m-instruct.{SPLIT_QUANT}.gguf",
+                              tmp_path / "splits", SPLIT_PARTS)
+    from agent.catalog.gguf import read_gguf_split
+    from agent.catalog.learned import LearnedSpeed
+    from agent.catalog.selection import SelectionPart
+
+    whole = selection_for(SPLIT_QUANT)
+    parts = [SelectionPart(file=p.name, size=p.stat().st_size, sha256=f"{i:064x}")
+             for i, p in enumerate(ladder_split)]
+    split = msgspec.structs.replace(whole, file=ladder_split[0].name, parts=parts,
+                                    model_path=str(ladder_split[0]))
+    engine = make_engine()
+    engine.load(split)
+    final = list(engine.generate(GenerateRequest(
+        id="story", prompt=STORY, max_tokens=32, temperature=0.0)))[-1]
+    assert "error" not in final, final
+    engine.close()
+    learned = LearnedSpeed(tmp_path / "state").rates("test-device", llama_build_key())
+    figure = learned.variant(split.sha256, 0)
+    merged = decode_cost(read_gguf_split([[str(p)] for p in ladder_split]), "f16")
+    assert merged.weights_bytes == decode_cost(read_gguf_file(ladder_dir / whole.file), "f16").weights_bytes
+    context = final["usage"]["prompt_tokens"] + final["usage"]["completion_tokens"] / 2
+    assert figure.bytes_per_s == figure.tokens_per_s * merged.bytes_per_token(context)
