@@ -32,6 +32,7 @@ from agent.catalog.gguf import (
 )
 from agent.catalog.manifest import load_manifest, parse_manifest
 from agent.catalog.select import choose, read_headers
+from agent.cli import main
 from agent.config import ModelConfig
 from agent.errors import GGUFError, ManifestError
 from tests.catalog import gguf_bytes
@@ -282,3 +283,21 @@ def test_a_split_part_alone_is_not_a_whole_header():
     assert parse_part(data, len(data)).split.count == 2
     with pytest.raises(GGUFError, match="a split of 2 parts, 1 given"):
         parse_header(data, len(data))
+
+
+def test_manifest_build_and_check_commands_on_a_folder_with_a_split(ladder_split, tmp_path,
+                                                                     capsys):
+    folder = tmp_path / "models"
+    copy_parts(ladder_split, folder)
+    manifest = folder / "manifest.json"
+    assert main(["manifest", "build", str(folder), "-o", str(manifest)]) == 0
+    assert f"in {SPLIT_PARTS} parts" in capsys.readouterr().err
+    (variant,) = load_manifest(str(manifest)).model().variants
+    assert [p.file for p in variant.parts] == [p.name for p in ladder_split]
+
+    assert main(["manifest", "check", str(manifest)]) == 0
+    assert capsys.readouterr().out.splitlines() == []
+    (folder / ladder_split[2].name).unlink()
+    assert main(["manifest", "check", str(manifest)]) == 2
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "fetch_failed" in line and ladder_split[2].name in line

@@ -213,3 +213,21 @@ def test_a_new_build_of_a_split_keeps_the_old_set_whole_under_new_names(
     assert sha256_of(store.root / f"{prefix}-00002-of-00002.gguf") == old[1].sha256
     for payload in new:
         assert sha256_of(store.root / payload.name) == payload.sha256
+
+
+def test_a_split_beside_a_local_manifest_is_linked_into_the_store(tmp_path, ladder_split,
+                                                                 fast_fetch):
+    parts = real_parts(ladder_split)
+    selection = selection_of(parts, "")
+    selection.parts = [SelectionPart(file=p.file, size=p.size, sha256=p.sha256)
+                       for p in selection.parts]  # no urls: next to the manifest
+    selection.manifest_url = str(ladder_split[0].parent / "manifest.json")
+    store = ModelStore(tmp_path / "store", fetch=fast_fetch)
+
+    path = store.ensure(selection)
+
+    assert path == store.root / ladder_split[0].name
+    for part, source in zip(parts, ladder_split):
+        assert sha256_of(store.root / part.name) == part.sha256
+        if source.stat().st_dev == store.root.stat().st_dev:
+            assert (store.root / part.name).stat().st_ino == source.stat().st_ino  # no copy
