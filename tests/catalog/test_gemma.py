@@ -16,6 +16,7 @@ table (n_ctx 512 ... 32768).
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ from agent.config import ModelConfig
 from agent.errors import SelectionError
 from tests.catalog.conftest import make_device, make_profile
 from tests.catalog.rss_measure import measure_peak_rss
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from make_test_models import GEMMA_SHA256  # noqa: E402
 
 MiB = 1024 * 1024
 CONTEXTS = (512, 2048, 8192, 16384, 32768)
@@ -64,6 +68,17 @@ def measured(gemma, gemma_dir: Path) -> dict[tuple[str, int], dict]:
     manifest, _ = gemma
     return {(v.quant, n_ctx): measure_peak_rss(str(gemma_dir / v.file), n_ctx)
             for v in manifest.model().variants for n_ctx in CONTEXTS}
+
+
+def test_make_test_models_assembled_the_pinned_file_and_measured_its_quants(gemma):
+    manifest, _ = gemma
+    variants = {v.quant: v for v in manifest.model().variants}
+    assert manifest.model().id == "gemma-3-270m" and manifest.model().family == "gemma3"
+    assert list(variants) == ["Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"]  # by precision, from headers
+    assert variants["Q4_K_M"].sha256 == GEMMA_SHA256  # the PyPI chunks, put together
+    assert all(v.quality_source == "measured" for v in variants.values())
+    assert variants["Q8_0"].quality == 1.0  # the reference
+    assert variants["Q4_K_M"].quality > variants["Q3_K_M"].quality > variants["Q2_K"].quality
 
 
 def test_the_header_is_what_a_llama_only_calibration_misses(gemma):

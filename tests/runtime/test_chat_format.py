@@ -26,7 +26,8 @@ from tests.support.daemon import BASE, RunningDaemon, wait_final, wait_ready
 from tests.support.observer import Observers
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-GEMMA_TURNS = "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+GEMMA_TURNS = ("<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n"
+               "<start_of_turn>model\n")
 # The turn markup of Gemma's own chat template, as a Jinja file an operator would write (Jinja
 # drops the file's last newline, so the comment keeps the one after "model").
 GEMMA_JINJA = (
@@ -128,7 +129,8 @@ def test_manifest_chat_format_is_a_name_never_a_path(gemma_dir):
     document["models"][0]["chat_format"] = "../../etc/passwd"
     with pytest.raises(ManifestError) as refused:
         parse_manifest(json.dumps(document))
-    assert refused.value.code == "manifest_invalid" and "models[0].chat_format" in str(refused.value)
+    assert refused.value.code == "manifest_invalid"
+    assert "models[0].chat_format" in str(refused.value)
     document["models"][0]["chat_format"] = "gemma"
     document["models"][0]["variants"][1]["chat_format"] = "chat\nml"
     with pytest.raises(ManifestError, match=r"models\[0\]\.variants\[1\]\.chat_format"):
@@ -154,7 +156,8 @@ def test_precedence_config_over_variant_over_model_over_the_gguf(gemma_dir, ladd
     with_model = msgspec.structs.replace(manifest, models=[msgspec.structs.replace(
         model, chat_format="chatml")])
     assert picked(with_model, headers) == ("chatml", "manifest:chatml")
-    variants = [msgspec.structs.replace(model.variants[0], chat_format="gemma"), *model.variants[1:]]
+    first = msgspec.structs.replace(model.variants[0], chat_format="gemma")
+    variants = [first, *model.variants[1:]]
     with_variant = msgspec.structs.replace(manifest, models=[msgspec.structs.replace(
         model, chat_format="chatml", variants=variants)])
     assert picked(with_variant, headers) == ("gemma", "manifest:gemma")
