@@ -16,9 +16,9 @@ Ratios (targets from issue 13): fleet decode tok/s / engine >= 0.9; fleet / llam
     ~/.cache/edge-agent/venv/bin/python scripts/bench_openai.py [--rounds 3] [--asks 3]
         [--max-tokens 64] [--threads N] [--json artifacts/bench_openai.json]
 
-On a small machine the broker, controller and client take cores from the model, which the
-selector gives every core: ``--threads`` (model.n_threads, the same for all three paths)
-leaves some free, as a real fleet does, where those run elsewhere.
+All of it runs on one machine here, but in a fleet the broker, the controller and the
+client run elsewhere: so by default the model (all three paths alike) gets every core but
+one, and that one is left to them. ``--threads N`` sets model.n_threads for all three paths.
 """
 
 from __future__ import annotations
@@ -190,6 +190,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int = 64,
         threads: int | None = None) -> dict:
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)
     with tempfile.TemporaryDirectory(prefix="bench-openai-") as tmp:
         work = Path(tmp)
         # The local test ladder: nothing to verify it against, so unsigned is fine here.
@@ -264,7 +265,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--asks", type=int, default=3, help="prompts per path per round")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, help="model.n_threads for every path")
+    parser.add_argument("--threads", type=int, help="model.n_threads for every path (default: all cores but one)")
     parser.add_argument("--json", type=Path, default=ARTIFACTS / "bench_openai.json")
     args = parser.parse_args()
     configure_logging("warning")
