@@ -138,6 +138,9 @@ class Worker:
         # request id -> why it must stop; set by the reader thread, read after every token.
         # A cancel can arrive before its generation starts, so it is kept until then.
         self._cancelled: dict[str, str] = {}
+        # Held while the reader inserts and while the main thread sweeps: iterating the dict
+        # as the reader grew it raised RuntimeError and killed the worker.
+        self._cancelled_lock = threading.Lock()
         self._llama: Any = None
         self._formatter: Any = None
         self._settings: dict[str, Any] = {}
@@ -155,7 +158,8 @@ class Worker:
                 os._exit(0)
             op = message.get("op")
             if op == "cancel":
-                self._cancelled[message["id"]] = message.get("reason", "cancelled")
+                with self._cancelled_lock:
+                    self._cancelled[message["id"]] = message.get("reason", "cancelled")
             elif op == "count":
                 self._answer_count(message)
             else:
@@ -382,8 +386,11 @@ class Worker:
             self._final_error(request_id, "bad_grammar", str(exc))
             return
         # Cancels for requests that have already finished are stale now.
-        for stale in [key for key in self._cancelled if key != request_id]:
-            self._cancelled.pop(stale, None)
+        with self._cancelled_lock:
+            reason = self._cancelled.get(request_id)
+            self._cancelled.clear()  # in place: the reader inserts into this same dict
+            if reason is not None:
+                self._cancelled[request_id] = reason
         cancelled = self._cancelled
 
         sampled = self._sampled
