@@ -26,7 +26,9 @@ Threads, and what each owns (one model: threads that talk through queues and one
   pool's when ``mqtt.pool`` is set): decodes messages into ``inbox``; nothing else.
 - ``dispatcher``: owns ``inbox``. Validates prompts and commands, the idempotency record,
   submits prompts to the engine, answers quick commands (drain, resume, rebirth) and the birth
-  messages after each connect; hands slow commands to ``ops``. Never blocks on a model.
+  messages after each connect; hands slow commands to ``ops``. It waits on the worker for
+  each prompt's token count (Engine.submit's round trip, at most COUNT_TIMEOUT_S), never on a
+  generation or a model change.
 - ``ops``: owns model changes (reload, select, fetch, bench, pin, set_manifest), one at a time.
 - ``telemetry``: one message every ``telemetry.interval_s`` after a jittered start, waiting
   on ``stop_event.wait(interval)`` so shutdown is immediate.
@@ -109,7 +111,9 @@ class ReplyRoute:
 
 
 class DaemonState:
-    """What the daemon keeps in ``state_dir`` between runs. Small JSON files, written atomically."""
+    """What the daemon keeps in ``state_dir`` between runs. Small JSON files, replaced by a
+    rename so a reader sees the old file or the new one; not fsynced, so a power cut can
+    lose the last write."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir

@@ -76,7 +76,7 @@ class WorkerProcess:
         self.exited = threading.Event()
         self.returncode: int | None = None
         threading.Thread(target=self._read_frames, name=f"worker-{self.pid}-frames", daemon=True).start()
-        threading.Thread(target=self._read_stderr, name=f"worker-{self.pid}-stderr", daemon=True).start()
+        threading.Thread(target=self._read_output, name=f"worker-{self.pid}-output", daemon=True).start()
 
     @property
     def pid(self) -> int:
@@ -113,7 +113,8 @@ class WorkerProcess:
         self.exited.set()
         self.records.put({"type": "exit", "returncode": self.returncode})
 
-    def _read_stderr(self) -> None:
+    def _read_output(self) -> None:
+        """The worker's stdout and stderr, merged into one pipe (Popen stderr=STDOUT)."""
         assert self._proc.stdout is not None
         for raw in self._proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
