@@ -408,6 +408,12 @@ class FleetConfig(_Section):
     stale_after_intervals: float = 3.0  # silent longer than this many intervals: shown stale
     # Manifests (*.json) and model files served at /files with Range/ETag/If-Range.
     model_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir() / "fleet-models"))
+    # Folders on this host that the Models page and POST /api/manifests may build a manifest
+    # from (``model_dir`` in the request): the named folder and every file in it must resolve,
+    # symlinks and ".." followed, inside one of these. Empty: no folder can be named.
+    publish_roots: list[str] = []
+    # The largest GGUF file an upload may be; uploads are streamed to disk, never held in memory.
+    upload_max_bytes: int = 64 * 1024**3
     # The Ed25519 key that signs every manifest served from model_dir (made on first start,
     # mode 0600, never replaced); None: signing.key beside db_path, in the state dir.
     signing_key_file: str | None = None

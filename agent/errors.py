@@ -16,6 +16,7 @@ stable machine-readable ``code`` and a message that says what to do::
     │                                             others, or holds a link where the store writes a file
     ├── RequestError           bad_request        a prompt/cmd payload is invalid (message names the field)
     │   ├── TooLongError       too_long           the prompt does not fit the context
+    │   ├── TooLargeError      too_large          an upload is larger than the controller takes
     │   ├── GrammarError       bad_grammar        a grammar or JSON schema cannot constrain the reply
     │   └── UnknownOpError     unknown_op         a cmd names an op the agent does not have
     ├── BusyError              busy               the request queue is full
@@ -128,6 +129,10 @@ class RequestError(EdgeAgentError):
 
 class TooLongError(RequestError):
     code = "too_long"
+
+
+class TooLargeError(RequestError):
+    code = "too_large"
 
 
 class GrammarError(RequestError):

@@ -12,6 +12,16 @@ on disk at that moment, rather than written beside each manifest: a manifest cop
 directory by hand is signed like a published one, and no stale ``.sig`` can outlive an edit.
 Only a manifest that validates is signed, so the key vouches for nothing the agent would
 refuse anyway.
+
+Building: ``build_from_folder`` and ``build_from_uploads`` run agent.catalog.build (what
+``edge-agent manifest build`` runs: quant from each header, sha256 streamed) over GGUF files
+and publish the result, merged into the manifest of that name when there is one (measured
+quality kept). A folder must lie, after symlinks and "..", inside one of the configured
+source roots, and so must every file in it: the client names a folder, never a path the
+controller would not otherwise expose. Its files are linked into this directory, not copied.
+Uploads (``Upload``) are written to a temporary file here chunk by chunk and appear under
+their name only once complete and readable as GGUF. All of this is file work: call it in a
+thread.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from typing import Any
 
 import msgspec
 
-from agent.catalog.manifest import MAX_MANIFEST_BYTES, parse_manifest
+from agent.catalog import build
+from agent.catalog.gguf import read_gguf_part_file
+from agent.catalog.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from agent.catalog.signing import (
     SIGNATURE_SUFFIX,
     generate_keypair,
@@ -33,9 +45,20 @@ from agent.catalog.signing import (
     public_key_of,
     sign_manifest,
 )
-from agent.errors import ConfigError, EdgeAgentError, ManifestError, RequestError, SignatureError
+from agent.errors import (
+    ConfigError,
+    EdgeAgentError,
+    GGUFError,
+    ManifestError,
+    RequestError,
+    SignatureError,
+    TooLargeError,
+    shown,
+)
 
 MANIFEST_SUFFIXES = (".json", ".yaml", ".yml")
+GGUF_SUFFIX = ".gguf"
+MAX_BUILD_FILES = 256  # GGUF files one build may take: a folder of quants, not a file share
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 KEY_FILE_BYTES = 128  # base64 of 32 bytes and a newline; more is not a key file
 
@@ -128,9 +151,13 @@ def _read_key(path: Path) -> str:
 
 
 class ModelDirectory:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, source_roots: list[str] | None = None,
+                 upload_max_bytes: int = 0) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Resolved once: a root that is itself a symlink counts as where it points.
+        self.source_roots = [Path(os.path.realpath(r)) for r in source_roots or []]
+        self.upload_max_bytes = upload_max_bytes
 
     def resolve(self, name: str) -> Path | None:
         """The file ``name`` inside the directory, or None (no paths, no dot files, no escapes)."""
@@ -182,6 +209,7 @@ class ModelDirectory:
                             "file": v.file,
                             "size": v.size,
                             "quality": v.quality,
+                            "quality_source": v.quality_source,
                             "hosted": bool(self.resolve(v.file)) or bool(v.urls),
                         }
                         for v in model.variants
@@ -194,11 +222,7 @@ class ModelDirectory:
 
     def publish(self, name: str, document: str | bytes | dict[str, Any]) -> Path:
         """Validate and write a manifest atomically; returns its path."""
-        if not _NAME.fullmatch(name) or Path(name).suffix not in MANIFEST_SUFFIXES:
-            raise RequestError(
-                "name: a bare file name ending in .json, .yaml or .yml (letters, digits, . _ -)",
-                field="name",
-            )
+        self._check_manifest_name(name)
         data = msgspec.json.encode(document) if isinstance(document, dict) else document
         if isinstance(data, str):
             data = data.encode()
@@ -217,3 +241,157 @@ class ModelDirectory:
             Path(tmp).unlink(missing_ok=True)
             raise
         return self.root / name
+
+    # --- building manifests from GGUF files ---------------------------------------------
+
+    def _source_root_of(self, path: str) -> Path | None:
+        real = Path(os.path.realpath(path))
+        return next((r for r in self.source_roots if real == r or real.is_relative_to(r)), None)
+
+    def folder_files(self, folder: str) -> list[Path]:
+        """The GGUF files of ``folder``, resolved; RequestError unless the folder and each
+        file lie inside a source root after symlinks and ".." are resolved."""
+        if not self.source_roots:
+            raise RequestError("model_dir: this controller builds from no folders "
+                               "(fleet.publish_roots is empty)", field="model_dir")
+        if not os.path.isabs(folder) or "\0" in folder:
+            raise RequestError(f"model_dir: {shown(folder)} is not an absolute path",
+                               field="model_dir")
+        if self._source_root_of(folder) is None:
+            raise RequestError(f"model_dir: {shown(folder)} is not inside an allowed root "
+                               "(fleet.publish_roots)", field="model_dir")
+        real = Path(os.path.realpath(folder))
+        if not real.is_dir():
+            raise RequestError(f"model_dir: {shown(folder)} is not a folder", field="model_dir")
+        files = []
+        for entry in sorted(os.scandir(real), key=lambda e: e.name):
+            if not entry.name.endswith(GGUF_SUFFIX) or entry.name.startswith("."):
+                continue
+            if not _NAME.fullmatch(entry.name):
+                raise RequestError(f"model_dir: {shown(entry.name)}: a GGUF file name of letters, "
+                                   "digits, . _ - only", field="model_dir")
+            if self._source_root_of(entry.path) is None:
+                raise RequestError(f"model_dir: {shown(entry.name)} links outside the allowed "
+                                   "roots", field="model_dir")
+            target = Path(os.path.realpath(entry.path))
+            if not target.is_file():
+                raise RequestError(f"model_dir: {shown(entry.name)} is not a regular file",
+                                   field="model_dir")
+            files.append((entry.name, target))
+        if not files:
+            raise RequestError(f"model_dir: {shown(folder)} holds no .gguf file", field="model_dir")
+        if len(files) > MAX_BUILD_FILES:
+            raise RequestError(f"model_dir: more than {MAX_BUILD_FILES} GGUF files",
+                               field="model_dir")
+        return [self._host(name, target) for name, target in files]
+
+    def _host(self, name: str, target: Path) -> Path:
+        """``target`` served here as ``name``: a symlink to it, or the file already there when
+        it is the same one. A different file of that name is never replaced: devices may be
+        fetching it."""
+        here = self.root / name
+        if here.exists() or here.is_symlink():
+            if here.exists() and os.path.samefile(here, target):
+                return here
+            raise RequestError(f"{shown(name)}: a different file of that name is already hosted "
+                               "here; rename one of them", field="model_dir")
+        temp = self.root / f".{name}.{os.getpid()}.link"
+        temp.unlink(missing_ok=True)
+        temp.symlink_to(target)
+        os.replace(temp, here)
+        return here
+
+    def uploaded_files(self, names: list[str]) -> list[Path]:
+        if not names or len(names) > MAX_BUILD_FILES:
+            raise RequestError(f"files: 1 to {MAX_BUILD_FILES} uploaded GGUF file names",
+                               field="files")
+        paths = []
+        for name in names:
+            path = self.resolve(name) if name.endswith(GGUF_SUFFIX) else None
+            if path is None:
+                raise RequestError(f"files: {shown(name)} is not a GGUF file uploaded here",
+                                   field="files")
+            paths.append(path)
+        return paths
+
+    def build_from_folder(self, name: str, folder: str) -> Path:
+        return self._build(name, self.folder_files(folder))
+
+    def build_from_uploads(self, name: str, files: list[str]) -> Path:
+        return self._build(name, self.uploaded_files(files))
+
+    def _build(self, name: str, paths: list[Path]) -> Path:
+        """What ``edge-agent manifest build`` does, over files hosted here, then publish."""
+        self._check_manifest_name(name)
+        existing: Manifest | None = None
+        if (current := self.resolve(name)) is not None:
+            try:
+                existing = parse_manifest(current.read_bytes(), source=name)
+            except EdgeAgentError:
+                existing = None  # an invalid manifest of that name is replaced, not merged
+        try:
+            parts = [build.inspect_part(str(path)) for path in paths]
+            document = build.build_manifest(build.combine_parts(parts), existing)
+        except EdgeAgentError as exc:
+            raise RequestError(f"build: {exc.message}", field="model_dir") from exc
+        return self.publish(name, document)
+
+    def start_upload(self, name: str) -> "Upload":
+        if not _NAME.fullmatch(name) or not name.endswith(GGUF_SUFFIX):
+            raise RequestError("file: a bare .gguf file name (letters, digits, . _ -)",
+                               field="file")
+        if self.resolve(name) is not None or (self.root / name).is_symlink():
+            raise RequestError(f"{shown(name)} is already hosted here; uploads never replace "
+                               "a file devices may be fetching", field="file")
+        return Upload(self.root, name, self.upload_max_bytes)
+
+    @staticmethod
+    def _check_manifest_name(name: str) -> None:
+        if not _NAME.fullmatch(name) or Path(name).suffix not in MANIFEST_SUFFIXES:
+            raise RequestError(
+                "name: a bare file name ending in .json, .yaml or .yml (letters, digits, . _ -)",
+                field="name",
+            )
+
+
+class Upload:
+    """One GGUF file arriving: written to a temporary file in the directory, chunk by chunk
+    (write() from a thread per chunk), and linked under its name by finish() once complete
+    and readable as GGUF; abort() removes it. Never more than ``limit`` bytes on disk."""
+
+    def __init__(self, root: Path, name: str, limit: int) -> None:
+        self.name = name
+        self.path = root / name
+        self.limit = limit
+        self.received = 0
+        fd, temp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".upload")
+        self._temp = Path(temp)
+        self._out = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        if self.received + len(data) > self.limit:
+            raise TooLargeError(f"{shown(self.name)}: larger than this controller takes "
+                                 f"({self.limit} bytes, fleet.upload_max_bytes)", field="file")
+        self._out.write(data)
+        self.received += len(data)
+
+    def finish(self) -> Path:
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        try:
+            read_gguf_part_file(self._temp)
+        except GGUFError as exc:
+            raise RequestError(f"{shown(self.name)}: not a GGUF file ({exc.message})",
+                               field="file") from exc
+        try:
+            os.link(self._temp, self.path)  # never replaces: a racing upload of the name loses
+        except FileExistsError:
+            raise RequestError(f"{shown(self.name)} is already hosted here", field="file") from None
+        self._temp.unlink()
+        return self.path
+
+    def abort(self) -> None:
+        if not self._out.closed:
+            self._out.close()
+        self._temp.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ import math
 import secrets
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote
 
 import msgspec
@@ -45,11 +45,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from agent.catalog.manifest import MAX_MANIFEST_BYTES
+from agent.catalog.signing import SIGNATURE_SUFFIX
 from agent.config import FleetConfig
-from agent.errors import EdgeAgentError, RateLimitedError, RequestError, shown
+from agent.errors import EdgeAgentError, RateLimitedError, RequestError, TooLargeError, shown
 from agent.fleet.auth import Authenticator, FailureLimiter, Session
 from agent.fleet.controller import FleetController
-from agent.fleet.hosting import ModelDirectory
+from agent.fleet.hosting import MAX_BUILD_FILES, ModelDirectory
 from agent.fleet.metrics import render_metrics
 from agent.fleet.openai_api import OpenAIAPI
 from agent.fleet.registry import telemetry_point
@@ -74,6 +76,7 @@ HTTP_STATUS = {
     "unknown_op": 400,
     "manifest_invalid": 400,
     "no_fit": 409,
+    "too_large": 413,
     "busy": 429,
     "rate_limited": 429,
 }
@@ -82,6 +85,17 @@ HTTP_STATUS = {
 SLOW_CHECKS_QUEUED = 8
 LIMITED_DELAY_S = 1.0  # a limited address waits this long for its 429
 EVENT_ID_MAX = 2**63 - 1  # SQLite's INTEGER
+UPLOAD_WRITE_BYTES = 4 << 20  # an upload goes to disk in writes of about this size
+
+
+class ManifestPublish(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /api/manifests: a manifest document, or what to build one from."""
+
+    name: Annotated[str, msgspec.Meta(max_length=128)]
+    manifest: dict[str, Any] | Annotated[str, msgspec.Meta(max_length=MAX_MANIFEST_BYTES)] | None = None
+    model_dir: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    files: Annotated[list[Annotated[str, msgspec.Meta(max_length=128)]],
+                     msgspec.Meta(max_length=MAX_BUILD_FILES)] | None = None
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -112,7 +126,9 @@ class FleetWeb:
         self.controller = controller
         self.config = config
         self.registry = controller.registry
-        self.models = models or ModelDirectory(config.model_dir)
+        self.models = models or ModelDirectory(
+            config.model_dir, source_roots=config.publish_roots,
+            upload_max_bytes=config.upload_max_bytes)
         self.auth = Authenticator(
             config.auth.admin_password_hash,
             config.auth.api_token_hashes,
@@ -146,6 +162,7 @@ class FleetWeb:
             Route("/devices/{device_id}", self.device_page),
             Route("/models", self.models_page),
             Route("/models/publish", self.publish_form, methods=["POST"]),
+            Route("/models/build", self.build_form, methods=["POST"]),
             Route("/ui/stream", self.ui_stream),
             Route("/api/health", self.health),
             Route("/api/signing-key", self.signing_key),
@@ -158,6 +175,7 @@ class FleetWeb:
             Route("/api/devices/{device_id}/cmd", self.api_cmd, methods=["POST"]),
             Route("/api/commands/{command_id}", self.api_command),
             Route("/api/manifests", self.api_manifests, methods=["GET", "POST"]),
+            Route("/api/model-files/{name}", self.api_upload, methods=["PUT"]),
             Route("/api/rollouts", self.api_rollouts, methods=["GET", "POST"]),
             Route("/api/rollouts/{rollout_id}", self.api_rollout),
             Route("/api/rollouts/{rollout_id}/rollback", self.api_rollback, methods=["POST"]),
@@ -452,6 +470,21 @@ class FleetWeb:
             message = f"not published: {exc.message}"
         return RedirectResponse(f"/models?message={quote(message)}", status_code=303)
 
+    async def build_form(self, request: Request) -> Response:
+        """The Models page's "build from a folder on the controller" form."""
+        form = await request.form()
+        denied = await self._authorize(request, form)
+        if denied:
+            return denied
+        name = str(form.get("name") or "")
+        try:
+            await run_in_threadpool(
+                self.models.build_from_folder, name, str(form.get("model_dir") or ""))
+            message = f"built and published {name}"
+        except EdgeAgentError as exc:
+            message = f"not published: {exc.message}"
+        return RedirectResponse(f"/models?message={quote(message)}", status_code=303)
+
     async def ui_stream(self, request: Request) -> Response:
         denied = await self._authorize(request)
         if denied:
@@ -679,23 +712,54 @@ class FleetWeb:
         if denied := await self._authorize(request):
             return denied
         if request.method == "POST":
-            body = await self._json_body(request)
-            document = body.get("manifest")
-            if not isinstance(document, (dict, str)):
-                raise _bad("manifest: required, an object or YAML/JSON text", "manifest")
-            path = await run_in_threadpool(
-                self.models.publish, str(body.get("name") or ""), document
-            )
+            try:
+                body = msgspec.convert(await self._json_body(request), ManifestPublish)
+            except msgspec.ValidationError as exc:
+                raise _bad(f"body: {exc}", "body") from None
+            if sum(x is not None for x in (body.manifest, body.model_dir, body.files)) != 1:
+                raise _bad("give one of manifest (a document), model_dir (a folder on the "
+                           "controller) or files (uploaded GGUF file names)", "manifest")
+            if body.model_dir is not None:  # manifest build, in a thread: it hashes every file
+                path = await run_in_threadpool(
+                    self.models.build_from_folder, body.name, body.model_dir)
+            elif body.files is not None:
+                path = await run_in_threadpool(self.models.build_from_uploads, body.name, body.files)
+            else:
+                path = await run_in_threadpool(self.models.publish, body.name, body.manifest)
+            url = f"{self._base_url(request)}/files/{path.name}"
             return JSONResponse(
-                {"name": path.name, "url": f"{self._base_url(request)}/files/{path.name}"},
-                status_code=201,
-            )
+                {"name": path.name, "url": url, "signature_url": url + SIGNATURE_SUFFIX,
+                 "key_id": self.controller.signing_key.key_id}, status_code=201)
         return JSONResponse(
             {
                 "manifests": await run_in_threadpool(self.models.manifests),
                 "files_base": self._base_url(request) + "/files/",
             }
         )
+
+    async def api_upload(self, request: Request) -> Response:
+        """One GGUF file as the raw request body, streamed to disk chunk by chunk (each write
+        in a thread), never held whole in memory; refused past fleet.upload_max_bytes."""
+        if denied := await self._authorize(request):
+            return denied
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.models.upload_max_bytes:
+            raise TooLargeError(f"larger than this controller takes ({self.models.upload_max_bytes}"
+                                " bytes, fleet.upload_max_bytes)", field="file")
+        upload = await run_in_threadpool(self.models.start_upload, request.path_params["name"])
+        try:
+            pending = bytearray()
+            async for chunk in request.stream():
+                pending += chunk
+                if upload.received + len(pending) > upload.limit or len(pending) >= UPLOAD_WRITE_BYTES:
+                    await run_in_threadpool(upload.write, bytes(pending))
+                    pending.clear()
+            await run_in_threadpool(upload.write, bytes(pending))
+            path = await run_in_threadpool(upload.finish)
+        except BaseException:
+            await run_in_threadpool(upload.abort)
+            raise
+        return JSONResponse({"file": path.name, "size": upload.received}, status_code=201)
 
     async def api_rollouts(self, request: Request) -> Response:
         if denied := await self._authorize(request):

@@ -377,6 +377,28 @@ function modelsPage() {
     catch (error) { out.textContent = error.message; out.className = "cmd-result fail"; }
     refresh();
   });
+  document.getElementById("upload-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const form = new FormData(event.target);
+    const out = document.getElementById("upload-result");
+    const files = form.getAll("files");
+    try {
+      for (const file of files) {  // the raw body, streamed by the browser: no multipart copy
+        out.textContent = `uploading ${file.name} …`; out.className = "cmd-result";
+        const response = await fetch(`/api/model-files/${encodeURIComponent(file.name)}`, {
+          method: "PUT", body: file, credentials: "same-origin",
+          headers: { "Content-Type": "application/octet-stream", "X-CSRF-Token": csrf() },
+        });
+        if (!response.ok) {
+          const data = await response.json().catch(() => ({}));
+          throw new Error(`${file.name}: ${(data.error && data.error.message) || response.statusText}`);
+        }
+      }
+      out.textContent = "building the manifest …";
+      const built = await api("/api/manifests", { name: form.get("name"), files: files.map((f) => f.name) });
+      window.location = `/models?message=${encodeURIComponent("built and published " + built.name)}`;
+    } catch (error) { out.textContent = error.message; out.className = "cmd-result fail"; }
+  });
   refresh();
   setInterval(refresh, 2000);
 }
