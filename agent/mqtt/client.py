@@ -52,11 +52,8 @@ class Inbound:
 
     topic: str
     payload: bytes
-    qos: int
-    retain: bool
     response_topic: str | None = None  # MQTT 5 Response Topic
     correlation_data: bytes | None = None  # MQTT 5 Correlation Data
-    received_at: float = 0.0  # time.monotonic() on arrival
 
 
 @dataclass(frozen=True)
@@ -307,11 +304,8 @@ class MQTTClient:
         self.inbox.put(Inbound(
             topic=message.topic,
             payload=bytes(message.payload),
-            qos=message.qos,
-            retain=bool(message.retain),
             response_topic=response_topic,
             correlation_data=bytes(correlation_data) if correlation_data is not None else None,
-            received_at=time.monotonic(),
         ))
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,

@@ -33,17 +33,6 @@ class Status(msgspec.Struct, kw_only=True):
     version: str
 
 
-class ChunkRecord(msgspec.Struct, kw_only=True):
-    id: str
-    seq: int
-    delta: str
-
-
-class ErrorBody(msgspec.Struct, kw_only=True):
-    code: str
-    message: str
-
-
 class _Args(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
