@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.support.broker import Broker
 from tests.support.range_server import RangeServer
@@ -34,6 +35,15 @@ def _log_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _log_skip(report)
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog_config():
+    """A command run in-process (``agent.cli.main``) configures structlog at its own level
+    (warning, for most); later tests that capture info lines must not depend on test order."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
