@@ -400,7 +400,7 @@ class Daemon:
             "session": self.session,
             "probe": msgspec.to_builtins(self.device) if self.device else None,
             "profile": {"name": selection.profile if selection else None, "reasons": self.profile_reasons},
-            "selection": msgspec.to_builtins(selection) if selection else None,
+            "selection": self._selection_meta(selection) if selection else None,
             "selection_source": self.selection_source,
             # gguf / manifest:<name> / config:<name> / none: how messages become a prompt
             "chat_template": selection.chat_template if selection else None,
@@ -410,6 +410,15 @@ class Daemon:
             "protocol": self.config.mqtt.protocol,
             "signing": self._signing_meta(),
         }
+
+    @staticmethod
+    def _selection_meta(selection: Selection) -> dict[str, Any]:
+        """The selection without its explain table: meta is retained on the broker for every
+        device, and the table (several KiB) is what the ``select`` command answers. The
+        variants' names stay, for the dashboard's pin list."""
+        facts = msgspec.to_builtins(msgspec.structs.replace(selection, candidates=[]))
+        facts["variants"] = [candidate.quant for candidate in selection.candidates]
+        return facts
 
     def _signing_meta(self) -> dict[str, Any]:
         """Whether manifests must be signed and by which key: an opt-out is visible fleet-wide."""

@@ -95,20 +95,10 @@ class SimDevice:
     _telemetry_template: bytes = b""
     _template_key: tuple = ()
 
-    def meta(self) -> dict[str, Any]:
-        name, arch, cores, flags, ram_gib, gpu = self.board
-        gpus = []
-        if gpu:
-            gpus = [
-                {
-                    "vendor": "nvidia" if "RTX" in gpu[0] else "jetson",
-                    "name": gpu[0],
-                    "vram_total_bytes": gpu[1] * GIB if gpu[1] else None,
-                    "unified_memory": gpu[1] is None,
-                }
-            ]
+    def candidates(self) -> list[dict[str, Any]]:
+        """The explain table, as a device answers it to ``select`` (meta names only variants)."""
         size = {"Q8_0": 145, "Q6_K": 138, "Q5_K_M": 112, "Q4_K_M": 105, "Q3_K_M": 93, "Q2_K": 88}
-        candidates = [
+        return [
             {
                 "quant": q,
                 "file": f"smollm2-135m-instruct.{q}.gguf",
@@ -126,6 +116,19 @@ class SimDevice:
             }
             for i, q in enumerate(QUANTS)
         ]
+
+    def meta(self) -> dict[str, Any]:
+        name, arch, cores, flags, ram_gib, gpu = self.board
+        gpus = []
+        if gpu:
+            gpus = [
+                {
+                    "vendor": "nvidia" if "RTX" in gpu[0] else "jetson",
+                    "name": gpu[0],
+                    "vram_total_bytes": gpu[1] * GIB if gpu[1] else None,
+                    "unified_memory": gpu[1] is None,
+                }
+            ]
         return {
             "device_id": self.id,
             "version": VERSION,
@@ -164,7 +167,7 @@ class SimDevice:
                 "n_gpu_layers": 0,
                 "n_threads": min(cores, 4),
                 "manifest_url": self.manifest,
-                "candidates": candidates,
+                "variants": list(QUANTS),
             },
             **self.extra_meta,
         }
@@ -560,6 +563,8 @@ class SimulatedFleet:
             self.publish_status(device, "draining")
         elif op == "resume":
             self.publish_status(device, "ready")
+        elif op == "select":
+            result.update({"quant": device.quant, "candidates": device.candidates()})
         elif op == "bench":
             result.update({"decode_tps": 24.1, "prefill_tps": 181.0, "ttft_ms": 118})
         self.publish_meta(device)

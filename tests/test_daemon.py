@@ -72,7 +72,9 @@ def test_ready_notify_and_retained_status_and_meta(daemon, watch):
     meta_message = observer.wait_for(lambda m: m.topic == f"{BASE}/meta")
     assert meta_message.retain
     meta = json.loads(meta_message.payload)
-    assert meta["selection"]["quant"] == "Q4_K_M" and meta["selection"]["candidates"]
+    assert meta["selection"]["quant"] == "Q4_K_M" and "Q4_K_M" in meta["selection"]["variants"]
+    # The explain table is the select command's answer, not retained for every device.
+    assert meta["selection"]["candidates"] == []
     assert meta["probe"]["cpu"]["logical_cores"] >= 1 and meta["version"]
 
 
@@ -178,6 +180,9 @@ def test_commands(own_daemon):
     assert command("rebirth", topic="edge/v1/all/cmd")["ok"]  # broadcast reaches the device
     selected = command("select", pin="Q2_K")
     assert selected["ok"] and selected["result"]["quant"] == "Q2_K"
+    explained = command("select")["result"]
+    verdicts = {c["quant"]: c["verdict"] for c in explained["candidates"]}
+    assert verdicts[explained["quant"]] == "chosen" and len(verdicts) > 1
     assert command("reload")["result"]["changed"] is False
     bench = command("bench", max_tokens=4)
     assert bench["ok"] and bench["result"]["usage"]["completion_tokens"] >= 1

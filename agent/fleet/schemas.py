@@ -120,6 +120,10 @@ class CandidateFacts(_Tolerant):
     reason: Text | None = None
 
 
+# The explain table: in meta from older agents, the ``select`` command's answer from newer.
+Candidates = Annotated[list[CandidateFacts], msgspec.Meta(max_length=256)]
+
+
 class SelectionFacts(_Tolerant):
     """agent.catalog.selection.Selection as the daemon sends it."""
 
@@ -132,7 +136,8 @@ class SelectionFacts(_Tolerant):
     n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=100_000)] | None = None
     n_threads: Count | None = None
     manifest_url: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
-    candidates: Annotated[list[CandidateFacts], msgspec.Meta(max_length=256)] = []
+    candidates: Candidates = []
+    variants: Annotated[list[Name], msgspec.Meta(max_length=256)] = []
 
 
 class Meta(_Tolerant):

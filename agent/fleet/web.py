@@ -55,6 +55,7 @@ from agent.fleet.hosting import MAX_BUILD_FILES, ModelDirectory
 from agent.fleet.metrics import render_metrics
 from agent.fleet.openai_api import OpenAIAPI
 from agent.fleet.registry import telemetry_point
+from agent.fleet.schemas import Candidates
 from agent.fleet.rollout import RolloutSpec
 from agent.fleet.view import device_row, fleet_summary, format_bytes, hardware
 from agent.log import get_logger
@@ -427,6 +428,7 @@ class FleetWeb:
             )
         meta = detail["meta"]
         selection = meta.get("selection") or {}
+        commands = await run_in_threadpool(self.registry.commands, device_id, 10)
         return self._render(
             request,
             "device.html",
@@ -436,9 +438,10 @@ class FleetWeb:
             meta=meta,
             hardware=hardware(meta),
             selection=selection,
-            candidates=selection.get("candidates") or [],
+            candidates=selection.get("candidates") or _explained(commands),
+            variants=selection.get("variants") or [c["quant"] for c in selection.get("candidates", [])],
             events=await run_in_threadpool(self.registry.events, device_id, limit=30),
-            commands=await run_in_threadpool(self.registry.commands, device_id, 10),
+            commands=commands,
             meta_json=json.dumps(meta, indent=2, default=str),
         )
 
@@ -827,6 +830,22 @@ class FleetWeb:
 
 def _bad(message: str, field: str) -> EdgeAgentError:
     return RequestError(message, field=field)
+
+
+def _explained(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The explain table of the device's latest answered plain ``select`` (newer agents keep it
+    out of their retained meta; one with a pin or profile is a what-if), checked as meta's
+    candidates are: the device wrote it."""
+    for command in commands:
+        answered = command["ok"] and isinstance(command["result"], dict)
+        what_if = any(value is not None for value in (command["args"] or {}).values())
+        if command["op"] == "select" and not what_if and answered:
+            try:
+                facts = msgspec.convert(command["result"].get("candidates", []), Candidates)
+            except msgspec.ValidationError:
+                return []
+            return msgspec.to_builtins(facts)
+    return []
 
 
 def _random() -> str:

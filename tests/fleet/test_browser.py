@@ -153,6 +153,9 @@ def test_device_page_prompt_and_commands_with_a_simulated_device(page, fleet, si
     page.wait_for_function(
         "() => document.querySelectorAll('#chart-decode_tps polyline').length === 1"
     )
+    assert page.locator("table.explain").count() == 0  # not in the retained meta any more
+    page.click("button[data-op=select]")  # asks the device, then shows its answer
+    page.wait_for_selector("table.explain tr.verdict-chosen")
     assert (
         page.locator("table.explain tr.verdict-chosen td").first.inner_text()
         == devices.devices[0].quant

@@ -260,6 +260,23 @@ function devicePage() {
     if (data.commands) showCommands(data.commands);
   });
 
+  // The explain table (a select's answer: newer agents keep it out of their retained meta).
+  function showExplain(candidates) {
+    const table = document.createElement("table");
+    table.className = "list explain";
+    table.innerHTML = "<thead><tr><th>quant</th><th>verdict</th><th>size</th><th>quality</th><th>n_ctx</th><th>KV</th><th>GPU layers</th><th>RAM need</th><th>pred. tok/s</th><th>reason</th></tr></thead><tbody></tbody>";
+    const fixed = (value, digits) => (typeof value === "number" ? value.toFixed(digits) : "–");
+    for (const c of candidates) {
+      const tr = table.tBodies[0].insertRow();
+      tr.className = `verdict-${c.verdict}`;
+      for (const cell of [c.quant, c.verdict, formatBytes(c.size), fixed(c.quality, 3), c.n_ctx, c.kv_type,
+        c.n_gpu_layers, formatBytes((c.estimate || {}).ram_bytes), fixed(c.predicted_tokens_per_s, 1), c.reason]) {
+        tr.insertCell().textContent = cell ?? "–";
+      }
+    }
+    document.getElementById("explain").replaceChildren(table);
+  }
+
   const out = document.getElementById("cmd-result");
   async function command(op, args) {
     out.textContent = `${op}: waiting for cmd/result…`;
@@ -267,6 +284,7 @@ function devicePage() {
       const result = await api(`${base}/cmd`, { op, args, wait_s: 120 });
       out.textContent = `${op}: ${JSON.stringify(result.pending ? { pending: true, id: result.id } : (result.ok ? result.result : result.error), null, 1)}`;
       out.className = `cmd-result ${result.pending ? "pending" : result.ok ? "ok" : "fail"}`;
+      if (op === "select" && result.ok) showExplain(result.result.candidates || []);
     } catch (error) {
       out.textContent = `${op}: ${error.message}`;
       out.className = "cmd-result fail";
