@@ -431,6 +431,20 @@ class FleetConfig(_Section):
     ingest: FleetIngestConfig = msgspec.field(default_factory=FleetIngestConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
+    @property
+    def inbox_owner(self) -> str:
+        """The topic word of this controller's reply inbox: its MQTT account, as the ACLs key
+        on (several controllers on one account share one inbox, each ignoring the others')."""
+        return self.mqtt.username or self.controller_id
+
+    def __post_init__(self) -> None:
+        # Both are topic levels (the client id in logs and $share, the account in the inbox).
+        for field, value in (("controller_id", self.controller_id),
+                             ("mqtt.username", self.mqtt.username)):
+            problem = value is not None and device_id_problem(value)
+            if problem:
+                raise ValueError(f"{field}: {problem}")
+
 
 def load_fleet_config(
     path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None

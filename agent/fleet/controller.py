@@ -147,7 +147,8 @@ class FleetController:
             self, command_timeout_s=config.command_timeout_s, lease_s=config.rollout_lease_s
         )
         self._inbox: queue.Queue[Inbound | ConnectionChange] = queue.Queue(maxsize=10_000)
-        self.reply_inbox = reply_inbox(config.controller_id, self.prefix)
+        # Keyed by the MQTT account, which is what the broker's ACL lets read it.
+        self.reply_inbox = reply_inbox(config.inbox_owner, self.prefix)
         # Messages that arrived in the inbox: for a waiting request, or for none (late, after
         # the waiter left, or sent there by someone without the key).
         self.reply_counts = {"delivered": 0, "unmatched": 0}
@@ -159,7 +160,10 @@ class FleetController:
             inbox=router,  # type: ignore[arg-type]
             password=read_secret(config.mqtt.password_file, "mqtt-password"),
         )
-        self._waiters: dict[str, Waiter] = {}
+        # Apart, so that a record in the reply inbox (which any device may write) can never
+        # reach a command's waiter, nor a cmd/result a prompt's, past its own checks.
+        self._command_waiters: dict[str, Waiter] = {}
+        self._reply_waiters: dict[str, Waiter] = {}
         self._waiters_lock = threading.Lock()
         self._stop = threading.Event()
         self._dispatch_thread: threading.Thread | None = None
@@ -230,24 +234,25 @@ class FleetController:
             except (msgspec.DecodeError, RequestError):
                 body = None  # ingest refuses it again, and flags the device
             if body is not None:
-                self._deliver(body["id"], message.payload, body)
+                self._deliver(self._command_waiters, body["id"], message.payload, body)
         self.ingest.offer(message.topic, message.payload)
 
     def _deliver_reply(self, message: Inbound) -> None:
         """paho's thread: one record of a prompt's reply to its waiter."""
         key = message.topic[len(self.reply_inbox) + 1 :]
         with self._waiters_lock:
-            waiting = key in self._waiters
+            waiting = key in self._reply_waiters
         # A device that speaks MQTT 5 echoes the key as Correlation Data; a 3.1.1 one sends none.
         if not waiting or message.correlation_data not in (None, key.encode()):
             self.reply_counts["unmatched"] += 1
             return
         self.reply_counts["delivered"] += 1
-        self._deliver(key, message.payload)
+        self._deliver(self._reply_waiters, key, message.payload)
 
-    def _deliver(self, key: str, payload: bytes, body: dict | None = None) -> None:
+    def _deliver(self, waiters: dict[str, Waiter], key: str, payload: bytes,
+                 body: dict | None = None) -> None:
         with self._waiters_lock:
-            waiter = self._waiters.get(key)
+            waiter = waiters.get(key)
         if waiter is None:
             return
         if body is None:
@@ -265,13 +270,11 @@ class FleetController:
         for device_id, body in outcome.events:
             self.rollouts.on_event(device_id, body)
 
-    def add_waiter(self, key: str, waiter: Waiter) -> None:
-        with self._waiters_lock:
-            self._waiters[key] = waiter
-
     def remove_waiter(self, key: str) -> None:
+        """End the wait for a command id or a prompt's reply key."""
         with self._waiters_lock:
-            self._waiters.pop(key, None)
+            self._command_waiters.pop(key, None)
+            self._reply_waiters.pop(key, None)
 
     # --- outbound ------------------------------------------------------------------------
 
@@ -299,7 +302,8 @@ class FleetController:
         topics = self._topics(device_id)
         self.registry.record_command(command_id, device_id, op, body["args"], source)
         if waiter is not None:
-            self.add_waiter(command_id, waiter)
+            with self._waiters_lock:
+                self._command_waiters[command_id] = waiter
         self.mqtt.publish(topics.cmd, encoded, qos=1)
         log.info("command_sent", device=device_id, op=op, command=command_id, source=source)
         return command_id
@@ -328,7 +332,8 @@ class FleetController:
         body["reply_to"] = reply_topic  # for a device on MQTT 3.1.1; 5 uses the Response Topic
         encoded = payloads.encode(body)
         payloads.decode_prompt(encoded, max_bytes=self.config.mqtt.max_payload_bytes)
-        self.add_waiter(key, waiter)
+        with self._waiters_lock:
+            self._reply_waiters[key] = waiter
         self.mqtt.publish(
             topic, encoded, qos=1, response_topic=reply_topic, correlation_data=key.encode()
         )

@@ -40,7 +40,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from agent.config import FleetConfig
-from agent.errors import EdgeAgentError, RateLimitedError
+from agent.errors import EdgeAgentError, RateLimitedError, TooLargeError
+from agent.fleet.bodies import read_bounded
 from agent.fleet.controller import FleetController, SentPrompt
 from agent.fleet.view import device_row
 from agent.log import get_logger
@@ -60,13 +61,48 @@ FINISH_REASONS = frozenset({"stop", "length"})
 STATUS = {
     "bad_request": 400, "too_long": 400, "bad_grammar": 400, "unauthorized": 401,
     "model_not_found": 404, "busy": 429, "rate_limited": 429, "worker_crashed": 502,
-    "no_model": 503, "timeout": 504,
+    "no_model": 503, "timeout": 504, "bad_reply": 502, "too_large": 413,
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                429: "rate_limit_error"}
 
 Short = Annotated[str, msgspec.Meta(max_length=256)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_BODY_BYTES)]
+
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=10**9)]
+
+
+class _RecordUsage(msgspec.Struct, kw_only=True):
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+
+
+class _RecordError(msgspec.Struct, kw_only=True):
+    code: Short = "internal"
+    message: Text = ""
+
+
+class ReplyRecord(msgspec.Struct, kw_only=True):
+    """What the handlers read of a device's reply record (other fields pass untouched)."""
+
+    done: bool = False
+    delta: Text = ""
+    text: Text = ""
+    finish_reason: Short | None = None
+    usage: _RecordUsage | None = None
+    error: _RecordError | None = None
+
+
+def checked_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record if its known fields have their types, else a final ``bad_reply``: a device
+    wrote it, and a wrong type must not become a 500 or a broken stream."""
+    try:
+        msgspec.convert(record, ReplyRecord)
+    except msgspec.ValidationError as exc:
+        return {"done": True, "error": {"code": "bad_reply",
+                                        "message": f"the device's reply record: {exc}"[:500]}}
+    return record
 
 
 class TextPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -268,7 +304,7 @@ class _Exchange:
         self.sent: SentPrompt | None = None
 
     def put(self, record: dict[str, Any]) -> None:  # the dispatch thread
-        self.loop.call_soon_threadsafe(self.records.put_nowait, record)
+        self.loop.call_soon_threadsafe(self.records.put_nowait, checked_record(record))
 
 
 class OpenAIAPI:
@@ -376,13 +412,10 @@ class OpenAIAPI:
         return _decode(await self._body(request), kind)
 
     async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length", "0")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise APIError("bad_request", f"body: over {MAX_BODY_BYTES} bytes", param="body")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError("bad_request", f"body: over {MAX_BODY_BYTES} bytes", param="body")
-        return raw
+        try:
+            return await read_bounded(request, MAX_BODY_BYTES)
+        except TooLargeError as exc:
+            raise APIError.of(exc) from None
 
     # --- routing and failover ---------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from agent.catalog.manifest import MAX_MANIFEST_BYTES
 from agent.catalog.signing import SIGNATURE_SUFFIX
 from agent.config import FleetConfig
 from agent.errors import EdgeAgentError, RateLimitedError, RequestError, TooLargeError, shown
+from agent.fleet.bodies import read_bounded
 from agent.fleet.auth import Authenticator, FailureLimiter, Session
 from agent.fleet.controller import FleetController
 from agent.fleet.hosting import MAX_BUILD_FILES, ModelDirectory
@@ -70,6 +71,8 @@ STREAM_TICK_S = 1.0
 # every telemetry message, and a browser re-rendering thousands of rows each second is no use.
 BIG_FLEET_ROWS = 500
 BIG_FLEET_TICK_S = 5.0
+# A JSON API body: a manifest inline is the largest there is.
+MAX_JSON_BODY_BYTES = MAX_MANIFEST_BYTES + 64 * 1024
 PROMPT_GRACE_S = 30.0  # on top of the request's own timeout, for queueing on the device
 HTTP_STATUS = {
     "bad_request": 400,
@@ -106,17 +109,26 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 class _SessionLoader:
     """ASGI middleware: the dashboard session a request's cookie names is read (or re-read)
     from the registry in a thread before the handler runs, so handlers find it in memory and
-    no query runs on the loop (a login on another controller is then valid here)."""
+    no query runs on the loop (a login on another controller is then valid here).
 
-    def __init__(self, app: Any, auth: Authenticator) -> None:
+    A cookie the registry does not know counts as a failed attempt of its address, as a wrong
+    token does: random cookies cannot keep the thread pool and the database busy."""
+
+    def __init__(self, app: Any, auth: Authenticator, failures: FailureLimiter) -> None:
         self.app = app
         self.auth = auth
+        self.failures = failures
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            session_id = HTTPConnection(scope).cookies.get(SESSION_COOKIE)
-            if self.auth.needs_load(session_id):
-                await run_in_threadpool(self.auth.load_session, session_id)
+            connection = HTTPConnection(scope)
+            session_id = connection.cookies.get(SESSION_COOKIE)
+            host = connection.client.host if connection.client else None
+            if self.auth.needs_load(session_id) and self.failures.take(host) == 0:
+                if await run_in_threadpool(self.auth.load_session, session_id) is None:
+                    self.failures.failed(host)
+                else:
+                    self.failures.refund(host)
         await self.app(scope, receive, send)
 
 
@@ -149,7 +161,7 @@ class FleetWeb:
         self.app = Starlette(
             routes=self._routes(),
             exception_handlers={EdgeAgentError: self._on_error},
-            middleware=[Middleware(_SessionLoader, auth=self.auth)],
+            middleware=[Middleware(_SessionLoader, auth=self.auth, failures=self.failures)],
         )
 
     # --- plumbing ------------------------------------------------------------------------
@@ -333,7 +345,7 @@ class FleetWeb:
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         try:
-            body = json.loads(await request.body() or b"{}")
+            body = json.loads(await read_bounded(request, MAX_JSON_BODY_BYTES) or b"{}")
         except RecursionError:  # [[[[…: nesting deeper than the parser's stack
             raise _bad("body: nested too deeply", "body") from None
         except ValueError as exc:
@@ -454,7 +466,7 @@ class FleetWeb:
             "models.html",
             session,
             manifests=await run_in_threadpool(self.models.manifests),
-            rollouts=[r.to_dict() for r in self.controller.rollouts.listing()],
+            rollouts=await run_in_threadpool(self._rollout_dicts),
             files_base=self._base_url(request) + "/files/",
             message=request.query_params.get("message"),
         )
@@ -672,8 +684,10 @@ class FleetWeb:
         sse = "text/event-stream" in request.headers.get("accept", "")
         loop = asyncio.get_running_loop()
         records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        sent = self.controller.send_prompt(
-            device_id, body, lambda record: loop.call_soon_threadsafe(records.put_nowait, record)
+        # Validates and publishes (paho may block on a full queue): a thread, not the loop.
+        sent = await run_in_threadpool(
+            self.controller.send_prompt, device_id, body,
+            lambda record: loop.call_soon_threadsafe(records.put_nowait, record),
         )
         request_id = sent.request_id
         deadline = min(_seconds(body, "timeout_s", 300.0), 86400.0) + PROMPT_GRACE_S
@@ -768,9 +782,7 @@ class FleetWeb:
         if denied := await self._authorize(request):
             return denied
         if request.method == "GET":
-            return JSONResponse(
-                {"rollouts": [r.to_dict() for r in self.controller.rollouts.listing()]}
-            )
+            return JSONResponse({"rollouts": await run_in_threadpool(self._rollout_dicts)})
         body = await self._json_body(request)
         try:
             spec = msgspec.convert(body, RolloutSpec)
@@ -789,13 +801,20 @@ class FleetWeb:
         rollout = await run_in_threadpool(self.controller.rollouts.create, spec, source)
         return JSONResponse(rollout.to_dict(), status_code=201)
 
+    def _rollout_dicts(self) -> list[dict[str, Any]]:
+        """Every rollout as the API shows it. Takes the rollout manager's lock, which its
+        thread holds across registry round trips: call it in a thread."""
+        return [rollout.to_dict() for rollout in self.controller.rollouts.listing()]
+
     async def api_rollout(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        rollout = self.controller.rollouts.get(request.path_params["rollout_id"])
+        # The manager's lock is held across registry round trips by its own thread.
+        rollout = await run_in_threadpool(
+            self.controller.rollouts.get, request.path_params["rollout_id"])
         if rollout is None:
             return error_response(404, "not_found", "no such rollout")
-        return JSONResponse(rollout.to_dict())
+        return JSONResponse(await run_in_threadpool(rollout.to_dict))
 
     async def api_rollback(self, request: Request) -> Response:
         if denied := await self._authorize(request):

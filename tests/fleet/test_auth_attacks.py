@@ -222,3 +222,20 @@ def test_concurrent_wrong_tokens_cannot_pass_a_spent_budget(start_fleet) -> None
     for thread in guessers:
         thread.join(120)
     assert sorted(codes) == [401] * 3 + [429] * 5, codes
+
+
+def test_random_session_cookies_count_as_failed_attempts(start_fleet, credentials):
+    """Each well-formed cookie this controller has not seen costs a registry query in a
+    thread: unknown ones count against their address like wrong tokens, so a flood of random
+    cookies is limited (and then costs no query) while other addresses are served."""
+    fleet = start_fleet(api_token_hashes=[credentials.token_hash])
+    good = {"Authorization": f"Bearer {credentials.token}"}
+    with client_from("127.0.0.4", fleet.url) as attacker, client_from(
+        "127.0.0.5", fleet.url
+    ) as other:
+        for _ in range(fleet.config.auth.failed_auth_limit):
+            cookie = {"Cookie": f"edge_fleet_session={secrets.token_urlsafe(32)}"}
+            assert attacker.get("/api/devices", headers=cookie).status_code == 401
+        # Its budget went on cookies: the right token from it is now refused too.
+        assert attacker.get("/api/devices", headers=good).status_code == 429
+        assert other.get("/api/devices", headers=good).status_code == 200

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from structlog.testing import capture_logs
@@ -17,6 +19,7 @@ from tests.fleet.conftest import make_config, wait_for
 from tests.support.broker import Broker
 from tests.support.daemon import RunningDaemon, wait_ready
 from tests.support.json_schema import problems
+from tests.support.observer import Observers
 
 MODEL = "smollm2-135m-instruct"
 POOL = "oapool"
@@ -190,6 +193,23 @@ def test_errors_have_openais_shape_and_status(client, fleet):
         wrong.models.list()
 
 
+def test_a_chunked_body_without_a_length_stops_at_the_limit(fleet, credentials):
+    """Content-Length is only a claim: a chunked body (none given) is counted as it arrives,
+    so a client cannot make the controller hold more than the limit. The dashboard API too."""
+    def chunked(mib: int):  # no Content-Length: MiB chunks, just past the limit
+        yield b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "'
+        for _ in range(mib):
+            yield b"x" * (1 << 20)
+
+    headers = {"Authorization": f"Bearer {credentials.token}"}
+    # The limits: 1 MiB for /v1, a manifest's 4 MiB (and a little) for the dashboard API.
+    for path, mib in (("/v1/chat/completions", 3), (f"/api/devices/{DEVICES[0]}/cmd", 6)):
+        answer = httpx.post(f"{fleet.url}{path}", content=chunked(mib), headers=headers,
+                            timeout=60)
+        assert answer.status_code == 413, (path, answer.text)
+        assert "too_large" in answer.text
+
+
 def test_the_cli_prompts_a_model_and_a_pool(fleet, credentials, monkeypatch, capsys):
     from agent.cli import main
 
@@ -252,3 +272,49 @@ def test_failover_when_the_chosen_device_is_killed_before_its_first_token(client
     assert [(entry["device"], entry["why"]) for entry in failovers] == [(first, "gone")]
     assert raw.headers["x-edge-device"] == survivor
     assert raw.parse().usage.completion_tokens == 3
+
+
+def test_a_reply_record_with_wrong_types_is_a_502_not_a_crash(client, fleet, plain_broker):
+    """A device (here a hostile one: a plain MQTT client) answers a final whose error is a
+    string and whose usage is text: the client gets bad_reply, and the controller serves on."""
+    hostile = "dev-hostile"
+    observers = Observers(plain_broker)
+    device = observers.connect(f"edge/v1/{hostile}/prompt")
+    try:
+        # A long telemetry interval: silent, it is still not stale during the test.
+        device.publish(f"edge/v1/{hostile}/meta", json.dumps(
+            {"device_id": hostile, "telemetry_interval_s": 3600}).encode())
+        device.publish(f"edge/v1/{hostile}/status", json.dumps(
+            {"state": "ready", "session": 1, "ts": time.time(), "version": "0.1.0"}).encode())
+        wait_for(lambda: any(row["id"] == hostile and row["state"] == "ready"
+                             for row in fleet.web.openai.router.rows()), 30, "the hostile device")
+        answers = [{"done": True, "error": "boom"},
+                   {"done": True, "text": "x", "usage": {"prompt_tokens": "many"}}]
+
+        def answer_each() -> None:
+            topic = f"edge/v1/{hostile}/prompt"
+            for index, record in enumerate(answers):
+                device.wait_for(lambda m: len(device.on(topic)) > index, timeout=60)
+                prompt = device.on(topic)[index]
+                body = json.loads(prompt.payload)
+                device.publish(body["reply_to"], json.dumps({"id": body["id"], **record}).encode(),
+                               correlation_data=prompt.correlation_data)
+
+        answering = threading.Thread(target=answer_each, daemon=True)
+        answering.start()
+        for _ in answers:
+            with pytest.raises(openai.APIStatusError) as refused:
+                client.chat.completions.create(model=f"device/{hostile}", max_tokens=4,
+                                               messages=[{"role": "user", "content": "hi"}])
+            assert refused.value.status_code == 502
+            assert refused.value.body["code"] == "bad_reply", refused.value.body
+        answering.join(10)
+        # Everyone else is still served.
+        idle(fleet)
+        reply = client.chat.completions.create(model=MODEL, max_tokens=4,
+                                               messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content is not None
+    finally:
+        device.publish(f"edge/v1/{hostile}/status", json.dumps(
+            {"state": "stopped", "session": 1, "ts": time.time(), "version": "0.1.0"}).encode())
+        observers.close()

@@ -5,11 +5,18 @@ account the inventory does not list, such as `all` or `pool`, may do nothing."""
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from agent.config import MQTTConfig, TLSConfig
+from agent.fleet.controller import FleetController
+from tests.fleet.conftest import make_config, wait_for
+from tests.service.conftest import PASSWORDS
 
 NOT_AUTHORIZED = 0x87
 EDGE_AGENT = str(Path(sys.executable).with_name("edge-agent"))
@@ -122,3 +129,32 @@ def test_each_account_reads_its_own_reply_inbox_only(connect_as) -> None:
     assert {t for t, _ in app.received()} == {"edge/v1/reply/app-1/k2"}
     # A device still writes no other device's replies.
     assert device.publish("edge/v1/dev-b/reply/x", '{"id": "evil"}') == NOT_AUTHORIZED
+
+
+def test_a_controller_whose_id_is_not_its_account_gets_its_replies(
+        acl_broker, agent_as, tmp_path: Path) -> None:
+    """The inbox is keyed by the account the ACL lets read it, not by controller_id (which
+    defaults to fleet-<host>): under the shipped account `controller`, replies arrive."""
+    agent_as("dev-a", pool="kitchen")
+    (tmp_path / "ctl").mkdir()
+    (tmp_path / "ctl" / "mqtt-password").write_text(PASSWORDS["controller"])
+    endpoint = SimpleNamespace(host="localhost", port=acl_broker.tls_port)
+    mqtt = MQTTConfig(host=endpoint.host, port=endpoint.port, username="controller",
+                      tls=TLSConfig(enabled=True, ca_file=str(acl_broker.ca_file)),
+                      password_file=str(tmp_path / "ctl" / "mqtt-password"))
+    config = make_config(tmp_path / "ctl", endpoint, controller_id="fleet-some-host", mqtt=mqtt)
+    controller = FleetController(config).start()
+    try:
+        assert controller.mqtt.wait_connected(10)
+        wait_for(lambda: getattr(controller.registry.devices.get("dev-a"), "state", None)
+                 in ("ready", "busy"), 60, "the agent to be ready")
+        records: queue.Queue[dict] = queue.Queue()
+        sent = controller.send_prompt("dev-a", {"id": "acl-inbox", "prompt": "Say hi",
+                                                "max_tokens": 3, "temperature": 0}, records.put)
+        final: dict = {}
+        while not final.get("done"):
+            final = records.get(timeout=60)
+        controller.remove_waiter(sent.key)
+        assert final["id"] == "acl-inbox" and "usage" in final, final
+    finally:
+        controller.stop()
