@@ -39,7 +39,7 @@ import yaml
 
 from agent.catalog.gguf import MAX_SPLIT_PARTS, split_name, split_part_name
 from agent.catalog.signing import SIGNATURE_SUFFIX, verify_manifest
-from agent.config import SigningConfig
+from agent.config import SigningConfig, is_chat_template_file
 from agent.errors import ManifestError, shown
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # a manifest is text; more is a wrong URL, not a manifest
@@ -187,6 +187,14 @@ def _name_problem(name: str, pattern: re.Pattern[str], what: str) -> str | None:
     return None
 
 
+def _chat_format_problem(name: str) -> str | None:
+    # A manifest comes from a mirror: it names a registered format, never a file (the worker
+    # opens a value that looks like a template file's path).
+    if is_chat_template_file(name):
+        return "must name a registered chat format, not a template file"
+    return _name_problem(name, _TAG, "chat format name")
+
+
 def _url_problem(url: str) -> str | None:
     if len(url) > MAX_URL_CHARS or any(c <= " " or c == "\x7f" for c in url):
         return f"must be at most {MAX_URL_CHARS} characters without spaces or control characters"
@@ -246,8 +254,7 @@ def _validate(manifest: Manifest) -> None:
         problem = None if model.family is None else _name_problem(model.family, _TAG, "family name")
         if problem:
             raise ManifestError(f"{where}.family: {problem}", key=f"{where}.family")
-        problem = None if model.chat_format is None else _name_problem(
-            model.chat_format, _TAG, "chat format name")
+        problem = None if model.chat_format is None else _chat_format_problem(model.chat_format)
         if problem:
             raise ManifestError(f"{where}.chat_format: {problem}", key=f"{where}.chat_format")
         if model.id in seen_ids:
@@ -266,8 +273,8 @@ def _validate(manifest: Manifest) -> None:
                 "sha256": None if _SHA256.fullmatch(variant.sha256) else
                 "expected 64 hex characters (lower case)",
                 "quality": None if 0.0 <= variant.quality <= 1.0 else "must be between 0 and 1",
-                "chat_format": None if variant.chat_format is None else _name_problem(
-                    variant.chat_format, _TAG, "chat format name"),
+                "chat_format": None if variant.chat_format is None else _chat_format_problem(
+                    variant.chat_format),
             }
             problems.update(_urls_problems(variant.urls))
             if variant.parts:

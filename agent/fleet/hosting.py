@@ -37,7 +37,7 @@ import msgspec
 
 from agent.catalog import build
 from agent.catalog.gguf import read_gguf_part_file
-from agent.catalog.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from agent.catalog.manifest import MAX_MANIFEST_BYTES, Manifest, Variant, parse_manifest
 from agent.catalog.signing import (
     SIGNATURE_SUFFIX,
     generate_keypair,
@@ -150,6 +150,12 @@ def _read_key(path: Path) -> str:
     return private
 
 
+def _hosted(directory: "ModelDirectory", variant: Variant) -> bool:
+    """Whether devices can fetch every file of ``variant``: each here or with a URL."""
+    files = [(p.file, p.urls) for p in variant.parts] or [(variant.file, variant.urls)]
+    return all(urls or directory.resolve(name) for name, urls in files)
+
+
 class ModelDirectory:
     def __init__(self, root: str | Path, *, source_roots: list[str] | None = None,
                  upload_max_bytes: int = 0) -> None:
@@ -164,7 +170,15 @@ class ModelDirectory:
         if not _NAME.fullmatch(name):
             return None
         path = self.root / name
+        if path.is_symlink() and self._escaped(path):
+            return None
         return path if path.is_file() else None
+
+    def _escaped(self, link: Path) -> bool:
+        """A link a folder build made (it points into a publish root) whose target has since
+        become a link out of the roots. The operator's own links elsewhere are theirs."""
+        made_by_a_build = any(Path(os.readlink(link)).is_relative_to(r) for r in self.source_roots)
+        return made_by_a_build and self._source_root_of(str(link)) is None
 
     def signature(self, name: str, key: ControllerKey) -> str | None:
         """``<manifest>.sig`` for ``name`` (a manifest here that validates), else None.
@@ -210,7 +224,7 @@ class ModelDirectory:
                             "size": v.size,
                             "quality": v.quality,
                             "quality_source": v.quality_source,
-                            "hosted": bool(self.resolve(v.file)) or bool(v.urls),
+                            "hosted": _hosted(self, v),
                         }
                         for v in model.variants
                     ],
@@ -248,9 +262,9 @@ class ModelDirectory:
         real = Path(os.path.realpath(path))
         return next((r for r in self.source_roots if real == r or real.is_relative_to(r)), None)
 
-    def folder_files(self, folder: str) -> list[Path]:
-        """The GGUF files of ``folder``, resolved; RequestError unless the folder and each
-        file lie inside a source root after symlinks and ".." are resolved."""
+    def folder_files(self, folder: str) -> list[tuple[str, Path]]:
+        """The GGUF files of ``folder`` (name, resolved path); RequestError unless the folder
+        and each file lie inside a source root after symlinks and ".." are resolved."""
         if not self.source_roots:
             raise RequestError("model_dir: this controller builds from no folders "
                                "(fleet.publish_roots is empty)", field="model_dir")
@@ -283,7 +297,7 @@ class ModelDirectory:
         if len(files) > MAX_BUILD_FILES:
             raise RequestError(f"model_dir: more than {MAX_BUILD_FILES} GGUF files",
                                field="model_dir")
-        return [self._host(name, target) for name, target in files]
+        return files
 
     def _host(self, name: str, target: Path) -> Path:
         """``target`` served here as ``name``: a symlink to it, or the file already there when
@@ -315,7 +329,21 @@ class ModelDirectory:
         return paths
 
     def build_from_folder(self, name: str, folder: str) -> Path:
-        return self._build(name, self.folder_files(folder))
+        """Host the folder's files here (symlinks) and build; a build that fails takes back
+        the links it made, so no file is served without the manifest that lists it."""
+        made: list[Path] = []
+        try:
+            hosted = []
+            for file_name, target in self.folder_files(folder):
+                existed = (self.root / file_name).is_symlink() or (self.root / file_name).exists()
+                hosted.append(self._host(file_name, target))
+                if not existed:
+                    made.append(hosted[-1])
+            return self._build(name, hosted)
+        except BaseException:
+            for link in made:
+                link.unlink(missing_ok=True)
+            raise
 
     def build_from_uploads(self, name: str, files: list[str]) -> Path:
         return self._build(name, self.uploaded_files(files))

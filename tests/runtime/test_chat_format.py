@@ -131,6 +131,9 @@ def test_manifest_chat_format_is_a_name_never_a_path(gemma_dir):
         parse_manifest(json.dumps(document))
     assert refused.value.code == "manifest_invalid"
     assert "models[0].chat_format" in str(refused.value)
+    document["models"][0]["chat_format"] = "evil.jinja"  # a name the worker would open
+    with pytest.raises(ManifestError, match="not a template file"):
+        parse_manifest(json.dumps(document))
     document["models"][0]["chat_format"] = "gemma"
     document["models"][0]["variants"][1]["chat_format"] = "chat\nml"
     with pytest.raises(ManifestError, match=r"models\[0\]\.variants\[1\]\.chat_format"):
