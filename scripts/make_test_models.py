@@ -45,6 +45,7 @@ from pathlib import Path
 import llama_cpp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's agent package
+from agent.catalog import build
 from agent.errors import ModelLoadError
 from agent.runtime.quality import Measurement, measure_quality, output_tail
 
@@ -333,22 +334,12 @@ def main() -> int:
              if key in current or (key.startswith(f"{BUILD}|") and key.split("|")[-3] not in names)}
     cache_path.write_text(json.dumps(cache, indent=1))
 
-    variants = []
-    for quant in quants:
-        target, key = files[quant]
-        variant = {
-            "quant": quant,
-            "file": target.name,
-            "size": target.stat().st_size,
-            "sha256": cache[key]["sha256"],
-            "urls": [f"{args.base_url.rstrip('/')}/{target.name}"] if args.base_url else [],
-            "quality": cache[key]["quality"],
-        }
-        variants.append(variant)
-    manifest = {
-        "schema": 1,
-        "models": [{"id": MODEL_ID, "family": "llama", "variants": variants}],
-    }
+    # The manifest comes from `edge-agent manifest build`'s own code, as a user's would, with
+    # the qualities measured above (the build reads each header and streams each sha256).
+    inspected = build.combine_parts([build.inspect_part(str(files[q][0])) for q in quants])
+    manifest = build.build_manifest(
+        inspected, model_id=MODEL_ID, url_base=args.base_url,
+        measured={cache[key]["sha256"]: cache[key]["quality"] for _, key in files.values()})
     manifest_path = out / "manifest.json"
     partial = manifest_path.with_suffix(".part")
     partial.write_text(json.dumps(manifest, indent=2) + "\n")
