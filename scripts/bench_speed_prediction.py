@@ -12,10 +12,9 @@
    (the table shows that context).
 
 Prints a table; writes artifacts/bench_speed_prediction.json. Target: within ±20 % after
-calibration. Run it under the test lock on a shared machine:
+calibration. Run it on an otherwise idle machine (it measures decode speed):
 
-    flock /tmp/edge-agent-test.lock env EDGE_TEST_LOCK_HELD=1 \\
-        ~/.cache/edge-agent/venv/bin/python scripts/bench_speed_prediction.py
+    ~/.cache/edge-agent/venv/bin/python scripts/bench_speed_prediction.py
 """
 
 from __future__ import annotations

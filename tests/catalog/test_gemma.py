@@ -140,6 +140,7 @@ def test_the_picks_on_a_budget_matrix_are_the_oracle_of_measured_footprints(gemm
             oracle = max(fitting, key=lambda v: (v.quality, -v.size)).quant if fitting else None
             assert (picked.quant if picked else None) == oracle, (n_ctx, budget / MiB, peaks)
             picks.add(oracle)
-    # The matrix crosses the footprints that matter: nothing fits, only the Q4_K_M (the smaller
-    # files Q3_K_M and Q2_K need more, and are worse), and the best (Q8_0).
-    assert picks == {None, "Q4_K_M", "Q8_0"}
+    # The matrix crosses the footprints that matter: nothing fits, and at least two variants
+    # (on this x86_64 build Q4_K_M and Q8_0: the CPU repacks the smaller Q3_K_M and Q2_K
+    # files into bigger footprints, so they never win; which ones do depends on the build).
+    assert None in picks and len(picks) >= 3, picks

@@ -188,10 +188,12 @@ def test_a_database_from_before_migrations_is_upgraded_in_place(tmp_path):
 def test_a_rollout_lease_has_one_holder_until_it_expires(registry_location):
     registry = Registry(registry_location)
     registry.insert_rollout("r1", time.time(), '{"manifest": "m.json"}', "running", [])
-    assert registry.take_lease("r1", "ctl-a", 0.5)
-    assert not registry.take_lease("r1", "ctl-b", 0.5)
-    assert registry.take_lease("r1", "ctl-a", 0.5)  # the holder renews
-    time.sleep(0.6)  # ctl-a stops renewing, as a dead controller does
+    assert registry.take_lease("r1", "ctl-a", 30)
+    assert not registry.take_lease("r1", "ctl-b", 30)
+    # The holder renews, for the last time before it dies: a short lease, so that however
+    # slow the machine, only waiting can make it expire.
+    assert registry.take_lease("r1", "ctl-a", 0.05)
+    time.sleep(0.2)
     assert registry.take_lease("r1", "ctl-b", 30)
     assert not registry.take_lease("r1", "ctl-a", 30)  # the old holder cannot take it back
     assert registry.take_lease("r1", "ctl-a", 30, force=True)  # a rollback asked of ctl-a

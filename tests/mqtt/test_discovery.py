@@ -23,7 +23,10 @@ def test_discovery_sensors_read_real_fields(tmp_path, broker, ladder_dir) -> Non
         observer.subscribe("homeassistant/#")
         for topic in (f"{BASE}/telemetry", f"{BASE}/meta", f"{BASE}/status"):
             observer.subscribe(topic)
-        observer.wait_for(lambda m: m.topic == f"{BASE}/telemetry", 30)
+        # Every state topic has a message: a retained one arrives just after its SUBACK, so
+        # a telemetry message can come first.
+        observer.wait_for(lambda m: all(observer.on(f"{BASE}/{kind}")
+                                        for kind in ("telemetry", "meta", "status")), 30)
         configs = [m for m in observer.messages if m.topic.startswith("homeassistant/sensor/")]
         assert {m.topic.rsplit("/", 2)[1] for m in configs} == {"decode_tokens_per_s", "state", "model"}
         assert all(m.retain for m in configs)
