@@ -88,6 +88,14 @@ def ladder_model(ladder_dir: Path):
     return path_of
 
 
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory):
+    """A real Mosquitto shared by one test module's tests (and its module-scoped daemons)."""
+    broker = Broker(tmp_path_factory.mktemp("broker")).start()
+    yield broker
+    broker.stop()
+
+
 @pytest.fixture
 def broker(tmp_path: Path):
     """A fresh mosquitto on a free port, with persistence so restarts keep sessions."""

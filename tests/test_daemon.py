@@ -26,13 +26,6 @@ from tests.support.observer import Observers
 
 
 @pytest.fixture(scope="module")
-def module_broker(tmp_path_factory):
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
 def daemon(tmp_path_factory, module_broker, ladder_dir):
     running = RunningDaemon(tmp_path_factory.mktemp("daemon"), module_broker, ladder_dir).start()
     wait_ready(running)

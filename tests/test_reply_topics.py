@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 
-from tests.support.broker import Broker
 from tests.support.daemon import BASE, RunningDaemon, wait_final, wait_ready
 from tests.support.observer import Observer, Observers
 
@@ -19,15 +18,8 @@ ALLOWED = "edge/v1/app-1/inbox"
 
 
 @pytest.fixture(scope="module")
-def plain_broker(tmp_path_factory):
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, plain_broker, ladder_dir):
-    running = RunningDaemon(tmp_path_factory.mktemp("daemon"), plain_broker, ladder_dir,
+def daemon(tmp_path_factory, module_broker, ladder_dir):
+    running = RunningDaemon(tmp_path_factory.mktemp("daemon"), module_broker, ladder_dir,
                             mqtt={"reply_topics": [f"{ALLOWED}/#"]}).start()
     wait_ready(running)
     yield running
@@ -35,8 +27,8 @@ def daemon(tmp_path_factory, plain_broker, ladder_dir):
 
 
 @pytest.fixture
-def everything(plain_broker, daemon):
-    observers = Observers(plain_broker)
+def everything(module_broker, daemon):
+    observers = Observers(module_broker)
     yield observers.connect("#")
     observers.close()
 

@@ -88,29 +88,21 @@ class FleetClient:
         """Yield the reply's records as they arrive: chunks, then the final record."""
         if "id" in request and not isinstance(request["id"], str):
             raise RequestError("id: must be a string", field="id")
-        with self._open(
-            "POST",
-            f"/api/devices/{quote(device_id, safe='')}/prompt",
-            request,
-            timeout=timeout_s,
-            accept="application/x-ndjson",
-        ) as response:
-            for line in response:
-                if line.strip():
-                    yield json.loads(line)
+        yield from self._records(f"/api/devices/{quote(device_id, safe='')}/prompt", request,
+                                 timeout_s)
 
     def prompt_target(
         self, target: str, request: dict[str, Any], timeout_s: float = 330.0
     ) -> Iterator[dict[str, Any]]:
         """Like prompt(), to a target as /v1 names it: a model id, ``device/<id>`` or
         ``pool/<name>``; the controller picks the device."""
-        with self._open(
-            "POST",
-            "/api/prompt",
-            {**request, "target": target},
-            timeout=timeout_s,
-            accept="application/x-ndjson",
-        ) as response:
+        yield from self._records("/api/prompt", {**request, "target": target}, timeout_s)
+
+    def _records(self, path: str, body: dict[str, Any], timeout_s: float
+                 ) -> Iterator[dict[str, Any]]:
+        """A prompt's NDJSON records, as the controller streams them."""
+        with self._open("POST", path, body, timeout=timeout_s,
+                        accept="application/x-ndjson") as response:
             for line in response:
                 if line.strip():
                     yield json.loads(line)

@@ -16,7 +16,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fleet.conftest import make_config, wait_for
-from tests.support.broker import Broker
 from tests.support.daemon import RunningDaemon, wait_ready
 from tests.support.json_schema import problems
 from tests.support.observer import Observers
@@ -40,16 +39,9 @@ ALERT_SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def plain_broker(tmp_path_factory):
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
-def agents(tmp_path_factory, plain_broker, ladder_dir):
+def agents(tmp_path_factory, module_broker, ladder_dir):
     # One queued request per device, so a few long generations make the whole fleet busy.
-    running = {device: RunningDaemon(tmp_path_factory.mktemp(device), plain_broker, ladder_dir,
+    running = {device: RunningDaemon(tmp_path_factory.mktemp(device), module_broker, ladder_dir,
                                      device_id=device,
                                      mqtt={"pool": POOL, "max_payload_bytes": 65536},
                                      runtime={"queue_size": 1}).start()
@@ -64,10 +56,10 @@ def agents(tmp_path_factory, plain_broker, ladder_dir):
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory, plain_broker, agents):
+def fleet(tmp_path_factory, module_broker, agents):
     from agent.fleet.service import FleetService
 
-    service = FleetService(make_config(tmp_path_factory.mktemp("fleet"), plain_broker)).start()
+    service = FleetService(make_config(tmp_path_factory.mktemp("fleet"), module_broker)).start()
     assert service.controller.mqtt.wait_connected(10)
 
     def both_serving() -> bool:
@@ -274,11 +266,11 @@ def test_failover_when_the_chosen_device_is_killed_before_its_first_token(client
     assert raw.parse().usage.completion_tokens == 3
 
 
-def test_a_reply_record_with_wrong_types_is_a_502_not_a_crash(client, fleet, plain_broker):
+def test_a_reply_record_with_wrong_types_is_a_502_not_a_crash(client, fleet, module_broker):
     """A device (here a hostile one: a plain MQTT client) answers a final whose error is a
     string and whose usage is text: the client gets bad_reply, and the controller serves on."""
     hostile = "dev-hostile"
-    observers = Observers(plain_broker)
+    observers = Observers(module_broker)
     device = observers.connect(f"edge/v1/{hostile}/prompt")
     try:
         # A long telemetry interval: silent, it is still not stale during the test.

@@ -13,7 +13,6 @@ import pytest
 
 from agent.fleet.controller import FleetController
 from tests.fleet.conftest import make_config, wait_for
-from tests.support.broker import Broker
 from tests.support.daemon import RunningDaemon, wait_ready
 from tests.support.observer import Observers
 
@@ -22,15 +21,8 @@ PROMPTS = 3
 
 
 @pytest.fixture(scope="module")
-def plain_broker(tmp_path_factory):
-    broker = Broker(tmp_path_factory.mktemp("broker")).start()
-    yield broker
-    broker.stop()
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory, plain_broker, ladder_dir):
-    running = RunningDaemon(tmp_path_factory.mktemp("agent"), plain_broker, ladder_dir,
+def agent(tmp_path_factory, module_broker, ladder_dir):
+    running = RunningDaemon(tmp_path_factory.mktemp("agent"), module_broker, ladder_dir,
                             device_id=DEVICE).start()
     wait_ready(running)
     yield running
@@ -38,10 +30,10 @@ def agent(tmp_path_factory, plain_broker, ladder_dir):
 
 
 @pytest.fixture
-def controllers(tmp_path, plain_broker, agent):
+def controllers(tmp_path, module_broker, agent):
     started = []
     for name in ("ctl-a", "ctl-b"):
-        config = make_config(tmp_path / name, plain_broker, controller_id=name)
+        config = make_config(tmp_path / name, module_broker, controller_id=name)
         (tmp_path / name).mkdir()
         controller = FleetController(config).start()
         assert controller.mqtt.wait_connected(10)
@@ -66,9 +58,9 @@ def ask(controller: FleetController, request_id: str, *, stream: bool) -> list[d
     return got
 
 
-def test_each_controller_receives_only_the_replies_it_asked_for(controllers, plain_broker):
+def test_each_controller_receives_only_the_replies_it_asked_for(controllers, module_broker):
     first, second = controllers
-    everything = Observers(plain_broker)
+    everything = Observers(module_broker)
     seen = everything.connect("edge/v1/reply/#")
     try:
         wait_for(lambda: DEVICE in first.registry.devices and DEVICE in second.registry.devices,
