@@ -8,7 +8,8 @@ server, with an API token as its Bearer key. ``model`` says where a request goes
   since), then the highest measured decode tok/s. When that device answers ``busy``, or goes
   away before its first token, the request goes to the next one;
 - ``device/<id>``: that device only;
-- ``pool/<name>``: the pool's shared subscription; the broker gives it to one member.
+- ``pool/<name>``: the pool's shared subscription; the broker gives it to one member (503 at
+  once when no member is ready: the broker would otherwise hold it until the timeout).
 
 The device's MQTT records become OpenAI's shapes: with ``stream``, SSE ``chat.completion.chunk``
 (or ``text_completion``) events ending with ``data: [DONE]``, else one JSON object. Nothing goes
@@ -57,6 +58,7 @@ BUSY_RETRY_AFTER_S = 1
 SERVING_STATES = frozenset({"ready", "busy"})  # effective states that take prompts
 GONE_STATES = frozenset({"lost", "stopped", "draining", "degraded"})  # reported by the device
 FINISH_REASONS = frozenset({"stop", "length"})
+MAX_BUFFERED_RECORDS = 4096  # per reply, waiting for its client; each is at most one MQTT payload
 
 STATUS = {
     "bad_request": 400, "too_long": 400, "bad_grammar": 400, "unauthorized": 401,
@@ -277,6 +279,10 @@ class Router:
             else:
                 self._sent.pop(device_id, None)
 
+    def pool_states(self, pool: str) -> set[str]:
+        """The effective states of the pool's members."""
+        return {row["state"] for row in self.rows() if row["pool"] == pool}
+
     def servable(self) -> list[dict[str, Any]]:
         """/v1/models: each model id, device and pool that takes a prompt now."""
         counts: dict[str, int] = {}
@@ -295,16 +301,34 @@ class Router:
 
 
 class _Exchange:
-    """One prompt on one device (or pool): its records, handed from the dispatch thread."""
+    """One prompt on one device (or pool): its records, handed from the dispatch thread.
+
+    At most MAX_BUFFERED_RECORDS wait for a client that reads slower than the device writes
+    (or not at all): past that the reply ends with ``bad_reply`` and later records are
+    dropped, so a device that floods one reply cannot grow the controller's memory."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.device: str | None = None  # None for a pool: the broker picks the device
+        self.pool: str | None = None
         self.records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.sent: SentPrompt | None = None
+        self._ended = False  # the loop's: a final is queued, nothing more goes in
 
     def put(self, record: dict[str, Any]) -> None:  # the dispatch thread
-        self.loop.call_soon_threadsafe(self.records.put_nowait, checked_record(record))
+        self.loop.call_soon_threadsafe(self._queue, checked_record(record))
+
+    def _queue(self, record: dict[str, Any]) -> None:  # the loop
+        if self._ended:
+            return
+        if self.records.qsize() >= MAX_BUFFERED_RECORDS - 1 and not record.get("done"):
+            log.warning("reply_overflow", device=self.device, pool=self.pool,
+                        buffered=self.records.qsize())
+            record = {"done": True, "error": {"code": "bad_reply", "message": (
+                f"the device sent more than {MAX_BUFFERED_RECORDS} records ahead of the "
+                "client; the rest of the reply was dropped")}}
+        self._ended = bool(record.get("done"))
+        self.records.put_nowait(record)
 
 
 class OpenAIAPI:
@@ -450,6 +474,8 @@ class OpenAIAPI:
         a fresh id for each device tried."""
         request = {**body, "id": uuid.uuid4().hex}
         if target.kind == "pool":
+            self._check_pool(target.name)
+            exchange.pool = target.name
             exchange.sent = self.controller.send_pool_prompt(target.name, request, exchange.put)
             return
         device = self._pick(target, tried)
@@ -482,6 +508,16 @@ class OpenAIAPI:
             raise APIError("no_model", f"no device with {target.name!r} is ready now")
         raise APIError("model_not_found", f"model: no device has {target.name!r}; "
                        "GET /v1/models lists what is servable", param="model")
+
+    def _check_pool(self, pool: str) -> None:
+        """APIError unless a member of ``pool`` takes prompts now: with none, the broker would
+        hold the prompt and the client would wait for the timeout."""
+        states = self.router.pool_states(pool)
+        if not states:
+            raise APIError("model_not_found", f"model: no device is in pool {pool!r}",
+                           param="model")
+        if not states & SERVING_STATES:
+            raise APIError("no_model", f"no member of pool {pool!r} is ready now")
 
     @staticmethod
     def _refusal(target: Target, code: str, first: dict[str, Any] | None) -> APIError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 from tests.fleet.conftest import make_config, wait_for
 from tests.support.daemon import RunningDaemon, wait_ready
 from tests.support.json_schema import problems
-from tests.support.observer import Observers
+from tests.support.observer import Observer, Observers
 
 MODEL = "smollm2-135m-instruct"
 POOL = "oapool"
@@ -82,6 +83,19 @@ def idle(fleet) -> None:
     """Wait until no device reports queued work (routing reads the queue from telemetry)."""
     wait_for(lambda: all(not row["queue_depth"] for row in fleet.web.openai.router.rows()
                          if row["id"] in DEVICES), 60, "idle devices")
+
+
+def fake_device(observers: Observers, fleet, device_id: str, state: str, **meta) -> Observer:
+    """A plain MQTT client that the controller takes for a device in ``state``."""
+    device = observers.connect(f"edge/v1/{device_id}/prompt")
+    # A long telemetry interval: silent, it is still not stale during the test.
+    device.publish(f"edge/v1/{device_id}/meta", json.dumps(
+        {"device_id": device_id, "telemetry_interval_s": 3600, **meta}).encode())
+    device.publish(f"edge/v1/{device_id}/status", json.dumps(
+        {"state": state, "session": 1, "ts": time.time(), "version": "0.1.0"}).encode())
+    wait_for(lambda: any(row["id"] == device_id and row["state"] == state
+                         for row in fleet.web.openai.router.rows()), 30, f"{device_id} {state}")
+    return device
 
 
 def test_models_lists_what_is_servable_now_with_device_counts(client):
@@ -248,38 +262,13 @@ def test_429_with_retry_after_when_every_device_is_busy(client, fleet):
     assert busy == set(DEVICES)
 
 
-def test_failover_when_the_chosen_device_is_killed_before_its_first_token(client, fleet, agents):
-    idle(fleet)
-    router = fleet.web.openai.router
-    first, _ = router.claim(MODEL, frozenset())  # where the next request goes
-    router.end(first)
-    survivor = next(device for device in DEVICES if device != first)
-    # SIGKILL: the device's status stays `ready` in the registry until its Will arrives
-    # (will_delay_s), so the request goes to it, is never answered, and fails over then.
-    agents[first].stop(signal.SIGKILL)
-    with capture_logs() as logs:
-        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO,
-                                                              max_tokens=3, temperature=0)
-    failovers = [entry for entry in logs if entry["event"] == "openai_failover"]
-    assert [(entry["device"], entry["why"]) for entry in failovers] == [(first, "gone")]
-    assert raw.headers["x-edge-device"] == survivor
-    assert raw.parse().usage.completion_tokens == 3
-
-
 def test_a_reply_record_with_wrong_types_is_a_502_not_a_crash(client, fleet, module_broker):
     """A device (here a hostile one: a plain MQTT client) answers a final whose error is a
     string and whose usage is text: the client gets bad_reply, and the controller serves on."""
     hostile = "dev-hostile"
     observers = Observers(module_broker)
-    device = observers.connect(f"edge/v1/{hostile}/prompt")
+    device = fake_device(observers, fleet, hostile, "ready")
     try:
-        # A long telemetry interval: silent, it is still not stale during the test.
-        device.publish(f"edge/v1/{hostile}/meta", json.dumps(
-            {"device_id": hostile, "telemetry_interval_s": 3600}).encode())
-        device.publish(f"edge/v1/{hostile}/status", json.dumps(
-            {"state": "ready", "session": 1, "ts": time.time(), "version": "0.1.0"}).encode())
-        wait_for(lambda: any(row["id"] == hostile and row["state"] == "ready"
-                             for row in fleet.web.openai.router.rows()), 30, "the hostile device")
         answers = [{"done": True, "error": "boom"},
                    {"done": True, "text": "x", "usage": {"prompt_tokens": "many"}}]
 
@@ -310,3 +299,88 @@ def test_a_reply_record_with_wrong_types_is_a_502_not_a_crash(client, fleet, mod
         device.publish(f"edge/v1/{hostile}/status", json.dumps(
             {"state": "stopped", "session": 1, "ts": time.time(), "version": "0.1.0"}).encode())
         observers.close()
+
+
+def test_a_pool_with_no_ready_member_is_503_at_once_and_an_unknown_pool_404(fleet, credentials,
+                                                                             module_broker):
+    """Without the check the broker holds a prompt for a pool nobody serves, and the client
+    waits out the device timeout (minutes) for a 504."""
+    quick = openai.OpenAI(base_url=f"{fleet.url}/v1", api_key=credentials.token, max_retries=0,
+                          timeout=20)
+    observers = Observers(module_broker)
+    try:
+        fake_device(observers, fleet, "ghost-1", "stopped", pool="ghostpool")
+        with pytest.raises(openai.APIStatusError) as unserved:
+            quick.chat.completions.create(model="pool/ghostpool", messages=HELLO, max_tokens=2)
+        assert unserved.value.status_code == 503 and unserved.value.body["code"] == "no_model"
+        with pytest.raises(openai.NotFoundError) as unknown:
+            quick.chat.completions.create(model="pool/nobody", messages=HELLO, max_tokens=2)
+        assert unknown.value.body["code"] == "model_not_found"
+    finally:
+        observers.close()
+
+
+def test_a_device_flooding_a_reply_to_a_client_that_does_not_read_is_cut_off(fleet, credentials,
+                                                                             module_broker):
+    """A hostile device answers one streamed request with far more records than the client
+    reads: the controller keeps at most MAX_BUFFERED_RECORDS of them, ends the reply with
+    bad_reply, and drops the rest, instead of holding the whole flood in memory."""
+    from agent.fleet.openai_api import MAX_BUFFERED_RECORDS
+
+    hostile = "dev-flood"
+    flood = MAX_BUFFERED_RECORDS * 8  # 1 KiB each: far past what the kernel's buffers take
+    observers = Observers(module_broker)
+    device = fake_device(observers, fleet, hostile, "ready")
+    body = json.dumps({"model": f"device/{hostile}", "stream": True, "max_tokens": 4,
+                       "messages": HELLO}).encode()
+    host, port = fleet.url.removeprefix("http://").split(":")
+    reader = socket.create_connection((host, int(port)), timeout=60)
+    try:
+        with capture_logs() as logs:
+            reader.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                           b"Authorization: Bearer " + credentials.token.encode() + b"\r\n"
+                           b"Content-Type: application/json\r\nConnection: close\r\n"
+                           b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            topic = f"edge/v1/{hostile}/prompt"
+            prompt = device.wait_for(lambda m: m.topic == topic, timeout=30)
+            asked = json.loads(prompt.payload)
+            delta = "x" * 1024
+            for _ in range(flood):  # the client reads nothing meanwhile
+                device.publish(asked["reply_to"], json.dumps(
+                    {"id": asked["id"], "delta": delta}).encode(),
+                    correlation_data=prompt.correlation_data)
+            device.publish(asked["reply_to"], json.dumps(
+                {"id": asked["id"], "done": True, "text": "", "finish_reason": "stop"}).encode(),
+                correlation_data=prompt.correlation_data)
+            wait_for(lambda: any(entry["event"] == "reply_overflow" for entry in logs), 60,
+                     "the controller cutting the reply off")
+        received = bytearray()
+        while chunk := reader.recv(1 << 20):
+            received += chunk
+    finally:
+        reader.close()
+        device.publish(f"edge/v1/{hostile}/status", json.dumps(
+            {"state": "stopped", "session": 1, "ts": time.time(), "version": "0.1.0"}).encode())
+        observers.close()
+    events = [line[6:] for line in received.decode().split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "bad_reply"
+    assert MAX_BUFFERED_RECORDS // 2 < len(events) < flood // 2
+
+
+def test_failover_when_the_chosen_device_is_killed_before_its_first_token(client, fleet, agents):
+    idle(fleet)
+    router = fleet.web.openai.router
+    first, _ = router.claim(MODEL, frozenset())  # where the next request goes
+    router.end(first)
+    survivor = next(device for device in DEVICES if device != first)
+    # SIGKILL: the device's status stays `ready` in the registry until its Will arrives
+    # (will_delay_s), so the request goes to it, is never answered, and fails over then.
+    agents[first].stop(signal.SIGKILL)
+    with capture_logs() as logs:
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO,
+                                                              max_tokens=3, temperature=0)
+    failovers = [entry for entry in logs if entry["event"] == "openai_failover"]
+    assert [(entry["device"], entry["why"]) for entry in failovers] == [(first, "gone")]
+    assert raw.headers["x-edge-device"] == survivor
+    assert raw.parse().usage.completion_tokens == 3
