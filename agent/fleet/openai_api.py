@@ -300,19 +300,17 @@ class Router:
                  "devices": count} for name, count in sorted(counts.items())]
 
 
-class _Exchange:
-    """One prompt on one device (or pool): its records, handed from the dispatch thread.
+class ReplyBuffer:
+    """One reply's records, handed from the dispatch thread to the loop.
 
     At most MAX_BUFFERED_RECORDS wait for a client that reads slower than the device writes
     (or not at all): past that the reply ends with ``bad_reply`` and later records are
     dropped, so a device that floods one reply cannot grow the controller's memory."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, source: str) -> None:
         self.loop = loop
-        self.device: str | None = None  # None for a pool: the broker picks the device
-        self.pool: str | None = None
+        self.source = source  # for the log: the device or pool asked
         self.records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.sent: SentPrompt | None = None
         self._ended = False  # the loop's: a final is queued, nothing more goes in
 
     def put(self, record: dict[str, Any]) -> None:  # the dispatch thread
@@ -322,13 +320,21 @@ class _Exchange:
         if self._ended:
             return
         if self.records.qsize() >= MAX_BUFFERED_RECORDS - 1 and not record.get("done"):
-            log.warning("reply_overflow", device=self.device, pool=self.pool,
-                        buffered=self.records.qsize())
+            log.warning("reply_overflow", source=self.source, buffered=self.records.qsize())
             record = {"done": True, "error": {"code": "bad_reply", "message": (
                 f"the device sent more than {MAX_BUFFERED_RECORDS} records ahead of the "
                 "client; the rest of the reply was dropped")}}
         self._ended = bool(record.get("done"))
         self.records.put_nowait(record)
+
+
+class _Exchange(ReplyBuffer):
+    """One prompt on one device (or pool), and what routing it took."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, target: str) -> None:
+        super().__init__(loop, target)
+        self.device: str | None = None  # None for a pool: the broker picks the device
+        self.sent: SentPrompt | None = None
 
 
 class OpenAIAPI:
@@ -451,7 +457,7 @@ class OpenAIAPI:
         loop = asyncio.get_running_loop()
         tried: dict[str, str] = {}  # device -> why it was left: busy | gone
         while True:
-            exchange = _Exchange(loop)
+            exchange = _Exchange(loop, f"{target.kind}/{target.name}")
             try:
                 await run_in_threadpool(self._send, exchange, target, body, tried)
                 first = await self._first(exchange)
@@ -475,10 +481,10 @@ class OpenAIAPI:
         request = {**body, "id": uuid.uuid4().hex}
         if target.kind == "pool":
             self._check_pool(target.name)
-            exchange.pool = target.name
             exchange.sent = self.controller.send_pool_prompt(target.name, request, exchange.put)
             return
         device = self._pick(target, tried)
+        exchange.source = f"device/{device}"
         try:
             exchange.sent = self.controller.send_prompt(device, request, exchange.put)
         except BaseException:

@@ -54,7 +54,7 @@ from agent.fleet.auth import Authenticator, FailureLimiter, Session
 from agent.fleet.controller import FleetController
 from agent.fleet.hosting import MAX_BUILD_FILES, ModelDirectory
 from agent.fleet.metrics import render_metrics
-from agent.fleet.openai_api import OpenAIAPI
+from agent.fleet.openai_api import OpenAIAPI, ReplyBuffer
 from agent.fleet.registry import telemetry_point
 from agent.fleet.schemas import Candidates
 from agent.fleet.rollout import RolloutSpec
@@ -683,12 +683,9 @@ class FleetWeb:
         body = await self._json_body(request)
         sse = "text/event-stream" in request.headers.get("accept", "")
         loop = asyncio.get_running_loop()
-        records: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        reply = ReplyBuffer(loop, f"device/{device_id}")
         # Validates and publishes (paho may block on a full queue): a thread, not the loop.
-        sent = await run_in_threadpool(
-            self.controller.send_prompt, device_id, body,
-            lambda record: loop.call_soon_threadsafe(records.put_nowait, record),
-        )
+        sent = await run_in_threadpool(self.controller.send_prompt, device_id, body, reply.put)
         request_id = sent.request_id
         deadline = min(_seconds(body, "timeout_s", 300.0), 86400.0) + PROMPT_GRACE_S
 
@@ -697,7 +694,8 @@ class FleetWeb:
                 end = loop.time() + deadline
                 while True:
                     try:
-                        record = await asyncio.wait_for(records.get(), max(0.1, end - loop.time()))
+                        record = await asyncio.wait_for(reply.records.get(),
+                                                        max(0.1, end - loop.time()))
                     except asyncio.TimeoutError:
                         record = {
                             "id": request_id,
