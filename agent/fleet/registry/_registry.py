@@ -67,7 +67,9 @@ REJECTION_EVENT_EVERY_S = 10.0  # at most one rejected_input event per device an
 # Shared database: how far back ``refresh_shared`` looks past the newest row it has seen, so a
 # row another controller committed late (its batch took a while) is still picked up.
 REFRESH_OVERLAP_S = 5.0
-SAMPLE_COLUMNS = ("device_id", "ts", *TELEMETRY_FIELDS)
+SAMPLE_COLUMNS = ("device_id", "ts", *TELEMETRY_FIELDS, "state")
+# The fleet chart's states: what telemetry says; a sample with any other is counted as "other".
+CHART_STATES = ("starting", "ready", "busy", "degraded", "draining")
 
 
 def pick(source: dict[str, Any] | None, names: Iterable[str]) -> Any:
@@ -366,7 +368,7 @@ class Registry:
                     # period (and at shutdown), which keeps the write rate per device bounded.
                     record.last_sample_ts = sent
                     point = telemetry_point(body)
-                    samples.append((record.id, sent, *point.values()))
+                    samples.append((record.id, sent, *point.values(), body.get("state")))
                     seen_rows[record.id] = (
                         record.id,
                         record.first_seen,
@@ -592,6 +594,33 @@ class Registry:
             (device_id, since, limit),
         )
         return rows[::-1]
+
+    def fleet_history(self, since: float, bucket_s: int) -> list[dict[str, Any]]:
+        """The whole fleet over time from the stored telemetry samples (every controller's, so
+        the same answer from any of them): per ``bucket_s`` bucket from ``since``, how many
+        devices reported each state and their summed decode tok/s (each device's mean over
+        the bucket). One row per bucket and state, so the answer is bounded by the buckets
+        asked for, not by the fleet; the query reads the samples in the window once."""
+        rows = self.backend.query(
+            # CAST(ts AS BIGINT) / n is integer division on both databases (SQLite truncates
+            # the cast, PostgreSQL rounds it: a sample within half a second of a bucket's edge
+            # may fall in the neighbouring bucket, nothing is lost or counted twice).
+            "SELECT bucket, state, COUNT(*) AS devices, SUM(tps) AS decode_tps FROM ("
+            " SELECT CAST(ts AS BIGINT) / ? AS bucket, device_id, MAX(state) AS state,"
+            " AVG(decode_tps) AS tps FROM telemetry WHERE ts >= ? GROUP BY 1, 2) AS per_device"
+            " GROUP BY 1, 2 ORDER BY 1",
+            (bucket_s, since),
+        )
+        buckets: dict[int, dict[str, Any]] = {}
+        for row in rows:
+            entry = buckets.setdefault(
+                int(row["bucket"]),
+                {"ts": int(row["bucket"]) * bucket_s, "counts": {}, "decode_tps": 0.0},
+            )
+            state = row["state"] if row["state"] in CHART_STATES else "other"
+            entry["counts"][state] = entry["counts"].get(state, 0) + int(row["devices"])
+            entry["decode_tps"] += float(row["decode_tps"] or 0.0)
+        return list(buckets.values())
 
     def events(
         self, device_id: str | None = None, after_id: int = 0, limit: int = 50

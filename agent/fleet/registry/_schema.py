@@ -116,6 +116,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE rollouts ADD COLUMN lease_expires DOUBLE PRECISION",
         ),
     ),
+    Migration(
+        3,
+        "telemetry samples keep the state the device reported (the fleet chart)",
+        ("ALTER TABLE telemetry ADD COLUMN state TEXT",),
+    ),
 )
 
 
