@@ -221,8 +221,30 @@ class LogConfig(_Section):
     json: bool | None = None  # None: JSON when stderr is not a TTY
 
 
+MAX_LABELS = 16
+# A label key or value: one safe word, so it is the same in YAML, a topic payload, a filter
+# (agent.fleet.inventory) and an HTML attribute, and a device cannot grow its meta with it.
+LABEL_WORD = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_LABEL_WORD = re.compile(LABEL_WORD)
+
+
+def labels_problem(labels: dict[str, str]) -> str | None:
+    """What is wrong with a labels mapping (agent config, device meta), or None."""
+    if len(labels) > MAX_LABELS:
+        return f"at most {MAX_LABELS} labels, not {len(labels)}"
+    for key, value in labels.items():
+        for what, word in (("key", key), ("value", value)):
+            if not _LABEL_WORD.fullmatch(word):
+                return (f"{what} {word[:80]!r} must be one word of letters, digits and '_.-' "
+                        "(at most 64, starting with a letter or digit)")
+    return None
+
+
 class AgentConfig(_Section):
     device_id: str = msgspec.field(default_factory=lambda: socket.gethostname())
+    # Inventory labels ({site: store-12, role: kiosk}): reported in meta, targeted by rollouts
+    # and the fleet table's filter (label:site=store-12). A number is kept as its text.
+    labels: dict[str, str | int] = {}
     state_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir()))
     cache_dir: str = msgspec.field(default_factory=lambda: str(default_cache_dir() / "models"))
     mqtt: MQTTConfig = msgspec.field(default_factory=MQTTConfig)
@@ -239,6 +261,10 @@ class AgentConfig(_Section):
         problem = device_id_problem(self.device_id)
         if problem:
             raise ValueError(f"device_id: {problem}")
+        self.labels = {key: str(value) for key, value in self.labels.items()}
+        problem = labels_problem(self.labels)
+        if problem:
+            raise ValueError(f"labels: {problem}")
 
 
 T = TypeVar("T", bound=msgspec.Struct)

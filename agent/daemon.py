@@ -407,6 +407,7 @@ class Daemon:
             "problem": self.problem,
             "runtime": msgspec.to_builtins(self.device.llama) if self.device and self.device.llama else None,
             "pool": self.config.mqtt.pool,
+            "labels": self.config.labels,  # inventory labels, for rollout targets and filters
             "protocol": self.config.mqtt.protocol,
             "signing": self._signing_meta(),
         }

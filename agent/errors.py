@@ -18,6 +18,8 @@ stable machine-readable ``code`` and a message that says what to do::
     │   ├── TooLongError       too_long           the prompt does not fit the context
     │   ├── TooLargeError      too_large          an upload is larger than the controller takes
     │   ├── GrammarError       bad_grammar        a grammar or JSON schema cannot constrain the reply
+    │   ├── FilterError        bad_filter         an inventory filter (rollout target, fleet table)
+    │   │                                         does not parse or names an unknown key
     │   └── UnknownOpError     unknown_op         a cmd names an op the agent does not have
     ├── BusyError              busy               the request queue is full
     ├── RateLimitedError       rate_limited       too many failed logins/tokens from one address
@@ -137,6 +139,12 @@ class TooLargeError(RequestError):
 
 class GrammarError(RequestError):
     code = "bad_grammar"
+
+
+class FilterError(RequestError):
+    """``at``: the character offset in the filter where it went wrong."""
+
+    code = "bad_filter"
 
 
 class UnknownOpError(RequestError):

@@ -74,3 +74,33 @@ def test_tool_variables_are_not_config_keys(tmp_path: Path) -> None:
     assert load_config(None, env=env).mqtt.host == "localhost"
     with pytest.raises(ConfigError, match="hsot"):
         load_config(None, env={"EDGE_AGENT_MQTT__HSOT": "broker.lan"})
+
+
+def test_labels_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "labels:\n  site: store-12\n  role: kiosk\n  rack: 3\n")
+    config = load_config(path, env={"EDGE_AGENT_LABELS__ROLE": "till"})
+    assert config.labels == {"site": "store-12", "role": "till", "rack": "3"}
+    assert load_config(None, env={}).labels == {}
+
+
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        ("{site: store 12}", "'store 12'"),  # a space: not one word
+        ("{site: 'a/b'}", "'a/b'"),
+        ("{'': x}", "key ''"),
+        ("{site: ''}", "value ''"),
+        ("{-site: x}", "'-site'"),
+        ("{site: " + "x" * 65 + "}", "at most 64"),
+        ("{" + ", ".join(f"k{n}: v" for n in range(17)) + "}", "at most 16 labels"),
+        ("{site: [a, b]}", "labels"),
+        ("{site: true}", "labels"),
+        ("[site]", "labels"),
+    ],
+)
+def test_bad_labels_name_the_key_and_the_file(tmp_path: Path, labels: str, says: str) -> None:
+    path = write(tmp_path, f"labels: {labels}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert str(path) in err.value.message
+    assert "labels" in err.value.message and says in err.value.message

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agent.config import LABEL_WORD, MAX_LABELS
 from agent.errors import RequestError
 
 MAX_DEPTH = 32  # nesting of any accepted object: deep enough for every real payload
@@ -28,6 +29,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Real = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
 Timestamp = Annotated[float, msgspec.Meta(ge=0, le=1e11)]  # Unix seconds, until year 5138
 Names = Annotated[list[Name], msgspec.Meta(max_length=512)]
+LabelWord = Annotated[str, msgspec.Meta(pattern=rf"\A{LABEL_WORD}\Z")]
 
 
 class _Tolerant(msgspec.Struct, kw_only=True):
@@ -69,6 +71,7 @@ class MemoryFacts(_Tolerant):
     total_bytes: Count | None = None
     available_bytes: Count | None = None
     budget_bytes: Count | None = None
+    cgroup_limit_bytes: Count | None = None
 
 
 class GPUFacts(_Tolerant):
@@ -138,6 +141,12 @@ class SelectionFacts(_Tolerant):
     manifest_url: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     candidates: Candidates = []
     variants: Annotated[list[Name], msgspec.Meta(max_length=256)] = []
+    profile: Name | None = None
+
+
+class ProfileFacts(_Tolerant):
+    name: Name | None = None
+    reasons: Annotated[list[Text], msgspec.Meta(max_length=64)] = []
 
 
 class Meta(_Tolerant):
@@ -155,6 +164,8 @@ class Meta(_Tolerant):
     manifest: Annotated[str, msgspec.Meta(max_length=4096)] | None = None  # read by rollouts
     pin: Name | None = None
     telemetry_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
+    profile: ProfileFacts | None = None
+    labels: Annotated[dict[LabelWord, LabelWord], msgspec.Meta(max_length=MAX_LABELS)] = {}
 
 
 # --- telemetry: what agent.daemon._telemetry publishes ----------------------------------------

@@ -76,6 +76,7 @@ MAX_JSON_BODY_BYTES = MAX_MANIFEST_BYTES + 64 * 1024
 PROMPT_GRACE_S = 30.0  # on top of the request's own timeout, for queueing on the device
 HTTP_STATUS = {
     "bad_request": 400,
+    "bad_filter": 400,
     "too_long": 400,
     "unknown_op": 400,
     "manifest_invalid": 400,
