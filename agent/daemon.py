@@ -3,7 +3,7 @@
 Start order (``Daemon.run``; stop runs it backwards in ``Daemon._shutdown``):
 
 1. state: the session counter, command overrides (pin, manifest) and the last good Selection,
-   all in ``state_dir``
+   all in ``state_dir`` (agent.daemon_state)
 2. MQTT client with its Will (``lost``, same session, after the Will Delay); connects in the
    background so ``starting`` and download progress are visible while the model loads
 3. probe → match profile → load manifest → select (agent.catalog.select.plan_selection);
@@ -29,7 +29,10 @@ Threads, and what each owns (one model: threads that talk through queues and one
   messages after each connect; hands slow commands to ``ops``. It waits on the worker for
   each prompt's token count (Engine.submit's round trip, at most COUNT_TIMEOUT_S), never on a
   generation or a model change.
-- ``ops``: owns model changes (reload, select, fetch, bench, pin, set_manifest), one at a time.
+- ``ops``: owns model changes (reload, select, fetch, bench, pin, set_manifest) and agent
+  upgrades (agent.upgrade), one at a time.
+- ``upgrades``: closes a new version's trial once healthy, or asks for an exit at its
+  deadline; reports the last upgrade's outcome; then ends (agent.upgrade.AgentUpgrades.watch).
 - ``telemetry``: one message every ``telemetry.interval_s`` after a jittered start, waiting
   on ``stop_event.wait(interval)`` so shutdown is immediate.
 - the engine's threads call ``_on_record`` (chunks from the worker's frame-reader thread,
@@ -42,8 +45,6 @@ This module decides and wires; it must not parse payloads (agent.mqtt.payloads),
 
 from __future__ import annotations
 
-import json
-import os
 import queue
 import random
 import signal
@@ -65,6 +66,7 @@ from agent.catalog.select import plan_selection
 from agent.catalog.selection import Selection
 from agent.catalog.signing import key_id
 from agent.config import AgentConfig, read_secret
+from agent.daemon_state import DaemonState
 from agent.errors import (
     BusyError,
     CancelledError_,
@@ -83,6 +85,7 @@ from agent.mqtt.idempotency import RecentRequests
 from agent.notify import Notifier
 from agent.runtime.engine import Engine
 from agent.runtime.request import ChatMessage, GenerateRequest
+from agent.upgrade import AgentUpgrades
 
 log = get_logger(__name__)
 
@@ -110,54 +113,6 @@ class ReplyRoute:
     correlation_data: bytes | None = None
 
 
-class DaemonState:
-    """What the daemon keeps in ``state_dir`` between runs. Small JSON files, replaced by a
-    rename so a reader sees the old file or the new one; not fsynced, so a power cut can
-    lose the last write."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = state_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def next_session(self) -> int:
-        """A counter bumped at every start; a controller ignores a ``lost`` older than it saw."""
-        path = self.dir / "mqtt-session"
-        try:
-            current = int(path.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            current = 0
-        self._write(path, str(current + 1))
-        return current + 1
-
-    def overrides(self) -> dict[str, Any]:
-        """``pin`` and ``manifest`` set by commands; they win over the config file."""
-        try:
-            data = json.loads((self.dir / "overrides.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def set_override(self, key: str, value: Any) -> None:
-        data = self.overrides()
-        data[key] = value
-        self._write(self.dir / "overrides.json", json.dumps(data))
-
-    def last_good_selection(self) -> Selection | None:
-        try:
-            return msgspec.json.decode((self.dir / "selection.json").read_bytes(), type=Selection)
-        except (FileNotFoundError, msgspec.DecodeError):
-            return None
-
-    def save_selection(self, selection: Selection) -> None:
-        self._write(self.dir / "selection.json", msgspec.json.encode(selection).decode())
-
-    @staticmethod
-    def _write(path: Path, text: str) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
-
 class Daemon:
     def __init__(self, config: AgentConfig, *, notifier: Notifier | None = None) -> None:
         self.config = config
@@ -182,6 +137,10 @@ class Daemon:
         )
         self.engine: Engine | None = None
         self.mqtt: MQTTClient | None = None
+        self.upgrades = AgentUpgrades(
+            config.upgrade, config.fetch, publish_event=self._publish_event, request_exit=self._exit,
+            connected=lambda: bool(self.mqtt and self.mqtt.connected),
+            model_loaded=lambda: bool(self.engine and self.engine.selection))
         self.pool_mqtt: MQTTClient | None = None  # mqtt.pool's own connection (_make_pool_client)
         self._threads: list[threading.Thread] = []
         self._heartbeat = time.monotonic()
@@ -216,6 +175,9 @@ class Daemon:
             self.config.runtime, state_dir=Path(self.config.state_dir),
             device_id=self.config.device_id, on_event=self._publish_engine_event,
         )
+        # Not in _threads: it ends once a new version's trial is settled and reported.
+        threading.Thread(target=self.upgrades.watch, args=(self.stop_event,), name="upgrades",
+                         daemon=True).start()
         self._bring_up_model()
 
         for name, target in (("dispatcher", self._dispatch_loop), ("ops", self._ops_loop),
@@ -713,6 +675,14 @@ class Daemon:
             raise RequestError("args.source: a local manifest must lie under "
                                f"model.manifest_dir ({root})", field="args.source")
         return str(candidate)
+
+    def _op_upgrade(self, args: payloads.UpgradeArgs) -> dict[str, Any]:
+        return self.upgrades.upgrade(args)
+
+    def _exit(self, code: int) -> None:
+        """Stop as on SIGTERM, then exit with ``code`` (what the unit's Restart= acts on)."""
+        self.exit_code = code
+        self.stop_event.set()
 
     def _op_bench(self, args: payloads.BenchArgs) -> dict[str, Any]:
         assert self.engine is not None

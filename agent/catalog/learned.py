@@ -6,9 +6,9 @@ for (device id, model sha256, settings). Later selections for the same key use t
 figure instead of the raw estimate and still show both. The largest figure seen for a
 key is kept: the same load only grows as longer prompts touch more of its buffers.
 
-Stored as one small JSON file in the state directory, written atomically (temp file,
-fsync, rename) and bounded to MAX_ENTRIES (the least recently recorded go first). A
-missing or unreadable file means "nothing learned yet", never an error. This module
+Stored as one small JSON file in the state directory, written by
+agent.atomic_file.atomic_write and bounded to MAX_ENTRIES (the least recently recorded go
+first). A missing or unreadable file means "nothing learned yet", never an error. This module
 does not estimate or choose anything.
 
 LearnedSpeed does the same for decode speed: every generation the engine measured adds the
@@ -24,15 +24,14 @@ import hashlib
 import importlib.metadata
 import json
 import math
-import os
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.atomic_file import atomic_write
 from agent.catalog.selection import Selection
 from agent.log import get_logger
 
@@ -97,16 +96,7 @@ class LearnedMemory:
 
 def _write_atomically(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".learned-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(data).encode())
 
 
 def _read_entries(path: Path, event: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ store and not writable by group or others, checked when a store is opened (so th
 refuses to start on one) and before each fetch: whoever else can write there could plant
 a symlink for a root-run fetch to truncate its target, or swap a verified model for their
 own. Files the store writes are opened with ``O_NOFOLLOW`` (downloader.open_store_file);
-index temporaries are made fresh with ``O_EXCL``.
+the index is replaced by agent.atomic_file.atomic_write, whose temporary is made
+fresh with ``O_EXCL``.
 
 A split variant (llama.cpp's ``<name>-00001-of-0000N.gguf`` parts) is one entry of the index:
 every part is downloaded (each resumable and verified by the downloader), the first part
@@ -43,11 +44,12 @@ from typing import Any
 
 import msgspec
 
+from agent.atomic_file import atomic_write
 from agent.catalog.gguf import split_name, split_part_name
 from agent.catalog.selection import Selection, SelectionPart
 from agent.config import FetchConfig
 from agent.errors import DiskFullError, FetchError, ManifestError, StoreError
-from agent.fetch.downloader import Downloader, FileLock, fsync_directory, open_store_file
+from agent.fetch.downloader import Downloader, FileLock
 from agent.fetch.progress import ProgressCallback, ProgressReporter
 from agent.log import get_logger
 
@@ -297,17 +299,7 @@ class ModelStore:
             return StoreIndex()
 
     def _write_index(self, index: StoreIndex) -> None:
-        temporary = self._index_path.with_name(f".{INDEX_NAME}.{os.getpid()}.tmp")
-        # Left by a crashed run of this pid, or planted: unlinking never touches a link's
-        # target, and O_EXCL then makes a new file or fails.
-        temporary.unlink(missing_ok=True)
-        fd = open_store_file(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.json.format(msgspec.json.encode(index)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self._index_path)
-        fsync_directory(self.root)
+        atomic_write(self._index_path, msgspec.json.format(msgspec.json.encode(index)))
 
     def _index_lock(self) -> FileLock:
         return FileLock(self.root / f".{INDEX_NAME}.lock")

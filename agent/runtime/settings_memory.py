@@ -1,19 +1,19 @@
 """Which fallback step worked, per (device, model sha256), kept in the state directory.
 
 The next start goes straight to the remembered step instead of crashing through the
-ladder again. One small JSON file, written atomically (temp file, fsync, rename), so a
+ladder again. One small JSON file, written by agent.atomic_file.atomic_write, so a
 power cut leaves either the old or the new content. Must not hold anything else.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from agent.atomic_file import atomic_write
 
 FILE_NAME = "runtime-settings.json"
 
@@ -48,13 +48,5 @@ class SettingsMemory:
                 "recorded_at": time.time(),
             }
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".runtime-settings.")
-            try:
-                with os.fdopen(fd, "w") as out:
-                    json.dump({"version": 1, "entries": entries}, out, indent=1, sort_keys=True)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            body = json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True)
+            atomic_write(self.path, body.encode())
