@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from agent.errors import FetchError
 from agent.fetch.downloader import Downloader, sha256_of
 from agent.fetch.http import Connections, Response, Timeouts
 from tests.fetch.payload import served_file, write_payload
@@ -80,6 +81,35 @@ def test_redirect_to_the_file_is_followed(tmp_path, range_server, fast_fetch):
 
     assert sha256_of(path) == payload.sha256
     assert range_server.served.requests == 2
+
+
+@pytest.mark.parametrize("location", ["{path}", "file:///etc/passwd"], ids=["loop", "file"])
+def test_a_hostile_redirect_rejects_the_mirror_and_the_next_one_serves(
+    tmp_path, range_server, second_server, fast_fetch, location
+):
+    """A mirror that redirects to itself forever, or out of http(s) to a local file: a bounded
+    number of requests, the mirror is named with why, and is not retried; the next mirror's
+    bytes are what gets installed."""
+    payload = write_payload(tmp_path, "model.gguf", MiB)
+    good = served_file(second_server, payload)
+    range_server.faults.redirect_to = location
+    hostile = f"{range_server.url}/{payload.name}"
+
+    events: list[dict] = []
+    path = Downloader(fast_fetch).download([hostile, good], tmp_path / "out.gguf",
+                                           size=payload.size, sha256=payload.sha256,
+                                           on_progress=events.append)
+
+    assert sha256_of(path) == payload.sha256
+    assert events[-1]["mirror"] == good
+    assert range_server.served.requests == (11 if location == "{path}" else 1)
+
+    with pytest.raises(FetchError) as caught:
+        Downloader(fast_fetch).download([hostile], tmp_path / "again.gguf", size=payload.size,
+                                        sha256=payload.sha256)
+    reason = "TooManyRedirects" if location == "{path}" else "not an http(s) URL"
+    assert caught.value.code == "fetch_failed" and reason in caught.value.message
+    assert not (tmp_path / "again.gguf").exists()
 
 
 def test_http_proxy_from_the_environment_carries_the_download(

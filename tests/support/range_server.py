@@ -9,7 +9,8 @@ body so a test can act mid-download), ``hold`` (an Event: each body waits until 
 a test knows a client is mid-request for as long as it needs), ``linked`` (send Hugging Face's
 ``X-Linked-Size`` and ``X-Linked-Etag: "<sha256>"`` of an LFS file), ``resolve_redirect`` (answer
 ``/resolve/<name>`` with a 302 to ``/<name>`` that alone carries the X-Linked headers, as
-Hugging Face's resolve URLs redirect to its CDN). Counters show what was served; ``body_bytes`` counts only bytes the client
+Hugging Face's resolve URLs redirect to its CDN), ``redirect_to`` (answer every GET with a 302
+to this Location; ``{path}`` in it is the request's own path, which makes a loop). Counters show what was served; ``body_bytes`` counts only bytes the client
 took. ``served.responses`` has one entry per body sent, written when its handler is done (wait
 with ``wait_for_responses``): the range it started at, the bytes written, and whether the whole
 body went out or the client hung up first.
@@ -41,6 +42,7 @@ class Faults:
     hold: threading.Event | None = None  # bodies wait until it is set
     linked: bool = False  # X-Linked-Size / X-Linked-Etag (sha256), as a Hugging Face resolve URL
     resolve_redirect: bool = False  # /resolve/<name>: 302 to /<name>, X-Linked-* on the 302 only
+    redirect_to: str | None = None  # every GET: 302 to this ("{path}": the request's path)
 
 
 @dataclass
@@ -88,6 +90,12 @@ class RangeServer:
                 with server._lock:
                     server.served.requests += 1
                     server.served.ranges.append(self.headers.get("Range", ""))
+                if faults.redirect_to is not None:
+                    self.send_response(302)
+                    self.send_header("Location", faults.redirect_to.replace("{path}", self.path))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if faults.status:
                     self.send_response(faults.status)
                     self.send_header("Content-Length", "0")
