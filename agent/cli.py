@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "run": "the device daemon (systemd ExecStart)",
     "fleet": "fleet controller, dashboard and its API client",
     "manifest": "build a manifest from your GGUF files, check one, or sign one",
+    "releases": "the agent versions on this device; `guard` is the unit's rollback check",
 }
 
 

@@ -216,6 +216,22 @@ class SigningConfig(_Section):
         self.required = derived
 
 
+class UpgradeConfig(_Section):
+    """The ``upgrade`` op (agent.upgrade): where versions live and how long a new one has."""
+
+    # The releases directory install.sh makes (its unit sets /opt/edge-agent/releases);
+    # None: this agent does not upgrade itself and the op says so.
+    releases_dir: str | None = None
+    # A new version that is not healthy (MQTT connected, model loaded) this long after the
+    # switch is rolled back. The clock starts after the download and install: it covers the
+    # restart and the model load (minutes on a Raspberry Pi, as TimeoutStartSec= does).
+    ready_timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not 30 <= self.ready_timeout_s <= 24 * 3600:
+            raise ValueError("ready_timeout_s: must be between 30 and 86400")
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json: bool | None = None  # None: JSON when stderr is not a TTY
@@ -254,6 +270,7 @@ class AgentConfig(_Section):
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     home_assistant: HomeAssistantConfig = msgspec.field(default_factory=HomeAssistantConfig)
     signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
+    upgrade: UpgradeConfig = msgspec.field(default_factory=UpgradeConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:

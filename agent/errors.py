@@ -29,6 +29,7 @@ stable machine-readable ``code`` and a message that says what to do::
     ├── WorkerCrashedError     worker_crashed     the inference worker died mid-request
     ├── ModelLoadError         load_failed        every setting of the fallback ladder failed
     ├── SignatureError         bad_signature      a manifest signature is missing or wrong
+    ├── UpgradeError           upgrade_failed     an agent upgrade could not be installed (wheel, pip, layout)
     ├── FleetAPIError          (the controller's) the fleet controller's API refused a call or is unreachable
     └── BrokerError            broker_failed      the embedded MQTT broker cannot start (port in use)
 
@@ -187,6 +188,10 @@ class ModelLoadError(EdgeAgentError):
 
 class SignatureError(EdgeAgentError):
     code = "bad_signature"
+
+
+class UpgradeError(EdgeAgentError):
+    code = "upgrade_failed"
 
 
 class FleetAPIError(EdgeAgentError):

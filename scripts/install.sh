@@ -11,6 +11,9 @@
 # What it makes:
 #   /opt/edge-agent/src     a copy of this source tree (what the venv was built from)
 #   /opt/edge-agent/venv    virtual environment, llama.cpp built for this hardware (scripts/setup)
+#   /opt/edge-agent/releases  the agent's own (its user owns it): `current`, the venv the unit
+#                           starts (this venv after every install that changed something), and
+#                           the versions the `upgrade` command installed beside it
 #   /etc/edge-agent/agent.yaml        from systemd/agent.yaml.example, first install only,
 #                                     never overwritten (the options above only fill it then)
 #   /etc/edge-agent/mqtt-password     root-only; empty until you put the broker password in
@@ -19,7 +22,7 @@
 #   with --fleet also edge-fleet: the controller runs as its own user, so a compromised
 #   agent can neither read fleet.db (/var/lib/edge-fleet, 0700) nor signal the controller
 #   /opt/edge-agent is root's (root:root, nothing group- or world-writable), whoever owns the
-#   checkout: root runs what is in it.
+#   checkout: root runs what is in it. releases/ alone is the agent's; root runs nothing in it.
 #
 # --signing-key pins the fleet controller's Ed25519 public key (`edge-agent fleet signing-key`
 # on the controller, or its GET /api/signing-key) as signing.public_key: the agent then loads
@@ -220,8 +223,10 @@ EDGE_AGENT_VENV="$prefix/venv" EDGE_AGENT_EDITABLE=0 EDGE_AGENT_CACHE="$cache" E
   PYTHON="$python" "$prefix/src/scripts/setup"
 # Also for a tree left by an older install.sh (which kept the checkout's owner), and for the
 # venv: everything root executes belongs to root and only root can change it.
-chown -R root:root "$prefix"
-chmod -R go-w "$prefix"
+chown root:root "$prefix"
+chmod go-w "$prefix"
+chown -R root:root "$prefix/src" "$prefix/venv"
+chmod -R go-w "$prefix/src" "$prefix/venv"
 
 # --- configuration --------------------------------------------------------------------
 install -d -m 0755 "$config_dir"
@@ -257,6 +262,19 @@ if [ "$fleet" = 1 ]; then
     || install -m 0600 -o root -g root /dev/null "$config_dir/fleet-mqtt-password"
 fi
 units_after=$(installed_digest)
+
+# --- agent releases (the upgrade command, agent/upgrade.py) ------------------------------
+# The agent installs the versions the controller sends it beside this one, in a directory of
+# its own (the unit's only ReadWritePaths= under /opt); the unit starts releases/current.
+# An install that changed something makes this venv current again: the admin's choice wins.
+releases=$prefix/releases
+install -d -m 0755 -o "$user" -g "$user" "$releases"
+ln -sfn "$prefix/venv" "$releases/installed"
+if [ ! -L "$releases/current" ] || [ "$units_before" != "$units_after" ]; then
+  ln -sfn "$prefix/venv" "$releases/.current.new"
+  mv -T "$releases/.current.new" "$releases/current"
+  rm -f "$releases/previous" "$releases/trial.json"
+fi
 systemctl daemon-reload
 
 services=(edge-agent.service)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -59,6 +59,20 @@ class SetManifestArgs(_Args):
     source: str  # path or http(s) URL of the manifest
 
 
+# What an agent wheel may weigh; edge-agent's own is well under 1 MiB.
+MAX_WHEEL_BYTES = 64 * 1024 * 1024
+
+
+class UpgradeArgs(_Args):
+    """Move the agent to another edge-agent version (agent.upgrade): a wheel from the controller."""
+
+    # A PEP 440 version; it names a directory, so no '/' and nothing else a path could use.
+    version: Annotated[str, msgspec.Meta(pattern=r"^[0-9][0-9A-Za-z.+!]{0,63}$")]
+    url: Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s/?#@]+(/[^\s]*)?$", max_length=2048)]
+    sha256: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-fA-F]{64}$")]
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_WHEEL_BYTES)]  # the Downloader checks it too
+
+
 # Every op of the contract and the shape of its ``args``.
 OPS: dict[str, type[_Args]] = {
     "reload": NoArgs,
@@ -70,6 +84,7 @@ OPS: dict[str, type[_Args]] = {
     "bench": BenchArgs,
     "pin": PinArgs,
     "set_manifest": SetManifestArgs,
+    "upgrade": UpgradeArgs,
 }
 
 

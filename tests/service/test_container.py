@@ -15,6 +15,7 @@ comes from a cached wheelhouse with PIP_NO_INDEX, so nothing is built or downloa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import shutil
@@ -26,6 +27,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import __version__
 from tests.service.container import (
     CACHE,
     REPO,
@@ -34,7 +36,9 @@ from tests.service.container import (
     ensure_wheelhouse,
     missing_requirements,
 )
+from tests.support.agent_wheels import build_agent_wheel
 from tests.support.broker import Broker, free_port
+from tests.support.range_server import RangeServer
 from tests.support.signing import TEST_PUBLIC_KEY, sign_file
 
 pytestmark = [
@@ -49,7 +53,10 @@ FLEET_UNIT = "edge-fleet.service"
 # files), as on a desktop. install.sh must not carry either into the tree root runs.
 CHECKOUT = "/home/dev/edge-agent"
 PREFIX = f"edge/v1/{DEVICE}"
+RELEASES = "/opt/edge-agent/releases"
 START_TIMEOUT_S = 300  # model copy + load + canary on two shared cores
+NEW_VERSION = f"{__version__}.post1"
+BROKEN_VERSION = f"{__version__}.post2"  # its `edge-agent run` exits at once
 
 
 class Observer:
@@ -80,6 +87,24 @@ class Observer:
             if predicate(topic, record):
                 return topic, record
         raise AssertionError(f"no {what} within {timeout_s} s")
+
+    def wait_for_all(self, predicates: dict, timeout_s: float) -> dict[str, dict]:
+        """The first record matching each named predicate, whatever order they arrive in."""
+        found: dict[str, dict] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(found) < len(predicates):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"within {timeout_s} s only {sorted(found)} of {sorted(predicates)}")
+            try:
+                topic, payload, _ = self.messages.get(timeout=left)
+                record = json.loads(payload)
+            except (queue.Empty, ValueError):
+                continue
+            for name, predicate in predicates.items():
+                if name not in found and predicate(topic, record):
+                    found[name] = record
+        return found
 
     def publish(self, topic: str, record: dict) -> None:
         self.client.publish(topic, json.dumps(record), qos=1).wait_for_publish(10)
@@ -218,15 +243,19 @@ def test_unit_reaches_active_with_a_readable_status(container: Container, instal
 
 def test_the_installed_tree_is_roots_however_the_checkout_was_owned(container: Container,
                                                                   installed: dict) -> None:
-    foreign = container.run("find", "/opt/edge-agent", "(", "!", "-user", "root", "-o", "!",
-                            "-group", "root", ")", "-print").stdout.splitlines()
+    # releases/ alone is the agent's (the versions `upgrade` installs); root runs nothing there.
+    not_releases = ("-path", f"{RELEASES}", "-prune", "-o")
+    foreign = container.run("find", "/opt/edge-agent", *not_releases, "(", "!", "-user", "root",
+                            "-o", "!", "-group", "root", ")", "-print").stdout.splitlines()
     assert foreign == [], f"{len(foreign)} paths not root:root, e.g. {foreign[:5]}"
-    writable = container.run("find", "/opt/edge-agent", "!", "-type", "l", "-perm", "/022",
-                             "-print").stdout.splitlines()
+    writable = container.run("find", "/opt/edge-agent", *not_releases, "!", "-type", "l", "-perm",
+                             "/022", "-print").stdout.splitlines()
     assert writable == [], f"{len(writable)} group/world-writable paths, e.g. {writable[:5]}"
     # The user who owns the checkout cannot change what root runs.
     refused = as_user(container, "dev", "echo x >> /opt/edge-agent/src/agent/__init__.py")
     assert refused.returncode != 0
+    assert container.run("stat", "-c", "%a %U", RELEASES).stdout.split() == ["755", "edge-agent"]
+    assert container.run("readlink", f"{RELEASES}/current").stdout.strip() == "/opt/edge-agent/venv"
 
 
 def test_the_controller_runs_as_its_own_user_out_of_the_agents_reach(container: Container,
@@ -281,6 +310,95 @@ def test_sigkill_of_the_main_process_is_followed_by_a_restart(container: Contain
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
     observer.wait_for(lambda t, r: t == f"{PREFIX}/status" and r.get("state") == "ready",
                       START_TIMEOUT_S, "status ready after the restart")
+
+
+# -- agent upgrades (agent/upgrade.py): a wheel from a real HTTP server, systemd restarts ------
+
+@pytest.fixture(scope="module")
+def wheel_server(tmp_path_factory: pytest.TempPathFactory):
+    """Two locally built versions, served as the controller would: one good, one that
+    exits at start."""
+    out = tmp_path_factory.mktemp("agent-wheels")
+    wheels = {version: build_agent_wheel(out, version, find_links=ensure_wheelhouse(),
+                                         fail_at_start=version == BROKEN_VERSION)
+              for version in (NEW_VERSION, BROKEN_VERSION)}
+    root = tmp_path_factory.mktemp("wheel-www")
+    for wheel in wheels.values():
+        shutil.copy(wheel, root / wheel.name)
+    server = RangeServer(root).start()
+    yield {version: {"version": version, "url": f"http://127.0.0.1:{server.port}/{wheel.name}",
+                     "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
+                     "size": wheel.stat().st_size} for version, wheel in wheels.items()}
+    server.stop()
+
+
+def result_of(command_id: str):
+    return lambda t, r: t == f"{PREFIX}/cmd/result" and r.get("id") == command_id
+
+
+def upgrade_event(outcome: str):
+    return lambda t, r: (t == f"{PREFIX}/events" and r.get("event") == "agent_upgrade"
+                         and r.get("outcome") == outcome)
+
+
+def ready_as(version: str):
+    return lambda t, r: t == f"{PREFIX}/status" and r.get("state") == "ready" and r.get("version") == version
+
+
+def upgrade(observer: Observer, command_id: str, args: dict, **expected) -> dict[str, dict]:
+    """Send an upgrade and wait for its result and each ``expected`` record, in any order."""
+    observer.publish(f"{PREFIX}/cmd", {"id": command_id, "op": "upgrade", "args": args})
+    return observer.wait_for_all({"result": result_of(command_id), **expected}, START_TIMEOUT_S)
+
+
+def releases(ct: Container) -> dict:
+    return json.loads(ct.run("/opt/edge-agent/venv/bin/edge-agent", "releases", "show").stdout)
+
+
+def test_a_tampered_agent_wheel_is_refused_and_the_device_keeps_running(
+        container: Container, installed: dict, observer: Observer, wheel_server: dict) -> None:
+    before = container.unit(UNIT)
+    tampered = {**wheel_server[NEW_VERSION], "sha256": "0" * 64}
+    seen = upgrade(observer, "upgrade-tampered", tampered, event=upgrade_event("refused"))
+    assert seen["result"]["ok"] is False, seen
+    assert seen["result"]["error"]["code"] == seen["event"]["error"]["code"] == "checksum_mismatch"
+    after = container.unit(UNIT)
+    assert after["MainPID"] == before["MainPID"] and after["ActiveState"] == "active"
+    assert releases(container)["current"] == "/opt/edge-agent/venv"
+
+
+def test_upgrade_restarts_the_agent_into_the_new_version(container: Container, installed: dict,
+                                                          observer: Observer, wheel_server: dict) -> None:
+    before = container.unit(UNIT)
+    seen = upgrade(observer, "upgrade-new", wheel_server[NEW_VERSION],
+                   upgraded=upgrade_event("upgraded"), ready=ready_as(NEW_VERSION))
+    assert seen["result"]["ok"] is True and seen["result"]["result"]["restarting"] is True, seen
+    assert seen["upgraded"]["version"] == seen["upgraded"]["running"] == NEW_VERSION
+    assert seen["upgraded"]["previous_version"] == __version__
+    after = wait_active(container, not_pid=before["MainPID"])
+    # The exit for the upgrade is no failure: systemd restarted it as one of its own.
+    assert after["Result"] == "success"
+    state = releases(container)
+    assert state["current"] == f"{RELEASES}/{NEW_VERSION}" and state["trial"] is None
+    assert state["previous"] == "/opt/edge-agent/venv"
+    assert user_of(container, after["MainPID"]) == "edge-agent"
+
+
+def test_a_version_that_fails_at_start_is_rolled_back_by_itself(
+        container: Container, installed: dict, observer: Observer, wheel_server: dict) -> None:
+    # Nobody acts after the command: systemd starts the broken version, it exits, and the
+    # guard before the next start puts the previous version back, which reports it.
+    seen = upgrade(observer, "upgrade-broken", wheel_server[BROKEN_VERSION],
+                   rolled_back=upgrade_event("rolled_back"), ready=ready_as(NEW_VERSION))
+    assert seen["result"]["ok"] is True, seen
+    assert seen["result"]["result"]["version"] == BROKEN_VERSION
+    assert seen["rolled_back"]["version"] == BROKEN_VERSION
+    assert seen["rolled_back"]["running"] == NEW_VERSION
+    journal = container.journal(UNIT, lines=400)
+    assert "a test build made to fail at start" in journal, journal
+    state = releases(container)
+    assert state["current"] == f"{RELEASES}/{NEW_VERSION}" and state["trial"] is None
+    assert wait_active(container)["ActiveState"] == "active"
 
 
 def test_systemctl_stop_publishes_stopped_and_exits_cleanly(container: Container, installed: dict,

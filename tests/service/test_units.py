@@ -57,6 +57,9 @@ def staged_root(tmp_path: Path, *, with_binary: bool = True) -> Path:
         target = root / "opt/edge-agent/venv/bin/edge-agent"
         target.parent.mkdir(parents=True)
         shutil.copy(console_script, target)
+    # ExecStart runs releases/current, which install.sh points at the venv.
+    (root / "opt/edge-agent/releases").mkdir(parents=True)
+    (root / "opt/edge-agent/releases/current").symlink_to("/opt/edge-agent/venv")
     return root
 
 
