@@ -75,12 +75,17 @@ class MQTTConfig(_Section):
     # How many recent request ids (and their final replies) are remembered, so a redelivered
     # prompt or cmd is answered once.
     dedup_entries: int = 1024
+    # A streamed reply's chunks are coalesced while the connection is slower than the tokens:
+    # what waits goes out when the previous chunk was written, or after this long.
+    stream_interval_ms: int = 50
     # Topic filters inside topic_prefix (or the Home Assistant discovery prefix) that a prompt
     # may name as its reply topic, besides the device's own reply/ subtree; any other reply
     # topic inside those trees is refused with bad_request (agent.mqtt.topics.ReplyPolicy).
     reply_topics: list[str] = []
 
     def __post_init__(self) -> None:
+        if not 1 <= self.stream_interval_ms <= 10_000:
+            raise ValueError("stream_interval_ms: must be 1 to 10000")
         if self.pool is not None and (not is_valid_level(self.pool) or not self.pool.isprintable()):
             raise ValueError("pool: must be one topic level: printable, without '/', '+', '#'")
         for index, topic_filter in enumerate(self.reply_topics):

@@ -39,7 +39,7 @@ WRITER = textwrap.dedent("""
 
 
 def run_writer(target: Path, kill_at: str, nth: int = 1) -> int:
-    """Run atomic_write in a child that SIGKILLs itself as its ``nth`` call of ``kill_at`` starts."""
+    """atomic_write in a child that SIGKILLs itself as its ``nth`` call of ``kill_at`` starts."""
     command = [sys.executable, "-c", WRITER, str(target), kill_at, str(nth)]
     return subprocess.run(command, check=False, timeout=60).returncode
 

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,7 @@ class MQTTClient:
         self._ack_lock = threading.Condition()
         self._unacked: set[int] = set()
         self._early_acks: OrderedDict[int, None] = OrderedDict()
+        self._written: dict[int, Callable[[], None]] = {}  # QoS 0 mid -> publish's on_written
         self._last_properties: tuple[bytes, Properties] | None = None
 
         self._client = paho.Client(
@@ -201,12 +203,15 @@ class MQTTClient:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        on_written: Callable[[], None] | None = None,
     ) -> bool:
         """Publish now or, for QoS 1 while disconnected, after the reconnect.
 
         ``response_topic`` and ``correlation_data`` are MQTT 5 properties (left out on 3.1.1).
         False when the message was dropped: QoS 0 while disconnected, or the outgoing queue
-        is full (logged).
+        is full (logged). ``on_written`` (QoS 0): called once the message has been written to
+        the socket, or the connection it waited for was lost; on paho's network thread, so it
+        must only enqueue.
         """
         properties = None
         if response_topic is not None and self.is_v5:
@@ -221,13 +226,27 @@ class MQTTClient:
             log.error("mqtt_outgoing_queue_full", topic=topic, limit=self.config.outgoing_queue_limit)
             return False
         if qos == 0:
-            return info.rc == paho.MQTT_ERR_SUCCESS
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                return False
+            if on_written is not None:
+                self._when_written(info.mid, on_written)
+            return True
         with self._ack_lock:
             if info.mid in self._early_acks:
                 del self._early_acks[info.mid]
             else:
                 self._unacked.add(info.mid)
         return True
+
+    def _when_written(self, mid: int, on_written: Callable[[], None]) -> None:
+        with self._ack_lock:
+            written = mid in self._early_acks  # paho wrote it before publish() returned
+            if written:
+                del self._early_acks[mid]
+            else:
+                self._written[mid] = on_written
+        if written:
+            on_written()
 
     def _correlation_properties(self, correlation_data: bytes) -> Properties:
         # A streamed reply publishes one chunk per token with the same Correlation Data;
@@ -283,6 +302,12 @@ class MQTTClient:
                        reason_code: ReasonCode, properties: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        # paho drops the QoS 0 messages still unwritten without calling on_publish: whoever
+        # waits for them must not wait for ever.
+        with self._ack_lock:
+            unwritten, self._written = list(self._written.values()), {}
+        for on_written in unwritten:
+            on_written()
         if was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code))
             self.inbox.put(ConnectionChange(False, reason=str(reason_code), client_id=self.client_id))
@@ -311,14 +336,17 @@ class MQTTClient:
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Any) -> None:
         with self._ack_lock:
-            if mid in self._unacked:
+            on_written = self._written.pop(mid, None)
+            if on_written is None and mid in self._unacked:
                 self._unacked.discard(mid)
                 if not self._unacked:
                     self._ack_lock.notify_all()
-            else:
+            elif on_written is None:
                 self._early_acks[mid] = None
                 while len(self._early_acks) > 4096:  # QoS 0 "acks" land here too; keep it small
                     self._early_acks.popitem(last=False)
+        if on_written is not None:
+            on_written()
 
     # -- setup ------------------------------------------------------------------------------
 
