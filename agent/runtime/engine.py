@@ -1,144 +1,194 @@
-"""The engine: the daemon's side of inference. Queue, deadlines, canary, fallback, swap.
+"""The engine: the daemon's side of inference. Queue, deadlines, model state, crash restarts.
 
 The model lives in a worker process (agent.runtime.worker); a native crash there costs one
 request (``worker_crashed``), never the daemon. This module must stay light (no llama_cpp,
 no numpy): the daemon imports it and its RSS is the agent's idle footprint.
 
+The model's lifecycle is one state machine: ``ModelState`` and the ``TRANSITIONS`` table,
+changed only through ``Engine._move``. ``drain`` is an operator's hold beside it (start nothing
+new), not a model state.
+
 Threads and ownership:
-- the caller's threads: submit() validates, counts prompt tokens through the worker
-  (a quick ``count`` frame) and enqueues; cancel(), drain(), resume(), stats() take the lock.
-- one ``engine`` thread (the dispatcher) runs one generation at a time in arrival order,
-  calls ``on_record`` for the final record, records the decode rate it measured
-  (agent.catalog.learned.LearnedSpeed), enforces deadlines and restarts a crashed worker
-  down the fallback ladder. The running request's chunks reach ``on_record`` from the
-  worker's frame-reader thread (one thread wake-up per token instead of two); a per-job lock
-  keeps the calls one at a time and no chunk after the final.
-- load() and swap() run the ladder on the caller's thread; a parallel swap loads the new
-  worker while the dispatcher keeps serving on the old one.
-- each WorkerProcess has two reader threads of its own (agent.runtime.process).
+- the caller's threads: submit() enqueues a request its caller validated (once, at the
+  boundary: agent.mqtt.payloads.decode_prompt, the CLI's prompt command) and never waits on
+  the worker: the worker tokenizes the prompt, once, and answers a prompt longer than the
+  context with a ``too_long`` final. cancel(), drain(), resume(), stats() take the lock.
+- load() and swap() run the ladder (agent.runtime.loader) on the caller's thread, and so does
+  load()'s ``smaller`` (planning and fetching a smaller variant belongs to the caller); a
+  parallel swap loads the new worker while the dispatcher keeps serving on the old one.
+- one ``engine`` thread (the dispatcher) starts one generation at a time in arrival order,
+  enforces deadlines, expires queued requests, and learns the decode rate. It never restarts
+  a worker.
+- one ``engine-supervisor`` thread owns crash restarts: a worker's exit (during a request or
+  idle) reaches it as a message; it restarts the same variant down the ladder and, when that
+  fails, says so in a ``restart_failed`` event (``smaller_wanted``: the daemon's model owner
+  may load a smaller variant) and retries with a backoff.
+- each WorkerProcess has two reader threads (agent.runtime.process). The frame reader hands
+  every record of the running request (its chunks, then its final, or a ``worker_crashed``
+  final when the worker dies) to ``on_record``, on that one thread, in order: one hand-off
+  from the worker to the daemon. A request that never ran gets its one final on the thread
+  that expired or refused it. ``on_record`` must only hand the record on, never wait.
 ``on_event`` is called from whichever of these threads saw the event.
 """
 
 from __future__ import annotations
 
+import enum
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import psutil
 
-from agent.catalog.learned import MIN_DECODED_TOKENS, LearnedSpeed, llama_build_key
 from agent.catalog.selection import Selection
 from agent.config import RuntimeConfig
-from agent.errors import (
-    BusyError,
-    ModelLoadError,
-    NoModelError,
-    RequestError,
-    TooLongError,
-)
+from agent.errors import BusyError, ModelLoadError, NoModelError, RequestError
 from agent.log import get_logger
-from agent.runtime.ladder import CANARY_PROMPT, rungs
+from agent.runtime.loader import LoadedWorker, WorkerLoader
 from agent.runtime.metrics import Metrics
-from agent.runtime.process import WorkerProcess, describe_exit
-from agent.runtime.request import GenerateRequest, validate_request
-from agent.runtime.settings_memory import SettingsMemory
+from agent.runtime.process import WORKER_ARGV, WorkerProcess, describe_exit
+from agent.runtime.protocol import Cancel, Chunk, Final, Generate
+from agent.runtime.request import GenerateRequest
 
 log = get_logger(__name__)
 
-# A load that takes longer than this is treated as hung; big models on SD cards are slow.
-LOAD_TIMEOUT_S = 600.0
-# Tokenizing a prompt takes milliseconds; this only bounds a worker that stopped answering.
-COUNT_TIMEOUT_S = 10.0
 # After a timeout's cancel frame the worker must stop within this, or it is killed: a
 # long prefill cannot be interrupted between tokens.
 TIMEOUT_KILL_GRACE_S = 10.0
 # A parallel swap needs the new model's estimate plus this share of it free.
 SWAP_HEADROOM = 1.2
 POLL_S = 0.05
-# After a failed restart the engine tries again in the background, doubling the wait up
-# to the maximum: quick after a passing fault, gentle on a model that truly cannot load.
+# After a failed restart the supervisor tries again, doubling the wait up to the maximum:
+# quick after a passing fault, gentle on a model that truly cannot load.
 RESTART_RETRY_FIRST_S = 1.0
 RESTART_RETRY_MAX_S = 60.0
-# How often an idle engine looks at its worker, so one that died between requests (OOM
-# killer, a stray signal) is restarted before the next request arrives.
-IDLE_WATCH_S = 0.5
 
 RecordCallback = Callable[[dict[str, Any]], None]
 EventCallback = Callable[[dict[str, Any]], None]
 
 
-class _Job:
-    __slots__ = ("request", "on_record", "frame", "deadline", "cancel_reason", "cancel_sent", "_lock", "_finished")
+class ModelState(enum.Enum):
+    NO_MODEL = "no_model"  # nothing loaded; prompts are refused with no_model
+    LOADING = "loading"  # a first load from no model (prompts queue)
+    READY = "ready"  # a worker serves
+    SWAPPING = "swapping"  # a swap: the old worker serves (parallel) or nothing does (drained)
+    RESTARTING = "restarting"  # the supervisor restarts a crashed worker (prompts queue)
+    STOPPED = "stopped"  # closed; final
 
-    def __init__(self, request: GenerateRequest, on_record: RecordCallback, frame: dict[str, Any], deadline: float) -> None:
+
+S = ModelState
+TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
+    S.NO_MODEL: frozenset({S.LOADING, S.RESTARTING, S.STOPPED}),
+    S.LOADING: frozenset({S.READY, S.NO_MODEL, S.STOPPED}),
+    S.READY: frozenset({S.SWAPPING, S.RESTARTING, S.STOPPED}),
+    S.SWAPPING: frozenset({S.READY, S.NO_MODEL, S.STOPPED}),
+    S.RESTARTING: frozenset({S.READY, S.NO_MODEL, S.STOPPED}),
+    S.STOPPED: frozenset(),
+}
+# While the model changes, prompts wait in the queue instead of getting no_model.
+_QUEUEING = frozenset({S.LOADING, S.READY, S.SWAPPING, S.RESTARTING})
+
+
+def default_memory_budget() -> int:
+    """Bytes a new worker may take now: the selector's cgroup-aware budget (agent.hardware)."""
+    from agent.hardware.memory import probe_memory
+
+    return probe_memory().budget_bytes
+
+
+class _Job:
+    """One request, queued or running; the FrameSink of the worker that runs it."""
+
+    __slots__ = (
+        "_metrics",
+        "cancel_reason",
+        "cancel_sent",
+        "deadline",
+        "done",
+        "final",
+        "frame",
+        "killed",
+        "model",
+        "on_record",
+        "request",
+    )
+
+    def __init__(self, request: GenerateRequest, on_record: RecordCallback, frame: Generate,
+                 deadline: float, metrics: Metrics) -> None:
         self.request = request
         self.on_record = on_record
         self.frame = frame
         self.deadline = deadline
         self.cancel_reason: str | None = None
         self.cancel_sent: float | None = None
-        self._lock = threading.Lock()
-        self._finished = False
+        self.killed = False  # by the dispatcher, after a timeout's grace
+        self.model: dict[str, str] | None = None
+        self.final: dict[str, Any] | None = None
+        self.done = threading.Event()
+        self._metrics = metrics
 
-    def deliver(self, record: dict[str, Any]) -> None:
-        # Chunks come from the worker's reader thread, finals from the engine thread: the
-        # lock keeps on_record calls one at a time, and a late chunk (a worker killed at its
-        # deadline) is dropped rather than sent after the final.
-        with self._lock:
-            if self._finished:
-                return
-            if record.get("done"):
-                self._finished = True
-            try:
-                self.on_record(record)
-            except Exception:  # a broken consumer must not take the engine's threads down with it
-                log.exception("on_record_failed", request_id=self.request.id)
+    # Called on one thread per job: the frame reader of the worker that runs it, or, for a job
+    # that never ran, the thread that expired or refused it. So no lock, and nothing follows
+    # the final.
+    def on_chunk(self, chunk: Chunk) -> None:
+        if self.final is None:
+            self._deliver({"id": chunk.id, "seq": chunk.seq, "delta": chunk.delta})
 
-    def fail(self, code: str, message: str) -> dict[str, Any]:
-        final = {"id": self.request.id, "done": True, "error": {"code": code, "message": message}}
-        self.deliver(final)
-        return final
+    def on_final(self, final: Final) -> None:
+        record = final.record()
+        if self.model is not None:
+            record["model"] = self.model
+        self.finish(record)
+
+    def on_exit(self, returncode: int | None) -> None:
+        if self.killed:
+            self.fail("timeout", "the request passed its deadline; the worker was restarted")
+        else:
+            self.fail("worker_crashed",
+                      f"{describe_exit(returncode)} during the request; the worker is restarting")
+
+    def fail(self, code: str, message: str) -> None:
+        self.finish({"id": self.request.id, "done": True,
+                     "error": {"code": code, "message": message}})
+
+    def finish(self, record: dict[str, Any]) -> None:
+        if self.final is not None:
+            return
+        self.final = record
+        self._metrics.record(record)  # before the caller hears: stats() then counts it
+        self._deliver(record)
+        self.done.set()
+
+    def _deliver(self, record: dict[str, Any]) -> None:
+        try:
+            self.on_record(record)
+        except Exception:  # a broken consumer must not take the engine's threads down with it
+            log.exception("on_record_failed", request_id=self.request.id)
 
 
-class _Loaded:
-    """A running worker and what it was loaded with."""
-
-    def __init__(self, worker: WorkerProcess, selection: Selection, step: str, settings: dict[str, Any], info: dict[str, Any]) -> None:
-        self.worker = worker
-        self.selection = selection
-        self.step = step
-        self.settings = settings
-        self.info = info
-        self.decode_cost: Any = None  # agent.catalog.speed.DecodeCost, for learning the rate
-
-
-def _model_key(selection: Selection) -> str:
-    return selection.sha256 or f"path:{selection.model_path}"
-
-
-def _decode_cost(selection: Selection, kv_type: str) -> Any:
-    """What one decoded token of the loaded file reads (agent.catalog.speed.DecodeCost), or
-    None when its header cannot be read: speed is then not learned for it."""
-    from agent.catalog.gguf import read_gguf_header, read_gguf_split
-    from agent.catalog.speed import decode_cost
-    from agent.errors import EdgeAgentError
-
-    if not selection.sha256 or not selection.model_path:
-        return None
-    folder = Path(selection.model_path).parent  # a split's parts are kept beside the first
-    try:
-        info = (read_gguf_split([[str(folder / part.file)] for part in selection.parts])
-                if selection.parts else read_gguf_header(selection.model_path))
-        return decode_cost(info, kv_type)
-    except EdgeAgentError as exc:
-        log.warning("decode_cost_unknown", file=selection.file, error=exc.message)
-        return None
+def _generate_frame(request: GenerateRequest, default_max_tokens: int) -> Generate:
+    form = request.response_format
+    return Generate(
+        id=request.id,
+        max_tokens=request.max_tokens or default_max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        repeat_penalty=request.repeat_penalty,
+        stop=list(request.stop),
+        seed=request.seed,
+        stream=request.stream,
+        messages=msgspec.to_builtins(request.messages) if request.messages is not None else None,
+        prompt=request.prompt,
+        grammar=request.grammar,
+        response_format=(msgspec.to_builtins(form)
+                         if form is not None and form.type != "text" else None),
+    )
 
 
 class Engine:
@@ -149,28 +199,31 @@ class Engine:
         state_dir: Path,
         device_id: str,
         on_event: EventCallback | None = None,
+        memory_budget: Callable[[], int] = default_memory_budget,
+        worker_argv: Sequence[str] = WORKER_ARGV,
     ) -> None:
         self._runtime = runtime
-        self._state_dir = Path(state_dir)
-        self._device_id = device_id
         self._on_event = on_event or (lambda event: None)
-        self._memory = SettingsMemory(self._state_dir)
-        self._speed = LearnedSpeed(self._state_dir)
-        self._build = llama_build_key()
+        self._memory_budget = memory_budget
+        self._loader = WorkerLoader(runtime, state_dir=Path(state_dir), device_id=device_id,
+                                    emit=self._emit, worker_argv=worker_argv,
+                                    on_exit=self._worker_exited)
         self._metrics = Metrics()
         self._cond = threading.Condition()
+        self._state = ModelState.NO_MODEL
         self._queue: deque[_Job] = deque()
         self._running: _Job | None = None
-        self._busy: _Loaded | None = None  # the worker the running job is on
-        self._loaded: _Loaded | None = None
-        self._smaller: Callable[[Selection], Selection | None] | None = None
-        self._holds: set[str] = set()  # reasons not to start new jobs: drain, swap
-        self._transitions = 0  # load/swap/restart in progress: queue instead of no_model
-        self._closed = False
+        self._busy: LoadedWorker | None = None  # the worker the running job is on
+        self._loaded: LoadedWorker | None = None  # the worker new jobs start on
+        self._draining = False
         self._restarts = 0
         self._started = time.monotonic()
+        self._exits: queue.Queue[WorkerProcess | None] = queue.Queue()  # None: stop
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="engine", daemon=True)
+        self._supervisor = threading.Thread(target=self._supervise, name="engine-supervisor",
+                                            daemon=True)
         self._dispatcher.start()
+        self._supervisor.start()
 
     # public API ------------------------------------------------------------------------
 
@@ -184,36 +237,33 @@ class Engine:
         with self._cond:
             return self._loaded.selection if self._loaded else None
 
-    def load(self, selection: Selection, *, smaller: Callable[[Selection], Selection | None] | None = None) -> None:
-        """Start a worker for ``selection``: canary, fallback ladder, smaller variants."""
+    def load(self, selection: Selection, *,
+             smaller: Callable[[Selection], Selection | None] | None = None) -> None:
+        """Start a worker for ``selection`` (canary, fallback ladder, then ``smaller``
+        variants, all on this thread); swap to it when a model is loaded already."""
         with self._cond:
-            self._smaller = smaller
-            already = self._loaded is not None
-        if already:
+            if self._state is ModelState.READY:
+                cold = False
+            else:
+                self._move(ModelState.LOADING, "a model load or swap is already in progress")
+                cold = True
+        if not cold:
             self.swap(selection)
             return
-        with self._cond:
-            self._transitions += 1
+        loaded = None
         try:
-            loaded = self._start(selection, smaller)
+            loaded = self._loader.start(selection, smaller)
         finally:
-            with self._cond:
-                self._transitions -= 1
-                self._cond.notify_all()
-        with self._cond:
-            self._loaded = loaded
-            self._cond.notify_all()
+            self._settle(loaded)
 
     def submit(self, request: GenerateRequest, on_record: RecordCallback) -> None:
-        """Validate and enqueue; ``on_record`` then gets chunks and one final record."""
-        validate_request(request)
-        frame = self._frame(request)
-        with self._cond:
-            loaded = self._admit(request)
-        if loaded is not None:
-            self._check_length(loaded, frame)
-        timeout_s = request.timeout_s if request.timeout_s is not None else self._runtime.request_timeout_s
-        job = _Job(request, on_record, frame, time.monotonic() + timeout_s)
+        """Enqueue ``request`` (validated by the caller with
+        agent.runtime.request.validate_request); ``on_record`` then gets chunks and one final
+        record. Raises no_model, busy, or bad_request for an id already queued or running."""
+        timeout_s = (request.timeout_s if request.timeout_s is not None
+                     else self._runtime.request_timeout_s)
+        frame = _generate_frame(request, self._runtime.default_max_tokens)
+        job = _Job(request, on_record, frame, time.monotonic() + timeout_s, self._metrics)
         with self._cond:
             self._admit(request)
             self._queue.append(job)
@@ -241,50 +291,50 @@ class Engine:
                     job.cancel_reason = "cancelled"
                     self._cond.notify_all()
                     return True
-            job, busy = self._running, self._busy
+            job, busy = self._running_now(), self._busy
             if job is None or job.request.id != request_id or busy is None:
                 return False
+            if job.cancel_reason:
+                return True  # already being stopped (a deadline's cancel stays a timeout)
             job.cancel_reason = "cancelled"
             job.cancel_sent = time.monotonic()
-        busy.worker.send({"op": "cancel", "id": request_id, "reason": "cancelled"})
+        busy.worker.send(Cancel(id=request_id, reason="cancelled"))
         return True
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Start nothing new (requests still queue) and wait for the running one to end."""
         with self._cond:
-            self._holds.add("drain")
+            self._draining = True
             return self._cond.wait_for(lambda: self._running is None, timeout_s)
 
     def resume(self) -> None:
         with self._cond:
-            self._holds.discard("drain")
+            self._draining = False
             self._cond.notify_all()
 
     def swap(self, selection: Selection) -> None:
         """Switch to ``selection`` without dropping requests; on failure keep/restore the old."""
         with self._cond:
-            if "swap" in self._holds or self._transitions:
-                raise ModelLoadError("a model load or swap is already in progress; try again")
             old = self._loaded
-            self._transitions += 1
-        try:
-            available = psutil.virtual_memory().available
-            if old is None:
-                self._swap_cold(selection)
-            elif selection.estimate.ram_bytes * SWAP_HEADROOM <= available:
-                self._swap_parallel(old, selection)
-            else:
-                self._swap_drained(old, selection)
-        finally:
-            with self._cond:
-                self._transitions -= 1
-                self._cond.notify_all()
+            swapping = self._state is ModelState.READY
+            self._move(ModelState.SWAPPING if swapping else ModelState.LOADING,
+                       "a model load or swap is already in progress")
+        if old is None:
+            loaded = None
+            try:
+                loaded = self._loader.start(selection)
+            finally:
+                self._settle(loaded)
+        elif selection.estimate.ram_bytes * SWAP_HEADROOM <= self._memory_budget():
+            self._swap_parallel(old, selection)
+        else:
+            self._swap_drained(old, selection)
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            loaded, running = self._loaded, self._running
+            loaded, running = self._loaded, self._running_now()
             depth = len(self._queue)
-            state = self._state()
+            state = self._state_name()
         out: dict[str, Any] = {
             "state": state,
             "queue_depth": depth,
@@ -297,31 +347,29 @@ class Engine:
             **self._metrics.summary(),
         }
         if loaded is not None:
-            selection = loaded.selection
-            out["model"] = {
-                "model_id": selection.model_id,
-                "quant": selection.quant,
-                "file": selection.file,
-                "sha256": selection.sha256,
-            }
+            selection, info = loaded.selection, loaded.info
+            out["model"] = {"model_id": selection.model_id, "quant": selection.quant,
+                            "file": selection.file, "sha256": selection.sha256}
             out["worker"] = {
                 "pid": loaded.worker.pid,
                 "rss_bytes": loaded.worker.rss_bytes(),
                 "peak_rss_bytes": loaded.worker.peak_rss_bytes(),
                 "fallback_step": loaded.step,
                 "settings": {k: v for k, v in loaded.settings.items() if k != "model_path"},
-                "load_ms": round(loaded.info.get("load_ms", 0.0), 3),
-                "n_ctx": loaded.info.get("n_ctx"),
+                "load_ms": round(info.load_ms, 3),
+                "n_ctx": info.n_ctx,
             }
         return out
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Fail what is queued, let the running request finish (up to timeout_s), stop."""
         with self._cond:
-            self._closed = True
+            if self._state is not ModelState.STOPPED:
+                self._move(ModelState.STOPPED, "")
             queued = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
+        self._exits.put(None)
         for job in queued:
             job.fail("cancelled", "the agent is shutting down; send the request again later")
         with self._cond:
@@ -333,44 +381,59 @@ class Engine:
         if loaded is not None:
             loaded.worker.stop()
         self._dispatcher.join(timeout_s)
-        try:
-            self._speed.flush()
-        except OSError as exc:
-            log.warning("learned_speed_not_written", error=str(exc))
+        self._supervisor.join(timeout_s)
+        self._loader.flush()
 
-    # submit helpers -----------------------------------------------------------------------
+    # the state machine ---------------------------------------------------------------------
 
-    def _frame(self, request: GenerateRequest) -> dict[str, Any]:
-        frame: dict[str, Any] = {
-            "op": "generate",
-            "id": request.id,
-            "max_tokens": request.max_tokens or self._runtime.default_max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "top_k": request.top_k,
-            "min_p": request.min_p,
-            "repeat_penalty": request.repeat_penalty,
-            "stop": list(request.stop),
-            "seed": request.seed,
-            "stream": request.stream,
-        }
-        if request.messages is not None:
-            frame["messages"] = msgspec.to_builtins(request.messages)
-        else:
-            frame["prompt"] = request.prompt
-        if request.grammar is not None:
-            frame["grammar"] = request.grammar
-        if request.response_format is not None and request.response_format.type != "text":
-            frame["response_format"] = msgspec.to_builtins(request.response_format)
-        return frame
+    def _move(self, to: ModelState, refusal: str) -> None:
+        """The one place the state changes; called with the lock held. A move the table does
+        not allow raises ModelLoadError(refusal), or is a bug when there is no refusal."""
+        if to not in TRANSITIONS[self._state]:
+            if refusal:
+                raise ModelLoadError(f"{refusal} ({self._state.value}); try again")
+            raise AssertionError(f"engine state {self._state.value} -> {to.value}")
+        log.debug("engine_state", state=to.value, was=self._state.value)
+        self._state = to
+        self._cond.notify_all()
 
-    def _admit(self, request: GenerateRequest) -> _Loaded | None:
+    def _settle(self, loaded: LoadedWorker | None) -> None:
+        """End a load/swap/restart: serve ``loaded``, or nothing; a closed engine stops it."""
+        with self._cond:
+            if self._state is ModelState.STOPPED:
+                stray = loaded
+            else:
+                stray = None
+                self._loaded = loaded or self._loaded
+                self._move(ModelState.READY if self._loaded else ModelState.NO_MODEL, "")
+        if stray is not None:
+            stray.worker.stop()
+
+    def _state_name(self) -> str:
+        """What stats() and the daemon's status call the state now."""
+        if self._state is ModelState.STOPPED:
+            return "stopped"
+        if self._state is ModelState.SWAPPING and self._loaded is None:
+            return "swapping"  # a drained swap: nothing serves meanwhile
+        if self._draining:
+            return "draining"
+        if self._loaded is None:
+            return "no_model" if self._state is ModelState.NO_MODEL else "loading"
+        return "busy" if self._running_now() else "ready"
+
+    def _running_now(self) -> _Job | None:
+        """The running job until its final is out (the dispatcher clears ``_running`` after)."""
+        job = self._running
+        return job if job is not None and not job.done.is_set() else None
+
+    def _admit(self, request: GenerateRequest) -> None:
         """Raise if the request cannot be queued now; called with the lock held."""
-        if self._closed:
+        if self._state is ModelState.STOPPED:
             raise NoModelError("the engine is shut down")
-        if self._loaded is None and not self._transitions:
+        if self._state not in _QUEUEING:
             raise NoModelError("no model is loaded; select and fetch one first")
-        if (self._running and self._running.request.id == request.id) or any(
+        running = self._running_now()
+        if (running and running.request.id == request.id) or any(
             job.request.id == request.id for job in self._queue
         ):
             raise RequestError(f"id: request {request.id} is already queued or running", field="id")
@@ -379,24 +442,6 @@ class Engine:
             raise BusyError(
                 f"the queue is full ({depth} requests waiting); retry later", queue_depth=depth
             )
-        return self._loaded
-
-    def _check_length(self, loaded: _Loaded, frame: dict[str, Any]) -> None:
-        question = {k: frame[k] for k in ("messages", "prompt") if k in frame}
-        reply = loaded.worker.count(question, COUNT_TIMEOUT_S)
-        if reply is None or reply.get("error") == "not_loaded":
-            return  # the worker checks again before it generates
-        if "error" in reply:
-            raise RequestError(f"messages: the chat template rejects them: {reply['error']}", field="messages")
-        n_tokens, n_ctx = reply["n_tokens"], reply["n_ctx"]
-        if n_tokens >= n_ctx:
-            raise TooLongError(
-                f"prompt is {n_tokens} tokens, context is {n_ctx}",
-                prompt_tokens=n_tokens,
-                n_ctx=n_ctx,
-            )
-
-    # loading -------------------------------------------------------------------------------
 
     def _emit(self, event: dict[str, Any]) -> None:
         log.info(event["event"], **{k: v for k, v in event.items() if k != "event"})
@@ -405,352 +450,194 @@ class Engine:
         except Exception:  # same as on_record: the engine's own work goes on
             log.exception("on_event_failed", event=event["event"])
 
-    def _start(
-        self,
-        selection: Selection,
-        smaller: Callable[[Selection], Selection | None] | None,
-        start_step: str | None = None,
-    ) -> _Loaded:
-        """Walk the ladder from the remembered (or given) step; raise ModelLoadError."""
-        attempts: list[str] = []
-        current: Selection | None = selection
-        while current is not None:
-            if not current.model_path:
-                raise ModelLoadError(f"{current.quant}: no local model file; fetch it first")
-            remembered = self._memory.lookup(self._device_id, _model_key(current))
-            first = start_step or (remembered["step"] if remembered else "as_selected")
-            ladder = rungs(current, self._runtime, first)
-            for index, (step, settings) in enumerate(ladder):
-                loaded, reason, message = self._try(current, step, settings)
-                if loaded is not None:
-                    self._after_load(loaded)
-                    return loaded
-                attempts.append(f"{current.quant}/{step}: {message}")
-                following = ladder[index + 1][0] if index + 1 < len(ladder) else "smaller_variant"
-                self._emit(
-                    {
-                        "event": "canary_fallback",
-                        "step": following,
-                        "failed_step": step,
-                        "quant": current.quant,
-                        "reason": reason,
-                        "message": f"{current.quant} failed with {step}: {message}; trying {following}",
-                    }
-                )
-            start_step = None
-            current = smaller(current) if smaller else None
-        raise ModelLoadError(
-            f"every fallback setting failed for {selection.model_id}: {attempts[-1] if attempts else 'nothing tried'}",
-            attempts=attempts,
-        )
-
-    def _try(self, selection: Selection, step: str, settings: dict[str, Any]) -> tuple[_Loaded | None, str, str]:
-        """One load + canary. Returns (loaded, "", "") or (None, reason, message)."""
-        worker = WorkerProcess()
-        worker.send(
-            {
-                "op": "load",
-                "settings": settings,
-                "canary": {"prompt": CANARY_PROMPT, "tokens": self._runtime.canary_tokens},
-            }
-        )
-        try:
-            reply = worker.records.get(timeout=LOAD_TIMEOUT_S)
-        except queue.Empty:
-            reply = {"type": "exit", "returncode": None}
-        kind = reply.get("type")
-        if kind == "loaded" and (self._runtime.canary_tokens == 0 or reply["canary_tokens"] > 0):
-            return _Loaded(worker, selection, step, settings, reply), "", ""
-        if kind == "loaded":
-            reason = message = "canary produced no tokens"
-        elif kind == "load_failed":
-            reason, message = "load failed", reply["message"]
-        else:
-            worker.exited.wait(2.0)
-            reason = describe_exit(worker.returncode if kind == "exit" else None)
-            message = reason
-            if worker.stderr_tail:
-                message = f"{reason}; last output: {worker.stderr_tail[-1]}"
-        worker.stop()
-        return None, reason, message
-
-    def _after_load(self, loaded: _Loaded) -> None:
-        selection = loaded.selection
-        self._memory.remember(self._device_id, _model_key(selection), loaded.step, loaded.settings)
-        measured = loaded.info["rss_after"] - loaded.info["rss_before"]
-        self._record_learned(loaded, measured)
-        loaded.decode_cost = _decode_cost(selection, loaded.settings["kv_type"])
-        self._emit(
-            {
-                "event": "model_loaded",
-                "model_id": selection.model_id,
-                "quant": selection.quant,
-                "step": loaded.step,
-                "load_ms": round(loaded.info["load_ms"], 3),
-                "rss_growth_bytes": measured,
-                "pid": loaded.worker.pid,
-            }
-        )
-
-    def _record_learned(self, loaded: _Loaded, measured: int) -> None:
-        if not loaded.selection.sha256:
-            return  # a bare --model file: nothing the selector could look it up by
-        try:
-            from agent.catalog.learned import LearnedMemory, settings_key
-        except ImportError:  # the catalog's learned corrections are optional for the runtime
-            return
-        settings = loaded.settings
-        effective = msgspec.structs.replace(
-            loaded.selection,
-            n_batch=settings["n_batch"],
-            n_ubatch=settings["n_ubatch"],
-            n_gpu_layers=settings["n_gpu_layers"],
-            flash_attn=settings["flash_attn"],
-        )
-        try:
-            LearnedMemory(self._state_dir).record(
-                self._device_id, loaded.selection.sha256, settings_key(effective), measured
-            )
-        except OSError as exc:
-            log.warning("learned_memory_not_written", error=str(exc))
-
-    def _learn_speed(self, loaded: _Loaded, final: dict[str, Any]) -> None:
-        """Every measured generation teaches the selector this build's decode rate here."""
-        if "error" in final or loaded.decode_cost is None or not loaded.selection.sha256:
-            return  # a cancelled or failed generation carries no timings
-        usage, timings = final["usage"], final["timings"]
-        if usage["completion_tokens"] - 1 < MIN_DECODED_TOKENS:
-            return
-        # The context grows from the prompt to prompt + answer while decoding: its middle.
-        context = usage["prompt_tokens"] + usage["completion_tokens"] / 2
-        try:
-            self._speed.record(
-                self._device_id, self._build, loaded.selection.sha256,
-                loaded.settings["n_gpu_layers"], tokens_per_s=timings["decode_tokens_per_s"],
-                bytes_per_token=loaded.decode_cost.bytes_per_token(context),
-            )
-        except OSError as exc:
-            log.warning("learned_speed_not_written", error=str(exc))
-
     # swapping ------------------------------------------------------------------------------
 
-    def _swap_cold(self, selection: Selection) -> None:
-        loaded = self._start(selection, None)
-        with self._cond:
-            self._loaded = loaded
-            self._cond.notify_all()
-
-    def _swap_parallel(self, old: _Loaded, selection: Selection) -> None:
+    def _swap_parallel(self, old: LoadedWorker, selection: Selection) -> None:
         try:
-            new = self._start(selection, None)
+            new = self._loader.start(selection)
         except ModelLoadError as exc:
             self._emit({"event": "rollback", "to": old.selection.quant, "reason": exc.message})
+            self._settle(None)
             raise
         with self._cond:
-            self._loaded = new
             retire_now = self._busy is not old
-            self._cond.notify_all()
+            self._loaded = new
+        self._settle(new)
         if retire_now:
             old.worker.stop()
         # else the dispatcher stops it when its running request ends
-        self._emit(
-            {"event": "model_switch", "mode": "parallel", "from": old.selection.quant, "to": selection.quant, "model_id": selection.model_id}
-        )
+        self._emit({"event": "model_switch", "mode": "parallel", "from": old.selection.quant,
+                    "to": selection.quant, "model_id": selection.model_id})
 
-    def _swap_drained(self, old: _Loaded, selection: Selection) -> None:
+    def _swap_drained(self, old: LoadedWorker, selection: Selection) -> None:
         with self._cond:
-            self._holds.add("swap")
+            self._loaded = None  # nothing new starts; the running request ends on the old one
             self._cond.wait_for(lambda: self._running is None)
-            self._loaded = None
         old.worker.stop()
         try:
+            new = self._loader.start(selection)
+        except ModelLoadError as exc:
+            self._emit({"event": "rollback", "to": old.selection.quant, "reason": exc.message})
+            restored = None
             try:
-                new = self._start(selection, None)
-            except ModelLoadError as exc:
-                self._emit({"event": "rollback", "to": old.selection.quant, "reason": exc.message})
-                restored = self._start(old.selection, None, old.step)
-                with self._cond:
-                    self._loaded = restored
-                raise
-            with self._cond:
-                self._loaded = new
-            self._emit(
-                {"event": "model_switch", "mode": "drained", "from": old.selection.quant, "to": selection.quant, "model_id": selection.model_id}
-            )
-        finally:
-            with self._cond:
-                self._holds.discard("swap")
-                self._cond.notify_all()
+                restored = self._loader.start(old.selection, None, old.step)
+            finally:
+                self._settle(restored)
+            raise
+        self._settle(new)
+        self._emit({"event": "model_switch", "mode": "drained", "from": old.selection.quant,
+                    "to": selection.quant, "model_id": selection.model_id})
 
     # dispatching ---------------------------------------------------------------------------
 
-    def _state(self) -> str:
-        if self._closed:
-            return "stopped"
-        if "swap" in self._holds:
-            return "swapping"
-        if "drain" in self._holds:
-            return "draining"
-        if self._loaded is None:
-            return "loading" if self._transitions else "no_model"
-        return "busy" if self._running else "ready"
-
     def _dispatch_loop(self) -> None:
         while True:
-            expired: list[_Job] = []
-            job: _Job | None = None
-            loaded: _Loaded | None = None
-            died_idle: _Loaded | None = None
             with self._cond:
-                while True:
-                    if self._closed:
-                        return
-                    if self._loaded is not None and self._loaded.worker.exited.is_set() and not self._holds:
-                        died_idle = self._loaded  # restart it now, not on the next request's back
-                        break
-                    now = time.monotonic()
-                    for queued in list(self._queue):
-                        if queued.cancel_reason or queued.deadline <= now:
-                            self._queue.remove(queued)
-                            expired.append(queued)
-                    no_model = self._loaded is None and not self._transitions and not self._holds
-                    if no_model and self._queue:
-                        expired.extend(self._queue)
-                        self._queue.clear()
-                    if expired:
-                        break
-                    if self._queue and self._loaded is not None and not self._holds:
-                        job, loaded = self._queue.popleft(), self._loaded
-                        self._running, self._busy = job, loaded
-                        break
-                    wait = min((q.deadline - now for q in self._queue), default=IDLE_WATCH_S)
-                    self._cond.wait(max(min(wait, IDLE_WATCH_S), POLL_S))
-            if died_idle is not None:
-                self._recover(died_idle, describe_exit(died_idle.worker.returncode) + " while idle")
-                continue
+                picked = self._next_job()
+            if picked is None:
+                return
+            job, loaded, expired = picked
             for gone in expired:
                 self._expire(gone)
             if job is not None and loaded is not None:
-                try:
-                    self._run(job, loaded)
-                finally:
-                    with self._cond:
-                        self._running = self._busy = None
-                        retired = loaded is not self._loaded and not loaded.worker.exited.is_set()
-                        self._cond.notify_all()
-                    if retired:
-                        loaded.worker.stop()
+                self._run(job, loaded)
+
+    def _next_job(self) -> tuple[_Job | None, LoadedWorker | None, list[_Job]] | None:
+        """Wait for work; called with the lock held. None once the engine is stopped."""
+        while True:
+            if self._state is ModelState.STOPPED:
+                return None
+            now = time.monotonic()
+            expired = [job for job in self._queue if job.cancel_reason or job.deadline <= now]
+            if self._state is ModelState.NO_MODEL:
+                expired = list(self._queue)
+            for job in expired:
+                self._queue.remove(job)
+            loaded = self._loaded
+            serving = loaded is not None and not loaded.worker.exited.is_set()
+            if self._queue and serving and not self._draining:
+                job = self._queue.popleft()
+                self._running, self._busy = job, loaded
+                return job, loaded, expired
+            if expired:
+                return None, None, expired
+            wait = min((job.deadline - now for job in self._queue), default=None)
+            self._cond.wait(None if wait is None else max(wait, POLL_S))
 
     def _expire(self, job: _Job) -> None:
         if job.cancel_reason:
-            final = job.fail("cancelled", "cancelled before it started")
-        elif self._loaded is None and job.deadline > time.monotonic():
-            final = job.fail("no_model", "no model is loaded; the last one failed to restart")
+            job.fail("cancelled", "cancelled before it started")
+        elif job.deadline > time.monotonic():
+            job.fail("no_model", "no model is loaded; the last one failed to restart")
         else:
-            final = job.fail("timeout", "the request waited past its deadline in the queue")
-        self._metrics.record(final)
+            job.fail("timeout", "the request waited past its deadline in the queue")
 
-    def _run(self, job: _Job, loaded: _Loaded) -> None:
+    def _run(self, job: _Job, loaded: LoadedWorker) -> None:
         worker = loaded.worker
-        request_id = job.request.id
-        worker.stream_to(request_id, job.deliver)
-        try:
+        job.model = loaded.model
+        streaming = worker.stream_to(job.request.id, job)
+        if streaming and worker.send(job.frame):
             self._await_final(job, loaded)
-        finally:
-            worker.stream_to(None)
-
-    def _await_final(self, job: _Job, loaded: _Loaded) -> None:
-        worker = loaded.worker
-        request_id = job.request.id
-        worker.send(job.frame)
-        while True:
-            now = time.monotonic()
-            if now >= job.deadline and job.cancel_reason is None:
-                job.cancel_reason, job.cancel_sent = "timeout", now
-                worker.send({"op": "cancel", "id": request_id, "reason": "timeout"})
-            if job.cancel_reason == "timeout" and job.cancel_sent and now - job.cancel_sent > TIMEOUT_KILL_GRACE_S:
-                worker.kill()
-                self._metrics.record(job.fail("timeout", "the request passed its deadline; the worker was restarted"))
-                self._recover(loaded, "killed after a request passed its deadline")
-                return
-            try:
-                record = worker.records.get(timeout=POLL_S if job.cancel_reason else max(min(job.deadline - now, 1.0), POLL_S))
-            except queue.Empty:
-                continue
-            # The running request's chunks go to job.deliver from the reader thread; a chunk
-            # here is a stale one from before and is dropped.
-            kind = record.pop("type", None)
-            if kind == "final":
-                # Named here, from the worker that ran it: during a swap the engine's current
-                # selection may already be the next model.
-                record["model"] = {"model_id": loaded.selection.model_id, "quant": loaded.selection.quant}
-                job.deliver(record)
-                self._metrics.record(record)
-                self._learn_speed(loaded, record)
-                return
-            elif kind == "exit":
-                reason = describe_exit(record["returncode"])
-                self._metrics.record(job.fail("worker_crashed", f"{reason} during the request; the worker is restarting"))
-                self._recover(loaded, reason)
-                return
-
-    def _recover(self, crashed: _Loaded, reason: str) -> None:
-        """Restart after a crash with the remembered setting, further down the ladder if needed."""
-        crashed.worker.exited.wait(5.0)
-        self._restarts += 1
-        self._emit(
-            {"event": "worker_crashed", "reason": reason, "quant": crashed.selection.quant, "step": crashed.step, "pid": crashed.worker.pid}
-        )
+        elif streaming:
+            job.done.wait()  # the worker is gone: its frame reader fails the job at the exit
+        worker.stream_to(None)
         with self._cond:
-            if self._loaded is not crashed:
-                return  # already swapped away from it
-            self._loaded = None
-            self._transitions += 1
-        restarted: _Loaded | None = None
-        try:
-            restarted = self._start(crashed.selection, self._smaller, crashed.step)
-        except ModelLoadError as exc:
-            self._emit({"event": "restart_failed", "reason": exc.message, "quant": crashed.selection.quant})
-        finally:
-            with self._cond:
-                closed = self._closed
-                self._loaded = None if closed else restarted
-                self._transitions -= 1
-                self._cond.notify_all()
-            if closed and restarted is not None:
-                restarted.worker.stop()
-        if restarted is None and not closed:
-            # What killed it may have been passing (an OOM killer, an operator, a crash storm
-            # during the restart's own canary): keep trying in the background, backing off,
-            # so the device serves again without a person. Meanwhile requests get no_model.
-            threading.Thread(target=self._retry_restart, args=(crashed,), name="engine-restart",
-                             daemon=True).start()
+            self._running = self._busy = None
+            if not streaming:
+                self._queue.appendleft(job)  # it died just before: run it on the restarted one
+            retired = loaded is not self._loaded and not worker.exited.is_set()
+            self._cond.notify_all()
+        if retired:
+            loaded.worker.stop()
+        if job.final is not None:
+            self._loader.learn_speed(loaded, job.final)
 
-    def _retry_restart(self, crashed: _Loaded) -> None:
+    def _await_final(self, job: _Job, loaded: LoadedWorker) -> None:
+        """Wait for the job's final (the frame reader delivers it); enforce the deadline."""
+        worker = loaded.worker
+        while not job.done.wait(max(min(job.deadline - time.monotonic(), 1.0), POLL_S)):
+            now = time.monotonic()
+            with self._cond:
+                timed_out = now >= job.deadline and job.cancel_reason is None
+                if timed_out:
+                    job.cancel_reason, job.cancel_sent = "timeout", now
+            if timed_out:
+                worker.send(Cancel(id=job.request.id, reason="timeout"))
+            elif (job.cancel_reason == "timeout" and job.cancel_sent is not None
+                  and now - job.cancel_sent > TIMEOUT_KILL_GRACE_S and not job.killed):
+                job.killed = True  # its final comes from the frame reader, at the exit
+                loaded.kill_reason = "killed after a request passed its deadline"
+                worker.kill()
+
+    # supervising ---------------------------------------------------------------------------
+
+    def _worker_exited(self, worker: WorkerProcess) -> None:
+        """A watched worker's frame reader: hand the exit to the supervisor, never handle it."""
+        self._exits.put(worker)
+        with self._cond:
+            self._cond.notify_all()  # the dispatcher must not start a job on it
+
+    def _supervise(self) -> None:
+        crashed: LoadedWorker | None = None  # what a failed restart keeps retrying
         delay_s = RESTART_RETRY_FIRST_S
         attempt = 0
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed, timeout=delay_s)
-                if self._closed or self._loaded is not None or self._transitions:
-                    return  # shut down, or someone loaded a model meanwhile
-                self._transitions += 1
-            attempt += 1
-            restarted: _Loaded | None = None
             try:
-                restarted = self._start(crashed.selection, self._smaller, crashed.step)
-            except ModelLoadError as exc:
-                self._emit({"event": "restart_failed", "reason": exc.message, "attempt": attempt,
-                            "retry_in_s": min(delay_s * 2, RESTART_RETRY_MAX_S), "quant": crashed.selection.quant})
-            finally:
-                with self._cond:
-                    closed = self._closed
-                    if restarted is not None and not closed:
-                        self._loaded = restarted
-                    self._transitions -= 1
-                    self._cond.notify_all()
-                if closed and restarted is not None:
-                    restarted.worker.stop()
-            if restarted is not None:
+                exited = self._exits.get(timeout=delay_s if crashed else None)
+            except queue.Empty:
+                exited = False
+            if exited is None:
                 return
-            delay_s = min(delay_s * 2, RESTART_RETRY_MAX_S)
+            if exited:
+                found = self._take_crashed(exited)
+                if found is None:
+                    continue  # retired by a swap, or a failed rung: no crash to restart
+                crashed, delay_s, attempt = found, RESTART_RETRY_FIRST_S, 0
+            elif crashed is None or not self._begin_retry():
+                crashed = None  # stopped, or someone loaded a model meanwhile
+                continue
+            elif attempt:
+                delay_s = min(delay_s * 2, RESTART_RETRY_MAX_S)
+            attempt += 1
+            if self._restart(crashed, attempt, delay_s):
+                crashed = None
+
+    def _take_crashed(self, worker: WorkerProcess) -> LoadedWorker | None:
+        with self._cond:
+            loaded = self._loaded
+            if loaded is None or loaded.worker is not worker:
+                return None
+            self._loaded = None
+            if self._state is ModelState.READY:
+                self._move(ModelState.RESTARTING, "")
+            else:
+                return None  # a swap is under way: it settles what serves next
+        reason = loaded.kill_reason or describe_exit(worker.returncode) + (
+            "" if worker.exited_during_request else " while idle")
+        self._restarts += 1
+        self._emit({"event": "worker_crashed", "reason": reason, "quant": loaded.selection.quant,
+                    "step": loaded.step, "pid": worker.pid})
+        return loaded
+
+    def _begin_retry(self) -> bool:
+        with self._cond:
+            if self._state is not ModelState.NO_MODEL:
+                return False
+            self._move(ModelState.RESTARTING, "")
+            return True
+
+    def _restart(self, crashed: LoadedWorker, attempt: int, delay_s: float) -> bool:
+        """Restart with the remembered setting, further down the ladder if needed."""
+        restarted = None
+        try:
+            restarted = self._loader.start(crashed.selection, None, crashed.step)
+        except ModelLoadError as exc:
+            # What killed it may have been passing (an OOM killer, an operator, a crash storm
+            # during the restart's own canary): the supervisor keeps trying, backing off, so
+            # the device serves again without a person. Meanwhile requests get no_model.
+            self._emit({"event": "restart_failed", "reason": exc.message, "attempt": attempt,
+                        "retry_in_s": delay_s, "quant": crashed.selection.quant,
+                        "smaller_wanted": True})
+        finally:
+            self._settle(restarted)
+        return restarted is not None

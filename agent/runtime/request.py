@@ -7,8 +7,9 @@ or ``{id, done: True, error: {code, message}}``. ``usage`` is ``{prompt_tokens,
 completion_tokens}``; ``timings`` is ``{ttft_ms, prefill_tokens_per_s, decode_tokens_per_s,
 total_ms}``.
 
-``validate_request`` checks ranges without a model (pure); prompt length against the
-context needs the model's tokenizer and is checked by the engine.
+``validate_request`` checks ranges without a model (pure), once, where a request enters
+(agent.mqtt.payloads, the CLI); prompt length against the context needs the model's
+tokenizer and is checked by the worker, where the prompt is tokenized (``too_long``).
 """
 
 from __future__ import annotations

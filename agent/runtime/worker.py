@@ -5,9 +5,10 @@ spoken to in frames (agent.runtime.protocol) over those two pipe fds. stdout and
 carry only llama.cpp's own noise, never protocol data. A native crash here (SIGSEGV in a
 matmul kernel, an abort in an assert, the OOM killer) ends this process, not the daemon.
 
-Threads: the main thread loads the model and runs one generation at a time; a reader
-thread reads frames, sets the cancel flag that the generation checks after every token,
-and answers ``count`` (tokenize only) frames while a generation runs.
+Threads: the main thread loads the model and runs one generation at a time: it tokenizes
+the prompt (the only place a prompt is tokenized) and refuses one longer than the context
+(``too_long``); a reader thread reads frames and sets the cancel flag that the generation
+checks after every token.
 
 llama_cpp is imported only in child processes: this worker and agent.runtime.quality's
 measuring child, never in the daemon. This module must not import the engine, MQTT or
@@ -15,9 +16,9 @@ anything else of the daemon (agent.config's chat-format rules are the bottom lay
 
 ``python -m agent.runtime.worker --build-info`` prints the llama.cpp build as JSON.
 
-Test hook: ``EDGE_AGENT_WORKER_CRASH_UNLESS=<step>`` raises a real SIGSEGV at the first
-decode unless the fallback step ``<step>`` (e.g. ``no_extra_bufts``) is in effect, which
-is how the native AMX build fails on the machines this agent runs on.
+Two things llama-cpp-python has no public way for are each done in one small function below
+(``_model_params``, ``_watch_sampling``), and tests/runtime/test_worker.py fails loudly when an
+upgrade breaks either.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import contextlib
 import json
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -36,9 +36,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from agent.config import MAX_CHAT_TEMPLATE_BYTES, is_chat_template_file
-from agent.runtime.protocol import FrameReader, FrameWriter
-
-CRASH_HOOK_ENV = "EDGE_AGENT_WORKER_CRASH_UNLESS"
+from agent.runtime.protocol import (
+    Cancel,
+    Chunk,
+    Final,
+    FrameReader,
+    FrameWriter,
+    Generate,
+    Load,
+    Loaded,
+    LoadFailed,
+    Stop,
+    ToWorker,
+)
 
 _KV_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type values (ggml.h)
 # Grammars (GBNF text, or a JSON schema turned into one) kept checked and ready: IoT callers send
@@ -71,7 +81,10 @@ def _model_params(use_extra_bufts: bool) -> Iterator[None]:
     """Build the Llama with ``use_extra_bufts`` set; Llama() has no argument for it.
 
     Extra buffer types are where ggml repacks weights for AMX and other CPU kernels; turning
-    them off is the first step of the fallback ladder.
+    them off is the first step of the fallback ladder. Llama() builds its model params from
+    ``llama_model_default_params()`` and keeps them public as ``Llama.model_params``, so the
+    defaults are swapped for the duration of one construction and _load checks the result:
+    a llama-cpp-python that stops reading them fails the load, not silently the ladder.
     """
     import llama_cpp.llama_cpp as bindings
 
@@ -87,6 +100,31 @@ def _model_params(use_extra_bufts: bool) -> Iterator[None]:
         yield
     finally:
         bindings.llama_model_default_params = original
+
+
+def _watch_sampling(llama: Any, sampled: list[tuple[int, float]]) -> None:
+    """Append every token ``llama`` samples, and when, to ``sampled``.
+
+    usage and timings need the exact sampled tokens (the end-of-generation one included) and
+    their times; create_completion's stream reports neither, and its stopping criteria are
+    called without the token. There is no public hook, so this one Llama's ``sample`` method
+    is wrapped (the instance, never the class); tests/runtime/test_worker.py checks the counts
+    against llama-cpp-python's own usage and fails if an upgrade stops sampling through it.
+    """
+    sample = llama.sample
+
+    def timed_sample(*args: Any, **kwargs: Any) -> int:
+        token = sample(*args, **kwargs)
+        sampled.append((token, time.perf_counter()))
+        return token
+
+    llama.sample = timed_sample
+
+
+def _token_text(vocab: Any, token: int) -> str:
+    import llama_cpp
+
+    return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8")
 
 
 class ChatFormatRefused(Exception):
@@ -134,7 +172,7 @@ class Worker:
     def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._ops: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._ops: queue.Queue[Load | Generate | Stop] = queue.Queue()
         # request id -> why it must stop; set by the reader thread, read after every token.
         # A cancel can arrive before its generation starts, so it is kept until then.
         self._cancelled: dict[str, str] = {}
@@ -143,10 +181,9 @@ class Worker:
         self._cancelled_lock = threading.Lock()
         self._llama: Any = None
         self._formatter: Any = None
-        self._settings: dict[str, Any] = {}
         self._sampled: list[tuple[int, float]] = []
         self._grammars: OrderedDict[str, Any] = OrderedDict()  # key -> LlamaGrammar, LRU
-        self._crash_unless = os.environ.get(CRASH_HOOK_ENV) or None
+        self._vocab: Any = None  # llama_vocab_p of the loaded model
 
     # reader thread ------------------------------------------------------------------
 
@@ -156,27 +193,11 @@ class Worker:
             if message is None:
                 # The parent is gone: a worker must never outlive its engine.
                 os._exit(0)
-            op = message.get("op")
-            if op == "cancel":
+            if isinstance(message, Cancel):
                 with self._cancelled_lock:
-                    self._cancelled[message["id"]] = message.get("reason", "cancelled")
-            elif op == "count":
-                self._answer_count(message)
+                    self._cancelled[message.id] = message.reason
             else:
                 self._ops.put(message)
-
-    def _answer_count(self, message: dict[str, Any]) -> None:
-        reply: dict[str, Any] = {"type": "count", "tag": message["tag"]}
-        if self._llama is None:
-            reply["error"] = "not_loaded"
-        else:
-            try:
-                tokens, _, _ = self._prompt_tokens(message)
-                reply["n_tokens"] = len(tokens)
-                reply["n_ctx"] = self._llama.n_ctx()
-            except Exception as exc:  # a template that rejects these messages
-                reply["error"] = f"{type(exc).__name__}: {exc}"
-        self._writer.send(reply)
 
     # main thread ---------------------------------------------------------------------
 
@@ -184,17 +205,15 @@ class Worker:
         threading.Thread(target=self._read_loop, name="worker-reader", daemon=True).start()
         while True:
             message = self._ops.get()
-            op = message.get("op") if message else "stop"
-            if op == "stop":
+            if isinstance(message, Stop):
                 return
-            if op == "load":
+            if isinstance(message, Load):
                 self._load(message)
-            elif op == "generate":
+            else:
                 self._generate(message)
 
-    def _load(self, message: dict[str, Any]) -> None:
-        settings = message["settings"]
-        self._settings = settings
+    def _load(self, message: Load) -> None:
+        settings = message.settings
         rss_before = _rss_bytes()
         started = time.perf_counter()
         try:
@@ -229,6 +248,10 @@ class Worker:
                     seed=settings.get("seed", 0xFFFFFFFF),
                     verbose=False,
                 )
+            wanted_bufts = settings.get("use_extra_bufts", True)
+            if bool(llama.model_params.use_extra_bufts) != wanted_bufts:
+                raise RuntimeError(f"this llama-cpp-python ignored use_extra_bufts={wanted_bufts}")
+            vocab = llama_cpp.llama_model_get_vocab(llama.model)
             # Precedence (config over manifest over the GGUF's own) was settled by the selector:
             # chat_format is set only when it overrides the file's template.
             template = template_text or llama.metadata.get("tokenizer.chat_template")
@@ -239,70 +262,51 @@ class Worker:
                 bos = llama.token_bos()
                 self._formatter = llama_chat_format.Jinja2ChatFormatter(
                     template=template,
-                    eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-                    bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+                    eos_token=_token_text(vocab, eos) if eos != -1 else "",
+                    bos_token=_token_text(vocab, bos) if bos != -1 else "",
                     stop_token_ids=[eos],
                 )
-            self._watch_sampling(llama)
+            _watch_sampling(llama, self._sampled)
             self._llama = llama
+            self._vocab = vocab
         except Exception as exc:
-            self._writer.send({"type": "load_failed", "message": f"{type(exc).__name__}: {exc}"})
+            self._writer.send(LoadFailed(message=f"{type(exc).__name__}: {exc}"))
             return
         load_ms = (time.perf_counter() - started) * 1000
-        canary = message.get("canary") or {}
         canary_text, canary_tokens = "", 0
-        if canary.get("tokens"):
+        if message.canary_tokens:
             try:
-                canary_text, canary_tokens = self._run_canary(canary["prompt"], canary["tokens"])
-            except Exception as exc:
-                self._writer.send(
-                    {"type": "load_failed", "message": f"canary: {type(exc).__name__}: {exc}"}
+                canary_text, canary_tokens = self._run_canary(
+                    message.canary_prompt, message.canary_tokens
                 )
+            except Exception as exc:
+                self._writer.send(LoadFailed(message=f"canary: {type(exc).__name__}: {exc}"))
                 return
         self._writer.send(
-            {
-                "type": "loaded",
-                "load_ms": load_ms,
-                "rss_before": rss_before,
-                "rss_after": _rss_bytes(),
-                "n_ctx": llama.n_ctx(),
-                "n_ctx_train": llama._model.n_ctx_train(),
-                "chat_template": self._formatter is not None,
-                "canary_text": canary_text,
-                "canary_tokens": canary_tokens,
-            }
+            Loaded(
+                load_ms=load_ms,
+                rss_before=rss_before,
+                rss_after=_rss_bytes(),
+                n_ctx=llama.n_ctx(),
+                n_ctx_train=llama_cpp.llama_model_n_ctx_train(llama.model),
+                chat_template=self._formatter is not None,
+                canary_text=canary_text,
+                canary_tokens=canary_tokens,
+            )
         )
 
-    def _watch_sampling(self, llama: Any) -> None:
-        """Record every sampled token and when: usage and timings need exact counts, and
-        create_completion's stream does not report them."""
-        sample = llama.sample
-        sampled = self._sampled
-
-        def timed_sample(*args: Any, **kwargs: Any) -> int:
-            token = sample(*args, **kwargs)
-            sampled.append((token, time.perf_counter()))
-            return token
-
-        llama.sample = timed_sample
-
-    def _maybe_crash(self) -> None:
-        if self._crash_unless and self._crash_unless not in self._settings.get("steps", []):
-            os.kill(os.getpid(), signal.SIGSEGV)
-
     def _run_canary(self, prompt: str, tokens: int) -> tuple[str, int]:
-        self._maybe_crash()
         out = self._llama.create_completion(prompt, max_tokens=tokens, temperature=0.0, seed=0)
         return out["choices"][0]["text"], int(out["usage"]["completion_tokens"])
 
-    def _prompt_tokens(self, message: dict[str, Any]) -> tuple[list[int], list[str], Any]:
+    def _prompt_tokens(self, message: Generate) -> tuple[list[int], list[str], Any]:
         """Prompt tokens, extra stop strings and a stop-token check, as the chat handler does."""
         llama = self._llama
-        if message.get("messages") is not None:
+        if message.messages is not None:
             if self._formatter is None:
                 raise ValueError("the model has no chat template; send a raw prompt, or name a "
                                  "chat_format in the config (model.chat_format) or the manifest")
-            result = self._formatter(messages=message["messages"])
+            result = self._formatter(messages=message.messages)
             tokens = llama.tokenize(
                 result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
             )
@@ -311,16 +315,17 @@ class Worker:
             return tokens, stop, result.stopping_criteria
         # special=True as create_completion does for a string: a raw prompt is the caller's
         # whole input, control tokens included, and must tokenize as it would in-process.
-        return llama.tokenize(message["prompt"].encode("utf-8"), add_bos=True, special=True), [], None
+        prompt = message.prompt or ""
+        return llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), [], None
 
-    def _grammar(self, message: dict[str, Any]) -> Any:
+    def _grammar(self, message: Generate) -> Any:
         """The LlamaGrammar the request asks for (``grammar`` or ``response_format``), or None;
         checked and kept per grammar text or schema, least recently used out first."""
         from llama_cpp import llama_grammar
 
-        form = message.get("response_format")
-        if message.get("grammar") is not None:
-            key = "gbnf:" + message["grammar"]
+        form = message.response_format
+        if message.grammar is not None:
+            key = "gbnf:" + message.grammar
         elif form is None:
             return None
         elif form["type"] == "json_object":
@@ -332,7 +337,7 @@ class Worker:
             self._grammars.move_to_end(key)
             return cached
         if key.startswith("gbnf:"):
-            text = message["grammar"]
+            text = message.grammar
         elif key == "json_object":
             text = llama_grammar.JSON_GBNF
         else:
@@ -363,10 +368,10 @@ class Worker:
             raise GrammarRefused("grammar: llama.cpp cannot parse it as GBNF with a `root` rule")
         llama_cpp.llama_sampler_free(sampler)
 
-    def _generate(self, message: dict[str, Any]) -> None:
+    def _generate(self, message: Generate) -> None:
         import llama_cpp
 
-        request_id = message["id"]
+        request_id = message.id
         llama = self._llama
         started = time.perf_counter()
         try:
@@ -377,7 +382,8 @@ class Worker:
         n_ctx = llama.n_ctx()
         if len(tokens) >= n_ctx:
             self._final_error(
-                request_id, "too_long", f"prompt is {len(tokens)} tokens, context is {n_ctx}"
+                request_id, "too_long", f"prompt is {len(tokens)} tokens, context is {n_ctx}",
+                prompt_tokens=len(tokens), n_ctx=n_ctx,
             )
             return
         try:
@@ -401,7 +407,6 @@ class Worker:
                 return True
             return request_id in cancelled
 
-        self._maybe_crash()
         llama_cpp.llama_perf_context_reset(llama.ctx)
         text_parts: list[str] = []
         finish_reason = "length"
@@ -409,14 +414,14 @@ class Worker:
         try:
             stream = llama.create_completion(
                 tokens,
-                max_tokens=message["max_tokens"],
-                temperature=message["temperature"],
-                top_p=message["top_p"],
-                top_k=message["top_k"],
-                min_p=message["min_p"],
-                repeat_penalty=message["repeat_penalty"],
-                stop=list(message.get("stop") or []) + extra_stop,
-                seed=message.get("seed"),
+                max_tokens=message.max_tokens,
+                temperature=message.temperature,
+                top_p=message.top_p,
+                top_k=message.top_k,
+                min_p=message.min_p,
+                repeat_penalty=message.repeat_penalty,
+                stop=message.stop + extra_stop,
+                seed=message.seed,
                 grammar=grammar,
                 stream=True,
                 stopping_criteria=llama_cpp.StoppingCriteriaList([watch]),
@@ -426,8 +431,8 @@ class Worker:
                 delta = choice["text"]
                 if delta:
                     text_parts.append(delta)
-                    if message.get("stream", True):
-                        self._writer.send({"type": "chunk", "id": request_id, "seq": seq, "delta": delta})
+                    if message.stream:
+                        self._writer.send(Chunk(id=request_id, seq=seq, delta=delta))
                         seq += 1
                 if choice.get("finish_reason"):
                     finish_reason = choice["finish_reason"]
@@ -443,7 +448,7 @@ class Worker:
             self._final_error(request_id, code, f"generation stopped: {reason}")
             return
         finished = time.perf_counter()
-        completion = [t for t, _ in sampled if not llama_cpp.llama_vocab_is_eog(llama._model.vocab, t)]
+        completion = [t for t, _ in sampled if not llama_cpp.llama_vocab_is_eog(self._vocab, t)]
         perf = llama_cpp.llama_perf_context(llama.ctx)
         ttft_s = (sampled[0][1] - started) if sampled else finished - started
         decode_s = (sampled[-1][1] - sampled[0][1]) if sampled else 0.0
@@ -452,14 +457,12 @@ class Worker:
         else:
             prefill_rate = len(tokens) / ttft_s if ttft_s > 0 else 0.0
         self._writer.send(
-            {
-                "type": "final",
-                "id": request_id,
-                "done": True,
-                "text": "".join(text_parts),
-                "finish_reason": finish_reason,
-                "usage": {"prompt_tokens": len(tokens), "completion_tokens": len(completion)},
-                "timings": {
+            Final(
+                id=request_id,
+                text="".join(text_parts),
+                finish_reason=finish_reason,
+                usage={"prompt_tokens": len(tokens), "completion_tokens": len(completion)},
+                timings={
                     "ttft_ms": round(ttft_s * 1000, 3),
                     "prefill_tokens_per_s": round(prefill_rate, 2),
                     "decode_tokens_per_s": round((len(sampled) - 1) / decode_s, 2)
@@ -467,16 +470,18 @@ class Worker:
                     else 0.0,
                     "total_ms": round((finished - started) * 1000, 3),
                 },
-            }
+            )
         )
 
-    def _final_error(self, request_id: str, code: str, message: str) -> None:
-        self._writer.send(
-            {"type": "final", "id": request_id, "done": True, "error": {"code": code, "message": message}}
-        )
+    def _final_error(self, request_id: str, code: str, message: str, **details: int) -> None:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if details:
+            error["details"] = details
+        self._writer.send(Final(id=request_id, error=error))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, worker_class: type[Worker] = Worker) -> int:
+    """The worker's command line; ``worker_class`` lets a test entry point serve a subclass."""
     parser = argparse.ArgumentParser(prog="python -m agent.runtime.worker")
     parser.add_argument("--build-info", action="store_true", help="print the llama.cpp build as JSON")
     parser.add_argument("--fds", help="IN,OUT: the protocol pipe fds given by the engine")
@@ -487,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.fds:
         parser.error("--fds is required (the engine starts this process)")
     in_fd, out_fd = (int(part) for part in args.fds.split(","))
-    Worker(FrameReader(in_fd), FrameWriter(out_fd)).serve()
+    worker_class(FrameReader(in_fd, ToWorker), FrameWriter(out_fd)).serve()
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 from agent.catalog.selection import MemoryEstimate, Selection
 from agent.config import RuntimeConfig
 from agent.runtime.engine import Engine
+from agent.runtime.process import WORKER_ARGV
 
 
 @pytest.fixture
@@ -45,12 +46,13 @@ def make_engine(tmp_path: Path):
     """Engines on a shared state dir; every engine made here is closed at teardown."""
     engines: list[Engine] = []
 
-    def make(events: list | None = None, **runtime) -> Engine:
+    def make(events: list | None = None, *, worker_argv=WORKER_ARGV, **runtime) -> Engine:
         engine = Engine(
             RuntimeConfig(**runtime),
             state_dir=tmp_path / "state",
             device_id="test-device",
             on_event=events.append if events is not None else None,
+            worker_argv=worker_argv,
         )
         engines.append(engine)
         return engine

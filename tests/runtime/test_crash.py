@@ -13,17 +13,16 @@ import pytest
 from agent.errors import ModelLoadError
 from agent.runtime.request import GenerateRequest
 from agent.runtime.settings_memory import FILE_NAME
-from agent.runtime.worker import CRASH_HOOK_ENV
+from tests.support import crashing_worker
 
 COUNTING = "Count from 1 to 1000: 1, 2, 3, 4, 5, 6,"
 
 
 def test_amx_style_crash_falls_back_remembers_and_next_start_goes_straight(
-    make_engine, selection_for, monkeypatch, tmp_path
+    make_engine, selection_for, tmp_path
 ):
-    monkeypatch.setenv(CRASH_HOOK_ENV, "no_extra_bufts")
     events: list[dict] = []
-    engine = make_engine(events)
+    engine = make_engine(events, worker_argv=crashing_worker.argv(crash_unless="no_extra_bufts"))
     selection = selection_for()
     engine.load(selection)
 
@@ -44,7 +43,8 @@ def test_amx_style_crash_falls_back_remembers_and_next_start_goes_straight(
 
     engine.close()
     second_events: list[dict] = []
-    second = make_engine(second_events)
+    second = make_engine(second_events,
+                         worker_argv=crashing_worker.argv(crash_unless="no_extra_bufts"))
     second.load(selection)
     assert [e["event"] for e in second_events] == ["model_loaded"]
     assert second.stats()["worker"]["fallback_step"] == "no_extra_bufts"

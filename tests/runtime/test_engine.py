@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from agent.errors import BusyError, NoModelError, RequestError, TooLongError
-from agent.runtime.request import GenerateRequest
+from agent.errors import BusyError, NoModelError, RequestError
+from agent.runtime.request import GenerateRequest, validate_request
 
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 # Raw text the model keeps continuing at temperature 0: a generation that runs long.
@@ -96,10 +96,11 @@ def test_raw_prompt_streams_and_metrics_roll_up(make_engine, selection_for):
         ({"seed": -1}, "seed"),
     ],
 )
-def test_bad_request_names_the_field_before_any_work(make_engine, fields, named):
-    engine = make_engine()  # no model: validation must come first
+def test_bad_request_names_the_field_before_any_work(fields, named):
+    # Every caller validates once at its boundary (MQTT's decode_prompt, the CLI) before the
+    # engine sees the request: no model, no worker, nothing is needed to refuse it.
     with pytest.raises(RequestError) as caught:
-        engine.submit(GenerateRequest(id="bad", **{"messages": QUESTION, **fields}), lambda r: None)
+        validate_request(GenerateRequest(id="bad", **{"messages": QUESTION, **fields}))
     assert caught.value.code == "bad_request"
     assert caught.value.message.startswith(f"{named}:")
 
@@ -113,11 +114,12 @@ def test_no_model_is_an_error(make_engine):
 def test_too_long_prompt_is_refused_with_counts(make_engine, selection_for):
     engine = make_engine()
     engine.load(selection_for(n_ctx=256))
-    with pytest.raises(TooLongError) as caught:
-        engine.submit(request("long", prompt="lighthouse keeper " * 400), lambda r: None)
-    assert caught.value.code == "too_long"
-    assert caught.value.message.endswith("tokens, context is 256")
-    assert caught.value.details["prompt_tokens"] > 256
+    records = list(engine.generate(request("long", prompt="lighthouse keeper " * 400)))
+    assert len(records) == 1  # the final alone: no token was generated
+    error = records[0]["error"]
+    assert error["code"] == "too_long"
+    assert error["message"].endswith("tokens, context is 256")
+    assert error["details"]["prompt_tokens"] > 256 and error["details"]["n_ctx"] == 256
     assert engine.stats()["since_start"]["requests_ok"] == 0  # nothing ran
 
 

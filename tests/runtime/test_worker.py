@@ -39,3 +39,45 @@ def test_exit_reasons_name_the_signal():
     assert describe_exit(-11) == "worker killed by SIGSEGV"
     assert describe_exit(-9) == "worker killed by SIGKILL"
     assert describe_exit(3) == "worker exited with status 3"
+
+
+def _tiny_llama(ladder_model, **kwargs):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(ladder_model("Q4_K_M")), n_ctx=256, n_batch=64,
+                           n_ubatch=64, n_threads=1, verbose=False, **kwargs)
+
+
+def test_use_extra_bufts_reaches_the_model_params(ladder_model):
+    """The first fallback rung turns off extra buffer types, which Llama() takes no argument
+    for; this fails when a llama-cpp-python upgrade stops building from the default params."""
+    from agent.runtime.worker import _model_params
+
+    for wanted in (False, True):
+        with _model_params(wanted):
+            llama = _tiny_llama(ladder_model)
+        assert bool(llama.model_params.use_extra_bufts) is wanted
+        llama.close()
+    import llama_cpp
+
+    assert llama_cpp.llama_model_default_params().use_extra_bufts  # restored afterwards
+
+
+def test_watched_sampling_counts_what_llama_cpp_python_reports(ladder_model):
+    """usage and timings come from the watched sampler; this fails when an upgrade samples
+    without going through Llama.sample, or samples a different number of tokens."""
+    import llama_cpp
+
+    from agent.runtime.worker import _watch_sampling
+
+    llama = _tiny_llama(ladder_model)
+    sampled: list[tuple[int, float]] = []
+    _watch_sampling(llama, sampled)
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    for prompt, max_tokens in (("Once upon a time", 12), ("Hello", 1)):
+        sampled.clear()
+        out = llama.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, seed=1)
+        completion = [t for t, _ in sampled if not llama_cpp.llama_vocab_is_eog(vocab, t)]
+        assert len(completion) == out["usage"]["completion_tokens"] >= 1
+        assert all(a[1] <= b[1] for a, b in zip(sampled, sampled[1:]))  # times in order
+    llama.close()
