@@ -134,3 +134,101 @@ def format_bytes(value: Any) -> str:
     if value >= GIB:
         return f"{value / GIB:.1f} GiB"
     return f"{value / 1024**2:.0f} MiB"
+
+
+# --- events and command results as sentences ---------------------------------------------------
+
+DOWNLOAD_STATES = {
+    "starting": "Download of {file} started",
+    "downloading": "Downloading {file}",
+    "retrying": "Download of {file} retrying",
+    "verifying": "Verifying {file}",
+    "complete": "Downloaded {file}",
+    "cached": "{file} was already on disk",
+    "failed": "Download of {file} failed",
+}
+SENTENCE_CHARS = 400  # a device writes the fields: the sentence is cut, never the page
+
+
+def _text(value: Any, fallback: str = "?") -> str:
+    return value if isinstance(value, str) and value else fallback
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return f"{_text(error.get('code'), 'error')}: {_text(error.get('message'), '')}".rstrip(": ")
+    return _text(error, "no reason given")
+
+
+def _progress(body: dict[str, Any]) -> str:
+    done, total = body.get("bytes"), body.get("total")
+    parts = []
+    if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        parts.append(f"{format_bytes(done)} of {format_bytes(total)}")
+    rate = body.get("rate_bps")
+    if isinstance(rate, (int, float)) and rate > 0 and body.get("state") == "downloading":
+        parts.append(f"{rate / 1e6:.1f} MB/s")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def event_text(kind: str, body: dict[str, Any]) -> str:
+    """One event as a sentence for people ("Switched from Q4_K_M to Q2_K"). The body passed
+    agent.fleet.schemas only for the fields the controller acts on, so every other field is
+    read as whatever type it may be."""
+    if kind == "download":
+        template = DOWNLOAD_STATES.get(_text(body.get("state"), ""), "Download of {file}")
+        sentence = template.format(file=_text(body.get("file"), "a model file")) + _progress(body)
+        if body.get("state") in ("retrying", "failed") and body.get("error"):
+            sentence += f": {_error_text(body.get('error'))}"
+        if body.get("state") == "complete" and isinstance(body.get("mirror"), str):
+            sentence += f" from {body['mirror']}"
+    elif kind == "model_switch":
+        before = _text(body.get("from") or body.get("before"))
+        after = _text(body.get("to") or body.get("after"))
+        how = {"parallel": " (loaded beside the old one)", "drained": " (drained first)"}.get(
+            _text(body.get("mode"), ""), "")
+        sentence = f"Switched from {before} to {after}{how}"
+    elif kind == "model_loaded":
+        sentence = f"Loaded {_text(body.get('model_id'), 'the model')} {_text(body.get('quant'), '')}".rstrip()
+        if isinstance(body.get("load_ms"), (int, float)):
+            sentence += f" in {body['load_ms'] / 1000:.1f} s"
+    elif kind == "rollback":
+        sentence = f"Went back to {_text(body.get('to'))}: {_text(body.get('reason'), 'no reason given')}"
+    elif kind == "canary_fallback":
+        sentence = f"Canary failed; {_text(body.get('message'), 'trying a safer setting')}"
+    elif kind == "worker_crashed":
+        sentence = f"The model worker crashed ({_text(body.get('reason'), 'no reason given')})"
+    elif kind == "restart_failed":
+        sentence = f"The model worker did not restart: {_text(body.get('reason'), 'no reason given')}"
+    elif kind == "model_unavailable":
+        sentence = f"No model could be loaded: {_error_text(body.get('error'))}"
+    elif kind == "selection_fallback":
+        sentence = (f"Could not plan a new selection ({_error_text(body.get('error'))}); "
+                    f"kept {_text(body.get('quant'))}")
+    elif kind == "rejected_input":
+        what = _text(body.get("payload_kind") or body.get("kind"), "a message")
+        reason = body.get("error") or body.get("reason")
+        sentence = f"Refused {what}: {_error_text(reason)}"
+    else:
+        fields = ", ".join(f"{k}={v}" for k, v in body.items() if k not in ("event", "type", "ts"))
+        sentence = f"{kind.replace('_', ' ').capitalize()}" + (f": {fields}" if fields else "")
+    return sentence[:SENTENCE_CHARS]
+
+
+def command_text(command: dict[str, Any]) -> str:
+    """A sent command and its answer as a sentence ("pin Q2_K: done, now Q2_K")."""
+    args = command.get("args") if isinstance(command.get("args"), dict) else {}
+    shown_args = " ".join(str(v) for v in args.values() if v is not None)
+    head = f"{command['op']} {shown_args}".strip()
+    if command.get("ok") is None:
+        return f"{head}: waiting for the device"[:SENTENCE_CHARS]
+    result = command.get("result")
+    if not command["ok"]:
+        return f"{head} failed: {_error_text(result)}"[:SENTENCE_CHARS]
+    detail = ""
+    if isinstance(result, dict):
+        if isinstance(result.get("quant"), str):
+            detail = f", now {result['quant']}"
+        elif isinstance(result.get("decode_tps"), (int, float)):
+            detail = f", decode {result['decode_tps']:.1f} tok/s"
+    return f"{head}: done{detail}"[:SENTENCE_CHARS]

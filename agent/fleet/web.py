@@ -58,7 +58,15 @@ from agent.fleet.openai_api import OpenAIAPI, ReplyBuffer
 from agent.fleet.registry import telemetry_point
 from agent.fleet.schemas import Candidates
 from agent.fleet.rollout import RolloutSpec
-from agent.fleet.view import device_row, fleet_summary, format_bytes, hardware
+from agent.fleet.table import MAX_PER_PAGE, QUERY_FIELDS, FactsCache, TableQuery, parse_query, table_page
+from agent.fleet.view import (
+    command_text,
+    device_row,
+    event_text,
+    fleet_summary,
+    format_bytes,
+    hardware,
+)
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -67,10 +75,15 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "edge_fleet_session"
 LOGIN_COOKIE = "edge_fleet_login"  # double-submit token that protects the login form itself
 STREAM_TICK_S = 1.0
-# Past this many devices the fleet stream slows to BIG_FLEET_TICK_S: every row changes with
-# every telemetry message, and a browser re-rendering thousands of rows each second is no use.
+# Past this many devices the fleet stream slows to BIG_FLEET_TICK_S: each tick builds, filters
+# and sorts the whole fleet's table in a thread to send one page of it.
 BIG_FLEET_ROWS = 500
-BIG_FLEET_TICK_S = 5.0
+BIG_FLEET_TICK_S = 2.0
+# The fleet chart: at most this many buckets over a window of at most HISTORY_MAX_WINDOW_S,
+# and one answer per window reused for HISTORY_CACHE_S (each query reads the window's samples).
+HISTORY_BUCKETS = 60
+HISTORY_MAX_WINDOW_S = 7 * 86400
+HISTORY_CACHE_S = 5.0
 # A JSON API body: a manifest inline is the largest there is.
 MAX_JSON_BODY_BYTES = MAX_MANIFEST_BYTES + 64 * 1024
 PROMPT_GRACE_S = 30.0  # on top of the request's own timeout, for queueing on the device
@@ -155,6 +168,8 @@ class FleetWeb:
         )
         self._slow_gate = asyncio.Semaphore(1)
         self._slow_queued = 0
+        self._history: dict[int, tuple[float, dict[str, Any]]] = {}  # window_s -> (at, answer)
+        self.facts = FactsCache()  # read from worker threads (see FactsCache)
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["bytes"] = format_bytes
         self.templates.env.filters["ago"] = lambda ts: _ago(ts)
@@ -177,10 +192,12 @@ class FleetWeb:
             Route("/models", self.models_page),
             Route("/models/publish", self.publish_form, methods=["POST"]),
             Route("/models/build", self.build_form, methods=["POST"]),
+            Route("/rollouts/{rollout_id}", self.rollout_page),
             Route("/ui/stream", self.ui_stream),
             Route("/api/health", self.health),
             Route("/api/signing-key", self.signing_key),
             Route("/api/devices", self.api_devices),
+            Route("/api/fleet/history", self.api_fleet_history),
             Route("/api/devices/{device_id}", self.api_device),
             Route("/api/devices/{device_id}/telemetry", self.api_telemetry),
             Route("/api/devices/{device_id}/events", self.api_events),
@@ -321,6 +338,24 @@ class FleetWeb:
             for record in self.registry.snapshot()
         ]
 
+    def _table(self, query: TableQuery) -> dict[str, Any]:
+        """One page of the fleet table. Builds every row: call it in a thread."""
+        now = time.time()
+        records = self.registry.snapshot()
+        pairs = [
+            (
+                record,
+                device_row(
+                    record,
+                    now,
+                    default_interval_s=self.config.default_telemetry_interval_s,
+                    stale_after_intervals=self.config.stale_after_intervals,
+                ),
+            )
+            for record in records
+        ]
+        return table_page(pairs, query, self.facts)
+
     def _record(self, device_id: str):
         return self.registry.devices.get(device_id)
 
@@ -426,8 +461,20 @@ class FleetWeb:
         session = self._page_guard(request)
         if isinstance(session, Response):
             return session
-        rows = sorted(self._rows(), key=lambda r: r["id"])
-        return self._render(request, "fleet.html", session, rows=rows, summary=fleet_summary(rows))
+        try:
+            query = parse_query(_table_params(request))
+        except EdgeAgentError:  # a hand-edited address: the default view, not an error page
+            query = TableQuery()
+        try:
+            table = await run_in_threadpool(self._table, query)
+            problem = None
+        except EdgeAgentError as exc:  # a filter that does not parse: say where, show none
+            table = await run_in_threadpool(self._table, TableQuery(per_page=query.per_page))
+            table["devices"], table["total"], problem = [], 0, exc.message
+        return self._render(
+            request, "fleet.html", session, rows=table["devices"], summary=table["summary"],
+            table=table, query=query, filter_problem=problem,
+        )
 
     async def device_page(self, request: Request) -> Response:
         session = self._page_guard(request)
@@ -453,8 +500,8 @@ class FleetWeb:
             selection=selection,
             candidates=selection.get("candidates") or _explained(commands),
             variants=selection.get("variants") or [c["quant"] for c in selection.get("candidates", [])],
-            events=await run_in_threadpool(self.registry.events, device_id, limit=30),
-            commands=commands,
+            events=_with_text(await run_in_threadpool(self.registry.events, device_id, limit=30)),
+            commands=_commands_with_text(commands),
             meta_json=json.dumps(meta, indent=2, default=str),
         )
 
@@ -471,6 +518,17 @@ class FleetWeb:
             files_base=self._base_url(request) + "/files/",
             message=request.query_params.get("message"),
         )
+
+    async def rollout_page(self, request: Request) -> Response:
+        session = self._page_guard(request)
+        if isinstance(session, Response):
+            return session
+        rollout_id = request.path_params["rollout_id"]
+        # The manager's lock is held across registry round trips by its own thread.
+        rollout = await run_in_threadpool(self.controller.rollouts.get, rollout_id)
+        if rollout is None:
+            return PlainTextResponse(f"no rollout {rollout_id!r} on this controller", status_code=404)
+        return self._render(request, "rollout.html", session, rollout_id=rollout.id)
 
     async def publish_form(self, request: Request) -> Response:
         form = await request.form()
@@ -506,15 +564,20 @@ class FleetWeb:
         if denied:
             return denied
         device_id = request.query_params.get("device")
+        query = None if device_id else parse_query(_table_params(request))
         return StreamingResponse(
-            self._ui_events(request, device_id),
+            self._ui_events(request, device_id, query),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
 
-    async def _ui_events(self, request: Request, device_id: str | None) -> AsyncIterator[str]:
-        """Every tick: the fleet summary and changed rows; for a device page its new points,
-        events and commands. Only changes are sent, so a quiet fleet costs almost nothing."""
+    async def _ui_events(
+        self, request: Request, device_id: str | None, query: TableQuery | None
+    ) -> AsyncIterator[str]:
+        """Every tick: the fleet summary and the changed rows; for the fleet page, of the one
+        page of the table ``query`` asks for (with the ids it holds, in order, and how many
+        rows match); for a device page its new points, events and commands. Only changed rows
+        are sent, so a quiet fleet costs almost nothing."""
         sent_versions: dict[str, tuple[int, str]] = {}
         last_event_id = 0
         last_point_ts = None
@@ -523,11 +586,17 @@ class FleetWeb:
             known = await run_in_threadpool(self.registry.events, device_id, limit=1)
             last_event_id = known[-1]["id"] if known else 0
         while not await request.is_disconnected():
+            table: dict[str, Any] | None = None
             if device_id:  # a device page needs its own row only, not the whole fleet's
                 detail = self._device_detail(device_id)
                 rows = [detail["row"]] if detail else []
             else:
-                rows = self._rows()
+                try:
+                    table = await run_in_threadpool(self._table, query)
+                except EdgeAgentError as exc:  # the page said so already; end the stream
+                    yield f"data: {json.dumps({'error': exc.to_dict()})}\n\n"
+                    return
+                rows = table["devices"]
             changed = []
             for row in rows:
                 key = (self.registry.devices[row["id"]].version, row["state"])
@@ -535,10 +604,15 @@ class FleetWeb:
                     sent_versions[row["id"]] = key
                     changed.append(row)
             payload: dict[str, Any] = {
-                "summary": fleet_summary(rows),
+                "summary": fleet_summary(rows) if table is None else table["summary"],
                 "rows": changed,
                 "now": time.time(),
             }
+            if table is not None:
+                payload.update(
+                    ids=[row["id"] for row in rows],
+                    total=table["total"], page=table["page"], pages=table["pages"],
+                )
             if device_id and (record := self._record(device_id)) is not None:
                 if record.telemetry_ts != last_point_ts and record.telemetry:
                     last_point_ts = record.telemetry_ts
@@ -551,14 +625,15 @@ class FleetWeb:
                 )
                 if events:
                     last_event_id = events[-1]["id"]
-                    payload["events"] = events
+                    payload["events"] = _with_text(events)
                 commands = await run_in_threadpool(self.registry.commands, device_id, 10)
                 fingerprint = json.dumps(commands, default=str)
                 if fingerprint != last_commands:
                     last_commands = fingerprint
-                    payload["commands"] = commands
+                    payload["commands"] = _commands_with_text(commands)
             yield f"data: {json.dumps(payload, default=str)}\n\n"
-            await asyncio.sleep(BIG_FLEET_TICK_S if len(rows) > BIG_FLEET_ROWS else STREAM_TICK_S)
+            big = not device_id and len(self.registry.devices) > BIG_FLEET_ROWS
+            await asyncio.sleep(BIG_FLEET_TICK_S if big else STREAM_TICK_S)
 
     # --- API -----------------------------------------------------------------------------
 
@@ -581,11 +656,26 @@ class FleetWeb:
     async def api_devices(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        rows = sorted(self._rows(), key=lambda r: r["id"])
-        state = request.query_params.get("state")
-        if state:
-            rows = [r for r in rows if r["state"] == state]
-        return JSONResponse({"summary": fleet_summary(rows), "devices": rows})
+        query = parse_query(request.query_params, per_page=MAX_PER_PAGE)
+        return JSONResponse(await run_in_threadpool(self._table, query))
+
+    async def api_fleet_history(self, request: Request) -> Response:
+        """The fleet chart: devices by state and total decode tok/s per bucket over a window,
+        from the registry's telemetry samples (every controller's)."""
+        if denied := await self._authorize(request):
+            return denied
+        window_s = max(60, _query_int(request, "window_s", 3600, high=HISTORY_MAX_WINDOW_S))
+        cached = self._history.get(window_s)
+        if cached is not None and time.monotonic() - cached[0] < HISTORY_CACHE_S:
+            return JSONResponse(cached[1])
+        sample_s = max(1, math.ceil(self.registry.telemetry_sample_s))
+        bucket_s = max(sample_s, math.ceil(window_s / HISTORY_BUCKETS))
+        now = time.time()
+        since = (int(now) // bucket_s - window_s // bucket_s) * bucket_s
+        buckets = await run_in_threadpool(self.registry.fleet_history, since, bucket_s)
+        answer = {"bucket_s": bucket_s, "since": since, "now": now, "buckets": buckets}
+        self._history[window_s] = (time.monotonic(), answer)
+        return JSONResponse(answer)
 
     async def api_device(self, request: Request) -> Response:
         if denied := await self._authorize(request):
@@ -611,7 +701,7 @@ class FleetWeb:
         events = await run_in_threadpool(
             self.registry.events, request.path_params["device_id"], after_id=after
         )
-        return JSONResponse({"events": events})
+        return JSONResponse({"events": _with_text(events)})
 
     async def api_commands(self, request: Request) -> Response:
         if denied := await self._authorize(request):
@@ -848,6 +938,19 @@ class FleetWeb:
 
 def _bad(message: str, field: str) -> EdgeAgentError:
     return RequestError(message, field=field)
+
+
+def _table_params(request: Request) -> dict[str, str]:
+    """The fleet table's query parameters of a page or stream address (others are its own)."""
+    return {k: v for k, v in request.query_params.items() if k in QUERY_FIELDS}
+
+
+def _with_text(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**event, "text": event_text(event["kind"], event["body"])} for event in events]
+
+
+def _commands_with_text(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**command, "text": command_text(command)} for command in commands]
 
 
 def _explained(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -90,6 +90,16 @@ def row_state(tab, device_id: str) -> str:
     return tab.locator(f'tr[data-id="{device_id}"] td[data-key="state"]').inner_text().strip()
 
 
+def filter_to(tab, text: str) -> None:
+    """Type a filter and wait for the controller's page of rows for it."""
+    tab.fill("#filter", text)
+    tab.wait_for_function(
+        "text => new URLSearchParams(document.querySelector('#devices').dataset.rendered || '')"
+        ".get('filter') === (text.trim() || null)",
+        arg=text,
+    )
+
+
 def test_login_is_required_and_a_wrong_password_is_refused(browser, fleet):
     context = browser.new_context()
     tab = context.new_page()
@@ -114,10 +124,14 @@ def test_fleet_page_with_simulated_devices(page, fleet, sim):
         == devices.devices[1].quant
     )
 
-    page.fill("#filter", "Jetson")
+    filter_to(page, "Jetson")  # plain words, filtered on the controller
     visible = page.locator("#devices tbody tr:visible")
     assert visible.count() == sum(1 for d in devices.devices if "Jetson" in d.board[0])
-    page.fill("#filter", "")
+    filter_to(page, "ram_gib>=16")  # the inventory grammar, as rollouts target
+    assert visible.count() == sum(1 for d in devices.devices if d.board[4] >= 16)
+    filter_to(page, "ram_gib>>")  # grammar that does not parse says where
+    assert "at 8" in page.locator("#filter-problem").inner_text()
+    filter_to(page, "")
     page.click('th[data-key="decode_tps"]')
     assert page.locator('th[data-key="decode_tps"]').get_attribute("aria-sort") == "ascending"
 
@@ -301,7 +315,7 @@ def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir, credential
     page.select_option("#rollout-form select[name=manifest]", "ladder-q2.json")
     page.fill("#rollout-form input[name=group]", device)
     page.fill("#rollout-form input[name=rate_per_min]", "60")
-    page.click("#rollout-form button")
+    page.click("#rollout-form button[type=submit]")
     page.wait_for_selector("#rollout-result.ok")
     try:
         page.wait_for_selector(".rollout.state-completed", timeout=120_000)
