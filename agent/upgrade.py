@@ -121,7 +121,7 @@ class Releases:
         """Where a symlink points (resolved), or None when it is missing or dangling."""
         try:
             resolved = link.resolve(strict=True)
-        except (FileNotFoundError, RuntimeError):
+        except (OSError, RuntimeError):  # missing, dangling, a loop (RuntimeError before 3.13)
             return None
         return resolved if link.is_symlink() else None
 

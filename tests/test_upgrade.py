@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from agent import __version__
 from agent.config import FetchConfig, UpgradeConfig
 from agent.errors import EdgeAgentError, RequestError
 from agent.mqtt import payloads
-from agent.upgrade import EXIT_RESTART_FOR_UPGRADE, AgentUpgrades, Releases, Trial, guard
+from agent.upgrade import (
+    EXIT_RESTART_FOR_UPGRADE,
+    EXIT_TRIAL_FAILED,
+    AgentUpgrades,
+    Releases,
+    Trial,
+    guard,
+)
 from tests.service.container import ensure_wheelhouse
 from tests.support.agent_wheels import build_agent_wheel
 
@@ -224,3 +232,49 @@ def test_upgrade_to_the_running_version_changes_nothing(tmp_path: Path) -> None:
                             "sha256": "a" * 64, "size": 1}, payloads.UpgradeArgs)
     assert upgrades_for(releases, calls).upgrade(args) == {"changed": False, "version": __version__}
     assert calls.exits == [] and calls.events == []
+
+
+# -- the watch over a trial (what the new version runs) ---------------------------------------
+
+def watched(tmp_path: Path, *, connected: bool, model_loaded: bool, deadline: float,
+            needs_model: bool = True) -> tuple[Releases, Calls]:
+    releases = layout(tmp_path, trial_version=__version__)
+    releases.write_trial(Trial(version=__version__, previous_version="0.0.9", deadline=deadline,
+                               starts=1, needs_model=needs_model))
+    calls = Calls()
+    upgrades = AgentUpgrades(
+        UpgradeConfig(releases_dir=str(releases.root)), FetchConfig(),
+        publish_event=lambda name, **f: calls.events.append({"event": name, **f}),
+        request_exit=calls.exits.append, connected=lambda: connected,
+        model_loaded=lambda: model_loaded)
+    stop = threading.Event()
+    thread = threading.Thread(target=upgrades.watch, args=(stop,), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    stop.set()
+    assert not thread.is_alive()
+    return releases, calls
+
+
+def test_a_healthy_new_version_closes_its_trial_and_reports_it(tmp_path: Path) -> None:
+    releases, calls = watched(tmp_path, connected=True, model_loaded=True,
+                              deadline=time.time() + 600)
+    assert releases.read_trial() is None and releases.read_outcome() is None  # reported
+    assert calls.exits == []
+    assert calls.events == [{"event": "agent_upgrade", "outcome": "upgraded", "version": __version__,
+                             "previous_version": "0.0.9", "reason": None, "running": __version__}]
+
+
+def test_a_new_version_with_no_model_where_the_old_had_none_is_healthy(tmp_path: Path) -> None:
+    releases, calls = watched(tmp_path, connected=True, model_loaded=False,
+                              deadline=time.time() + 600, needs_model=False)
+    assert releases.read_trial() is None and calls.exits == []
+    assert calls.events[0]["outcome"] == "upgraded"
+
+
+def test_a_new_version_unhealthy_at_its_deadline_exits_for_the_guard(tmp_path: Path) -> None:
+    releases, calls = watched(tmp_path, connected=True, model_loaded=False,
+                              deadline=time.time() - 1)
+    assert calls.exits == [EXIT_TRIAL_FAILED] and calls.events == []
+    assert releases.read_trial() is not None  # the guard of the next start rolls it back
+    assert guard(releases.root) == "rolled_back"
