@@ -295,9 +295,6 @@ def choose(
         parts=[SelectionPart(file=p.file, size=p.size, sha256=p.sha256, urls=list(p.urls))
                for p in best.parts],
     )
-    log.info("selected", model=model.id, quant=best.quant, n_ctx=chosen_plan.n_ctx,
-             kv_type=chosen_plan.kv_type, n_gpu_layers=chosen_plan.n_gpu_layers,
-             ram_bytes=chosen_plan.ram_needed, budget_bytes=budget.ram_bytes)
     return selection
 
 
@@ -432,8 +429,15 @@ def plan_selection(
         def learned(sha256: str, key: str) -> int | None:
             return memory.lookup(config.device_id, sha256, key)
 
-    return choose(
+    selection = choose(
         device, matched, manifest, config.model, headers, learned, rates=rates,
         memory_bytes=memory_bytes, vram_bytes=vram_bytes, flash_attn=config.runtime.flash_attn,
         use_mmap=config.runtime.use_mmap, use_mlock=config.runtime.use_mlock,
     )
+    # Here, not in choose(): a controller planning a rollout runs choose() once per device.
+    estimate = selection.estimate
+    log.info("selected", model=selection.model_id, quant=selection.quant, n_ctx=selection.n_ctx,
+             kv_type=selection.kv_type, n_gpu_layers=selection.n_gpu_layers,
+             ram_bytes=estimate.learned_ram_bytes or estimate.ram_bytes,
+             budget_bytes=selection.budget_bytes)
+    return selection
