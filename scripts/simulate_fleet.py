@@ -23,6 +23,7 @@ message, which made the simulator, not the controller, the first thing to run ou
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -79,10 +80,14 @@ class SimDevice:
     manifest: str | None = None
     pin: str | None = None
     quant_by_manifest: dict = field(default_factory=dict)  # what each manifest it ran gave it
+    sha256: str = ""  # of the variant it runs (meta's selection.sha256: a rollout's health gate)
+    sha256_by_quant: dict = field(default_factory=dict)  # from the manifests it was sent
     seq: int = 0
     next_due: float = 0.0
     requests_ok: int = 0
     fail_commands: bool = False
+    answer_prompts: bool = True  # False: prompts go unanswered (a rollout's canary times out)
+    degraded_after_switch: bool = False  # reports degraded once a command switched its model
     state: str = "ready"
     client: Any = None  # the connection that carries it
     own: bool = False
@@ -167,6 +172,7 @@ class SimDevice:
                 "n_gpu_layers": 0,
                 "n_threads": min(cores, 4),
                 "manifest_url": self.manifest,
+                "sha256": self.sha256,
                 "variants": list(QUANTS),
             },
             **self.extra_meta,
@@ -294,6 +300,8 @@ class SimulatedFleet:
             )
             for i in range(count)
         ]
+        for device in self.devices:
+            device.sha256 = fake_sha256(device.quant)
         self.by_id = {d.id: d for d in self.devices}
         for device in self.devices:
             device.telemetry_topic = f"{prefix}/{device.id}/telemetry"
@@ -485,6 +493,8 @@ class SimulatedFleet:
             self._answer_command(device, body)
 
     def _answer_prompt(self, device: SimDevice, body: dict[str, Any]) -> None:
+        if not device.answer_prompts:
+            return
         request_id = body.get("id")
         topic = body.get("reply_to") or f"{self.prefix}/{device.id}/reply/{request_id}"
         text_in = body.get("prompt") or " ".join(
@@ -534,6 +544,7 @@ class SimulatedFleet:
         if op == "set_manifest":
             device.quant_by_manifest[device.manifest] = device.quant
             source = args.get("source")
+            device.sha256_by_quant.update(self._manifest_sha256(source))
             quant = (
                 device.pin or device.quant_by_manifest.get(source) or self._manifest_quant(source)
             )
@@ -567,22 +578,45 @@ class SimulatedFleet:
             result.update({"quant": device.quant, "candidates": device.candidates()})
         elif op == "bench":
             result.update({"decode_tps": 24.1, "prefill_tps": 181.0, "ttft_ms": 118})
+        if op in ("set_manifest", "pin"):
+            device.sha256 = device.sha256_by_quant.get(device.quant) or fake_sha256(device.quant)
+            if device.degraded_after_switch:
+                self.publish_status(device, "degraded")
         self.publish_meta(device)
         self._publish(
             device.client, result_topic, {"id": command_id, "ok": True, "result": result}, qos=1
         )
 
     @staticmethod
-    def _manifest_quant(source: str | None) -> str | None:
-        """The first variant's quant of the manifest at ``source`` (what a one-variant rollout sets)."""
+    def _manifest(source: str | None) -> dict[str, Any] | None:
         if not source:
             return None
         try:
             with urllib.request.urlopen(source, timeout=10) as response:
                 manifest = json.loads(response.read())
-            return manifest["models"][0]["variants"][0]["quant"]
-        except (OSError, ValueError, KeyError, IndexError):
+        except (OSError, ValueError):
             return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def _manifest_quant(self, source: str | None) -> str | None:
+        """The first variant's quant of the manifest at ``source`` (what a one-variant rollout sets)."""
+        try:
+            return self._manifest(source)["models"][0]["variants"][0]["quant"]
+        except (TypeError, KeyError, IndexError):
+            return None
+
+    def _manifest_sha256(self, source: str | None) -> dict[str, str]:
+        """quant -> sha256 of every variant of the manifest at ``source``."""
+        try:
+            variants = [v for m in self._manifest(source)["models"] for v in m["variants"]]
+            return {v["quant"]: v["sha256"] for v in variants}
+        except (TypeError, KeyError):
+            return {}
+
+
+def fake_sha256(quant: str) -> str:
+    """A stand-in digest for a variant no manifest named (the simulator's starting quants)."""
+    return hashlib.sha256(f"simulated {quant}".encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,13 @@ def test_rollout_switches_devices_at_a_rate_and_rolls_back(api, sim, ladder_mode
     )
     started = api.post(
         "/api/rollouts",
-        json={"manifest": "q2.json", "group": "sim-*", "rate_per_min": 600, "abort_percent": 50},
+        json={
+            "manifest": "q2.json",
+            "group": "sim-*",
+            "rate_per_min": 600,
+            "abort_percent": 50,
+            "soak_s": 0,
+        },
     )
     assert started.status_code == 201, started.text
     rollout_id = started.json()["id"]
@@ -274,7 +280,14 @@ def test_rollout_aborts_past_the_failure_threshold(api, sim, ladder_model):
     )
     rollout = api.post(
         "/api/rollouts",
-        json={"manifest": "q2.json", "group": "*", "rate_per_min": 600, "abort_percent": 25},
+        json={
+            "manifest": "q2.json",
+            "group": "*",
+            "rate_per_min": 600,
+            "abort_percent": 25,
+            "min_devices": 1,  # the first failure is evidence enough here
+            "soak_s": 0,
+        },
     ).json()
     final = wait_for(
         lambda: (r := api.get(f"/api/rollouts/{rollout['id']}").json())["state"] == "aborted" and r,
@@ -311,7 +324,8 @@ def test_rollouts_are_restored_from_the_registry(api, sim, ladder_model, fleet):
         json={"name": "q2.json", "manifest": manifest_for(ladder_model("Q2_K"), "Q2_K")},
     )
     rollout = api.post(
-        "/api/rollouts", json={"manifest": "q2.json", "group": "*", "rate_per_min": 600}
+        "/api/rollouts",
+        json={"manifest": "q2.json", "group": "*", "rate_per_min": 600, "soak_s": 0},
     ).json()
     wait_for(
         lambda: api.get(f"/api/rollouts/{rollout['id']}").json()["state"] == "completed",

@@ -25,9 +25,28 @@ import yaml
 from tests.fleet.conftest import wait_for
 from tests.support.broker import free_port
 from tests.support.observer import Observer
+from tests.support.range_server import RangeServer
 
 DEVICES = 4
 LEASE_S = 2.0
+# What the rollout sends: the simulated devices read its variant's sha256 and report it.
+NEXT_MANIFEST = {
+    "schema": 1,
+    "models": [
+        {
+            "id": "smollm2-135m-instruct",
+            "variants": [
+                {
+                    "quant": "Q2_K",
+                    "file": "smollm2-135m-instruct.Q2_K.gguf",
+                    "size": 88 * 1024**2,
+                    "sha256": "2" * 64,
+                    "quality": 0.9,
+                }
+            ],
+        }
+    ],
+}
 
 
 class Controller:
@@ -114,7 +133,7 @@ def controllers(tmp_path, broker, postgres, credentials):
             controller.stop()
 
 
-def test_two_controllers_serve_one_fleet(controllers, sim, broker, credentials):
+def test_two_controllers_serve_one_fleet(controllers, sim, broker, credentials, tmp_path, request):
     (a, b), registry_url = controllers
     observer = Observer(broker.host, broker.port)
     observer.subscribe("edge/v1/+/telemetry")  # every message, as neither controller gets them
@@ -156,10 +175,17 @@ def test_two_controllers_serve_one_fleet(controllers, sim, broker, credentials):
         page = on_b.get("/", follow_redirects=False)
         assert page.status_code == 200 and "csrf" in page.text
 
-    # A rollout survives the death of the controller driving it.
+    # A rollout survives the death of the controller driving it. Its manifest is on a mirror
+    # (a URL): a manifest hosted by the controller that dies would die with it.
+    mirror_root = tmp_path / "mirror"
+    mirror_root.mkdir()
+    (mirror_root / "next.json").write_text(json.dumps(NEXT_MANIFEST))
+    mirror = RangeServer(mirror_root).start()
+    request.addfinalizer(mirror.stop)
     rollout = a.api.post(
         "/api/rollouts",
-        json={"manifest": "http://127.0.0.1:9/next.json", "group": "*", "rate_per_min": 30},
+        json={"manifest": f"{mirror.url}/next.json", "group": "*", "rate_per_min": 30,
+              "soak_s": 0},
     ).json()
 
     def lease_owner() -> str | None:

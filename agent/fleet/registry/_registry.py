@@ -161,10 +161,14 @@ _UPSERT_TELEMETRY = (
 )
 _UPSERT_STEP = (
     "INSERT INTO rollout_devices (rollout_id, device_id, position, state, previous, cmd_id,"
-    " progress, error, updated_ts) VALUES (?,?,?,?,?,?,?,?,?)"
+    " progress, error, updated_ts, detail) VALUES (?,?,?,?,?,?,?,?,?,?)"
     " ON CONFLICT(rollout_id, device_id) DO UPDATE SET position=excluded.position,"
     " state=excluded.state, previous=excluded.previous, cmd_id=excluded.cmd_id,"
-    " progress=excluded.progress, error=excluded.error, updated_ts=excluded.updated_ts"
+    " progress=excluded.progress, error=excluded.error, updated_ts=excluded.updated_ts,"
+    " detail=excluded.detail"
+)
+_INSERT_ROLLOUT_EVENT = (
+    "INSERT INTO rollout_events (rollout_id, ts, device_id, decision, reason) VALUES (?,?,?,?,?)"
 )
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
@@ -495,32 +499,68 @@ class Registry:
     # --- rollouts (agent.fleet.rollout) ----------------------------------------------------
 
     def insert_rollout(
-        self, rollout_id: str, created: float, spec: str, state: str, steps: list[tuple]
+        self,
+        rollout_id: str,
+        created: float,
+        spec: str,
+        state: str,
+        steps: list[tuple],
+        *,
+        expect: str | None = None,
+        events: list[tuple] = (),
     ) -> None:
         """A new rollout with its device steps (rows as ``save_rollout`` takes), at once."""
         with self.backend.transaction() as tx:
             tx.execute(
-                "INSERT INTO rollouts (id, created_ts, spec, state) VALUES (?,?,?,?)",
-                (rollout_id, created, spec, state),
+                "INSERT INTO rollouts (id, created_ts, spec, state, expect) VALUES (?,?,?,?,?)",
+                (rollout_id, created, spec, state, expect),
             )
             tx.executemany(_UPSERT_STEP, [(rollout_id, *step) for step in steps])
+            if events:
+                tx.executemany(_INSERT_ROLLOUT_EVENT, [(rollout_id, *e) for e in events])
 
     def save_rollout(
-        self, rollout_id: str, state: str, reason: str | None, steps: list[tuple]
+        self,
+        rollout_id: str,
+        state: str,
+        reason: str | None,
+        steps: list[tuple],
+        *,
+        events: list[tuple] = (),
     ) -> None:
-        """A rollout's state and every device step, in one transaction. ``steps`` rows:
-        (device_id, position, state, previous JSON, cmd_id, progress, error, sent_ts)."""
+        """A rollout's state, the device steps given and its new decision events, in one
+        transaction. ``steps`` rows: (device_id, position, state, previous JSON, cmd_id,
+        progress, error, sent_ts, detail JSON); ``events``: (ts, device_id, decision, reason)."""
         with self.backend.transaction() as tx:
             tx.execute(
                 "UPDATE rollouts SET state=?, reason=? WHERE id=?", (state, reason, rollout_id)
             )
-            tx.executemany(_UPSERT_STEP, [(rollout_id, *step) for step in steps])
+            if steps:
+                tx.executemany(_UPSERT_STEP, [(rollout_id, *step) for step in steps])
+            if events:
+                tx.executemany(_INSERT_ROLLOUT_EVENT, [(rollout_id, *e) for e in events])
+
+    def rollout_events(
+        self, rollout_id: str, *, after_id: int = 0, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """A rollout's decisions, oldest first: those after ``after_id``, or (at 0) the latest
+        ``limit``."""
+        columns = "SELECT id, ts, device_id, decision, reason FROM rollout_events"
+        if after_id:
+            return self.backend.query(
+                f"{columns} WHERE rollout_id=? AND id>? ORDER BY id LIMIT ?",
+                (rollout_id, after_id, limit),
+            )
+        rows = self.backend.query(
+            f"{columns} WHERE rollout_id=? ORDER BY id DESC LIMIT ?", (rollout_id, limit)
+        )
+        return rows[::-1]
 
     def rollout_rows(self, rollout_id: str | None = None) -> list[tuple[dict, list[dict]]]:
         """Stored rollouts (one, or all) with their device steps in position order."""
         where, params = ("WHERE id=?", (rollout_id,)) if rollout_id else ("", ())
         rollouts = self.backend.query(
-            "SELECT id, created_ts, spec, state, reason, lease_owner, lease_expires"
+            "SELECT id, created_ts, spec, state, reason, lease_owner, lease_expires, expect"
             f" FROM rollouts {where}",
             params,
         )

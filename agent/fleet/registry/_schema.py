@@ -121,6 +121,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         "telemetry samples keep the state the device reported (the fleet chart)",
         ("ALTER TABLE telemetry ADD COLUMN state TEXT",),
     ),
+    Migration(
+        4,
+        "health-gated rollouts: expectations, step details, decision events",
+        (
+            # What a device serving the rollout's target reports (agent.fleet.rollout._kinds).
+            "ALTER TABLE rollouts ADD COLUMN expect TEXT",
+            # A step's outcome, start, phase start, command index, canary (JSON).
+            "ALTER TABLE rollout_devices ADD COLUMN detail TEXT",
+            """CREATE TABLE rollout_events (
+                id {serial},
+                rollout_id TEXT NOT NULL,
+                ts DOUBLE PRECISION NOT NULL,
+                device_id TEXT,
+                decision TEXT NOT NULL,
+                reason TEXT NOT NULL
+            )""",
+            "CREATE INDEX rollout_events_by_rollout ON rollout_events (rollout_id, id)",
+        ),
+    ),
 )
 
 
