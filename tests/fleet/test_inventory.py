@@ -218,3 +218,23 @@ def test_token_soup_parses_or_fails_with_bad_filter(words):
         parse_filter(" ".join(words))
     except FilterError as exc:
         assert exc.code == "bad_filter"
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {f"k{n}": "v" for n in range(17)},  # more than a device config allows
+        {"site": "x" * 65},
+        {"site": "store 12"},
+        {"site": "<script>"},
+        {"": "x"},
+        {"site": 12},
+        {"site": {"nested": "x"}},
+        ["site"],
+    ],
+)
+def test_meta_with_labels_no_agent_sends_is_refused(labels):
+    # The controller stores what passed the schema; a device cannot grow its row with labels.
+    with pytest.raises(RequestError) as caught:
+        schemas.validate("meta", {"labels": labels})
+    assert caught.value.code == "bad_request" and "labels" in caught.value.message
