@@ -6,17 +6,23 @@ with one thread per core (numpy releases the GIL for large copies) and reports t
 of a few short runs in GB/s, counting bytes read plus bytes written (STREAM "copy").
 
 It must stay cheap: at most MAX_BUFFER_BYTES twice over, never more than an eighth of the
-memory budget, and about TIME_BUDGET_S of wall time. numpy is imported lazily (it comes
-with llama-cpp-python); without it the result is None.
+memory budget, and about TIME_BUDGET_S of wall time. The copy runs in a child process
+(``python -m agent.hardware.bandwidth``): numpy (it comes with llama-cpp-python) and the
+buffers would otherwise stay in the daemon's memory for good, about 10 MiB of its idle
+footprint. Without numpy the result is None.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from agent.hardware.sysfs import read_first_line, under
-from agent.log import get_logger
+from agent.log import configure_logging, get_logger
 
 log = get_logger(__name__)
 
@@ -26,6 +32,8 @@ MAX_BUFFER_BYTES = 256 * 1024 * 1024
 MAX_THREADS = 8
 MIN_RUNS = 3
 MAX_RUNS = 50
+# Starting Python and importing numpy takes well under a second; this bounds a stuck child.
+CHILD_TIMEOUT_S = 30.0
 
 
 def read_cache_sizes(root: str = "/") -> list[str]:
@@ -67,7 +75,22 @@ def measure_bandwidth(
     budget_bytes: int = 0,
     time_budget_s: float = TIME_BUDGET_S,
 ) -> float | None:
-    """Best copy bandwidth in GB/s (10^9 bytes), or None when it cannot be measured."""
+    """Best copy bandwidth in GB/s (10^9 bytes), or None when it cannot be measured;
+    measured in a child process, so nothing of it stays in this one."""
+    command = [sys.executable, "-m", "agent.hardware.bandwidth", "--threads", str(threads),
+               "--root", root, "--budget-bytes", str(budget_bytes),
+               "--time-budget-s", str(time_budget_s)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=True,
+                              timeout=CHILD_TIMEOUT_S + time_budget_s)
+        gbps = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("bandwidth_failed", error=str(exc)[:300])
+        return None
+    return float(gbps) if isinstance(gbps, (int, float)) and gbps > 0 else None
+
+
+def _measure_here(threads: int, root: str, budget_bytes: int, time_budget_s: float) -> float | None:
     try:
         import numpy as np
     except ImportError:
@@ -111,3 +134,20 @@ def measure_bandwidth(
         runs=runs,
     )
     return round(best, 2) if best else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child's side of measure_bandwidth: prints the GB/s (or null) as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m agent.hardware.bandwidth")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--root", default="/")
+    parser.add_argument("--budget-bytes", type=int, default=0)
+    parser.add_argument("--time-budget-s", type=float, default=TIME_BUDGET_S)
+    args = parser.parse_args(argv)
+    configure_logging("warning", json=True)  # stderr: stdout carries the answer alone
+    print(json.dumps(_measure_here(args.threads, args.root, args.budget_bytes, args.time_budget_s)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -55,3 +57,13 @@ def test_measured_bandwidth_agrees_with_an_independent_copy():
     assert measured is not None
     # Same machine, same kind of copy, one thread each: within a factor of 3 even when shared.
     assert reference / 3 <= measured <= reference * 3, (measured, reference)
+
+
+def test_the_measurement_leaves_nothing_in_the_measuring_process():
+    """The daemon probes at start: numpy and the copy buffers stay in a child process."""
+    script = ("import sys; from agent.hardware.bandwidth import measure_bandwidth; "
+              "gbps = measure_bandwidth(threads=1, time_budget_s=0.2); "
+              "print(gbps is not None and gbps > 0, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.split() == ["True", "False"], out
