@@ -11,7 +11,8 @@ stable machine-readable ``code`` and a message that says what to do::
     ├── SelectionError         no_fit             no variant fits the budget / pin does not fit
     ├── FetchError             fetch_failed       download failed on every mirror
     │   ├── ChecksumError      checksum_mismatch  size or sha256 differs from the manifest
-    │   └── DiskFullError      disk_full          not enough free disk for the download
+    │   ├── DiskFullError      disk_full          not enough free disk for the download
+    │   └── NoWheelError       no_wheel           the wheelhouse has no wheel for this build key
     ├── StoreError             store_unsafe       the model store is a symlink, someone else's, writable by
     │                                             others, or holds a link where the store writes a file
     ├── RequestError           bad_request        a prompt/cmd payload is invalid (message names the field)
@@ -29,6 +30,7 @@ stable machine-readable ``code`` and a message that says what to do::
     ├── WorkerCrashedError     worker_crashed     the inference worker died mid-request
     ├── ModelLoadError         load_failed        every setting of the fallback ladder failed
     ├── SignatureError         bad_signature      a manifest signature is missing or wrong
+    ├── WheelIndexError        wheel_index_invalid  a signed wheel index is not one (schema, bounds)
     ├── UpgradeError           upgrade_failed     an agent upgrade could not be installed (wheel, pip, layout)
     ├── FleetAPIError          (the controller's) the fleet controller's API refused a call or is unreachable
     └── BrokerError            broker_failed      the embedded MQTT broker cannot start (port in use)
@@ -122,6 +124,10 @@ class DiskFullError(FetchError):
     code = "disk_full"
 
 
+class NoWheelError(FetchError):
+    code = "no_wheel"
+
+
 class StoreError(EdgeAgentError):
     code = "store_unsafe"
 
@@ -188,6 +194,10 @@ class ModelLoadError(EdgeAgentError):
 
 class SignatureError(EdgeAgentError):
     code = "bad_signature"
+
+
+class WheelIndexError(EdgeAgentError):
+    code = "wheel_index_invalid"
 
 
 class UpgradeError(EdgeAgentError):

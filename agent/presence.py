@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from agent import __version__
+from agent.buildinfo import build_info
 from agent.catalog.selection import Selection
 from agent.catalog.signing import key_id
 from agent.config import AgentConfig, read_secret
@@ -183,6 +184,7 @@ class Presence:
             "labels": self.config.labels,  # inventory labels, for rollout targets and filters
             "protocol": self.config.mqtt.protocol,
             "signing": signing_meta(self.config),
+            "build": msgspec.to_builtins(build_info()),  # versions, engine build key and flags
         }
 
 

@@ -57,20 +57,29 @@ def key_id(public_key: str) -> str:
 
 def verify_manifest(data: bytes, signature: str | bytes | None, public_key: str | None) -> None:
     """Raise SignatureError unless ``signature`` is a valid Ed25519 signature of ``data``."""
+    verify_signature(data, signature, public_key, what="manifest")
+
+
+def verify_signature(
+    data: bytes, signature: str | bytes | None, public_key: str | None, *, what: str
+) -> None:
+    """verify_manifest for any document the controller signs (``what`` names it in errors:
+    a manifest, the wheel index)."""
     if not public_key:
         raise SignatureError(
-            "manifest signatures are required and signing.public_key is empty: pin the fleet "
-            "controller's key (edge-agent fleet signing-key) or set signing.allow_unsigned: true"
+            f"{what} signatures are required and signing.public_key is empty: pin the fleet "
+            "controller's key (edge-agent fleet signing-key)"
+            + (" or set signing.allow_unsigned: true" if what == "manifest" else "")
         )
     if signature is None:
-        raise SignatureError("the manifest has no signature file (expected <manifest>.sig)")
+        raise SignatureError(f"the {what} has no signature file (expected <{what}>.sig)")
     ed25519, invalid_signature = _ed25519()
     key = ed25519.Ed25519PublicKey.from_public_bytes(public_key_bytes(public_key))
     try:
         key.verify(_b64(signature, "signature"), data)
     except invalid_signature as exc:
         raise SignatureError(
-            "the manifest signature does not match: refusing a tampered manifest"
+            f"the {what} signature does not match: refusing a tampered {what}"
         ) from exc
 
 

@@ -96,6 +96,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--publish", metavar="FILE", help="publish this manifest file (its name is kept)"
     )
 
+    wheels = client("wheels", "list the wheelhouse, or add an engine or edge-agent wheel to it")
+    wheels.add_argument("action", choices=["list", "add"])
+    wheels.add_argument("wheel", nargs="?", help="the .whl file (add)")
+    wheels.add_argument(
+        "--key", help="an engine wheel's build key (scripts/setup --print-build-key where built)"
+    )
+    wheels.add_argument("--cmake-args", help="its CMAKE_ARGS (checked against --key)")
+    wheels.add_argument("--python", help="the builder's sys.implementation.cache_tag (cpython-311)")
+    wheels.add_argument("--platform", help="the builder's sysconfig.get_platform() (linux-x86_64)")
+
     rollout = client("rollout", "start, watch or roll back a rollout")
     rollout.add_argument("action", choices=["start", "status", "list", "rollback"])
     rollout.add_argument("rollout_id", nargs="?", help="for status and rollback")
@@ -147,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         "cmd": _cmd,
         "manifests": _manifests,
         "rollout": _rollout,
+        "wheels": _wheels,
     }[args.fleet_command](client, args)
 
 
@@ -302,4 +313,26 @@ def _rollout(client, args) -> int:
         if getattr(args, key):
             spec[key] = getattr(args, key)
     _print_json(client.start_rollout(spec))
+    return 0
+
+
+def _wheels(client, args) -> int:
+    if args.action == "add":
+        from pathlib import Path
+
+        if not args.wheel:
+            raise RequestError("wheels add: give the .whl file", field="wheel")
+        query = {name: getattr(args, name) for name in ("key", "cmake_args", "python", "platform")
+                 if getattr(args, name) is not None}
+        _print_json(client.add_wheel(Path(args.wheel), query))
+        return 0
+    data = client.wheels()
+    if args.json:
+        _print_json(data)
+        return 0
+    for wheel in data["engine"]:
+        print(f"engine {wheel['key']}  {wheel['file']}  {wheel['size']:>11}  "
+              f"{wheel['cmake_args']}")
+    for wheel in data["agent"]:
+        print(f"agent  {wheel['version']:16}  {wheel['file']}  {wheel['size']:>11}")
     return 0

@@ -1,4 +1,4 @@
-"""A thin client of the controller's HTTP API, for ``edge-agent fleet devices|prompt|cmd|rollout``.
+"""A thin client of the controller's HTTP API, for ``edge-agent fleet devices|prompt|cmd|…``.
 
 urllib from the standard library (httpx stays in agent/fetch); bearer token auth; the
 prompt endpoint's NDJSON is read line by line so a reply streams to the terminal. API
@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import Any, Iterator
-from urllib.parse import quote
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+from urllib.parse import quote, urlencode
 
 from agent.errors import ConfigError, FleetAPIError, RequestError
 
 TIMEOUT_S = 30.0
+UPLOAD_TIMEOUT_S = 600.0  # a CUDA wheel is hundreds of MB
 
 
 class FleetClient:
@@ -34,16 +36,25 @@ class FleetClient:
         body: Any = None,
         timeout: float = TIMEOUT_S,
         accept: str = "application/json",
+        upload: tuple[BinaryIO, int] | None = None,
     ):
-        data = json.dumps(body).encode() if body is not None else None
+        """``body`` goes as JSON; ``upload`` (an open file and its size) as raw bytes."""
+        data: Any = json.dumps(body).encode() if body is not None else None
+        content_type = "application/json"
+        headers = {}
+        if upload is not None:
+            data, size = upload
+            content_type = "application/octet-stream"
+            headers["Content-Length"] = str(size)
         request = urllib.request.Request(
             self.url + path,
             data=data,
             method=method,
             headers={
                 "Authorization": f"Bearer {self.token}",
-                "Content-Type": "application/json",
+                "Content-Type": content_type,
                 "Accept": accept,
+                **headers,
             },
         )
         try:
@@ -122,5 +133,22 @@ class FleetClient:
     def rollout(self, rollout_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/rollouts/{quote(rollout_id, safe='')}")
 
+    def rollout_events(self, rollout_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/rollouts/{quote(rollout_id, safe='')}/events")
+
     def rollback(self, rollout_id: str) -> dict[str, Any]:
         return self._json("POST", f"/api/rollouts/{quote(rollout_id, safe='')}/rollback", {})
+
+    def wheels(self) -> dict[str, Any]:
+        return self._json("GET", "/api/wheels")
+
+    def add_wheel(self, wheel: Path, query: dict[str, str]) -> dict[str, Any]:
+        """Upload one wheel (streamed from the file); ``query``: key, cmake_args, python,
+        platform for an engine wheel, nothing for an edge-agent one."""
+        path = f"/api/wheels/{quote(wheel.name, safe='')}"
+        if query:
+            path += "?" + urlencode(query)
+        with open(wheel, "rb") as body, self._open(
+            "PUT", path, timeout=UPLOAD_TIMEOUT_S, upload=(body, wheel.stat().st_size)
+        ) as response:
+            return json.loads(response.read())

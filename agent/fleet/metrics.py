@@ -8,6 +8,7 @@ computed; it must not query anything itself beyond the controller's counters.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from agent.fleet.ingest import LAG_BUCKETS_S
@@ -152,6 +153,16 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
         "1 while the controller is connected to the broker",
         [("", 1 if controller.connected else 0)],
     )
+    builds = Counter((r["version"] or "", r["engine_key"] or "") for r in rows)
+    metric(
+        "edge_fleet_devices_by_build",
+        "gauge",
+        "Devices by agent version and engine build key (an upgrade's progress, per-device or not)",
+        [
+            (f'{{agent_version="{escape_label(version)}",engine_key="{escape_label(key)}"}}', n)
+            for (version, key), n in sorted(builds.items())
+        ],
+    )
     if not controller.config.metrics_per_device:
         return "\n".join(lines) + "\n"
     metric(
@@ -172,6 +183,22 @@ def render_metrics(rows: list[dict[str, Any]], controller: "FleetController") ->
                 f'{{device="{escape_label(r["id"])}",state="{escape_label(r["state"])}",'
                 f'model="{escape_label(r["model"])}",quant="{escape_label(r["quant"])}",'
                 f'board="{escape_label(r["board"])}",version="{escape_label(r["version"] or "")}"}}',
+                1,
+            )
+            for r in rows
+        ],
+    )
+    metric(
+        "edge_device_build_info",
+        "gauge",
+        "Constant 1 with the software the device runs: agent, llama-cpp-python, engine build",
+        [
+            (
+                f'{{device="{escape_label(r["id"])}",'
+                f'agent_version="{escape_label(r["version"] or "")}",'
+                f'llama_cpp_python="{escape_label(r["llama_cpp_python"] or "")}",'
+                f'engine_key="{escape_label(r["engine_key"] or "")}",'
+                f'engine_flags="{escape_label(r["engine_flags"] or "")}"}}',
                 1,
             )
             for r in rows

@@ -139,7 +139,6 @@ class SelectionFacts(_Tolerant):
     n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=100_000)] | None = None
     n_threads: Count | None = None
     manifest_url: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
-    sha256: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f]{64}\Z")] | None = None  # rollouts
     candidates: Candidates = []
     variants: Annotated[list[Name], msgspec.Meta(max_length=256)] = []
     profile: Name | None = None
@@ -148,6 +147,18 @@ class SelectionFacts(_Tolerant):
 class ProfileFacts(_Tolerant):
     name: Name | None = None
     reasons: Annotated[list[Text], msgspec.Meta(max_length=64)] = []
+
+
+class BuildFacts(_Tolerant):
+    """agent.buildinfo.BuildInfo: what the device runs (device page, edge_device_build_info)."""
+
+    agent_version: Name | None = None
+    llama_cpp_python: Name | None = None
+    engine_key: Name | None = None
+    cmake_args: Text | None = None
+    python: Name | None = None
+    platform: Name | None = None
+    origin: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
 
 
 class Meta(_Tolerant):
@@ -167,6 +178,7 @@ class Meta(_Tolerant):
     telemetry_interval_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
     profile: ProfileFacts | None = None
     labels: Annotated[dict[LabelWord, LabelWord], msgspec.Meta(max_length=MAX_LABELS)] = {}
+    build: BuildFacts | None = None
 
 
 # --- telemetry: what agent.daemon._telemetry publishes ----------------------------------------

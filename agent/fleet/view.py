@@ -82,6 +82,7 @@ def device_row(
     meta = record.meta
     device = hardware(meta)
     selection = meta.get("selection") or {}
+    build = meta.get("build") or {}
     memory = device.get("memory") or {}
     gpu, vram = gpu_summary(device)
     point = telemetry_point(record.telemetry) if record.telemetry else {}
@@ -96,6 +97,10 @@ def device_row(
         "reported_state": record.state,
         "session": record.session,
         "version": record.agent_version or meta.get("version"),
+        # What the engine is (agent.buildinfo): the wheelhouse's build key and CMAKE_ARGS.
+        "llama_cpp_python": build.get("llama_cpp_python"),
+        "engine_key": build.get("engine_key"),
+        "engine_flags": build.get("cmake_args"),
         "board": device.get("board") or "",
         "cpu": cpu_summary(device),
         "ram_bytes": memory.get("total_bytes"),

@@ -70,6 +70,7 @@ def make_config(tmp_path: Path, broker, **overrides) -> FleetConfig:
         http_port=free_port(),
         db_path=str(tmp_path / "fleet.db"),
         model_dir=str(tmp_path / "models"),
+        wheel_dir=str(tmp_path / "wheels"),
         telemetry_sample_s=0.0,
         ingest_flush_s=0.1,
         default_telemetry_interval_s=1.0,

@@ -1,0 +1,220 @@
+"""The controller's wheelhouse: the engine and agent wheels devices install from /files/wheels.
+
+Layout under ``fleet.wheel_dir``::
+
+    engine/<build key>/entry.json            its index entry (agent.catalog.wheels.EngineWheel)
+    engine/<build key>/<sha256[:16]>/<file>  the wheel
+    agent/<version>/entry.json               agent.catalog.wheels.AgentWheel
+    agent/<version>/<sha256[:16]>/<file>
+
+A wheel's path holds its digest, so one URL always names the same bytes. Adding a wheel for
+a key (or version) that has one writes the new file beside the old, then swaps entry.json
+(a rename), then removes the old file: a device reads either index, and one mid-download of
+the old file keeps its open file. The sha256 is computed as the bytes arrive, so the index
+is built from the small entry files only; it is built and signed when asked (like a
+manifest's ``.sig``, agent.fleet.hosting), never stored, so no stale signature outlives a
+change. Only a file that opens as a wheel of the distribution and version its name says is
+added. All of this is file work: call it in a thread.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import msgspec
+
+from agent.catalog.wheels import (
+    AGENT_PACKAGE,
+    ENGINE_PACKAGE,
+    AgentWheel,
+    EngineWheel,
+    WheelIndex,
+    encode_index,
+    engine_key,
+    is_key,
+    wheel_name_parts,
+)
+from agent.errors import RequestError, TooLargeError, shown
+from agent.fleet.hosting import ControllerKey
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+ENTRY = "entry.json"
+DIGEST_CHARS = 16
+_SERVED = re.compile(
+    r"(engine/[0-9a-f]{16}|agent/[A-Za-z0-9_.!+]{1,64})/[0-9a-f]{16}/[A-Za-z0-9_.!+-]{1,255}\.whl"
+)
+
+
+class WheelHouse:
+    def __init__(self, root: str | Path, *, upload_max_bytes: int) -> None:
+        self.root = Path(root)  # made by the first add: a controller that hosts none has none
+        self.upload_max_bytes = upload_max_bytes
+
+    def index(self) -> WheelIndex:
+        """Every wheel whose entry reads back; an unreadable entry is logged and left out."""
+        engine = [self._entry(path, EngineWheel) for path in self.root.glob(f"engine/*/{ENTRY}")]
+        agent = [self._entry(path, AgentWheel) for path in self.root.glob(f"agent/*/{ENTRY}")]
+        return WheelIndex(engine=[e for e in engine if e], agent=[a for a in agent if a])
+
+    def index_bytes(self) -> bytes:
+        return encode_index(self.index())
+
+    def signature(self, key: ControllerKey) -> str:
+        return key.sign(self.index_bytes())
+
+    def agent_wheel(self, version: str) -> AgentWheel | None:
+        """The hosted edge-agent wheel of ``version`` (for the ``upgrade`` op), else None."""
+        return self.index().agent_wheel(version)
+
+    def resolve(self, path: str) -> Path | None:
+        """The hosted wheel at ``path`` (as the index names it), or None."""
+        if not _SERVED.fullmatch(path) or {".", ".."} & set(path.split("/")):
+            return None
+        found = self.root / path
+        return found if found.is_file() and not found.is_symlink() else None
+
+    @staticmethod
+    def _entry(path: Path, kind: type) -> EngineWheel | AgentWheel | None:
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=kind)
+        except (OSError, msgspec.DecodeError) as exc:
+            log.warning("wheel_entry_unreadable", path=str(path), error=str(exc))
+            return None
+
+    def start_add(self, name: str, *, key: str | None = None, cmake_args: str | None = None,
+                  python: str | None = None, platform: str | None = None) -> "WheelUpload":
+        """Check what an upload says it is before any byte is written."""
+        parts = wheel_name_parts(name)
+        if parts is None:
+            raise RequestError(f"file: {shown(name)} is not a wheel file name", field="file")
+        dist, version = parts
+        if dist == ENGINE_PACKAGE:
+            if key is None or not is_key(key):
+                raise RequestError("key: the 16 hex digits of the build key "
+                                   "(scripts/setup --print-build-key on the device)", field="key")
+            described = (cmake_args, python, platform)
+            if any(v is not None for v in described):
+                if None in described:
+                    raise RequestError("cmake_args, python and platform: all three or none",
+                                       field="key")
+                computed = engine_key(version, cmake_args or "", python or "", platform or "")
+                if computed != key:
+                    raise RequestError(f"key: {key} is not the build key of that version, "
+                                       f"CMAKE_ARGS, Python and platform ({computed})",
+                                       field="key")
+            for field, value in (("cmake_args", cmake_args), ("python", python),
+                                 ("platform", platform)):
+                if value is not None and (len(value) > (2048 if field == "cmake_args" else 128)
+                                          or not value.isprintable()):
+                    raise RequestError(f"{field}: printable text, bounded", field=field)
+            folder = self.root / "engine" / key
+        elif dist == AGENT_PACKAGE:
+            if key is not None:
+                raise RequestError("key: only engine (llama-cpp-python) wheels have a build key",
+                                   field="key")
+            folder = self.root / "agent" / version
+        else:
+            raise RequestError(f"file: {shown(name)}: this controller hosts {ENGINE_PACKAGE} and "
+                               f"{AGENT_PACKAGE} wheels only", field="file")
+        self.root.mkdir(parents=True, exist_ok=True)
+        return WheelUpload(self, folder, name, dist, version,
+                           {"key": key, "cmake_args": cmake_args or "", "python": python or "",
+                            "platform": platform or ""})
+
+
+class WheelUpload:
+    """One wheel arriving: written to a temporary file in the wheelhouse chunk by chunk
+    (write() from a thread per chunk, hashed as it goes), added by finish(), removed by
+    abort(). Never more than ``limit`` bytes on disk."""
+
+    def __init__(self, house: WheelHouse, folder: Path, name: str, dist: str, version: str,
+                 described: dict[str, str | None]) -> None:
+        self.house = house
+        self.folder = folder
+        self.name = name
+        self.dist = dist
+        self.version = version
+        self.described = described
+        self.limit = house.upload_max_bytes
+        self.received = 0
+        self._hash = hashlib.sha256()
+        fd, temp = tempfile.mkstemp(dir=house.root, prefix=f".{name}.", suffix=".upload")
+        self._temp = Path(temp)
+        self._out = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        if self.received + len(data) > self.limit:
+            raise TooLargeError(f"{shown(self.name)}: larger than this controller takes "
+                                f"({self.limit} bytes, fleet.upload_max_bytes)", field="file")
+        self._out.write(data)
+        self._hash.update(data)
+        self.received += len(data)
+
+    def finish(self) -> EngineWheel | AgentWheel:
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        self._check_wheel()
+        sha256 = self._hash.hexdigest()
+        relative = self.folder.relative_to(self.house.root) / sha256[:DIGEST_CHARS] / self.name
+        common = dict(version=self.version, file=self.name, path=relative.as_posix(),
+                      size=self.received, sha256=sha256)
+        if self.dist == ENGINE_PACKAGE:
+            entry: EngineWheel | AgentWheel = EngineWheel(
+                key=str(self.described["key"]), python=str(self.described["python"]),
+                platform=str(self.described["platform"]),
+                cmake_args=str(self.described["cmake_args"]), **common)
+        else:
+            entry = AgentWheel(**common)
+        target = self.house.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        previous = self.house._entry(self.folder / ENTRY, type(entry)) \
+            if (self.folder / ENTRY).exists() else None
+        os.chmod(self._temp, 0o644)  # mkstemp's 0600: a web server in front may serve it too
+        os.replace(self._temp, target)
+        fd, temp_entry = tempfile.mkstemp(dir=self.folder, prefix=f".{ENTRY}.")
+        with os.fdopen(fd, "wb") as out:
+            out.write(msgspec.json.encode(entry))
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp_entry, 0o644)
+        os.replace(temp_entry, self.folder / ENTRY)
+        if previous is not None and previous.path != entry.path:
+            shutil.rmtree((self.house.root / previous.path).parent, ignore_errors=True)
+        log.info("wheel_added", file=self.name, path=entry.path, size=self.received,
+                 sha256=sha256, replaced=previous.path if previous else None)
+        return entry
+
+    def _check_wheel(self) -> None:
+        """The file is a zip with the ``.dist-info/METADATA`` of the name's distribution and
+        version: a wheel, not whatever bytes a client sent under a wheel's name."""
+        try:
+            with zipfile.ZipFile(self._temp) as archive:
+                metadata = next((n for n in archive.namelist()
+                                 if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
+                if metadata is None:
+                    raise RequestError(f"{shown(self.name)}: no .dist-info/METADATA in it",
+                                       field="file")
+                headers = email.parser.BytesHeaderParser().parsebytes(
+                    archive.read(metadata)[:65536])
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise RequestError(f"{shown(self.name)}: not a wheel ({exc})", field="file") from exc
+        name = re.sub(r"[-_.]+", "-", headers.get("Name", "")).lower()
+        if name != self.dist or headers.get("Version") != self.version:
+            raise RequestError(f"{shown(self.name)}: its METADATA says "
+                               f"{shown(headers.get('Name'))} {shown(headers.get('Version'))}",
+                               field="file")
+
+    def abort(self) -> None:
+        if not self._out.closed:
+            self._out.close()
+        self._temp.unlink(missing_ok=True)
