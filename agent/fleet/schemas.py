@@ -139,6 +139,7 @@ class SelectionFacts(_Tolerant):
     n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1, le=100_000)] | None = None
     n_threads: Count | None = None
     manifest_url: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    sha256: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f]{64}\Z")] | None = None  # rollouts
     candidates: Candidates = []
     variants: Annotated[list[Name], msgspec.Meta(max_length=256)] = []
     profile: Name | None = None

@@ -215,6 +215,7 @@ class FleetWeb:
             Route("/api/rollouts", self.api_rollouts, methods=["GET", "POST"]),
             Route("/api/rollouts/{rollout_id}", self.api_rollout),
             Route("/api/rollouts/{rollout_id}/rollback", self.api_rollback, methods=["POST"]),
+            Route("/api/rollouts/{rollout_id}/events", self.api_rollout_events),
             Route("/metrics", self.metrics),
             Route("/files/{name}", self.files, methods=["GET", "HEAD"]),
             *self.openai.routes(),
@@ -882,19 +883,25 @@ class FleetWeb:
         try:
             spec = msgspec.convert(body, RolloutSpec)
         except msgspec.ValidationError as exc:
-            raise _bad(f"rollout: {exc}", "rollout") from None
+            text, _, where = str(exc).partition(" - at `$.")
+            field = where.rstrip("`") or "rollout"
+            raise _bad(f"{field}: {text}", field) from None
+        hosted = self.models.resolve(spec.manifest)
         if spec.manifest.startswith(("http://", "https://")):
-            source = spec.manifest
-        elif self.models.resolve(spec.manifest) is not None:
-            source = f"{self._base_url(request)}/files/{spec.manifest}"
+            source = location = spec.manifest
+        elif hosted is not None:
+            source, location = f"{self._base_url(request)}/files/{spec.manifest}", str(hosted)
         else:
             raise _bad(
                 f"manifest: {shown(spec.manifest)} is neither a URL nor a manifest hosted here",
                 "manifest",
             )
-        # Reads every device record and writes SQLite: a thread, not the loop.
-        rollout = await run_in_threadpool(self.controller.rollouts.create, spec, source)
-        return JSONResponse(rollout.to_dict(), status_code=201)
+        # Reads every device record, the manifest (a file or a URL) and writes the registry:
+        # a thread, not the loop.
+        rollout = await run_in_threadpool(
+            self.controller.rollouts.create, spec, source, location
+        )
+        return JSONResponse(await run_in_threadpool(rollout.to_dict), status_code=201)
 
     def _rollout_dicts(self) -> list[dict[str, Any]]:
         """Every rollout as the API shows it. Takes the rollout manager's lock, which its
@@ -905,18 +912,31 @@ class FleetWeb:
         if denied := await self._authorize(request):
             return denied
         # The manager's lock is held across registry round trips by its own thread.
-        rollout = await run_in_threadpool(
-            self.controller.rollouts.get, request.path_params["rollout_id"])
-        if rollout is None:
+        found = await run_in_threadpool(
+            self.controller.rollouts.describe, request.path_params["rollout_id"])
+        if found is None:
             return error_response(404, "not_found", "no such rollout")
-        return JSONResponse(await run_in_threadpool(rollout.to_dict))
+        return JSONResponse(found)
+
+    async def api_rollout_events(self, request: Request) -> Response:
+        if denied := await self._authorize(request):
+            return denied
+        rollout_id = request.path_params["rollout_id"]
+        after = _query_int(request, "after", 0, high=2**53)
+        limit = max(1, _query_int(request, "limit", 200, high=1000))
+        if await run_in_threadpool(self.controller.rollouts.get, rollout_id) is None:
+            return error_response(404, "not_found", "no such rollout")
+        events = await run_in_threadpool(
+            self.controller.rollouts.events, rollout_id, after, limit
+        )
+        return JSONResponse({"events": events})
 
     async def api_rollback(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
         rollout_id = request.path_params["rollout_id"]
-        rollout = await run_in_threadpool(self.controller.rollouts.rollback, rollout_id)
-        return JSONResponse(rollout.to_dict())
+        await run_in_threadpool(self.controller.rollouts.rollback, rollout_id)
+        return JSONResponse(await run_in_threadpool(self.controller.rollouts.describe, rollout_id))
 
     async def metrics(self, request: Request) -> Response:
         if not self.config.auth.metrics_public and (denied := await self._authorize(request)):
