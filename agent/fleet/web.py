@@ -55,6 +55,7 @@ from agent.fleet.controller import FleetController
 from agent.fleet.hosting import MAX_BUILD_FILES, ModelDirectory
 from agent.fleet.metrics import render_metrics
 from agent.fleet.openai_api import OpenAIAPI, ReplyBuffer
+from agent.fleet.plan import plan_rollout
 from agent.fleet.registry import telemetry_point
 from agent.fleet.schemas import Candidates
 from agent.fleet.rollout import RolloutSpec
@@ -880,6 +881,9 @@ class FleetWeb:
         if request.method == "GET":
             return JSONResponse({"rollouts": await run_in_threadpool(self._rollout_dicts)})
         body = await self._json_body(request)
+        dry_run = body.pop("dry_run", False)  # a plan (agent.fleet.plan): nothing is sent
+        if not isinstance(dry_run, bool):
+            raise _bad("dry_run: must be true or false", "dry_run")
         try:
             spec = msgspec.convert(body, RolloutSpec)
         except msgspec.ValidationError as exc:
@@ -896,6 +900,10 @@ class FleetWeb:
                 f"manifest: {shown(spec.manifest)} is neither a URL nor a manifest hosted here",
                 "manifest",
             )
+        if dry_run:  # runs the selector per device and reads GGUF headers: a thread
+            plan = await run_in_threadpool(
+                plan_rollout, spec, source, location, self.controller.registry.snapshot())
+            return JSONResponse(plan)
         # Reads every device record, the manifest (a file or a URL) and writes the registry:
         # a thread, not the loop.
         rollout = await run_in_threadpool(
