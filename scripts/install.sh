@@ -4,7 +4,7 @@
 #
 #   sudo scripts/install.sh [--device-id ID] [--broker-host HOST] [--broker-port PORT]
 #                           [--manifest PATH_OR_URL] [--password-file FILE] [--fleet] [--no-start]
-#                           (--signing-key BASE64 | --allow-unsigned)
+#                           (--signing-key BASE64 | --allow-unsigned) [--wheels-from URL]
 #   sudo scripts/install.sh --uninstall [--purge]
 #   scripts/install.sh --print-config [options]   show the agent.yaml a first install writes
 #
@@ -29,6 +29,14 @@
 # only manifests the controller signed. A first install refuses to go without one unless
 # --allow-unsigned is given, which writes signing.allow_unsigned: true (shown in meta).
 #
+# --wheels-from URL takes llama.cpp from the fleet controller's wheelhouse (README: Updating the
+# fleet) when it hosts a wheel built for this hardware class: no compiler is installed and
+# nothing is compiled. The wheel index must carry the controller's signature by the pinned key
+# (--signing-key, or signing.public_key of an existing agent.yaml); there is no unsigned way.
+# No wheel for this device, or no controller: the toolchain is installed and llama.cpp compiled,
+# as without the option. A wheel or index that fails its sha256 or signature stops the install
+# before the venv or the units change: the running agent keeps running what it had.
+#
 # --uninstall removes the service, the venv and the state, and keeps /etc/edge-agent and
 # the downloaded models (/var/cache/edge-agent); --purge removes those and the user too.
 #
@@ -52,6 +60,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
 action=install
 device_id="" broker_host="" broker_port="" manifest="" password_file="" signing_key="" allow_unsigned=0
+wheels_from=""
 fleet=0 start=1 purge=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -62,6 +71,7 @@ while [ $# -gt 0 ]; do
     --password-file) password_file=${2:?--password-file needs a value}; shift 2 ;;
     --signing-key) signing_key=${2:?--signing-key needs a value}; shift 2 ;;
     --allow-unsigned) allow_unsigned=1; shift ;;
+    --wheels-from) wheels_from=${2:?--wheels-from needs a URL}; shift 2 ;;
     --fleet) fleet=1; shift ;;
     --no-start) start=0; shift ;;
     --uninstall) action=uninstall; shift ;;
@@ -94,6 +104,9 @@ if [ -n "$signing_key" ] && ! [[ "$signing_key" =~ ^[A-Za-z0-9+/]{43}=$ ]]; then
   die "--signing-key: expected the controller's Ed25519 public key, base64 (44 characters)"
 fi
 [ -n "$signing_key" ] && [ "$allow_unsigned" = 1 ] && die "--signing-key and --allow-unsigned exclude each other"
+if [ -n "$wheels_from" ] && ! [[ "$wheels_from" =~ ^https?://[A-Za-z0-9.:@%/_~+-]+$ ]]; then
+  die "--wheels-from '$wheels_from' is not an http(s) URL of a controller"
+fi
 if [ "$action" != uninstall ] && [ -z "$signing_key" ] && [ "$allow_unsigned" = 0 ] \
     && { [ "$action" = print-config ] || [ ! -e "$config_dir/agent.yaml" ]; }; then
   die "give --signing-key BASE64 (the controller's key: edge-agent fleet signing-key) so only signed manifests load, or --allow-unsigned"
@@ -170,12 +183,15 @@ command -v "$python" >/dev/null 2>&1 || apt_install python3
   || die "$("$python" -V 2>&1) is too old: edge-agent needs Python >= 3.10 (Debian 12 / Raspberry Pi OS bookworm or newer)"
 # Debian splits venv and ensurepip out of python3.
 "$python" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_install python3-venv
-# llama.cpp is compiled on the device unless setup already has a wheel for it.
 cache=${EDGE_AGENT_CACHE:-/root/.cache/edge-agent}
-if ! ls "$cache"/wheels/llama-cpp-python-*/llama_cpp_python-*.whl >/dev/null 2>&1 \
-    && ! command -v g++ >/dev/null 2>&1; then
-  apt_install build-essential cmake
+# The wheelhouse's index is checked with the key manifests are: given now or pinned before.
+wheels_key=$signing_key
+if [ -n "$wheels_from" ] && [ -z "$wheels_key" ] && [ -e "$config_dir/agent.yaml" ]; then
+  wheels_key=$(sed -n 's/^  public_key: "\{0,1\}\([A-Za-z0-9+/]\{43\}=\)"\{0,1\} *$/\1/p' \
+    "$config_dir/agent.yaml" | head -n1)
 fi
+[ -z "$wheels_from" ] || [ -n "$wheels_key" ] \
+  || die "--wheels-from needs the controller's key: --signing-key BASE64 (an unsigned wheel index is never used)"
 
 # --- the system user ------------------------------------------------------------------
 if ! getent passwd "$user" >/dev/null; then
@@ -216,6 +232,17 @@ if [ "$repo" != "$prefix/src" ]; then
     | tar -C "$prefix/src.new" --no-same-owner --no-same-permissions -xf -
   rm -rf "$prefix/src"
   mv "$prefix/src.new" "$prefix/src"
+fi
+# llama.cpp is compiled on the device unless setup has a wheel for it: in its cache, or fetched
+# (and verified) from the controller's wheelhouse first, before any toolchain is installed.
+if [ -n "$wheels_from" ]; then
+  EDGE_AGENT_VENV="$prefix/venv" EDGE_AGENT_CACHE="$cache" PYTHON="$python" \
+    "$prefix/src/scripts/setup" --wheels-from "$wheels_from" --signing-key "$wheels_key" --fetch-only \
+    || die "setup --wheels-from $wheels_from failed (see above): nothing was installed; the running agent is unchanged"
+fi
+if ! ls "$cache"/wheels/llama-cpp-python-*/llama_cpp_python-*.whl >/dev/null 2>&1 \
+    && ! command -v g++ >/dev/null 2>&1; then
+  apt_install build-essential cmake
 fi
 extras=signing
 [ "$fleet" = 1 ] && extras=fleet,signing

@@ -77,6 +77,8 @@ def test_no_install_without_a_signing_key_unless_unsigned_is_explicit(tmp_path: 
         ("--broker-port", "70000", "--broker-port"),
         ("--broker-host", "host name", "--broker-host"),
         ("--signing-key", "bm90IGEga2V5", "--signing-key"),
+        ("--wheels-from", "ftp://ctl.lan/files", "--wheels-from"),
+        ("--wheels-from", "http://ctl.lan:8080/$(reboot)", "--wheels-from"),
     ],
 )
 def test_bad_options_are_refused_with_a_reason(option: str, value: str, complaint: str) -> None:
