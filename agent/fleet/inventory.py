@@ -266,10 +266,11 @@ def _tokens(text: str) -> list[_Token]:
     position = 0
     while _TRAILING_SPACE.match(text, position) is None:
         found = _TOKEN.match(text, position)
-        if found is None or found.lastgroup is None:
+        if found is None:
             at = len(text) - len(text[position:].lstrip())
             raise FilterError(f"filter: unexpected {shown(text[at:at + 10])} at {at}", at=at)
-        tokens.append(_Token(found.lastgroup, found.group(found.lastgroup), found.start(found.lastgroup)))
+        kind = found.lastgroup
+        tokens.append(_Token(kind, found.group(kind), found.start(kind)))
         position = found.end()
     return tokens
 

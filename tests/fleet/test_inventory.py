@@ -53,7 +53,7 @@ def meta(*, arch="x86_64", flags=(), ram_gib=8, limit_gib=None, vram_gib=(), boa
 
 FLEET = [
     Record("store-12-till", "ready", meta(
-        arch="aarch64", flags=("neon", "dotprod"), ram_gib=8, board="Raspberry Pi 5 Model B Rev 1.0",
+        arch="aarch64", flags=("neon", "dotprod"), ram_gib=8, board="Raspberry Pi 5 Model B",
         labels={"site": "store-12", "role": "till"}, profile="raspberry-pi-5", quant="Q4_K_M"),
         agent_version="0.4.0"),
     Record("store-12-kiosk", "lost", meta(

@@ -75,7 +75,7 @@ def ladder(ladder_dir: Path):
 
 def test_plan_counts_variants_no_fit_and_unknown_probes(ladder, tmp_path):
     manifest, headers = ladder
-    records = [record_of(name, fake_root(tmp_path, captured, mib)) for name, captured, mib in AGENTS]
+    records = [record_of(name, fake_root(tmp_path, where, mib)) for name, where, mib in AGENTS]
     records.append(Record("plan-new", "starting", {}))  # no meta yet
     plan = plan_devices(manifest, headers, records)
     by_id = {device.device_id: device for device in plan.devices}
@@ -184,8 +184,9 @@ def test_plan_matches_what_real_agents_then_choose(fleet, api, broker, ladder_di
                 assert result["ok"] is False and result["error"]["code"] == "no_fit", result
                 continue
             assert result["ok"] is True, result
-            selection = wait_for(lambda: _selection_from(registry, name, plan["manifest"]), 60,
-                                 f"{name}'s new selection in its meta")
+            selection = wait_for(
+                lambda name=name: _selection_from(registry, name, plan["manifest"]), 60,
+                f"{name}'s new selection in its meta")
             chose = {key: selection[key] for key in ("quant", "n_ctx", "kv_type", "n_gpu_layers")}
             assert chose == {key: device[key] for key in chose}, (name, chose, device)
             assert selection["estimate"]["ram_bytes"] == device["ram_bytes"], name
