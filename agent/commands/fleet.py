@@ -106,18 +106,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wheels.add_argument("--python", help="the builder's sys.implementation.cache_tag (cpython-311)")
     wheels.add_argument("--platform", help="the builder's sysconfig.get_platform() (linux-x86_64)")
 
-    rollout = client("rollout", "start, watch or roll back a rollout")
-    rollout.add_argument("action", choices=["start", "status", "list", "rollback"])
-    rollout.add_argument("rollout_id", nargs="?", help="for status and rollback")
-    rollout.add_argument("--manifest", help="hosted manifest name or URL (start)")
+    rollout = client("rollout", "plan, start, watch or roll back a rollout")
+    rollout.add_argument(
+        "action", choices=["plan", "start", "status", "events", "list", "rollback"]
+    )
+    rollout.add_argument("rollout_id", nargs="?", help="for status, events and rollback")
+    rollout.add_argument("--manifest", help="hosted manifest name or URL (plan, start)")
     rollout.add_argument("--pin", help="pin this quant after the manifest is set")
     rollout.add_argument("--group", help="glob on device ids, e.g. 'store-*'")
     rollout.add_argument("--pool", help="devices of this pool")
-    rollout.add_argument("--device", action="append", default=[], help="a device id (repeatable)")
-    rollout.add_argument("--rate", type=float, default=10.0, help="devices per minute")
     rollout.add_argument(
-        "--abort-percent", type=float, default=20.0, help="stop when more than this %% fail"
+        "--filter", help="inventory filter, e.g. 'ram_gib>=4 and label:site=store-12'"
     )
+    rollout.add_argument("--device", action="append", default=[], help="a device id (repeatable)")
+    rollout.add_argument("--rate", type=float, help="devices started per minute (default 10)")
+    rollout.add_argument("--base-rate", type=float, help="a ramp instead: its first rate")
+    rollout.add_argument("--increment-factor", type=float, help="the ramp's step (x2)")
+    rollout.add_argument("--ramp-every", type=int, help="successes per ramp step (5)")
+    rollout.add_argument("--max-rate", type=float, help="the ramp's ceiling")
+    rollout.add_argument("--max-in-progress", type=int, help="devices in progress at once")
+    rollout.add_argument("--pinned", action="store_true", help="no devices join once started")
+    rollout.add_argument(
+        "--abort-percent", type=float, help="abort when more than this %% fail (20)"
+    )
+    rollout.add_argument("--min-devices", type=int, help="finished devices before that (5)")
+    rollout.add_argument("--max-failures", type=int, help="abort past this many failures")
+    rollout.add_argument("--soak", type=float, help="seconds healthy after the canary (30)")
+    rollout.add_argument("--device-timeout", type=float, help="seconds to pass the health gate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,13 +303,34 @@ def _manifests(client, args) -> int:
     return 0
 
 
+# RolloutSpec field -> option, each sent only when given (the controller has the defaults).
+ROLLOUT_OPTIONS = {
+    "rate_per_min": "rate",
+    "base_rate": "base_rate",
+    "increment_factor": "increment_factor",
+    "ramp_every": "ramp_every",
+    "max_rate": "max_rate",
+    "max_in_progress": "max_in_progress",
+    "abort_percent": "abort_percent",
+    "min_devices": "min_devices",
+    "max_failures": "max_failures",
+    "soak_s": "soak",
+    "device_timeout_s": "device_timeout",
+}
+
+
 def _rollout(client, args) -> int:
     if args.action == "list":
         _print_json(client.rollouts())
         return 0
-    if args.action in ("status", "rollback"):
+    if args.action in ("status", "events", "rollback"):
         if not args.rollout_id:
             raise RequestError(f"rollout {args.action}: give the rollout id", field="rollout_id")
+        if args.action == "events":
+            for event in client.rollout_events(args.rollout_id)["events"]:
+                print(f"{event['ts']:.3f} {event['device_id'] or '-':24} {event['decision']:16}"
+                      f" {event['reason']}")
+            return 0
         _print_json(
             client.rollout(args.rollout_id)
             if args.action == "status"
@@ -302,18 +338,45 @@ def _rollout(client, args) -> int:
         )
         return 0
     if not args.manifest:
-        raise RequestError("rollout start: --manifest is required", field="manifest")
-    spec: dict[str, Any] = {
-        "manifest": args.manifest,
-        "rate_per_min": args.rate,
-        "abort_percent": args.abort_percent,
-        "devices": args.device,
-    }
-    for key in ("pin", "group", "pool"):
+        raise RequestError(f"rollout {args.action}: --manifest is required", field="manifest")
+    spec: dict[str, Any] = {"manifest": args.manifest, "devices": args.device}
+    if args.pinned:
+        spec["pinned"] = True
+    for key, option in ROLLOUT_OPTIONS.items():
+        if getattr(args, option) is not None:
+            spec[key] = getattr(args, option)
+    for key in ("pin", "group", "pool", "filter"):
         if getattr(args, key):
             spec[key] = getattr(args, key)
+    if args.action == "plan":
+        plan = client.start_rollout({**spec, "dry_run": True})
+        _print_json(plan) if args.json else _print_plan(plan)
+        return 0
     _print_json(client.start_rollout(spec))
     return 0
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    """One line per device, then the counts: what each would run, or why it cannot."""
+    print(f"{'device':24} {'verdict':13} {'variant':8} {'n_ctx':>6} {'kv':5} {'gpu':>4} "
+          f"{'RAM':>9} {'tok/s':>6}  now")
+    for device in plan["devices"]:
+        tps = device["predicted_tokens_per_s"]
+        ram = device["ram_bytes"]
+        now = device["current"]
+        print(f"{device['device_id'][:24]:24} {device['verdict']:13} {device['quant'] or '-':8} "
+              f"{device['n_ctx'] or '-':>6} {device['kv_type'] or '-':5} "
+              f"{'-' if device['n_gpu_layers'] is None else device['n_gpu_layers']:>4} "
+              f"{'-' if ram is None else f'{ram / 2**20:.0f} MiB':>9} "
+              f"{'-' if tps is None else f'{tps:.1f}':>6}  "
+              f"{now['quant'] or '-'} {now['n_ctx'] or ''}".rstrip())
+        if device["verdict"] == "no_fit":
+            print(f"    {device['reason']}")
+    summary = plan["summary"]
+    by_variant = sorted(summary["by_variant"].items())
+    variants = ", ".join(f"{quant} {count}" for quant, count in by_variant)
+    print(f"{summary['devices']} devices: {variants or 'no variant'}; no_fit {summary['no_fit']}, "
+          f"unknown probe {summary['unknown_probe']}, changing {summary['changes']}")
 
 
 def _wheels(client, args) -> int:

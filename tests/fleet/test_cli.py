@@ -56,7 +56,8 @@ def test_rollout_and_manifests_from_the_shell(cli, sim, fleet, tmp_path, ladder_
     code, out, _ = cli("manifests")
     assert code == 0 and "q2.json" in out and "Q2_K" in out
     code, out, _ = cli(
-        "rollout", "start", "--manifest", "q2.json", "--group", "sim-*", "--rate", "600"
+        "rollout", "start", "--manifest", "q2.json", "--group", "sim-*", "--rate", "600",
+        "--soak", "0",
     )
     assert code == 0
     rollout_id = json.loads(out[out.index("{") :])["id"]
@@ -65,6 +66,8 @@ def test_rollout_and_manifests_from_the_shell(cli, sim, fleet, tmp_path, ladder_
         timeout_s=20,
         what="rollout completed",
     )
+    code, out, _ = cli("rollout", "events", rollout_id)
+    assert code == 0 and "success" in out and "complete" in out
 
 
 def test_missing_token_and_wrong_token(fleet, monkeypatch, capsys):

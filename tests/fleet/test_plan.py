@@ -211,3 +211,24 @@ def test_dry_run_refuses_a_bad_filter_and_a_bad_flag(api, hosted_ladder):
         assert answer.status_code == 400, (body, answer.text)
         assert answer.json()["error"]["code"] == code, (body, answer.text)
     assert api.get("/api/rollouts").json()["rollouts"] == []
+
+
+def test_rollout_plan_from_the_shell(fleet, hosted_ladder, sim, credentials, monkeypatch, capsys):
+    from agent.cli import main
+
+    devices = sim(3)
+    wait_for(lambda: len(fleet.controller.registry.devices) == 3, what="3 devices")
+    monkeypatch.setenv("EDGE_AGENT_FLEET_URL", fleet.url)
+    monkeypatch.setenv("EDGE_AGENT_FLEET_TOKEN", credentials.token)
+    capsys.readouterr()
+    assert main(["fleet", "rollout", "plan", "--manifest", "ladder.json", "--group", "sim-*"]) == 0
+    out = capsys.readouterr().out
+    for device in devices.devices:
+        assert device.id in out
+    assert "\n3 devices: " in out
+    assert main(["fleet", "rollout", "plan", "--manifest", "ladder.json", "--filter",
+                 "id=sim-*", "--json"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads(out[out.index("{"):])
+    assert plan["summary"]["devices"] == 3
+    assert sum(plan["summary"]["by_variant"].values()) + plan["summary"]["no_fit"] == 3
