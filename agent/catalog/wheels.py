@@ -34,14 +34,13 @@ ENGINE_PACKAGE = "llama-cpp-python"
 AGENT_PACKAGE = "edge-agent"
 # PEP 427 file names: distribution-version(-build)?-python-abi-platform.whl, no path parts.
 _WHEEL_NAME = re.compile(
-    r"(?P<dist>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.!+]+)(-[0-9][A-Za-z0-9_.]*)?"
+    r"(?P<dist>[A-Za-z0-9_.]+)-(?P<version>[0-9][A-Za-z0-9_.!+]{0,63})(-[0-9][A-Za-z0-9_.]*)?"
     r"-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+-[A-Za-z0-9_.]+\.whl"
 )
 _KEY = re.compile(r"[0-9a-f]{16}")
-_VERSION = re.compile(r"[A-Za-z0-9_.!+]{1,64}")
 
 Key = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
-Version = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.!+]{1,64}$")]
+Version = Annotated[str, msgspec.Meta(pattern=r"^[0-9][A-Za-z0-9_.!+]{0,63}$")]
 FileName = Annotated[str, msgspec.Meta(max_length=255, pattern=r"^[A-Za-z0-9_.!+-]+\.whl$")]
 RelPath = Annotated[str, msgspec.Meta(max_length=400, pattern=r"^[A-Za-z0-9_.!+/-]+\.whl$")]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
@@ -95,10 +94,6 @@ def engine_key(version: str, cmake_args: str, python: str, platform: str) -> str
 
 def is_key(text: str) -> bool:
     return bool(_KEY.fullmatch(text))
-
-
-def is_version(text: str) -> bool:
-    return bool(_VERSION.fullmatch(text))
 
 
 def wheel_name_parts(name: str) -> tuple[str, str] | None:

@@ -50,7 +50,7 @@ log = get_logger(__name__)
 ENTRY = "entry.json"
 DIGEST_CHARS = 16
 _SERVED = re.compile(
-    r"(engine/[0-9a-f]{16}|agent/[A-Za-z0-9_.!+]{1,64})/[0-9a-f]{16}/[A-Za-z0-9_.!+-]{1,255}\.whl"
+    r"(engine/[0-9a-f]{16}|agent/[0-9][A-Za-z0-9_.!+]{0,63})/[0-9a-f]{16}/[A-Za-z0-9_.!+-]{1,255}\.whl"
 )
 
 
@@ -101,6 +101,11 @@ class WheelHouse:
             if key is None or not is_key(key):
                 raise RequestError("key: the 16 hex digits of the build key "
                                    "(scripts/setup --print-build-key on the device)", field="key")
+            for field, value in (("cmake_args", cmake_args), ("python", python),
+                                 ("platform", platform)):
+                if value is not None and (len(value) > (2048 if field == "cmake_args" else 128)
+                                          or not value.isprintable()):
+                    raise RequestError(f"{field}: printable text, bounded", field=field)
             described = (cmake_args, python, platform)
             if any(v is not None for v in described):
                 if None in described:
@@ -111,11 +116,6 @@ class WheelHouse:
                     raise RequestError(f"key: {key} is not the build key of that version, "
                                        f"CMAKE_ARGS, Python and platform ({computed})",
                                        field="key")
-            for field, value in (("cmake_args", cmake_args), ("python", python),
-                                 ("platform", platform)):
-                if value is not None and (len(value) > (2048 if field == "cmake_args" else 128)
-                                          or not value.isprintable()):
-                    raise RequestError(f"{field}: printable text, bounded", field=field)
             folder = self.root / "engine" / key
         elif dist == AGENT_PACKAGE:
             if key is not None:

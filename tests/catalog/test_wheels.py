@@ -88,5 +88,6 @@ def test_wheel_names() -> None:
     assert wheel_name_parts("llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl") == (
         "llama-cpp-python", "0.3.36")
     assert wheel_name_parts("edge_agent-0.2.0-py3-none-any.whl") == ("edge-agent", "0.2.0")
-    for bad in ("../x-1-py3-none-any.whl", "x.whl", "a/b-1-py3-none-any.whl", "x-1-py3-none-any"):
+    for bad in ("../x-1-py3-none-any.whl", "x.whl", "a/b-1-py3-none-any.whl", "x-1-py3-none-any",
+                "edge_agent-..-py3-none-any.whl", "edge_agent-.-py3-none-any.whl"):
         assert wheel_name_parts(bad) is None
