@@ -104,9 +104,9 @@ def hosted(controller, machine: Machine, tmp_path_factory):
     cache = tmp_path_factory.mktemp("key-cache")
     key = machine.setup("--print-build-key", cache=cache).stdout.strip()
     cmake_args = machine.setup("--print-cmake-args", cache=cache).stdout.strip()
-    python = subprocess.run([sys.executable, "-c", "import sys, sysconfig; print("
-                             "sys.implementation.cache_tag, sysconfig.get_platform())"],
-                            capture_output=True, text=True, check=True).stdout.split()
+    tags = "import sys, sysconfig; print(sys.implementation.cache_tag, sysconfig.get_platform())"
+    python = subprocess.run([sys.executable, "-c", tags], capture_output=True, text=True,
+                            check=True).stdout.split()
     entry = controller.client.add_wheel(wheel, {"key": key, "cmake_args": cmake_args,
                                                 "python": python[0], "platform": python[1]})
     return {"wheel": wheel, "key": key, "entry": entry,

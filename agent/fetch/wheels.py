@@ -1,7 +1,8 @@
 """Installing from the controller's wheelhouse: the signed index, then one verified wheel.
 
-``fetch_engine_wheel`` reads ``<base>/files/wheels/index.json`` and its ``.sig``, checks the
-signature with the pinned controller key (agent.catalog.wheels.parse_index) and downloads
+``read_index`` reads ``<base>/files/wheels/index.json`` and its ``.sig`` and checks the
+signature with the pinned controller key (agent.catalog.wheels.parse_index): what an engine
+or an agent wheel is checked against. ``fetch_engine_wheel`` then downloads
 the wheel of the given build key with agent.fetch.downloader, which puts it in place only
 when its size and sha256 are the ones the signed index names. scripts/setup runs this module
 (``python -m agent.fetch.wheels``) before it would compile llama.cpp.
@@ -28,7 +29,13 @@ import urllib.request
 from pathlib import Path
 
 from agent.catalog.signing import SIGNATURE_SUFFIX
-from agent.catalog.wheels import INDEX_NAME, MAX_INDEX_BYTES, EngineWheel, parse_index
+from agent.catalog.wheels import (
+    INDEX_NAME,
+    MAX_INDEX_BYTES,
+    EngineWheel,
+    WheelIndex,
+    parse_index,
+)
 from agent.errors import (
     ChecksumError,
     EdgeAgentError,
@@ -68,8 +75,10 @@ def _read(url: str, *, missing_ok: bool) -> bytes | None:
     return body
 
 
-def find_engine_wheel(base: str, key: str, public_key: str | None) -> EngineWheel:
-    """The signed index's entry for ``key``; NoWheelError when there is none."""
+def read_index(base: str, public_key: str | None) -> WheelIndex:
+    """The wheelhouse's index at ``base`` (``wheels_base``), its signature checked with
+    ``public_key``. NoWheelError when the controller hosts none (404), FetchError when it
+    cannot be reached, SignatureError or WheelIndexError when it is not what it signed."""
     index_url = base + INDEX_NAME
     data = _read(index_url, missing_ok=True)
     if data is None:
@@ -79,16 +88,21 @@ def find_engine_wheel(base: str, key: str, public_key: str | None) -> EngineWhee
         raise SignatureError(f"{index_url}{SIGNATURE_SUFFIX}: missing; a controller signs every "
                              "index it serves, so an unsigned one is not used")
     try:
-        index = parse_index(data, signature, public_key)
+        return parse_index(data, signature, public_key)
     except SignatureError:
         # The index may have changed between the two reads (a wheel was added): ask once more
         # before calling it tampered.
         data = _read(index_url, missing_ok=False) or b""
         signature = _read(index_url + SIGNATURE_SUFFIX, missing_ok=True)
-        index = parse_index(data, signature, public_key)
+        return parse_index(data, signature, public_key)
+
+
+def find_engine_wheel(base: str, key: str, public_key: str | None) -> EngineWheel:
+    """The signed index's entry for ``key``; NoWheelError when there is none."""
+    index = read_index(base, public_key)
     wheel = index.engine_for(key)
     if wheel is None:
-        raise NoWheelError(f"{index_url}: no engine wheel for build key {key} "
+        raise NoWheelError(f"{base}{INDEX_NAME}: no engine wheel for build key {key} "
                            f"({len(index.engine)} hosted)")
     return wheel
 
