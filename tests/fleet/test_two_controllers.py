@@ -215,3 +215,15 @@ def test_two_controllers_serve_one_fleet(controllers, sim, broker, credentials, 
     )
     assert [d["state"] for d in finished["devices"]] == ["done"] * DEVICES
     assert lease_owner() in (other.name, None)
+    # One driver at a time: each device was started once, by whichever drove it then, and
+    # passed the health gate once; the takeover is a decision of its own.
+    events = other.api.get(
+        f"/api/rollouts/{rollout['id']}/events", params={"limit": 1000}
+    ).json()["events"]
+    for decision in ("start", "healthy", "success"):
+        assert sorted(e["device_id"] for e in events if e["decision"] == decision) == sorted(
+            d["device_id"] for d in finished["devices"]
+        ), decision
+    assert [e["reason"] for e in events if e["decision"] == "resume"] == [
+        f"controller {other.name} drives the rollout"
+    ]
