@@ -22,6 +22,7 @@ for path in (REPO, REPO / "scripts"):
         sys.path.insert(0, str(path))
 
 import bench_auth  # noqa: E402
+import bench_dashboard  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_estimator  # noqa: E402
 import bench_fetch  # noqa: E402
@@ -84,6 +85,7 @@ def render_table(result: dict) -> str:
                      f"{form} {max(row['ratio'].values()):.2f}" for form, row in auth["forms"].items())
                  + f" (target ≤ {auth['target_ratio']})")
     lines += ["", bench_openai.render_table(result["openai"])]
+    lines += ["", bench_dashboard.render_table(result["dashboard"])]
     lines += ["", bench_speed_prediction.render_table(result["speed"])]
     return "\n".join(lines)
 
@@ -138,6 +140,8 @@ def main() -> int:
     result["auth"] = bench_auth.run(requests=300 if args.quick else 1000)
     print("bench: OpenAI front door …", file=sys.stderr, flush=True)
     result["openai"] = bench_openai.run(rounds=2 if args.quick else 3)
+    print("bench: dashboard on 5,000 devices …", file=sys.stderr, flush=True)
+    result["dashboard"] = bench_dashboard.run(rounds=3 if args.quick else 5)
     result["seconds"] = round(time.monotonic() - started, 1)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

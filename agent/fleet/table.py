@@ -47,7 +47,7 @@ GRAMMAR_WORDS = frozenset({"and", "or", "not"})
 
 
 class TableQuery(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """One view of the fleet table, as ``?filter=…&state=…&sort=…&order=…&page=…&per_page=…``."""
+    """One view of the fleet table: ``?filter=…&state=…&sort=…&order=…&page=…&per_page=…``."""
 
     filter: Annotated[str, msgspec.Meta(max_length=MAX_FILTER_CHARS)] = ""
     state: State | None = None

@@ -161,7 +161,8 @@ def _text(value: Any, fallback: str = "?") -> str:
 
 def _error_text(error: Any) -> str:
     if isinstance(error, dict):
-        return f"{_text(error.get('code'), 'error')}: {_text(error.get('message'), '')}".rstrip(": ")
+        code, message = _text(error.get("code"), "error"), _text(error.get("message"), "")
+        return f"{code}: {message}".rstrip(": ")
     return _text(error, "no reason given")
 
 
@@ -180,6 +181,7 @@ def event_text(kind: str, body: dict[str, Any]) -> str:
     """One event as a sentence for people ("Switched from Q4_K_M to Q2_K"). The body passed
     agent.fleet.schemas only for the fields the controller acts on, so every other field is
     read as whatever type it may be."""
+    why = _text(body.get("reason"), "no reason given")
     if kind == "download":
         template = DOWNLOAD_STATES.get(_text(body.get("state"), ""), "Download of {file}")
         sentence = template.format(file=_text(body.get("file"), "a model file")) + _progress(body)
@@ -194,17 +196,18 @@ def event_text(kind: str, body: dict[str, Any]) -> str:
             _text(body.get("mode"), ""), "")
         sentence = f"Switched from {before} to {after}{how}"
     elif kind == "model_loaded":
-        sentence = f"Loaded {_text(body.get('model_id'), 'the model')} {_text(body.get('quant'), '')}".rstrip()
+        model, quant = _text(body.get("model_id"), "the model"), _text(body.get("quant"), "")
+        sentence = f"Loaded {model} {quant}".rstrip()
         if isinstance(body.get("load_ms"), (int, float)):
             sentence += f" in {body['load_ms'] / 1000:.1f} s"
     elif kind == "rollback":
-        sentence = f"Went back to {_text(body.get('to'))}: {_text(body.get('reason'), 'no reason given')}"
+        sentence = f"Went back to {_text(body.get('to'))}: {why}"
     elif kind == "canary_fallback":
         sentence = f"Canary failed; {_text(body.get('message'), 'trying a safer setting')}"
     elif kind == "worker_crashed":
-        sentence = f"The model worker crashed ({_text(body.get('reason'), 'no reason given')})"
+        sentence = f"The model worker crashed ({why})"
     elif kind == "restart_failed":
-        sentence = f"The model worker did not restart: {_text(body.get('reason'), 'no reason given')}"
+        sentence = f"The model worker did not restart: {why}"
     elif kind == "model_unavailable":
         sentence = f"No model could be loaded: {_error_text(body.get('error'))}"
     elif kind == "selection_fallback":

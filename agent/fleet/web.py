@@ -59,7 +59,14 @@ from agent.fleet.plan import plan_rollout
 from agent.fleet.registry import telemetry_point
 from agent.fleet.schemas import Candidates
 from agent.fleet.rollout import RolloutSpec
-from agent.fleet.table import MAX_PER_PAGE, QUERY_FIELDS, FactsCache, TableQuery, parse_query, table_page
+from agent.fleet.table import (
+    MAX_PER_PAGE,
+    QUERY_FIELDS,
+    FactsCache,
+    TableQuery,
+    parse_query,
+    table_page,
+)
 from agent.fleet.view import (
     command_text,
     device_row,
@@ -535,7 +542,8 @@ class FleetWeb:
         # The manager's lock is held across registry round trips by its own thread.
         rollout = await run_in_threadpool(self.controller.rollouts.get, rollout_id)
         if rollout is None:
-            return PlainTextResponse(f"no rollout {rollout_id!r} on this controller", status_code=404)
+            return PlainTextResponse(
+                f"no rollout {rollout_id!r} on this controller", status_code=404)
         return self._render(request, "rollout.html", session, rollout_id=rollout.id)
 
     async def publish_form(self, request: Request) -> Response:

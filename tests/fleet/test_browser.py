@@ -344,3 +344,76 @@ def test_a_real_agent_end_to_end(page, fleet, real_agent, ladder_dir, credential
         (ladder_dir / "smollm2-135m-instruct.Q2_K.gguf").read_bytes()
     ).hexdigest()
     assert fleet.controller.registry.devices[device].meta["selection"]["sha256"] == digest
+
+
+# --- 5,000 simulated devices ---------------------------------------------------------------------
+
+FLEET_SIZE = 5000
+
+
+def test_a_rollout_planned_started_and_followed_from_the_ui_on_5000_devices(
+    page, fleet, sim, ladder_dir
+):
+    """The pages hold one page of rows whatever the fleet; the Models page plans a rollout to
+    the devices a filter picks and starts it, and its page follows it to the end."""
+    page.set_viewport_size({"width": 1200, "height": 760})  # the README's screenshots
+    devices = sim(FLEET_SIZE, interval_s=10.0, per_connection=500, batched_telemetry=True)
+    wait_for(lambda: len(fleet.controller.registry.devices) == FLEET_SIZE, timeout_s=180,
+             what=f"{FLEET_SIZE} devices in the registry")
+    page.goto(fleet.url + "/")
+    page.wait_for_function(
+        f"() => document.querySelector('[data-count=devices]').textContent === '{FLEET_SIZE}'")
+    rows = page.locator("#devices tbody tr")
+    assert rows.count() == int(page.locator("#devices").get_attribute("data-per-page"))
+    page.click("#page-next")
+    page.wait_for_function("() => new URLSearchParams(document.querySelector('#devices')"
+                           ".dataset.rendered).get('page') === '2'")
+    assert rows.first.get_attribute("data-id") == devices.devices[rows.count()].id
+    target = "id=sim-0000*"  # the inventory grammar: the first 10 devices
+    filter_to(page, target)
+    assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.id)")) == [
+        d.id for d in devices.devices[:10]]
+    page.wait_for_selector("#chart-states rect[fill]")  # the fleet chart has buckets
+    # Once each device's interval is learned (two telemetry messages), none reads stale.
+    page.wait_for_function("() => document.querySelector('[data-count=stale]').textContent === '0'",
+                           timeout=60_000)
+    page.screenshot(path=str(artifacts_dir() / "dashboard-fleet.png"))
+
+    q2 = json.dumps(ladder_subset(ladder_dir, ["Q2_K"]))
+    name = "smollm2-135m-instruct.Q2_K.gguf"  # hosted: the plan reads its GGUF header
+    (Path(fleet.config.model_dir) / name).symlink_to(ladder_dir / name)
+    page.goto(fleet.url + "/models")
+    page.fill("input[name=name]", "ladder-q2.json")
+    page.fill("textarea[name=manifest]", q2)
+    page.click("form[action='/models/publish'] button")
+    page.wait_for_selector("text=published ladder-q2.json")
+    form = "#rollout-form"
+    page.select_option(f"{form} select[name=manifest]", "ladder-q2.json")
+    page.fill(f"{form} input[name=filter]", target)
+    page.fill(f"{form} input[name=rate_per_min]", "600")
+    page.fill(f"{form} input[name=soak_s]", "1")
+    page.click("#rollout-plan-button")
+    page.wait_for_selector("#rollout-result.planned")
+    planned = page.locator("#rollout-plan table.plan tbody tr td:nth-child(2)")
+    assert planned.all_inner_texts() == ["Q2_K"] * 10  # the one variant, on every device
+    page.locator("#rollout-plan-card").screenshot(path=str(artifacts_dir() / "dashboard-plan.png"))
+    page.click(f"{form} button[type=submit]")
+    page.wait_for_selector("#rollout-result.ok a")
+    page.click("#rollout-result a")  # follow it on its own page
+    page.wait_for_url("**/rollouts/*")
+    try:
+        page.wait_for_function(
+            "() => ['completed', 'aborted', 'rolled_back'].includes(document.body.dataset.state)",
+            timeout=180_000)
+    except Exception:
+        shown = page.locator("main").inner_text()
+        raise AssertionError(f"the rollout did not end: {shown}") from None
+    assert page.locator("#rollout-state").inner_text() == "completed"
+    assert page.locator("#rollout-finished").inner_text() == "10 of 10 finished"
+    assert page.locator("#steps tbody tr").count() == 10
+    assert "0 of 10 finished failed" in page.locator("#failure-text").inner_text()
+    assert page.locator("#plan-card").is_visible()  # the plan seen before Start, beside the result
+    assert page.locator("#steps tbody td:nth-child(4)").all_inner_texts() == ["Q2_K"] * 10
+    page.screenshot(path=str(artifacts_dir() / "dashboard-rollout.png"))
+    switched = {d.id: d.quant for d in devices.devices[:10]}
+    assert set(switched.values()) == {"Q2_K"}

@@ -11,8 +11,8 @@ def test_the_fleet_table_is_paged_sorted_and_filtered_on_the_controller(api, sim
     devices = sim(12, interval_s=0.5)
     wait_for(lambda: api.get("/api/devices").json()["total"] == 12, what="12 devices")
     pages = [
-        api.get("/api/devices", params={"per_page": 5, "page": n, "sort": "id", "order": "desc"}).json()
-        for n in (1, 2, 3)
+        api.get("/api/devices", params={"per_page": 5, "page": n, "sort": "id", "order": "desc"})
+        .json() for n in (1, 2, 3)
     ]
     assert [p["pages"] for p in pages] == [3, 3, 3]
     seen = [row["id"] for p in pages for row in p["devices"]]
@@ -36,7 +36,8 @@ def test_the_fleet_chart_counts_every_device_and_sums_its_tok_s(api, sim):
 
     def latest():
         buckets = api.get("/api/fleet/history", params={"window_s": 600}).json()["buckets"]
-        return buckets and sum(buckets[-1]["counts"].values()) == len(devices.devices) and buckets[-1]
+        complete = buckets and sum(buckets[-1]["counts"].values()) == len(devices.devices)
+        return complete and buckets[-1]
 
     bucket = wait_for(latest, timeout_s=20, what="every device in the chart's latest bucket")
     assert bucket["counts"].get("ready") == len(devices.devices)

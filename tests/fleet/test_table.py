@@ -29,20 +29,23 @@ def record(device_id: str, *, board: str, ram_gib: int, flags: list[str], decode
                         telemetry_ts=now if telemetry else None)
 
 
-FLEET = [
-    record("store-12-a", board="Raspberry Pi 5", ram_gib=8, flags=["neon", "dotprod"],
-           decode_tps=12.0, labels={"site": "store-12"}),
-    record("store-12-b", board="Raspberry Pi 4", ram_gib=4, flags=["neon"], decode_tps=7.5,
-           labels={"site": "store-12"}),
-    record("store-13-a", board="Jetson Orin Nano", ram_gib=8, flags=["neon", "dotprod"],
-           decode_tps=30.0, state="busy", labels={"site": "store-13"}),
-    record("lab-1", board="Intel NUC", ram_gib=32, flags=["avx2"]),  # no telemetry yet
-]
+def fleet() -> list[DeviceRecord]:
+    """Made per test: the rows' states count from the records' last_seen."""
+    return [
+        record("store-12-a", board="Raspberry Pi 5", ram_gib=8, flags=["neon", "dotprod"],
+               decode_tps=12.0, labels={"site": "store-12"}),
+        record("store-12-b", board="Raspberry Pi 4", ram_gib=4, flags=["neon"], decode_tps=7.5,
+               labels={"site": "store-12"}),
+        record("store-13-a", board="Jetson Orin Nano", ram_gib=8, flags=["neon", "dotprod"],
+               decode_tps=30.0, state="busy", labels={"site": "store-13"}),
+        record("lab-1", board="Intel NUC", ram_gib=32, flags=["avx2"]),  # no telemetry yet
+    ]
 
 
 def page(query: TableQuery, cache: FactsCache | None = None) -> dict:
     now = time.time()
-    pairs = [(r, device_row(r, now, default_interval_s=10, stale_after_intervals=3)) for r in FLEET]
+    pairs = [(r, device_row(r, now, default_interval_s=10, stale_after_intervals=3))
+             for r in fleet()]
     return table_page(pairs, query, cache)
 
 
@@ -83,24 +86,20 @@ def test_pages_cover_the_matches_once_and_a_page_past_the_end_is_the_last():
         answer = page(TableQuery(per_page=3, page=number))
         assert (answer["total"], answer["pages"], answer["page"]) == (4, 2, number)
         seen += ids(answer)
-    assert sorted(seen) == sorted(r.id for r in FLEET)
+    assert sorted(seen) == sorted(r.id for r in fleet())
     assert page(TableQuery(per_page=3, page=99))["page"] == 2
     # the summary is the whole fleet's, whatever the filter
-    assert page(TableQuery(filter="jetson"))["summary"]["devices"] == len(FLEET)
+    assert page(TableQuery(filter="jetson"))["summary"]["devices"] == len(fleet())
 
 
 def test_facts_are_read_again_only_when_the_meta_changes():
     cache = FactsCache()
-    device = FLEET[0]
+    device = fleet()[0]
     first = cache.facts(device)
     device.telemetry = {"decode_tps": 1.0}  # telemetry: the same facts object
     assert cache.facts(device) is first
-    original = device.meta
-    device.meta = {**original, "labels": {"site": "store-99"}}  # a new meta: new facts
-    try:
-        assert cache.facts(device).labels == {"site": "store-99"}
-    finally:
-        device.meta = original
+    device.meta = {**device.meta, "labels": {"site": "store-99"}}  # a new meta: new facts
+    assert cache.facts(device).labels == {"site": "store-99"}
 
 
 @pytest.mark.parametrize("params, field", [
@@ -123,7 +122,8 @@ def test_a_query_out_of_bounds_is_bad_request_naming_the_parameter(params, field
 def test_download_events_and_commands_read_as_sentences():
     progress = {"event": "download", "file": "m.Q2_K.gguf", "state": "downloading",
                 "bytes": 50 * 1024**2, "total": 100 * 1024**2, "rate_bps": 25e6}
-    assert event_text("download", progress) == "Downloading m.Q2_K.gguf (50 MiB of 100 MiB, 25.0 MB/s)"
+    assert event_text("download", progress) == (
+        "Downloading m.Q2_K.gguf (50 MiB of 100 MiB, 25.0 MB/s)")
     assert event_text("download", {**progress, "state": "complete", "bytes": 100 * 1024**2,
                                    "mirror": "http://a/"}).startswith("Downloaded m.Q2_K.gguf")
     assert event_text("model_switch", {"from": "Q4_K_M", "to": "Q2_K", "mode": "drained"}) == (

@@ -198,17 +198,20 @@ function fleetCharts() {
   // registry's telemetry samples, so every controller draws the same chart.
   const states = document.getElementById("chart-states");
   const tps = document.getElementById("chart-tps");
+  const windowSelect = document.getElementById("chart-window");
   async function refresh() {
-    const data = await api("/api/fleet/history?window_s=3600").catch(() => null);
+    const data = await api(`/api/fleet/history?window_s=${windowSelect.value}`).catch(() => null);
     if (!data) return;
-    drawChart(tps, data.buckets.map((b) => ({ ts: b.ts, decode_tps: b.decode_tps })));
-    drawStacked(states, data.buckets, data.bucket_s);
+    const range = [data.since, Math.max(data.now, data.since + data.bucket_s)];
+    drawChart(tps, data.buckets.map((b) => ({ ts: b.ts + data.bucket_s / 2, decode_tps: b.decode_tps })), range);
+    drawStacked(states, data.buckets, data.bucket_s, range);
   }
+  windowSelect.addEventListener("change", refresh);
   refresh();
   setInterval(refresh, 10000);
 }
 
-function drawStacked(svg, buckets, bucketS) {
+function drawStacked(svg, buckets, bucketS, range) {
   const W = 320, H = 120, L = 44, B = 16, T = 6;
   const ns = "http://www.w3.org/2000/svg";
   svg.replaceChildren();
@@ -222,7 +225,7 @@ function drawStacked(svg, buckets, bucketS) {
   el("rect", { x: L, y: T, width: W - L - 2, height: H - T - B, class: "plot" });
   if (!buckets.length) { el("text", { x: W / 2, y: H / 2, class: "empty", "text-anchor": "middle" }, "no telemetry yet"); return; }
   const order = Object.keys(STATE_COLOURS).filter((s) => buckets.some((b) => b.counts[s]));
-  const x0 = buckets[0].ts, x1 = Math.max(buckets[buckets.length - 1].ts, x0 + bucketS);
+  const [x0, x1] = range;
   const top = Math.max(1, ...buckets.map((b) => Object.values(b.counts).reduce((a, n) => a + n, 0)));
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - 2);
   const sy = (y) => H - B - (y / top) * (H - T - B);
@@ -251,7 +254,7 @@ function drawStacked(svg, buckets, bucketS) {
 
 // --- device page -----------------------------------------------------------------------
 
-function drawChart(svg, points) {
+function drawChart(svg, points, range) {
   const field = svg.dataset.field;
   const data = points.filter((p) => typeof p[field] === "number").slice(-300);
   const W = 320, H = 120, L = 44, B = 16, T = 6;
@@ -267,7 +270,8 @@ function drawChart(svg, points) {
   el("rect", { x: L, y: T, width: W - L - 2, height: H - T - B, class: "plot" });
   if (data.length === 0) { el("text", { x: W / 2, y: H / 2, class: "empty", "text-anchor": "middle" }, "no data yet"); return; }
   const xs = data.map((p) => p.ts), ys = data.map((p) => p[field]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
+  // ``range``: the time axis a caller fixes (the fleet chart's window), else the data's own.
+  const [x0, x1] = range || [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)];
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 - y0 < 1e-9) { y0 = y0 * 0.9; y1 = y1 * 1.1 + 1e-9; }
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - 2);
@@ -665,11 +669,13 @@ function modelsPage() {
     // Newer fields only when given: a controller that does not know them still starts.
     if (form.get("filter")) spec.filter = form.get("filter");
     if (form.get("min_devices")) spec.min_devices = Number(form.get("min_devices"));
+    if (form.get("soak_s")) spec.soak_s = Number(form.get("soak_s"));
     if (form.get("pool")) spec.pool = form.get("pool"); else if (!spec.filter || form.get("group") !== "*") spec.group = form.get("group") || "*";
     return spec;
   }
   let plan = null;
-  rolloutForm.addEventListener("input", () => { plan = null; document.getElementById("rollout-plan").hidden = true; });
+  const planCard = document.getElementById("rollout-plan-card");
+  rolloutForm.addEventListener("input", () => { plan = null; planCard.hidden = true; });
   document.getElementById("rollout-plan-button").addEventListener("click", async () => {
     const out = document.getElementById("rollout-result");
     const view = document.getElementById("rollout-plan");
@@ -677,7 +683,7 @@ function modelsPage() {
     try {
       plan = await api("/api/rollouts", { ...rolloutSpec(), dry_run: true });
       renderPlan(view, plan);
-      view.hidden = false;
+      planCard.hidden = false;
       out.textContent = `plan for ${planDevices(plan).length} device(s); nothing was sent`; out.className = "cmd-result ok planned";
     } catch (error) {
       plan = null;
