@@ -182,6 +182,8 @@ class Presence:
             "runtime": msgspec.to_builtins(device.llama) if device and device.llama else None,
             "pool": self.config.mqtt.pool,
             "labels": self.config.labels,  # inventory labels, for rollout targets and filters
+            # The pin selection honours (a pin command's over the config's): plans and rollbacks.
+            "pin": self.supervisor.state.overrides().get("pin", self.config.model.pin),
             "protocol": self.config.mqtt.protocol,
             "signing": signing_meta(self.config),
             "build": msgspec.to_builtins(build_info()),  # versions, engine build key and flags

@@ -105,11 +105,15 @@ def test_devices_with_the_same_inputs_get_the_same_plan(ladder, tmp_path):
 
 
 def test_a_pin_plans_that_variant_or_no_fit(ladder, tmp_path):
+    # The rollout's pin wins over the one the device reports; without one, the device's holds.
     manifest, headers = ladder
     small = record_of("small", fake_root(tmp_path, "x86-avx2-desktop", 1250))
     big = record_of("big", fake_root(tmp_path, "x86-avx2-desktop", 3000))
     plan = plan_devices(manifest, headers, [small, big], pin="F16")
     assert [(d.verdict, d.quant) for d in plan.devices] == [("no_fit", None), ("fits", "F16")]
+    pinned_here = record_of("pinned", fake_root(tmp_path, "x86-avx2-desktop", 3001), pin="Q2_K")
+    assert plan_devices(manifest, headers, [pinned_here]).devices[0].quant == "Q2_K"
+    assert plan_devices(manifest, headers, [pinned_here], pin="Q8_0").devices[0].quant == "Q8_0"
     with pytest.raises(RequestError) as caught:
         plan_devices(manifest, headers, [big], pin="Q1_Z")
     assert caught.value.code == "bad_request" and "Q1_Z" in caught.value.message
@@ -152,15 +156,20 @@ def test_plan_matches_what_real_agents_then_choose(fleet, api, broker, ladder_di
     try:
         for name, captured, mib in AGENTS:
             monkeypatch.setenv("EDGE_AGENT_PROBE_ROOT", str(fake_root(tmp_path, captured, mib)))
+            pin = "Q8_0" if name == "plan-big" else None
             daemons.append(RunningDaemon(
                 tmp_path / name, broker, ladder_dir, device_id=name, labels=labels,
-                model={"manifest": f"{fleet.url}/files/q2.json", "pin": None, "n_threads": 1},
+                model={"manifest": f"{fleet.url}/files/q2.json", "pin": pin, "n_threads": 1},
                 signing={"public_key": hosted_ladder}).start())
-        # Every agent has reported its probe (the tight one has no model: Q2_K does not fit).
+        # Every agent has reported its probe (the tight one has no model: Q2_K does not fit;
+        # nor has plan-big: its pin is not in q2.json).
         wait_for(lambda: all(registry.devices.get(name) and registry.devices[name].meta.get("probe")
                              for name, _, _ in AGENTS), 120, "every agent's meta")
         for name, _, _ in AGENTS:  # the labels in its config, as the controller stores them
             assert registry.devices[name].meta["labels"] == labels
+        # plan-big's config pins a variant its first manifest lacks: its meta says so.
+        assert registry.devices["plan-big"].meta["pin"] == "Q8_0"
+        assert registry.devices["plan-small"].meta["pin"] is None
 
         answer = api.post("/api/rollouts", json={
             "manifest": "ladder.json", "filter": "label:site=plan-test", "dry_run": True})
@@ -171,6 +180,7 @@ def test_plan_matches_what_real_agents_then_choose(fleet, api, broker, ladder_di
         planned = {device["device_id"]: device for device in plan["devices"]}
         assert sorted(planned) == sorted(name for name, _, _ in AGENTS)
         assert plan["summary"]["no_fit"] == 1 and plan["summary"]["devices"] == len(AGENTS)
+        assert planned["plan-big"]["quant"] == "Q8_0"  # 3 GiB would take F16 unpinned
 
         # Now each agent is sent the manifest, and chooses by itself.
         for name, _, _ in AGENTS:
