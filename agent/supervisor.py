@@ -34,7 +34,7 @@ from agent.catalog.manifest import is_url
 from agent.catalog.profiles import load_profiles, match_profile
 from agent.catalog.select import plan_selection
 from agent.catalog.selection import Selection
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ModelConfig
 from agent.daemon_state import DaemonState
 from agent.errors import EdgeAgentError, RequestError
 from agent.fetch.store import ModelStore
@@ -234,7 +234,7 @@ class ModelSupervisor:
         return {"pin": args.quant, **self._with_override("pin", args.quant)}
 
     def set_manifest(self, args: payloads.SetManifestArgs) -> dict[str, Any]:
-        source = self._commanded_manifest(args.source)
+        source = commanded_manifest(self.config.model, args.source)
         return {"manifest": source, **self._with_override("manifest", source)}
 
     def bench(self, args: payloads.BenchArgs) -> dict[str, Any]:
@@ -276,35 +276,35 @@ class ModelSupervisor:
         self.on_model_changed()
         return {"changed": True, "quant": loaded.quant, "model_id": loaded.model_id}
 
-    def _commanded_manifest(self, source: str) -> str:
-        """Where a ``set_manifest`` may point: an http(s) URL, the configured manifest, or a
-        file under ``model.manifest_dir`` (symlinks and ``..`` resolved first). Checked before
-        anything is opened, so a command cannot make the daemon read (and quote back in an
-        error) a file such as /etc/shadow. Returns the source to load."""
-        if is_url(source):
-            return source
-        if urlparse(source).scheme:
-            raise RequestError("args.source: only http(s) URLs or local paths", field="args.source")
-        model = self.config.model
-        try:
-            candidate = Path(model.manifest_dir or "/", source).resolve()
-            local = model.manifest and not is_url(model.manifest)
-            configured = Path(model.manifest).resolve() if local else None
-        except (ValueError, OSError):  # a NUL byte, a symlink loop
-            raise RequestError("args.source: not a usable path", field="args.source") from None
-        if candidate == configured:
-            return str(candidate)  # going back to the admin's own choice (a rollback) is fine
-        if model.manifest_dir is None:
-            raise RequestError("args.source: an http(s) URL (local manifests need "
-                               "model.manifest_dir in the device config)", field="args.source")
-        root = Path(model.manifest_dir).resolve()
-        if not candidate.is_relative_to(root):
-            raise RequestError("args.source: a local manifest must lie under "
-                               f"model.manifest_dir ({root})", field="args.source")
-        return str(candidate)
-
 
 def _same_model(current: Selection, wanted: Selection) -> bool:
     """The same file with the same context and placement: a reload has nothing to do."""
     return (current.sha256 == wanted.sha256 and current.n_ctx == wanted.n_ctx
             and current.kv_type == wanted.kv_type and current.n_gpu_layers == wanted.n_gpu_layers)
+
+
+def commanded_manifest(model: ModelConfig, source: str) -> str:
+    """Where a ``set_manifest`` may point: an http(s) URL, the configured manifest, or a
+    file under ``model.manifest_dir`` (symlinks and ``..`` resolved first). Checked before
+    anything is opened, so a command cannot make the daemon read (and quote back in an
+    error) a file such as /etc/shadow. Returns the source to load."""
+    if is_url(source):
+        return source
+    if urlparse(source).scheme:
+        raise RequestError("args.source: only http(s) URLs or local paths", field="args.source")
+    try:
+        candidate = Path(model.manifest_dir or "/", source).resolve()
+        local = model.manifest and not is_url(model.manifest)
+        configured = Path(model.manifest).resolve() if local else None
+    except (ValueError, OSError):  # a NUL byte, a symlink loop
+        raise RequestError("args.source: not a usable path", field="args.source") from None
+    if candidate == configured:
+        return str(candidate)  # going back to the admin's own choice (a rollback) is fine
+    if model.manifest_dir is None:
+        raise RequestError("args.source: an http(s) URL (local manifests need "
+                           "model.manifest_dir in the device config)", field="args.source")
+    root = Path(model.manifest_dir).resolve()
+    if not candidate.is_relative_to(root):
+        raise RequestError("args.source: a local manifest must lie under "
+                           f"model.manifest_dir ({root})", field="args.source")
+    return str(candidate)

@@ -45,6 +45,9 @@ log = get_logger(__name__)
 # password, not authorized, banned, bad authentication method. paho maps MQTT 3.1.1 return
 # codes 2, 4 and 5 onto 133, 134 and 135, so one set covers both protocols.
 FATAL_CONNACK_CODES = frozenset({133, 134, 135, 138, 140})
+# The socket's send buffer (the kernel doubles it for its bookkeeping): a few hundred chunks,
+# and at 100 ms of round trip still ~640 KB/s for a backlog of QoS 1 replies.
+SEND_BUFFER_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,10 @@ class MQTTClient:
         # The broker needs the same for its side (mosquitto's set_tcp_nodelay).
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A bounded send buffer: Linux grows it to megabytes, and on a slow link every
+            # chunk would then count as written at once and wait there, seconds behind. Bounded,
+            # a backed-up line shows as unwritten publishes, which agent.replies coalesces.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
                     reason_code: ReasonCode, properties: Any) -> None:
