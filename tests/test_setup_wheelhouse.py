@@ -35,10 +35,12 @@ CACHE = Path(os.environ.get("EDGE_AGENT_CACHE", Path.home() / ".cache" / "edge-a
 SETUP_TIMEOUT_S = 900
 
 
-def built_wheel() -> Path:
-    wheels = sorted((CACHE / "wheels").glob("llama-cpp-python-*/llama_cpp_python-*.whl"))
+def built_wheel(key: str) -> Path:
+    """The wheel scripts/setup built on this machine for ``key`` (the suite's own venv)."""
+    wheels = sorted((CACHE / "wheels").glob(f"llama-cpp-python-*-{key}/llama_cpp_python-*.whl"))
     if not wheels:
-        pytest.fail(f"no llama-cpp-python wheel under {CACHE / 'wheels'}: run scripts/setup first")
+        pytest.fail(f"no llama-cpp-python wheel for build key {key} under {CACHE / 'wheels'}: "
+                    "run scripts/setup first")
     return wheels[0]
 
 
@@ -100,9 +102,9 @@ def machine(tmp_path_factory) -> Machine:
 @pytest.fixture(scope="module")
 def hosted(controller, machine: Machine, tmp_path_factory):
     """The wheel setup built on this machine, added to the wheelhouse under this machine's key."""
-    wheel = built_wheel()
     cache = tmp_path_factory.mktemp("key-cache")
     key = machine.setup("--print-build-key", cache=cache).stdout.strip()
+    wheel = built_wheel(key)
     cmake_args = machine.setup("--print-cmake-args", cache=cache).stdout.strip()
     tags = "import sys, sysconfig; print(sys.implementation.cache_tag, sysconfig.get_platform())"
     python = subprocess.run([sys.executable, "-c", tags], capture_output=True, text=True,
