@@ -214,6 +214,8 @@ def test_dry_run_refuses_a_bad_filter_and_a_bad_flag(api, hosted_ladder):
     for body, code in (
         ({"manifest": "ladder.json", "filter": "ram_gib>=lots", "dry_run": True}, "bad_filter"),
         ({"manifest": "ladder.json", "filter": "(" * 40 + "id=a", "dry_run": True}, "bad_filter"),
+        ({"manifest": "ladder.json", "filter": "id=" + "a" * 1500, "dry_run": True}, "bad_filter"),
+        ({"manifest": "ladder.json", "filter": "colour=red", "dry_run": True}, "bad_filter"),
         ({"manifest": "ladder.json", "group": "*", "dry_run": "yes"}, "bad_request"),
         ({"manifest": "ladder.json", "group": "nobody-*", "dry_run": True}, "bad_request"),
     ):
