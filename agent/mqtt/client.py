@@ -91,6 +91,64 @@ class _PackedOnce(Properties):
         return self._packed
 
 
+class _Deliveries:
+    """Which publishes paho has finished with: QoS 1 ones acknowledged (for ``flush``), QoS 0
+    ones written to the socket (for a publish's ``on_written``). paho may report either
+    before publish() returns the message id to us, so early reports are remembered briefly.
+    Used from the publishing threads and paho's network thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._unacked: set[int] = set()  # QoS 1 mids not yet acknowledged
+        self._early: OrderedDict[int, None] = OrderedDict()  # mids paho finished first
+        self._written: dict[int, Callable[[], None]] = {}  # QoS 0 mid -> its on_written
+
+    def published(self, mid: int, qos: int, on_written: Callable[[], None] | None) -> None:
+        with self._lock:
+            finished = mid in self._early
+            if finished:
+                del self._early[mid]
+            elif qos > 0:
+                self._unacked.add(mid)
+            elif on_written is not None:
+                self._written[mid] = on_written
+        if finished and qos == 0 and on_written is not None:
+            on_written()
+
+    def done(self, mid: int) -> None:
+        """paho's on_publish: a QoS 1 ack, or a QoS 0 message written."""
+        with self._lock:
+            on_written = self._written.pop(mid, None)
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                if not self._unacked:
+                    self._lock.notify_all()
+            elif on_written is None:
+                self._early[mid] = None
+                while len(self._early) > 4096:  # QoS 0 "acks" land here too; keep it small
+                    self._early.popitem(last=False)
+        if on_written is not None:
+            on_written()
+
+    def connection_lost(self) -> None:
+        """paho drops the QoS 0 messages still unwritten without a callback: whoever waits
+        for them must not wait for ever."""
+        with self._lock:
+            unwritten, self._written = list(self._written.values()), {}
+        for on_written in unwritten:
+            on_written()
+
+    def wait_acked(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._unacked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+
 class MQTTClient:
     def __init__(
         self,
@@ -109,12 +167,7 @@ class MQTTClient:
         self._connected = threading.Event()
         self._subscriptions: dict[str, int] = {}
         self._subscriptions_lock = threading.Lock()
-        # QoS 1 message ids published and not yet acknowledged, for flush(). paho may report
-        # the ack before publish() returns to us, so early acks are remembered briefly.
-        self._ack_lock = threading.Condition()
-        self._unacked: set[int] = set()
-        self._early_acks: OrderedDict[int, None] = OrderedDict()
-        self._written: dict[int, Callable[[], None]] = {}  # QoS 0 mid -> publish's on_written
+        self._deliveries = _Deliveries()
         self._last_properties: tuple[bytes, Properties] | None = None
 
         self._client = paho.Client(
@@ -173,14 +226,7 @@ class MQTTClient:
 
     def flush(self, timeout: float) -> bool:
         """Wait until every QoS 1 message published so far was acknowledged; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._ack_lock:
-            while self._unacked:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._ack_lock.wait(remaining)
-        return True
+        return self._deliveries.wait_acked(timeout)
 
     def stop(self) -> None:
         """A normal disconnect (the broker discards the Will), then stop paho's thread."""
@@ -228,28 +274,11 @@ class MQTTClient:
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
             log.error("mqtt_outgoing_queue_full", topic=topic, limit=self.config.outgoing_queue_limit)
             return False
-        if qos == 0:
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                return False
-            if on_written is not None:
-                self._when_written(info.mid, on_written)
-            return True
-        with self._ack_lock:
-            if info.mid in self._early_acks:
-                del self._early_acks[info.mid]
-            else:
-                self._unacked.add(info.mid)
+        if qos == 0 and info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        if qos > 0 or on_written is not None:
+            self._deliveries.published(info.mid, qos, on_written)
         return True
-
-    def _when_written(self, mid: int, on_written: Callable[[], None]) -> None:
-        with self._ack_lock:
-            written = mid in self._early_acks  # paho wrote it before publish() returned
-            if written:
-                del self._early_acks[mid]
-            else:
-                self._written[mid] = on_written
-        if written:
-            on_written()
 
     def _correlation_properties(self, correlation_data: bytes) -> Properties:
         # A streamed reply publishes one chunk per token with the same Correlation Data;
@@ -309,12 +338,7 @@ class MQTTClient:
                        reason_code: ReasonCode, properties: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        # paho drops the QoS 0 messages still unwritten without calling on_publish: whoever
-        # waits for them must not wait for ever.
-        with self._ack_lock:
-            unwritten, self._written = list(self._written.values()), {}
-        for on_written in unwritten:
-            on_written()
+        self._deliveries.connection_lost()
         if was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code))
             self.inbox.put(ConnectionChange(False, reason=str(reason_code), client_id=self.client_id))
@@ -342,18 +366,7 @@ class MQTTClient:
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Any) -> None:
-        with self._ack_lock:
-            on_written = self._written.pop(mid, None)
-            if on_written is None and mid in self._unacked:
-                self._unacked.discard(mid)
-                if not self._unacked:
-                    self._ack_lock.notify_all()
-            elif on_written is None:
-                self._early_acks[mid] = None
-                while len(self._early_acks) > 4096:  # QoS 0 "acks" land here too; keep it small
-                    self._early_acks.popitem(last=False)
-        if on_written is not None:
-            on_written()
+        self._deliveries.done(mid)
 
     # -- setup ------------------------------------------------------------------------------
 
