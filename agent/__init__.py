@@ -1,3 +1,42 @@
-"""edge-agent: run the best-fitting quantized LLM on an edge device, driven over MQTT."""
+"""edge-agent: run the best-fitting quantized LLM on an edge device, driven over MQTT.
+
+Who owns what on a device (``edge-agent run``; agent.daemon is the composition root that
+builds these, starts them in order and stops them in reverse):
+
+- the model: agent.supervisor.ModelSupervisor, on its ``model`` thread: the probe, profile,
+  plan, fetch, load, last good Selection, pins and manifest overrides, and every slow
+  command op. agent.runtime.engine.Engine runs what it is given (queue, state machine,
+  crash restarts on its ``engine-supervisor`` thread).
+- in-flight requests: agent.ledger.RequestLedger: every admitted prompt and command id,
+  in flight (with its reply route) or answered (its final, for duplicates).
+- the worker process: agent.runtime.process.WorkerProcess, spawned by the engine; the
+  worker (agent.runtime.worker) is the only place llama_cpp is imported.
+- MQTT I/O: agent.mqtt.client.MQTTClient (paho) under agent.presence.DeviceLink, which
+  makes the device's connections; agent.dispatcher reads what arrives, agent.replies
+  publishes prompt replies, agent.presence status, meta and events.
+- telemetry: agent.telemetry.Telemetry, on the hardware readers (cgroup-aware).
+
+Threads in the daemon process: main (signals, watchdog), paho's network thread per
+connection, ``dispatcher``, ``model``, ``replies``, ``telemetry``, ``upgrades`` (ends once a
+trial is settled), the engine's ``engine`` and ``engine-supervisor``, and two reader threads
+per worker process. The worker has its main thread and a frame reader.
+
+One prompt's path, with its hand-offs (threads → queues):
+
+1. paho's network thread decodes the PUBLISH → ``inbox``
+2. ``dispatcher``: parses and validates once (agent.mqtt.payloads.decode_prompt), checks the
+   reply route, admits the id in the ledger, ``Engine.submit`` → the engine's queue
+3. ``engine`` thread: starts it → pipe → the worker's frame reader → its ``_ops`` queue
+4. the worker's main thread tokenizes once (``too_long`` is answered there) and generates;
+   chunk and final frames → pipe
+5. the worker's frame-reader thread in the daemon hands every record of the request, in
+   order, to ``Replies.recorder`` → the ``replies`` queue
+6. ``replies`` thread: coalesces chunks while the line is busy, publishes chunks (QoS 0) and
+   the final (QoS 1), finishes the ledger entry → paho's outgoing queue → the network thread.
+
+So: 7 threads in two processes (paho's network thread counted once, for both ways) and 5
+queues (inbox, the engine's, the worker's ``_ops``, replies, paho's); one hand-off each way
+between the daemon's MQTT side and the model, no round trip to the worker before the queue.
+"""
 
 __version__ = "0.1.0"
