@@ -24,7 +24,8 @@ from agent.catalog.wheels import (
 from agent.errors import SignatureError, WheelIndexError
 
 REPO = Path(__file__).resolve().parents[2]
-LLAMA_VERSION = re.search(r'"llama-cpp-python==([0-9.]+)"', (REPO / "pyproject.toml").read_text())[1]
+LLAMA_VERSION = re.search(r'"llama-cpp-python==([0-9.]+)"',
+                          (REPO / "pyproject.toml").read_text())[1]
 PRIVATE, PUBLIC = generate_keypair()
 
 
