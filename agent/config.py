@@ -471,7 +471,7 @@ class FleetConfig(_Section):
     # Base URL devices use to reach /files (manifest URLs in rollouts); None: from the request.
     public_url: str | None = None
     command_timeout_s: float = 600.0  # a rollout step without cmd/result by then counts as failed
-    # Per-device gauges in /metrics (ten series a device): off for big fleets, where the fleet
+    # Per-device gauges in /metrics (eleven series a device): off for big fleets, where the fleet
     # totals are the scrape and per-device figures come from the API.
     metrics_per_device: bool = True
     # How long a rollout's lease lasts unrenewed: when the controller driving it dies, another

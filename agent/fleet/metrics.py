@@ -1,9 +1,10 @@
 """Prometheus text exposition (format 0.0.4) of the fleet, written by hand: no client library.
 
-Fleet gauges (devices by state, total decode tok/s, ingest counters and lag, broker
-connection) and, unless ``metrics_per_device`` is off, per-device gauges labelled ``device``
-(ten series a device: at 100,000 devices a million series, which is no scrape). Pure rendering of rows the caller
-computed; it must not query anything itself beyond the controller's counters.
+Fleet gauges (devices by state and by build, total decode tok/s, ingest counters and lag,
+broker connection) and, unless ``metrics_per_device`` is off, per-device gauges labelled
+``device`` (eleven series a device: at 100,000 devices over a million series, which is no
+scrape). Pure rendering of rows the caller computed; it must not query anything itself beyond
+the controller's counters.
 """
 
 from __future__ import annotations
