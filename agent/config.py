@@ -458,7 +458,8 @@ class FleetConfig(_Section):
     model_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir() / "fleet-models"))
     # Engine (llama-cpp-python) and edge-agent wheels served at /files/wheels, with a signed
     # index (agent.fleet.wheelhouse); filled by `edge-agent fleet wheels add`.
-    wheel_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir() / "fleet-wheels"))
+    wheel_dir: str = msgspec.field(
+        default_factory=lambda: str(default_state_dir() / "fleet-wheels"))
     # Folders on this host that the Models page and POST /api/manifests may build a manifest
     # from (``model_dir`` in the request): the named folder and every file in it must resolve,
     # symlinks and ".." followed, inside one of these. Empty: no folder can be named.
