@@ -29,6 +29,7 @@ import bench_fetch  # noqa: E402
 import bench_fleet  # noqa: E402
 import bench_speed_prediction  # noqa: E402
 import bench_openai  # noqa: E402
+import bench_rollout  # noqa: E402
 
 from agent.log import configure_logging  # noqa: E402
 
@@ -86,6 +87,7 @@ def render_table(result: dict) -> str:
                  + f" (target ≤ {auth['target_ratio']})")
     lines += ["", bench_openai.render_table(result["openai"])]
     lines += ["", bench_dashboard.render_table(result["dashboard"])]
+    lines += ["", bench_rollout.render_table(result["rollout"])]
     lines += ["", bench_speed_prediction.render_table(result["speed"])]
     return "\n".join(lines)
 
@@ -142,6 +144,8 @@ def main() -> int:
     result["openai"] = bench_openai.run(rounds=2 if args.quick else 3)
     print("bench: dashboard on 5,000 devices …", file=sys.stderr, flush=True)
     result["dashboard"] = bench_dashboard.run(rounds=3 if args.quick else 5)
+    print("bench: health-gated rollouts …", file=sys.stderr, flush=True)
+    result["rollout"] = bench_rollout.run(devices=50 if args.quick else 200)
     result["seconds"] = round(time.monotonic() - started, 1)
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
