@@ -225,3 +225,14 @@ def test_pacing_keeps_the_rate_and_max_in_progress(api, sim, fleet, clock, q2):
         clock, finished(api, rollout["id"], "completed"), step_s=5, what="the rollout to complete"
     )
     assert {d["state"] for d in final["devices"]} == {"done"}
+
+
+def test_a_filter_targets_by_inventory_and_a_bad_one_is_refused(api, sim, fleet, clock, q2):
+    sim(5)  # boards in turn: three aarch64, then two x86_64
+    wait_for(lambda: len(api.get("/api/devices").json()["devices"]) == 5, what="5 devices")
+    rollout = start(api, manifest=q2, filter="arch=x86_64 and flag:avx2", soak_s=0)
+    assert [d["device_id"] for d in rollout["devices"]] == ["sim-00003", "sim-00004"]
+    refused = api.post("/api/rollouts", json={"manifest": q2, "filter": "ram_gib>>4"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "bad_filter"
+    nothing = api.post("/api/rollouts", json={"manifest": q2, "filter": "arch=riscv64"})
+    assert nothing.status_code == 400 and nothing.json()["error"]["message"].startswith("target")
