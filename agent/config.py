@@ -471,7 +471,8 @@ class FleetConfig(_Section):
     signing_key_file: str | None = None
     # Base URL devices use to reach /files (manifest URLs in rollouts); None: from the request.
     public_url: str | None = None
-    command_timeout_s: float = 600.0  # a rollout step without cmd/result by then counts as failed
+    # A rollout's default device_timeout_s: a device not through the health gate by then fails.
+    command_timeout_s: float = 600.0
     # Per-device gauges in /metrics (eleven series a device): off for big fleets, where the fleet
     # totals are the scrape and per-device figures come from the API.
     metrics_per_device: bool = True

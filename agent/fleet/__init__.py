@@ -5,7 +5,7 @@ Modules, in the direction they import:
 - ``registry``  SQLite (WAL) registry and the in-memory latest state of every device
 - ``ingest``    batched writes: the MQTT thread enqueues, one writer thread commits
 - ``view``      what a device row shows (effective state with ``stale``), pure
-- ``rollout``   paced rollouts with an abort threshold and rollback
+- ``rollout``   paced rollouts gated on each device's health, aborted on evidence, rolled back
 - ``controller`` broker connection, dispatch, commands and prompts (the core's composition root)
 - ``hosting``   the manifest/model directory served at /files
 - ``auth``      hashed secrets, sessions, CSRF tokens
