@@ -81,3 +81,24 @@ def test_watched_sampling_counts_what_llama_cpp_python_reports(ladder_model):
         assert len(completion) == out["usage"]["completion_tokens"] >= 1
         assert all(a[1] <= b[1] for a, b in zip(sampled, sampled[1:]))  # times in order
     llama.close()
+
+
+def test_the_worker_runs_below_the_daemons_priority(tmp_path):
+    """The daemon's short wake-ups (MQTT, replies, watchdog) must not wait for the worker's
+    compute threads' time slices: the worker and the threads it starts run niced."""
+    import psutil
+
+    from agent.runtime.process import WorkerExit, WorkerProcess
+    from agent.runtime.protocol import Load, LoadFailed
+    from agent.runtime.worker import WORKER_NICE
+
+    worker = WorkerProcess()
+    try:
+        worker.send(Load(settings={"model_path": str(tmp_path / "none.gguf")}))
+        reply = worker.records.get(timeout=60)
+        assert isinstance(reply, LoadFailed) and not isinstance(reply, WorkerExit), reply
+        threads = psutil.Process(worker.pid).threads()
+        expected = min(os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE, 19)
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in threads} == {expected}
+    finally:
+        worker.stop()
