@@ -29,7 +29,10 @@ One upgrade, end to end:
    healthy (MQTT connected and a model loaded, where the old version had one) and prunes
    versions nothing points at; past the deadline it asks the daemon to exit with
    EXIT_TRIAL_FAILED, and the guard of the next start rolls back.
-4. Whichever version runs next reports the outcome as an ``agent_upgrade`` event.
+4. Whichever version runs next reports the outcome as an event: ``agent_upgraded`` or
+   ``agent_rolled_back`` (the old version sends ``agent_upgrade_refused`` or
+   ``agent_upgrade_restarting`` before that). A rollout of kind ``upgrade`` fails a device on
+   ``agent_rolled_back``.
 
 This module must not talk MQTT (it gets ``publish_event``) or decide when the daemon stops
 (it asks through ``request_exit``). Nothing here needs root: the agent's user owns releases.
@@ -75,7 +78,7 @@ WATCH_INTERVAL_S = 1.0
 # A wheel's METADATA is a few KiB; more is not a wheel we made.
 MAX_METADATA_BYTES = 1 << 20
 
-Outcome = Literal["upgraded", "rolled_back"]
+Outcome = Literal["agent_upgraded", "agent_rolled_back"]  # the event that reports it
 
 
 class Trial(msgspec.Struct, kw_only=True):
@@ -89,7 +92,7 @@ class Trial(msgspec.Struct, kw_only=True):
 
 
 class UpgradeOutcome(msgspec.Struct, kw_only=True):
-    outcome: Outcome
+    event: Outcome
     version: str  # the version that was tried
     previous_version: str
     reason: str | None = None
@@ -201,7 +204,7 @@ def guard(root: Path, *, now: float | None = None) -> str:
         return "none"
     reason = ("it did not reach ready within its deadline" if now > trial.deadline
               else "it stopped before it reached ready")
-    releases.write_outcome(UpgradeOutcome(outcome="rolled_back", version=trial.version,
+    releases.write_outcome(UpgradeOutcome(event="agent_rolled_back", version=trial.version,
                                           previous_version=trial.previous_version, reason=reason))
     releases.point(releases.current, back)
     releases.end_trial()
@@ -262,12 +265,12 @@ class AgentUpgrades:
             try:
                 self._install(releases, args)
             except EdgeAgentError as exc:
-                self.publish_event("agent_upgrade", outcome="refused", version=args.version,
+                self.publish_event("agent_upgrade_refused", version=args.version,
                                    running=__version__, error=exc.to_dict())
                 raise
         finally:
             self._lock.release()
-        self.publish_event("agent_upgrade", outcome="restarting", version=args.version,
+        self.publish_event("agent_upgrade_restarting", version=args.version,
                            previous_version=__version__)
         self.request_exit(EXIT_RESTART_FOR_UPGRADE)
         return {"changed": True, "version": args.version, "previous_version": __version__,
@@ -353,7 +356,7 @@ class AgentUpgrades:
             if trial is not None and trial.version == __version__:
                 if self.connected() and (self.model_loaded() or not trial.needs_model):
                     releases.write_outcome(UpgradeOutcome(
-                        outcome="upgraded", version=__version__,
+                        event="agent_upgraded", version=__version__,
                         previous_version=trial.previous_version))
                     releases.end_trial()
                     log.info("upgrade_confirmed", version=__version__,
@@ -366,8 +369,9 @@ class AgentUpgrades:
             elif self.connected():
                 outcome = releases.read_outcome()
                 if outcome is not None:
-                    self.publish_event("agent_upgrade", **msgspec.to_builtins(outcome),
-                                       running=__version__)
+                    self.publish_event(outcome.event, version=outcome.version,
+                                       previous_version=outcome.previous_version,
+                                       reason=outcome.reason, running=__version__)
                     releases.clear_outcome()
                 return
             stop_event.wait(WATCH_INTERVAL_S)

@@ -93,7 +93,7 @@ def test_guard_gives_a_new_version_one_start_then_rolls_back(tmp_path: Path) -> 
     assert releases.target(releases.current) == (tmp_path / "venv").resolve()
     assert releases.read_trial() is None
     outcome = releases.read_outcome()
-    assert outcome is not None and outcome.outcome == "rolled_back" and outcome.version == NEW
+    assert outcome is not None and outcome.event == "agent_rolled_back" and outcome.version == NEW
     assert guard(releases.root) == "none"  # and the old version starts normally from then on
 
 
@@ -178,7 +178,7 @@ def test_a_tampered_wheel_is_refused_and_nothing_changes(tmp_path: Path, range_s
     assert caught.value.code == "checksum_mismatch"
     assert_untouched(releases, tmp_path)
     assert calls.exits == []
-    assert [e["outcome"] for e in calls.events] == ["refused"]
+    assert [e["event"] for e in calls.events] == ["agent_upgrade_refused"]
     assert calls.events[0]["error"]["code"] == "checksum_mismatch"
     assert list((releases.root / ".downloads").iterdir()) == []
 
@@ -212,7 +212,7 @@ def test_upgrade_installs_beside_the_current_venv_and_switches(tmp_path: Path, r
     assert result == {"changed": True, "version": NEW, "previous_version": __version__,
                       "restarting": True}
     assert calls.exits == [EXIT_RESTART_FOR_UPGRADE]
-    assert [e["outcome"] for e in calls.events] == ["restarting"]
+    assert [e["event"] for e in calls.events] == ["agent_upgrade_restarting"]
     assert releases.target(releases.current) == (releases.root / NEW).resolve()
     assert releases.target(releases.previous) == (tmp_path / "venv").resolve()
     trial = releases.read_trial()
@@ -261,7 +261,7 @@ def test_a_healthy_new_version_closes_its_trial_and_reports_it(tmp_path: Path) -
                               deadline=time.time() + 600)
     assert releases.read_trial() is None and releases.read_outcome() is None  # reported
     assert calls.exits == []
-    assert calls.events == [{"event": "agent_upgrade", "outcome": "upgraded", "version": __version__,
+    assert calls.events == [{"event": "agent_upgraded", "version": __version__,
                              "previous_version": "0.0.9", "reason": None, "running": __version__}]
 
 
@@ -269,7 +269,7 @@ def test_a_new_version_with_no_model_where_the_old_had_none_is_healthy(tmp_path:
     releases, calls = watched(tmp_path, connected=True, model_loaded=False,
                               deadline=time.time() + 600, needs_model=False)
     assert releases.read_trial() is None and calls.exits == []
-    assert calls.events[0]["outcome"] == "upgraded"
+    assert calls.events[0]["event"] == "agent_upgraded"
 
 
 def test_a_new_version_unhealthy_at_its_deadline_exits_for_the_guard(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ from agent.fleet.openai_api import OpenAIAPI, ReplyBuffer
 from agent.fleet.plan import plan_rollout
 from agent.fleet.registry import telemetry_point
 from agent.fleet.schemas import Candidates
-from agent.fleet.rollout import RolloutSpec
+from agent.fleet.rollout import AgentWheelRef, RolloutSpec
 from agent.fleet.table import (
     MAX_PER_PAGE,
     QUERY_FIELDS,
@@ -898,6 +898,12 @@ class FleetWeb:
             text, _, where = str(exc).partition(" - at `$.")
             field = where.rstrip("`") or "rollout"
             raise _bad(f"{field}: {text}", field) from None
+        if spec.kind == "upgrade":  # the agent's own version, a wheel of this wheelhouse
+            if dry_run:
+                raise _bad("dry_run: a plan is for model rollouts", "dry_run")
+            spec = await run_in_threadpool(self._with_agent_wheels, spec, self._base_url(request))
+            rollout = await run_in_threadpool(self.controller.rollouts.create, spec, "", "")
+            return JSONResponse(await run_in_threadpool(rollout.to_dict), status_code=201)
         hosted = self.models.resolve(spec.manifest)
         if spec.manifest.startswith(("http://", "https://")):
             source = location = spec.manifest
@@ -918,6 +924,13 @@ class FleetWeb:
             self.controller.rollouts.create, spec, source, location
         )
         return JSONResponse(await run_in_threadpool(rollout.to_dict), status_code=201)
+
+    def _with_agent_wheels(self, spec: RolloutSpec, base: str) -> RolloutSpec:
+        """``spec`` with every hosted agent wheel, as devices fetch it. Reads the wheelhouse."""
+        wheels = {wheel.version: AgentWheelRef(url=f"{base}/files/wheels/{wheel.path}",
+                                               sha256=wheel.sha256, size=wheel.size)
+                  for wheel in self.wheels.house.index().agent}
+        return msgspec.structs.replace(spec, wheels=wheels)
 
     def _rollout_dicts(self) -> list[dict[str, Any]]:
         """Every rollout as the API shows it. Takes the rollout manager's lock, which its

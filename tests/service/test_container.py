@@ -15,9 +15,9 @@ comes from a cached wheelhouse with PIP_NO_INDEX, so nothing is built or downloa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
+import secrets
 import shutil
 import threading
 import time
@@ -28,6 +28,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import __version__
+from agent.errors import EdgeAgentError
+from agent.fleet.auth import hash_secret
+from agent.fleet.client import FleetClient
 from tests.service.container import (
     CACHE,
     REPO,
@@ -38,7 +41,6 @@ from tests.service.container import (
 )
 from tests.support.agent_wheels import build_agent_wheel
 from tests.support.broker import Broker, free_port
-from tests.support.range_server import RangeServer
 from tests.support.signing import TEST_PUBLIC_KEY, sign_file
 
 pytestmark = [
@@ -55,6 +57,7 @@ CHECKOUT = "/home/dev/edge-agent"
 PREFIX = f"edge/v1/{DEVICE}"
 RELEASES = "/opt/edge-agent/releases"
 START_TIMEOUT_S = 300  # model copy + load + canary on two shared cores
+FLEET_TOKEN = secrets.token_urlsafe(32)  # the in-container controller's API token (hashed in fleet.yaml)
 NEW_VERSION = f"{__version__}.post1"
 BROKEN_VERSION = f"{__version__}.post2"  # its `edge-agent run` exits at once
 
@@ -206,11 +209,15 @@ def installed(container: Container, broker: Broker, observer: Observer) -> dict:
     container.run("chmod", "-R", "g+w", CHECKOUT)
     # The controller on the same host, with its own config (an admin writes it first).
     container.run("mkdir", "-p", "/etc/edge-agent")
-    container.run("sh", "-c", f"""cat > /etc/edge-agent/fleet.yaml <<EOF
+    http_port = free_port()
+    # A quoted delimiter: the token hash holds '$', and nothing in here is for the shell.
+    container.run("sh", "-c", f"""cat > /etc/edge-agent/fleet.yaml <<'EOF'
 mqtt: {{host: {broker.host}, port: {broker.port}}}
-http_port: {free_port()}
+http_port: {http_port}
 db_path: /var/lib/edge-fleet/fleet.db
 model_dir: /var/cache/edge-fleet/models
+wheel_dir: /var/lib/edge-fleet/wheels
+auth: {{api_token_hashes: ["{hash_secret(FLEET_TOKEN, method='sha256')}"]}}
 EOF""")
     started = time.monotonic()
     log = install(container, "--fleet", "--device-id", DEVICE, "--broker-host", broker.host,
@@ -220,7 +227,7 @@ EOF""")
     props = wait_active(container)
     print(f"install.sh {installed_at - started:.0f} s, unit active after "
           f"{time.monotonic() - installed_at:.0f} s more")
-    return {"props": props, "log": log}
+    return {"props": props, "log": log, "controller": f"http://127.0.0.1:{http_port}"}
 
 
 def test_unit_reaches_active_with_a_readable_status(container: Container, installed: dict) -> None:
@@ -312,54 +319,72 @@ def test_sigkill_of_the_main_process_is_followed_by_a_restart(container: Contain
                       START_TIMEOUT_S, "status ready after the restart")
 
 
-# -- agent upgrades (agent/upgrade.py): a wheel from a real HTTP server, systemd restarts ------
+# -- agent upgrades (agent/upgrade.py, rollouts of kind upgrade) ------------------------------
+# Each upgrade is a start of the unit (a rolled-back one two): with the starts above, these
+# tests stay within the unit's StartLimitBurst=5 per StartLimitIntervalSec=10min.
 
 @pytest.fixture(scope="module")
-def wheel_server(tmp_path_factory: pytest.TempPathFactory):
-    """Two locally built versions, served as the controller would: one good, one that
-    exits at start."""
+def fleet(installed: dict) -> FleetClient:
+    """The controller in the container (edge-fleet.service), through its HTTP API."""
+    client = FleetClient(installed["controller"], FLEET_TOKEN)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.devices()
+            return client
+        except EdgeAgentError:
+            assert time.monotonic() < deadline, "the controller's API did not answer"
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def hosted_wheels(fleet: FleetClient, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two locally built versions in the controller's wheelhouse: one good, one that exits
+    at start. Returns each one's ``upgrade`` args, as the controller serves it."""
     out = tmp_path_factory.mktemp("agent-wheels")
-    wheels = {version: build_agent_wheel(out, version, find_links=ensure_wheelhouse(),
-                                         fail_at_start=version == BROKEN_VERSION)
-              for version in (NEW_VERSION, BROKEN_VERSION)}
-    root = tmp_path_factory.mktemp("wheel-www")
-    for wheel in wheels.values():
-        shutil.copy(wheel, root / wheel.name)
-    server = RangeServer(root).start()
-    yield {version: {"version": version, "url": f"http://127.0.0.1:{server.port}/{wheel.name}",
-                     "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
-                     "size": wheel.stat().st_size} for version, wheel in wheels.items()}
-    server.stop()
+    for version in (NEW_VERSION, BROKEN_VERSION):
+        fleet.add_wheel(build_agent_wheel(out, version, find_links=ensure_wheelhouse(),
+                                          fail_at_start=version == BROKEN_VERSION), {})
+    base = f"{fleet.url}/files/wheels/"
+    return {w["version"]: {"version": w["version"], "url": base + w["path"], "sha256": w["sha256"],
+                           "size": w["size"]} for w in fleet.wheels()["agent"]}
 
 
 def result_of(command_id: str):
     return lambda t, r: t == f"{PREFIX}/cmd/result" and r.get("id") == command_id
 
 
-def upgrade_event(outcome: str):
-    return lambda t, r: (t == f"{PREFIX}/events" and r.get("event") == "agent_upgrade"
-                         and r.get("outcome") == outcome)
+def event(name: str):
+    return lambda t, r: t == f"{PREFIX}/events" and r.get("event") == name
 
 
 def ready_as(version: str):
     return lambda t, r: t == f"{PREFIX}/status" and r.get("state") == "ready" and r.get("version") == version
 
 
-def upgrade(observer: Observer, command_id: str, args: dict, **expected) -> dict[str, dict]:
-    """Send an upgrade and wait for its result and each ``expected`` record, in any order."""
-    observer.publish(f"{PREFIX}/cmd", {"id": command_id, "op": "upgrade", "args": args})
-    return observer.wait_for_all({"result": result_of(command_id), **expected}, START_TIMEOUT_S)
-
-
 def releases(ct: Container) -> dict:
     return json.loads(ct.run("/opt/edge-agent/venv/bin/edge-agent", "releases", "show").stdout)
 
 
+def rollout_to(fleet: FleetClient, version: str) -> dict:
+    """An upgrade rollout of this one device, followed until it is over."""
+    rollout = fleet.start_rollout({"kind": "upgrade", "version": version, "devices": [DEVICE],
+                                   "soak_s": 2})
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (rollout := fleet.rollout(rollout["id"]))["state"] in ("running", "aborting",
+                                                                  "rolling_back"):
+        assert time.monotonic() < deadline, f"rollout still {rollout['state']}: {rollout}"
+        time.sleep(1)
+    return rollout
+
+
 def test_a_tampered_agent_wheel_is_refused_and_the_device_keeps_running(
-        container: Container, installed: dict, observer: Observer, wheel_server: dict) -> None:
+        container: Container, installed: dict, observer: Observer, hosted_wheels: dict) -> None:
     before = container.unit(UNIT)
-    tampered = {**wheel_server[NEW_VERSION], "sha256": "0" * 64}
-    seen = upgrade(observer, "upgrade-tampered", tampered, event=upgrade_event("refused"))
+    tampered = {**hosted_wheels[NEW_VERSION], "sha256": "0" * 64}
+    observer.publish(f"{PREFIX}/cmd", {"id": "upgrade-tampered", "op": "upgrade", "args": tampered})
+    seen = observer.wait_for_all({"result": result_of("upgrade-tampered"),
+                                  "event": event("agent_upgrade_refused")}, 60)
     assert seen["result"]["ok"] is False, seen
     assert seen["result"]["error"]["code"] == seen["event"]["error"]["code"] == "checksum_mismatch"
     after = container.unit(UNIT)
@@ -367,14 +392,18 @@ def test_a_tampered_agent_wheel_is_refused_and_the_device_keeps_running(
     assert releases(container)["current"] == "/opt/edge-agent/venv"
 
 
-def test_upgrade_restarts_the_agent_into_the_new_version(container: Container, installed: dict,
-                                                          observer: Observer, wheel_server: dict) -> None:
+def test_a_rollout_of_kind_upgrade_moves_the_device_to_the_new_version(
+        container: Container, installed: dict, observer: Observer, fleet: FleetClient,
+        hosted_wheels: dict) -> None:
     before = container.unit(UNIT)
-    seen = upgrade(observer, "upgrade-new", wheel_server[NEW_VERSION],
-                   upgraded=upgrade_event("upgraded"), ready=ready_as(NEW_VERSION))
-    assert seen["result"]["ok"] is True and seen["result"]["result"]["restarting"] is True, seen
+    rollout = rollout_to(fleet, NEW_VERSION)
+    assert rollout["state"] == "completed", rollout
+    assert [s["outcome"] for s in rollout["devices"]] == ["succeeded"], rollout["devices"]
+    seen = observer.wait_for_all({"upgraded": event("agent_upgraded"),
+                                  "ready": ready_as(NEW_VERSION)}, START_TIMEOUT_S)
     assert seen["upgraded"]["version"] == seen["upgraded"]["running"] == NEW_VERSION
     assert seen["upgraded"]["previous_version"] == __version__
+    assert fleet.device(DEVICE)["row"]["version"] == NEW_VERSION
     after = wait_active(container, not_pid=before["MainPID"])
     # The exit for the upgrade is no failure: systemd restarted it as one of its own.
     assert after["Result"] == "success"
@@ -384,16 +413,21 @@ def test_upgrade_restarts_the_agent_into_the_new_version(container: Container, i
     assert user_of(container, after["MainPID"]) == "edge-agent"
 
 
-def test_a_version_that_fails_at_start_is_rolled_back_by_itself(
-        container: Container, installed: dict, observer: Observer, wheel_server: dict) -> None:
-    # Nobody acts after the command: systemd starts the broken version, it exits, and the
-    # guard before the next start puts the previous version back, which reports it.
-    seen = upgrade(observer, "upgrade-broken", wheel_server[BROKEN_VERSION],
-                   rolled_back=upgrade_event("rolled_back"), ready=ready_as(NEW_VERSION))
-    assert seen["result"]["ok"] is True, seen
-    assert seen["result"]["result"]["version"] == BROKEN_VERSION
+def test_a_rollout_to_a_version_that_fails_at_start_is_rolled_back_by_the_device(
+        container: Container, installed: dict, observer: Observer, fleet: FleetClient,
+        hosted_wheels: dict) -> None:
+    # Nobody acts on the device: systemd starts the broken version, it exits, the guard
+    # before the next start puts the previous version back, and that one reports it.
+    rollout = rollout_to(fleet, BROKEN_VERSION)
+    assert rollout["state"] == "aborted", rollout
+    [step] = rollout["devices"]
+    assert step["outcome"] == "failed" and "agent_rolled_back" in step["error"], step
+    assert step["state"] == "rolled_back", step
+    seen = observer.wait_for_all({"rolled_back": event("agent_rolled_back"),
+                                  "ready": ready_as(NEW_VERSION)}, START_TIMEOUT_S)
     assert seen["rolled_back"]["version"] == BROKEN_VERSION
     assert seen["rolled_back"]["running"] == NEW_VERSION
+    assert fleet.device(DEVICE)["row"]["version"] == NEW_VERSION
     journal = container.journal(UNIT, lines=400)
     assert "a test build made to fail at start" in journal, journal
     state = releases(container)

@@ -9,12 +9,13 @@ state machine and how the registry stores them; ``_manager`` the thread that dri
 
 from agent.fleet.rollout._kinds import KINDS, ModelKind, RolloutKind
 from agent.fleet.rollout._manager import RolloutManager, needs_driver
-from agent.fleet.rollout._spec import RolloutSpec, abort_reason, start_rate
+from agent.fleet.rollout._spec import AgentWheelRef, RolloutSpec, abort_reason, start_rate
 from agent.fleet.rollout._state import DeviceStep, Rollout, RolloutEvent
 from agent.fleet.rollout._target import Target
 
 __all__ = [
     "KINDS",
+    "AgentWheelRef",
     "DeviceStep",
     "ModelKind",
     "Rollout",

@@ -4,8 +4,8 @@ that start it, whether it serves the new target, and the commands that put back 
 The manager (agent.fleet.rollout._manager) runs the same health gate for every kind: start
 commands answered ok, then ``serving`` true, then the canary prompt answered, then ``soak_s``
 without a state in ``fatal_states``, a fatal event or a worker restart. A kind only says
-what those words mean for it. ``model`` is the one kind so far; an agent ``upgrade`` kind
-(health: ready with the new agent version) plugs into ``KINDS`` beside it.
+what those words mean for it: ``model`` (a manifest and a pin) and ``upgrade`` (the agent's
+own version, agent/upgrade.py on the device).
 
 ``expectations`` may read the manifest (a file here or an http(s) URL): the manager calls it
 once, from a thread, when the rollout is created. Everything else is pure.
@@ -108,4 +108,48 @@ class ModelKind:
         return True, f"reports {record.state} with the rollout's model {what}"
 
 
-KINDS: dict[str, RolloutKind] = {"model": ModelKind()}
+class UpgradeKind:
+    """Move a device's agent to another edge-agent version: the ``upgrade`` op with a wheel the
+    controller hosts. A version that does not come up is put back by the device itself (its
+    unit's guard); the rollout sees ``agent_rolled_back`` and fails the device. A device that
+    fails later (canary, soak, an abort) is upgraded back to the version it ran, when that
+    version's wheel is hosted."""
+
+    name = "upgrade"
+    # Not stopped or lost: the restart into the new version passes through them.
+    fatal_states = frozenset({"degraded"})
+    fatal_events = frozenset({"agent_rolled_back", "worker_crashed", "restart_failed"})
+
+    def expectations(self, spec: RolloutSpec, manifest_location: str) -> dict[str, Any]:
+        return {"version": spec.version}
+
+    def previous_of(self, record: DeviceRecord) -> dict[str, Any]:
+        return {"version": record.agent_version}
+
+    def start_commands(self, spec: RolloutSpec, source: str) -> list[Command]:
+        assert spec.version is not None  # checked at creation (_spec.check)
+        return [("upgrade", self._args(spec, spec.version))]
+
+    def rollback_commands(
+        self, spec: RolloutSpec, previous: dict[str, Any]
+    ) -> list[Command] | None:
+        version = previous.get("version")
+        if not isinstance(version, str) or version not in spec.wheels:
+            return None
+        return [("upgrade", self._args(spec, version))]
+
+    def serving(self, expect: dict[str, Any], record: DeviceRecord) -> tuple[bool, str]:
+        what = f"agent {record.agent_version or 'of unknown version'}"
+        if record.state not in SERVING_STATES:
+            return False, f"reports {record.state or 'nothing'}, {what}"
+        if record.agent_version != expect.get("version"):
+            return False, f"reports {record.state} with {what}, not the rollout's version"
+        return True, f"reports {record.state} with the rollout's {what}"
+
+    @staticmethod
+    def _args(spec: RolloutSpec, version: str) -> dict[str, Any]:
+        wheel = spec.wheels[version]
+        return {"version": version, "url": wheel.url, "sha256": wheel.sha256, "size": wheel.size}
+
+
+KINDS: dict[str, RolloutKind] = {"model": ModelKind(), "upgrade": UpgradeKind()}

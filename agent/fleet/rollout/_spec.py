@@ -21,11 +21,24 @@ Seconds = Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)]
 Devices = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 
 
+class AgentWheelRef(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A hosted edge-agent wheel, as the ``upgrade`` op takes it (agent.mqtt.payloads)."""
+
+    url: Annotated[str, msgspec.Meta(max_length=2048)]
+    sha256: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+    size: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # What each device is moved to: ``model`` sends set_manifest (then pin). See _kinds.
-    kind: Literal["model"] = "model"
-    manifest: Annotated[str, msgspec.Meta(max_length=4096)]  # hosted name or http(s) URL
+    # What each device is moved to: ``model`` sends set_manifest (then pin), ``upgrade`` the
+    # agent version ``version``. See _kinds.
+    kind: Literal["model", "upgrade"] = "model"
+    manifest: Annotated[str, msgspec.Meta(max_length=4096)] = ""  # model: hosted name or URL
     pin: Annotated[str, msgspec.Meta(max_length=64)] | None = None  # then pin this quant
+    version: Annotated[str, msgspec.Meta(max_length=64)] | None = None  # upgrade: edge-agent's
+    # upgrade: every agent wheel the controller hosts, by version (the target's, and the ones
+    # devices ran, to roll back to); filled in by the controller, what a client sends is replaced.
+    wheels: Annotated[dict[str, AgentWheelRef], msgspec.Meta(max_length=1000)] = {}
     # Target: the union of these. Without ``pinned``, devices that come to match group, pool
     # or filter while the rollout runs join it (explicit ids are a fixed list).
     devices: Annotated[
@@ -61,6 +74,12 @@ class RolloutSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 def check(spec: RolloutSpec, device_timeout_s: float) -> None:
     """Refuse combinations the field bounds cannot express."""
+    if spec.kind == "upgrade" and (spec.manifest or spec.pin is not None):
+        raise RequestError("kind: an upgrade rollout moves the agent, not a model: no "
+                           "manifest or pin", field="kind")
+    if spec.kind == "upgrade" and spec.version not in spec.wheels:
+        raise RequestError(f"version: this controller hosts no edge-agent wheel "
+                           f"{spec.version!r:.80} (edge-agent fleet wheels add)", field="version")
     if spec.rate_per_min is not None and spec.base_rate is not None:
         raise RequestError(
             "rate_per_min: give either rate_per_min or base_rate (a ramp), not both",
