@@ -30,13 +30,14 @@ One prompt's path, with its hand-offs (threads → queues):
 4. the worker's main thread tokenizes once (``too_long`` is answered there) and generates;
    chunk and final frames → pipe
 5. the worker's frame-reader thread in the daemon hands every record of the request, in
-   order, to ``Replies.recorder`` → the ``replies`` queue
-6. ``replies`` thread: coalesces chunks while the line is busy, publishes chunks (QoS 0) and
-   the final (QoS 1), finishes the ledger entry → paho's outgoing queue → the network thread.
+   order, to ``Replies.recorder``, which publishes it there (chunks QoS 0, the final QoS 1,
+   finishing the ledger entry) → paho's outgoing queue → the network thread. Only while the
+   line is busy does a chunk wait, for the ``replies`` thread to publish it coalesced with
+   the next ones (agent.replies).
 
-So: 7 threads in two processes (paho's network thread counted once, for both ways) and 5
-queues (inbox, the engine's, the worker's ``_ops``, replies, paho's); one hand-off each way
-between the daemon's MQTT side and the model, no round trip to the worker before the queue.
+So: 6 threads in two processes (paho's network thread counted once, for both ways) and 4
+queues (inbox, the engine's, the worker's ``_ops``, paho's); one hand-off each way between
+the daemon's MQTT side and the model, no round trip to the worker before the queue.
 """
 
 __version__ = "0.1.0"

@@ -24,12 +24,13 @@ Threads, and what each owns:
   ops, posts slow ones to ``model``.
 - ``model`` (agent.supervisor.ModelSupervisor): owns the model state (probe, profile, selection
   source, problem, overrides, last good) and every load, swap, fetch, bench and upgrade.
-- ``replies`` (agent.replies): the one publisher of prompt replies; chunks (coalesced on a slow
-  line) and the final, in order; finishes the ledger's entries.
+- ``replies`` (agent.replies): publishes what a busy line held back (coalesced chunks) and
+  the finals of requests the engine never took; an idle line's chunks and finals go out on
+  the engine's frame-reader thread itself. In order, under Replies' one lock.
 - ``telemetry`` (agent.telemetry): one message per interval.
 - ``upgrades`` (agent.upgrade.AgentUpgrades.watch): settles a new version's trial, then ends.
 - the engine's threads and the worker process (agent.runtime): they call only
-  ``Replies.recorder`` (enqueue) and ``on_event`` (publish, or a message to ``model``).
+  ``Replies.recorder`` (publish or hold) and ``on_event`` (publish, or a message to ``model``).
 
 Shared state is owned, not shared: ``draining`` and the last published status by Presence
 (agent.presence, under its lock), the model state by ``model``, requests by the ledger.
@@ -98,7 +99,8 @@ class Daemon:
             config, link=link, session=session, engine=engine, supervisor=supervisor,
             ledger=ledger, notifier=self.notifier, stopping=self.stop_event.is_set)
         self.upgrades = AgentUpgrades(
-            config.upgrade, config.fetch, publish_event=link.event, request_exit=self._exit,
+            config.upgrade, config.fetch, config.signing, publish_event=link.event,
+            request_exit=self._exit,
             connected=lambda: link.mqtt.connected,
             model_loaded=lambda: engine.selection is not None)
         self.replies = Replies(link.mqtt, ledger, interval_s=config.mqtt.stream_interval_ms / 1000,

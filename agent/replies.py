@@ -1,9 +1,13 @@
-"""The ``replies`` thread: the one publisher of prompt replies, chunks and finals, in order.
+"""Prompt replies: chunks and the final of each request, published in order.
 
-The engine hands every record of a request to ``Replies.recorder(id)``, which only puts it on
-one queue (no lock of the engine's is held, nothing waits); the dispatcher puts the finals of
-requests the engine refused on the same queue. This thread takes them in order, so a final is
-never published before a chunk it follows, and no chunk after its final.
+The engine hands every record of a request, in order, from one thread (the worker's frame
+reader) to ``Replies.recorder(id)``. That thread publishes it at once when the line is idle:
+one hand-off from the worker to paho, no queue in between. Replies' one lock (it never
+calls into the engine, and paho's callbacks never take it) keeps the stream state and the
+order of publishes consistent with the ``replies`` thread, which publishes what the line held
+back (on a written-notice or at the interval) and the finals of requests the engine never
+took (the dispatcher's refusals, the cancels at stop). A final is never published before a
+chunk it follows, and no chunk after its final.
 
 Streamed chunks are coalesced when the broker connection is slower than the tokens: a chunk
 is published at once when the line is idle (every chunk published before has been written to
@@ -34,6 +38,7 @@ from agent.mqtt.client import MQTTClient
 log = get_logger(__name__)
 
 _STOP = object()
+_WAKE = object()  # a chunk now waits: the thread recomputes when its interval ends
 
 
 @dataclass
@@ -60,7 +65,8 @@ class Replies:
         self.interval_s = interval_s
         self.on_answered = on_answered  # after each final: the status may go busy -> ready
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}  # under _lock
         self._thread = threading.Thread(target=self._run, name="replies", daemon=True)
 
     def start(self) -> None:
@@ -75,8 +81,8 @@ class Replies:
         return self._thread.is_alive()
 
     def recorder(self, request_id: str) -> Callable[[dict[str, Any]], None]:
-        """The engine's ``on_record`` for one request: enqueue, nothing else."""
-        return lambda record: self._queue.put((request_id, record))
+        """The engine's ``on_record`` for one request: publish now or hold for the line."""
+        return lambda record: self._take(request_id, record)
 
     def final(self, request_id: str, record: dict[str, Any]) -> None:
         """Any thread: the final record of an admitted prompt that the engine never took."""
@@ -94,32 +100,45 @@ class Replies:
                 break
             try:
                 if isinstance(item, _Written):
-                    self._written(item.request_id)
-                elif item is not None:
-                    self._record(*item)
-                self._publish_due()
+                    with self._lock:
+                        self._written(item.request_id)
+                elif isinstance(item, tuple):
+                    self._take(*item)
+                with self._lock:
+                    self._publish_due()
             except Exception:  # one bad record must never stop the replies
                 log.exception("reply_failed")
         self._cancel_unanswered()
 
     def _wait_s(self) -> float | None:
         """Until the earliest interval a waiting chunk has; forever when none waits."""
-        due = [s.last_publish + self.interval_s for s in self._streams.values() if s.pending]
+        with self._lock:
+            due = [s.last_publish + self.interval_s for s in self._streams.values() if s.pending]
         return max(min(due) - time.monotonic(), 0.0) if due else None
 
-    def _record(self, request_id: str, record: dict[str, Any]) -> None:
+    def _take(self, request_id: str, record: dict[str, Any]) -> None:
+        """A record, on the engine's thread or this one."""
+        with self._lock:
+            answered = self._record(request_id, record)
+        if answered:
+            self.on_answered()
+
+    def _record(self, request_id: str, record: dict[str, Any]) -> bool:
+        """Publish or hold one record; True when it was the request's final."""
         if record.get("done"):
-            self._finish(request_id, record)
-            return
+            return self._finish(request_id, record)
         stream = self._streams.get(request_id)
         if stream is None:
             flight = self.ledger.in_flight(request_id)
             if flight is None or not flight.stream:
-                return  # not streamed, or a stale chunk of a request already answered
+                return False  # not streamed, or a stale chunk of a request already answered
             stream = self._streams[request_id] = _Stream(flight)
         stream.pending.append(record["delta"])
         if stream.outstanding == 0:
             self._publish_chunk(request_id, stream)
+        elif len(stream.pending) == 1:
+            self._queue.put(_WAKE)
+        return False
 
     def _written(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
@@ -147,19 +166,19 @@ class Replies:
         if queued:
             stream.outstanding += 1  # else dropped (disconnected): nothing will be written
 
-    def _finish(self, request_id: str, final: dict[str, Any]) -> None:
+    def _finish(self, request_id: str, final: dict[str, Any]) -> bool:
         stream = self._streams.pop(request_id, None)
         if stream is not None and stream.pending:
             self._publish_chunk(request_id, stream)
         encoded = payloads.encode(final)
         flight = self.ledger.finish("prompt", request_id, encoded)
         if flight is None:
-            return  # answered already (a cancel at shutdown behind the engine's own final)
+            return False  # answered already (a cancel at shutdown behind the engine's own final)
         self.mqtt.publish(flight.route.topic, encoded, qos=1,
                           correlation_data=flight.route.correlation_data)
-        self.on_answered()
+        return True
 
     def _cancel_unanswered(self) -> None:
         for request_id in self.ledger.unanswered_prompts():
             error = CancelledError_("the agent stopped before this request ran; send it again")
-            self._finish(request_id, payloads.error_final(request_id, error.to_dict()))
+            self._take(request_id, payloads.error_final(request_id, error.to_dict()))
