@@ -224,6 +224,6 @@ def test_two_controllers_serve_one_fleet(controllers, sim, broker, credentials, 
         assert sorted(e["device_id"] for e in events if e["decision"] == decision) == sorted(
             d["device_id"] for d in finished["devices"]
         ), decision
-    assert [e["reason"] for e in events if e["decision"] == "resume"] == [
-        f"controller {other.name} drives the rollout"
+    assert f"controller {other.name} drives the rollout" in [
+        e["reason"] for e in events if e["decision"] == "resume"
     ]
