@@ -149,6 +149,7 @@ DOWNLOAD_STATES = {
     "retrying": "Download of {file} retrying",
     "verifying": "Verifying {file}",
     "complete": "Downloaded {file}",
+    "done": "Downloaded {file}",  # what the fleet simulator says for complete
     "cached": "{file} was already on disk",
     "failed": "Download of {file} failed",
 }
@@ -187,7 +188,7 @@ def event_text(kind: str, body: dict[str, Any]) -> str:
         sentence = template.format(file=_text(body.get("file"), "a model file")) + _progress(body)
         if body.get("state") in ("retrying", "failed") and body.get("error"):
             sentence += f": {_error_text(body.get('error'))}"
-        if body.get("state") == "complete" and isinstance(body.get("mirror"), str):
+        if body.get("state") in ("complete", "done") and isinstance(body.get("mirror"), str):
             sentence += f" from {body['mirror']}"
     elif kind == "model_switch":
         before = _text(body.get("from") or body.get("before"))

@@ -175,6 +175,25 @@ def test_device_page_prompt_and_commands_with_a_simulated_device(page, fleet, si
         == devices.devices[0].quant
     )
 
+    # a download's progress events are one row with one bar, worded; commands read as sentences
+    page.evaluate(
+        """async (id) => fetch(`/api/devices/${id}/cmd`, {method: "POST", headers: {
+              "Content-Type": "application/json",
+              "X-CSRF-Token": document.querySelector('meta[name=csrf]').content},
+            body: JSON.stringify({op: "set_manifest", args: {source: "http://127.0.0.1:9/m.json"}})})""",
+        device,
+    )
+    download = page.locator("#events tr.download")
+    page.wait_for_function(
+        "() => document.querySelector('#events tr.download td:nth-child(2)')"
+        "?.textContent.trim().startsWith('Downloaded')")
+    assert download.count() == 1
+    assert download.locator("progress").evaluate("bar => bar.value") == 1
+    assert "Downloaded smollm2-135m-instruct." in download.inner_text()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#commands td')].some("
+        "td => td.textContent.startsWith('set_manifest http://127.0.0.1:9/m.json: done'))")
+
 
 # --- a real agent ------------------------------------------------------------------------------
 

@@ -437,7 +437,7 @@ function devicePage() {
 
 // Events as the controller words them (``text``), newest first; every progress event of one
 // download updates that download's row and bar instead of adding a row.
-const DOWNLOAD_DONE = ["complete", "cached", "failed"];
+const DOWNLOAD_DONE = ["complete", "done", "cached", "failed"];  // "done": the fleet simulator's
 
 function eventList(tbody) {
   const downloads = new Map();  // file -> the row of its latest download
