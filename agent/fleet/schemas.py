@@ -46,7 +46,7 @@ class Status(_Tolerant):
     version: Name
 
 
-# --- meta: what agent.daemon._meta publishes -------------------------------------------------
+# --- meta: what agent.presence.Presence.meta publishes ---------------------------------------
 
 
 class CPUCluster(_Tolerant):
@@ -182,7 +182,7 @@ class Meta(_Tolerant):
     build: BuildFacts | None = None
 
 
-# --- telemetry: what agent.daemon._telemetry publishes ----------------------------------------
+# --- telemetry: what agent.telemetry.Telemetry.sample publishes ------------------------------
 
 
 class MemoryNow(_Tolerant):

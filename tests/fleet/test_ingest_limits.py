@@ -36,7 +36,7 @@ from tests.fleet.conftest import simulate_fleet
 
 
 def agent_meta(device: DeviceInfo) -> dict:
-    """The meta agent.daemon._meta publishes, every part filled in."""
+    """The meta agent.presence.Presence.meta publishes, every part filled in."""
     estimate = MemoryEstimate(ram_bytes=200 << 20, vram_bytes=0, weights_bytes=100 << 20)
     candidate = Candidate(
         quant="Q4_K_M", file="m.Q4_K_M.gguf", size=100 << 20, quality=0.96, n_ctx=2048,
