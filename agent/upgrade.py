@@ -13,8 +13,10 @@ unit's ``ReadWritePaths=`` is the only place under /opt the sandboxed daemon may
 
 One upgrade, end to end:
 
-1. ``AgentUpgrades.upgrade`` (the ``upgrade`` op, on the daemon's ops thread) downloads the
-   wheel with the Downloader (size and sha256 checked while streaming), checks that its
+1. ``AgentUpgrades.upgrade`` (the ``upgrade`` op, on the daemon's ops thread) checks, where
+   signatures are required (a pinned controller key, as for manifests), that the controller's
+   signed wheel index lists this very wheel (path, sha256, size), downloads the wheel with
+   the Downloader (size and sha256 checked while streaming), checks that its
    METADATA names edge-agent at the commanded version, copies the current venv to
    ``<version>/`` and pip-installs the wheel there with ``--no-index`` (the dependencies must
    already be there: a device needs no package index), runs its ``--version``, writes the
@@ -56,9 +58,10 @@ import msgspec
 
 from agent import __version__
 from agent.atomic_file import atomic_write
-from agent.config import FetchConfig, UpgradeConfig
-from agent.errors import BusyError, EdgeAgentError, UpgradeError
+from agent.config import FetchConfig, SigningConfig, UpgradeConfig
+from agent.errors import BusyError, EdgeAgentError, SignatureError, UpgradeError
 from agent.fetch.downloader import Downloader
+from agent.fetch.wheels import WHEELS_PATH, read_index
 from agent.log import get_logger
 from agent.mqtt.payloads import UpgradeArgs
 
@@ -237,10 +240,11 @@ def check_wheel(path: Path, version: str) -> None:
 class AgentUpgrades:
     """The ``upgrade`` op and the watch over a trial, for one daemon."""
 
-    def __init__(self, config: UpgradeConfig, fetch: FetchConfig, *,
+    def __init__(self, config: UpgradeConfig, fetch: FetchConfig, signing: SigningConfig, *,
                  publish_event: Callable[..., None], request_exit: Callable[[int], None],
                  connected: Callable[[], bool], model_loaded: Callable[[], bool]) -> None:
         self.config = config
+        self.signing = signing
         self.releases = Releases(Path(config.releases_dir)) if config.releases_dir else None
         self.downloader = Downloader(fetch)
         self.publish_event = publish_event
@@ -284,7 +288,24 @@ class AgentUpgrades:
                 "'current' link (install with scripts/install.sh, which sets both up)")
         return releases
 
+    def _check_signed(self, args: UpgradeArgs) -> None:
+        """Where signatures are required: the wheel is one the controller's signed index lists."""
+        if not self.signing.required:
+            return
+        base, marker, path = args.url.partition(WHEELS_PATH)
+        if not marker:
+            raise SignatureError(
+                f"args.url: with signatures required, an upgrade comes from a controller's signed "
+                f"wheelhouse (<controller>{WHEELS_PATH}…), not {args.url[:120]!r}")
+        listed = read_index(base + marker, self.signing.public_key).agent_wheel(args.version)
+        if listed is None or (listed.path, listed.sha256, listed.size) != (
+                path, args.sha256.lower(), args.size):
+            raise SignatureError(
+                f"{args.version}: the controller's signed wheel index does not list this wheel "
+                "(its path, sha256 and size must be the ones signed)")
+
     def _install(self, releases: Releases, args: UpgradeArgs) -> None:
+        self._check_signed(args)
         downloads = releases.root / ".downloads"
         downloads.mkdir(exist_ok=True)
         wheel = downloads / f"edge_agent-{args.version}-py3-none-any.whl"

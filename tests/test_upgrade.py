@@ -6,6 +6,7 @@ version that fails to start run in tests/service/test_container.py."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import subprocess
@@ -19,7 +20,8 @@ import msgspec
 import pytest
 
 from agent import __version__
-from agent.config import FetchConfig, UpgradeConfig
+from agent.catalog.wheels import AgentWheel, WheelIndex, encode_index
+from agent.config import FetchConfig, SigningConfig, UpgradeConfig
 from agent.errors import EdgeAgentError, RequestError
 from agent.mqtt import payloads
 from agent.upgrade import (
@@ -32,6 +34,7 @@ from agent.upgrade import (
 )
 from tests.service.container import ensure_wheelhouse
 from tests.support.agent_wheels import build_agent_wheel
+from tests.support.signing import TEST_PRIVATE_KEY, TEST_PUBLIC_KEY, sign_file
 
 NEW = f"{__version__}.post7"
 
@@ -121,10 +124,16 @@ class Calls:
         self.exits: list[int] = []
 
 
-def upgrades_for(releases: Releases | None, calls: Calls) -> AgentUpgrades:
+SIGNED = SigningConfig(public_key=TEST_PUBLIC_KEY)
+UNSIGNED = SigningConfig(allow_unsigned=True)
+
+
+def upgrades_for(releases: Releases | None, calls: Calls,
+                 signing: SigningConfig = SIGNED) -> AgentUpgrades:
     return AgentUpgrades(
         UpgradeConfig(releases_dir=str(releases.root) if releases else None),
-        FetchConfig(retries=0), publish_event=lambda name, **f: calls.events.append({"event": name, **f}),
+        FetchConfig(retries=0), signing,
+        publish_event=lambda name, **f: calls.events.append({"event": name, **f}),
         request_exit=calls.exits.append, connected=lambda: True, model_loaded=lambda: True)
 
 
@@ -151,9 +160,20 @@ def running_layout(tmp_path: Path) -> Releases:
     return releases
 
 
-def serve(range_server, wheel: Path) -> str:
-    (range_server.root / wheel.name).write_bytes(wheel.read_bytes())
-    return f"http://127.0.0.1:{range_server.port}/{wheel.name}"
+def serve(range_server, wheel: Path, *, listed_sha256: str | None = None,
+          private_key: str = TEST_PRIVATE_KEY) -> str:
+    """The wheel under a wheelhouse as a controller serves it, with an index signed by
+    ``private_key`` that lists it (with ``listed_sha256``, if given, instead of its own)."""
+    path = f"agent/{NEW}/{wheel.name}"
+    wheels = range_server.root / "files" / "wheels"
+    (wheels / path).parent.mkdir(parents=True, exist_ok=True)
+    (wheels / path).write_bytes(wheel.read_bytes())
+    sha256 = listed_sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest()
+    index = WheelIndex(agent=[AgentWheel(version=NEW, file=wheel.name, path=path,
+                                         size=wheel.stat().st_size, sha256=sha256)])
+    (wheels / "index.json").write_bytes(encode_index(index))
+    sign_file(wheels / "index.json", private_key)
+    return f"http://127.0.0.1:{range_server.port}/files/wheels/{path}"
 
 
 def upgrade_args(wheel: Path, url: str, **override: object) -> payloads.UpgradeArgs:
@@ -174,7 +194,9 @@ def test_a_tampered_wheel_is_refused_and_nothing_changes(tmp_path: Path, range_s
     calls = Calls()
     url = serve(range_server, new_wheel)
     with pytest.raises(EdgeAgentError) as caught:
-        upgrades_for(releases, calls).upgrade(upgrade_args(new_wheel, url, sha256="0" * 64))
+        # Signatures off, so the bytes themselves are what is checked.
+        upgrades_for(releases, calls, UNSIGNED).upgrade(
+            upgrade_args(new_wheel, url, sha256="0" * 64))
     assert caught.value.code == "checksum_mismatch"
     assert_untouched(releases, tmp_path)
     assert calls.exits == []
@@ -189,7 +211,7 @@ def test_a_wheel_of_another_version_than_commanded_is_refused(tmp_path: Path, ra
     calls = Calls()
     args = upgrade_args(new_wheel, serve(range_server, new_wheel), version=f"{NEW}.dev1")
     with pytest.raises(EdgeAgentError) as caught:
-        upgrades_for(releases, calls).upgrade(args)
+        upgrades_for(releases, calls, UNSIGNED).upgrade(args)
     assert caught.value.code == "upgrade_failed" and NEW in caught.value.message
     assert calls.exits == [] and releases.target(releases.current) == (tmp_path / "venv").resolve()
 
@@ -243,7 +265,7 @@ def watched(tmp_path: Path, *, connected: bool, model_loaded: bool, deadline: fl
                                starts=1, needs_model=needs_model))
     calls = Calls()
     upgrades = AgentUpgrades(
-        UpgradeConfig(releases_dir=str(releases.root)), FetchConfig(),
+        UpgradeConfig(releases_dir=str(releases.root)), FetchConfig(), SIGNED,
         publish_event=lambda name, **f: calls.events.append({"event": name, **f}),
         request_exit=calls.exits.append, connected=lambda: connected,
         model_loaded=lambda: model_loaded)
@@ -278,3 +300,26 @@ def test_a_new_version_unhealthy_at_its_deadline_exits_for_the_guard(tmp_path: P
     assert calls.exits == [EXIT_TRIAL_FAILED] and calls.events == []
     assert releases.read_trial() is not None  # the guard of the next start rolls it back
     assert guard(releases.root) == "rolled_back"
+
+
+# -- signatures (a pinned controller key): the wheel must be one the signed index lists --------
+
+@pytest.mark.parametrize("how", ["another key signed the index", "the index lists other bytes",
+                                 "not from a wheelhouse"])
+def test_with_signatures_required_a_wheel_the_signed_index_does_not_vouch_for_is_refused(
+        tmp_path: Path, range_server, new_wheel: Path, how: str) -> None:
+    releases = running_layout(tmp_path)
+    calls = Calls()
+    if how == "another key signed the index":
+        url = serve(range_server, new_wheel, private_key=base64.b64encode(b"x" * 32).decode())
+    elif how == "the index lists other bytes":
+        url = serve(range_server, new_wheel, listed_sha256="0" * 64)
+    else:
+        serve(range_server, new_wheel)
+        (range_server.root / new_wheel.name).write_bytes(new_wheel.read_bytes())
+        url = f"http://127.0.0.1:{range_server.port}/{new_wheel.name}"
+    with pytest.raises(EdgeAgentError) as caught:
+        upgrades_for(releases, calls).upgrade(upgrade_args(new_wheel, url))
+    assert caught.value.code == "bad_signature", caught.value.message
+    assert_untouched(releases, tmp_path)
+    assert calls.exits == [] and [e["event"] for e in calls.events] == ["agent_upgrade_refused"]

@@ -52,10 +52,13 @@ REFUSED_EXIT = 4
 REFUSED = (SignatureError, WheelIndexError, ChecksumError)
 
 
+WHEELS_PATH = "/files/wheels/"  # where a controller serves its wheelhouse
+
+
 def wheels_base(url: str) -> str:
     """``<controller>/files/wheels/`` from the controller's URL (or that base itself)."""
     url = url.rstrip("/")
-    return url + "/" if url.endswith("/files/wheels") else url + "/files/wheels/"
+    return url + "/" if url.endswith("/files/wheels") else url + WHEELS_PATH
 
 
 def _read(url: str, *, missing_ok: bool) -> bytes | None:
