@@ -172,7 +172,7 @@ class SimDevice:
                 "n_gpu_layers": 0,
                 "n_threads": min(cores, 4),
                 "manifest_url": self.manifest,
-                "sha256": self.sha256,
+                "sha256": self.sha256 or None,  # none before a fleet assigns its variant
                 "variants": list(QUANTS),
             },
             **self.extra_meta,
