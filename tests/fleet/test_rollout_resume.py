@@ -21,8 +21,9 @@ SOAK_S = 100.0
 
 
 def started(config, clock: ManualClock) -> FleetService:
-    service = FleetService(config).start()
-    service.controller.rollouts.clock = clock
+    service = FleetService(config)
+    service.controller.rollouts.clock = clock  # before its thread's first tick
+    service.start()
     assert service.controller.mqtt.wait_connected(10)
     return service
 
