@@ -100,8 +100,11 @@ def test_edge_agent_bench_teaches_select_the_measured_speed(tmp_path: Path, ladd
     file = manifest["models"][0]["variants"][0]["file"]
     os.link(ladder_dir / file, models / file)
     config = tmp_path / "agent.yaml"
+    # No speed floor: what is tested is that the measured figure reaches select, and a busy
+    # machine can measure one below the profile's floor (then select answers no_fit).
     config.write_text(f"device_id: bench-dev\nstate_dir: {tmp_path / 'state'}\n"
-                      f"cache_dir: {tmp_path / 'cache'}\nsigning:\n  allow_unsigned: true\n")
+                      f"cache_dir: {tmp_path / 'cache'}\nsigning:\n  allow_unsigned: true\n"
+                      "model:\n  min_tokens_per_s: 0\n")
 
     def edge_agent(*args: str) -> subprocess.CompletedProcess:
         done = subprocess.run([sys.executable, "-m", "agent.cli", *args, "--config", str(config)],
