@@ -78,7 +78,15 @@ class FleetClient:
             return json.loads(response.read() or b"null")
 
     def devices(self, state: str | None = None) -> dict[str, Any]:
-        return self._json("GET", "/api/devices" + (f"?state={quote(state)}" if state else ""))
+        """Every device: the API pages the table (at most 1000 rows a page), so this asks for
+        each page in turn, in id order."""
+        query = {"per_page": "1000", **({"state": state} if state else {})}
+        answer = self._json("GET", "/api/devices?" + urlencode(query))
+        rows = answer["devices"]
+        for page in range(2, answer["pages"] + 1):
+            more = self._json("GET", "/api/devices?" + urlencode({**query, "page": page}))
+            rows += more["devices"]
+        return {**answer, "devices": rows}
 
     def device(self, device_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/devices/{quote(device_id, safe='')}")

@@ -57,3 +57,13 @@ def test_events_carry_their_sentence(api, sim):
         what="download events",
     )
     assert all(e["text"].startswith(("Downloading", "Downloaded", "Download")) for e in events)
+
+
+def test_the_shell_client_pages_through_a_fleet_larger_than_one_page(fleet, sim, credentials):
+    from agent.fleet.client import FleetClient
+
+    devices = sim(1100, interval_s=5.0, per_connection=550, batched_telemetry=True)
+    wait_for(lambda: len(fleet.controller.registry.devices) == 1100, timeout_s=60,
+             what="1100 devices")
+    listing = FleetClient(fleet.url, credentials.token).devices()
+    assert [row["id"] for row in listing["devices"]] == [d.id for d in devices.devices]
