@@ -48,13 +48,21 @@ class _Stream:
     flight: InFlight
     seq: int = 0  # the next published chunk's number
     pending: list[str] = field(default_factory=list)  # deltas not yet published
-    outstanding: int = 0  # chunks published and not yet written to the socket
+    published: int = 0  # chunks handed to paho (under Replies' lock)
+    # Chunks written to the socket: counted on paho's network thread only, which must not
+    # take Replies' lock (paho holds its own locks there). Two counters, one writer each.
+    written: int = 0
     last_publish: float = 0.0
+
+    @property
+    def outstanding(self) -> int:
+        return self.published - self.written
 
 
 @dataclass(frozen=True)
 class _Written:
     request_id: str
+    stream: _Stream
 
 
 class Replies:
@@ -101,7 +109,7 @@ class Replies:
             try:
                 if isinstance(item, _Written):
                     with self._lock:
-                        self._written(item.request_id)
+                        self._written(item)
                 elif isinstance(item, tuple):
                     self._take(*item)
                 with self._lock:
@@ -134,19 +142,25 @@ class Replies:
                 return False  # not streamed, or a stale chunk of a request already answered
             stream = self._streams[request_id] = _Stream(flight)
         stream.pending.append(record["delta"])
-        if stream.outstanding == 0:
+        if stream.outstanding <= 0:
             self._publish_chunk(request_id, stream)
         elif len(stream.pending) == 1:
             self._queue.put(_WAKE)
         return False
 
-    def _written(self, request_id: str) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        stream.outstanding = max(stream.outstanding - 1, 0)
-        if stream.outstanding == 0 and stream.pending:
-            self._publish_chunk(request_id, stream)
+    def _on_written(self, request_id: str, stream: _Stream) -> None:
+        """paho's network thread: count it; wake the thread only if text waits for it. (The
+        count goes first and a publisher appends before it reads the count, so one of the two
+        always sees the other.)"""
+        stream.written += 1
+        if stream.pending:
+            self._queue.put(_Written(request_id, stream))
+
+    def _written(self, notice: _Written) -> None:
+        stream = notice.stream
+        if self._streams.get(notice.request_id) is stream and stream.outstanding <= 0 \
+                and stream.pending:
+            self._publish_chunk(notice.request_id, stream)
 
     def _publish_due(self) -> None:
         now = time.monotonic()
@@ -160,11 +174,12 @@ class Replies:
         stream.seq += 1
         stream.last_publish = time.monotonic()
         route = stream.flight.route
+        stream.published += 1  # first: paho may report it written before publish() returns
         queued = self.mqtt.publish(route.topic, payloads.encode(body), qos=0,
                                    correlation_data=route.correlation_data,
-                                   on_written=lambda: self._queue.put(_Written(request_id)))
-        if queued:
-            stream.outstanding += 1  # else dropped (disconnected): nothing will be written
+                                   on_written=lambda: self._on_written(request_id, stream))
+        if not queued:
+            stream.published -= 1  # dropped (disconnected): nothing will be written
 
     def _finish(self, request_id: str, final: dict[str, Any]) -> bool:
         stream = self._streams.pop(request_id, None)
