@@ -258,10 +258,13 @@ class ModelSupervisor:
         previous = self.state.overrides().get(key)
         self.state.set_override(key, value)
         try:
-            return self._reload(strict=True)
+            outcome = self._reload(strict=True)
         except EdgeAgentError:
             self.state.set_override(key, previous)
             raise
+        if not outcome["changed"]:
+            self.on_model_changed()  # the same model, but meta's pin or manifest is new
+        return outcome
 
     def _reload(self, *, strict: bool) -> dict[str, Any]:
         """Plan, fetch, swap when the choice changed. ``strict``: a planning failure is the

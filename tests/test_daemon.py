@@ -189,6 +189,32 @@ def test_commands(own_daemon):
     assert bad_args["error"]["code"] == "bad_request" and bad_args["error"]["message"].startswith("args.quant")
 
 
+def test_a_pin_that_keeps_the_model_still_updates_the_retained_meta(tmp_path, ladder_dir):
+    """Pinning the quant that already runs changes no model, but meta's pin must say so:
+    rollout plans and rollbacks read a device's pin from its retained meta."""
+    broker = Broker(tmp_path / "broker").start()
+    observers = Observers(broker)
+    daemon = RunningDaemon(tmp_path / "daemon", broker, ladder_dir, model={"pin": None}).start()
+    try:
+        wait_ready(daemon)
+        observer = observers.connect(f"{BASE}/meta", f"{BASE}/cmd/result")
+        meta = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/meta").payload)
+        running = meta["selection"]["quant"]
+        assert meta["pin"] is None
+        observer.publish(f"{BASE}/cmd", json.dumps(
+            {"id": "pin-same", "op": "pin", "args": {"quant": running}}).encode())
+        result = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/cmd/result",
+                                              timeout=120).payload)
+        assert result["ok"] and result["result"]["changed"] is False, result
+        updated = observer.wait_for(lambda m: m.topic == f"{BASE}/meta"
+                                    and json.loads(m.payload)["pin"] == running, timeout=30)
+        assert json.loads(updated.payload)["selection"]["quant"] == running
+    finally:
+        daemon.close()
+        observers.close()
+        broker.stop()
+
+
 def test_telemetry_is_published(daemon, watch):
     observer = watch(f"{BASE}/telemetry")
     first = json.loads(observer.wait_for(lambda m: m.topic == f"{BASE}/telemetry", timeout=10).payload)
