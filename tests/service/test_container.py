@@ -41,7 +41,7 @@ from tests.service.container import (
 )
 from tests.support.agent_wheels import build_agent_wheel
 from tests.support.broker import Broker, free_port
-from tests.support.signing import TEST_PUBLIC_KEY, sign_file
+from tests.support.signing import TEST_PRIVATE_KEY, TEST_PUBLIC_KEY, sign_file
 
 pytestmark = [
     pytest.mark.slow,
@@ -324,8 +324,14 @@ def test_sigkill_of_the_main_process_is_followed_by_a_restart(container: Contain
 # tests stay within the unit's StartLimitBurst=5 per StartLimitIntervalSec=10min.
 
 @pytest.fixture(scope="module")
-def fleet(installed: dict) -> FleetClient:
-    """The controller in the container (edge-fleet.service), through its HTTP API."""
+def fleet(container: Container, installed: dict) -> FleetClient:
+    """The controller in the container (edge-fleet.service), through its HTTP API. It signs
+    with the test key, the one the device pinned (install.sh --signing-key), so the device
+    takes the wheelhouse's signed index as it takes the ladder's signed manifest."""
+    key = "/var/lib/edge-fleet/signing.key"
+    container.run("sh", "-c", f"umask 077 && echo '{TEST_PRIVATE_KEY}' > {key} && "
+                  f"chown edge-fleet:edge-fleet {key}")
+    container.run("systemctl", "restart", FLEET_UNIT)
     client = FleetClient(installed["controller"], FLEET_TOKEN)
     deadline = time.monotonic() + 60
     while True:
@@ -378,18 +384,36 @@ def rollout_to(fleet: FleetClient, version: str) -> dict:
     return rollout
 
 
+def refused_upgrade(observer: Observer, command_id: str, args: dict) -> str:
+    """Send an upgrade that must be refused; the error code of its result (and event)."""
+    observer.publish(f"{PREFIX}/cmd", {"id": command_id, "op": "upgrade", "args": args})
+    seen = observer.wait_for_all({"result": result_of(command_id),
+                                  "event": event("agent_upgrade_refused")}, 120)
+    assert seen["result"]["ok"] is False, seen
+    assert seen["result"]["error"]["code"] == seen["event"]["error"]["code"]
+    return seen["result"]["error"]["code"]
+
+
 def test_a_tampered_agent_wheel_is_refused_and_the_device_keeps_running(
         container: Container, installed: dict, observer: Observer, hosted_wheels: dict) -> None:
     before = container.unit(UNIT)
-    tampered = {**hosted_wheels[NEW_VERSION], "sha256": "0" * 64}
-    observer.publish(f"{PREFIX}/cmd", {"id": "upgrade-tampered", "op": "upgrade", "args": tampered})
-    seen = observer.wait_for_all({"result": result_of("upgrade-tampered"),
-                                  "event": event("agent_upgrade_refused")}, 60)
-    assert seen["result"]["ok"] is False, seen
-    assert seen["result"]["error"]["code"] == seen["event"]["error"]["code"] == "checksum_mismatch"
+    # A sha256 the controller's signed index does not vouch for: refused before any download.
+    tampered = {**hosted_wheels[BROKEN_VERSION], "sha256": "0" * 64}
+    assert refused_upgrade(observer, "upgrade-unsigned", tampered) == "bad_signature"
+    # The controller's stored wheel altered (same size): the signed sha256 catches the bytes.
+    stored = "/var/lib/edge-fleet/wheels/" + hosted_wheels[BROKEN_VERSION]["url"].split(
+        "/files/wheels/", 1)[1]
+    flip = f"p='{stored}'; b=bytearray(open(p,'rb').read()); b[-100]^=1; open(p,'wb').write(b)"
+    container.run("python3", "-c", flip)
+    try:
+        code = refused_upgrade(observer, "upgrade-tampered", hosted_wheels[BROKEN_VERSION])
+    finally:
+        container.run("python3", "-c", flip)  # flipped back: the next test installs it
+    assert code == "checksum_mismatch"
     after = container.unit(UNIT)
     assert after["MainPID"] == before["MainPID"] and after["ActiveState"] == "active"
-    assert releases(container)["current"] == "/opt/edge-agent/venv"
+    state = releases(container)
+    assert state["current"] == "/opt/edge-agent/venv" and state["versions"] == []
 
 
 def test_a_rollout_of_kind_upgrade_moves_the_device_to_the_new_version(
