@@ -497,7 +497,10 @@ def main(argv: list[str] | None = None, worker_class: type[Worker] = Worker) -> 
     if not args.fds:
         parser.error("--fds is required (the engine starts this process)")
     in_fd, out_fd = (int(part) for part in args.fds.split(","))
-    os.nice(WORKER_NICE)  # before any thread starts: llama.cpp's threads inherit it
+    try:
+        os.nice(WORKER_NICE)  # before any thread starts: llama.cpp's threads inherit it
+    except OSError:  # the unit's SystemCallFilter (~@resources) refuses setpriority: EPERM
+        print("worker: cannot lower its priority; runs at the daemon's", file=sys.stderr)
     worker_class(FrameReader(in_fd, ToWorker), FrameWriter(out_fd)).serve()
     return 0
 
