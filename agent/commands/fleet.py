@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     cmd = client(
         "cmd",
-        "send a command (reload, drain, resume, rebirth, bench, pin, select, fetch, set_manifest)",
+        "send a command (reload, drain, resume, rebirth, bench, pin, select, fetch, "
+        "set_manifest, upgrade)",
     )
     cmd.add_argument("device")
     cmd.add_argument("op")
