@@ -45,7 +45,6 @@ Python API::
 
     flt = parse_filter(text)         # InventoryFilter, or FilterError (code ``bad_filter``)
     flt.matches(facts_of(record))    # record: anything with .id, .state, .meta (DeviceRecord)
-    matching_ids(flt, records)       # the ids of the records that match, sorted
 
 ``facts_of`` reads a validated meta (agent.fleet.schemas): ``probe.cpu.arch``,
 ``probe.cpu.flags``, ``probe.memory.total_bytes`` / ``cgroup_limit_bytes``,
@@ -60,7 +59,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -244,11 +243,6 @@ class InventoryFilter:
 
     def matches(self, facts: DeviceFacts) -> bool:
         return self.root.matches(facts)
-
-
-def matching_ids(flt: InventoryFilter, records: Iterable[_Record]) -> list[str]:
-    """The ids of the records ``flt`` matches, sorted."""
-    return sorted(record.id for record in records if flt.matches(facts_of(record)))
 
 
 # --- parsing ------------------------------------------------------------------------------

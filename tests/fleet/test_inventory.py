@@ -18,7 +18,6 @@ from agent.fleet.inventory import (
     MAX_FILTER_CHARS,
     MAX_TERMS,
     facts_of,
-    matching_ids,
     parse_filter,
 )
 
@@ -31,6 +30,10 @@ class Record:
     state: str | None
     meta: dict[str, Any] = field(default_factory=dict)
     agent_version: str | None = None
+
+
+def matching_ids(flt, records) -> list[str]:
+    return sorted(record.id for record in records if flt.matches(facts_of(record)))
 
 
 def meta(*, arch="x86_64", flags=(), ram_gib=8, limit_gib=None, vram_gib=(), board=None,
