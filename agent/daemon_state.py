@@ -47,6 +47,12 @@ class DaemonState:
         data[key] = value
         atomic_write(self.dir / "overrides.json", json.dumps(data).encode())
 
+    def clear_override(self, key: str) -> None:
+        """Back to the config file's value (an override of None means "none", not absent)."""
+        data = self.overrides()
+        data.pop(key, None)
+        atomic_write(self.dir / "overrides.json", json.dumps(data).encode())
+
     def last_good_selection(self) -> Selection | None:
         try:
             return msgspec.json.decode((self.dir / "selection.json").read_bytes(), type=Selection)

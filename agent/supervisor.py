@@ -255,12 +255,15 @@ class ModelSupervisor:
 
     def _with_override(self, key: str, value: str) -> dict[str, Any]:
         """Set the override and reload strictly; an override that cannot load must not stick."""
-        previous = self.state.overrides().get(key)
+        overrides = self.state.overrides()
         self.state.set_override(key, value)
         try:
             outcome = self._reload(strict=True)
         except EdgeAgentError:
-            self.state.set_override(key, previous)
+            if key in overrides:
+                self.state.set_override(key, overrides[key])
+            else:  # none was set: the config file's value holds again, not None
+                self.state.clear_override(key)
             raise
         if not outcome["changed"]:
             self.on_model_changed()  # the same model, but meta's pin or manifest is new

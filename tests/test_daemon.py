@@ -177,6 +177,10 @@ def test_commands(own_daemon):
     verdicts = {c["quant"]: c["verdict"] for c in explained["candidates"]}
     assert verdicts[explained["quant"]] == "chosen" and len(verdicts) > 1
     assert command("reload")["result"]["changed"] is False
+    # A pin that cannot load is undone: the config's pin (Q4_K_M) holds again, not "no pin",
+    # which the next reload would have turned into the best-fitting variant.
+    assert not command("pin", quant="IQ2_XXS")["ok"]
+    assert command("reload")["result"] == {"changed": False, "quant": "Q4_K_M"}
     bench = command("bench", max_tokens=4)
     assert bench["ok"] and bench["result"]["usage"]["completion_tokens"] >= 1
     fetched = command("fetch")
