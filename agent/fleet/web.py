@@ -94,6 +94,7 @@ BIG_FLEET_TICK_S = 2.0
 HISTORY_BUCKETS = 60
 HISTORY_MAX_WINDOW_S = 7 * 86400
 HISTORY_CACHE_S = 5.0
+HISTORY_CACHE_ENTRIES = 8  # the dashboard offers a few windows; any other is rare
 # A JSON API body: a manifest inline is the largest there is.
 MAX_JSON_BODY_BYTES = MAX_MANIFEST_BYTES + 64 * 1024
 PROMPT_GRACE_S = 30.0  # on top of the request's own timeout, for queueing on the device
@@ -690,8 +691,18 @@ class FleetWeb:
         since = (int(now) // bucket_s - window_s // bucket_s) * bucket_s
         buckets = await run_in_threadpool(self.registry.fleet_history, since, bucket_s)
         answer = {"bucket_s": bucket_s, "since": since, "now": now, "buckets": buckets}
-        self._history[window_s] = (time.monotonic(), answer)
+        self._remember_history(window_s, answer)
         return JSONResponse(answer)
+
+    def _remember_history(self, window_s: int, answer: dict[str, Any]) -> None:
+        """Keep the answer for HISTORY_CACHE_S; a client may ask for any window in range, so
+        expired answers go and at most HISTORY_CACHE_ENTRIES (the oldest first) stay."""
+        at = time.monotonic()
+        self._history = {w: e for w, e in self._history.items()
+                         if w != window_s and at - e[0] < HISTORY_CACHE_S}
+        while len(self._history) >= HISTORY_CACHE_ENTRIES:
+            del self._history[next(iter(self._history))]  # inserted in time order
+        self._history[window_s] = (at, answer)
 
     async def api_device(self, request: Request) -> Response:
         if denied := await self._authorize(request):

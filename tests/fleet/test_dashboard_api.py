@@ -67,3 +67,13 @@ def test_the_shell_client_pages_through_a_fleet_larger_than_one_page(fleet, sim,
              what="1100 devices")
     listing = FleetClient(fleet.url, credentials.token).devices()
     assert [row["id"] for row in listing["devices"]] == [d.id for d in devices.devices]
+
+
+def test_the_fleet_charts_cache_stays_bounded_whatever_windows_are_asked(api, fleet):
+    from agent.fleet import web
+
+    windows = range(60, 60 + 4 * web.HISTORY_CACHE_ENTRIES)
+    for window_s in windows:
+        assert api.get("/api/fleet/history", params={"window_s": window_s}).status_code == 200
+    assert len(fleet.web._history) <= web.HISTORY_CACHE_ENTRIES
+    assert windows[-1] in fleet.web._history  # the newest answer is the one kept
