@@ -91,10 +91,17 @@ class _PackedOnce(Properties):
         return self._packed
 
 
+def _nothing() -> None:
+    """The ``on_written`` of a QoS 0 publish nobody waits for."""
+
+
 class _Deliveries:
     """Which publishes paho has finished with: QoS 1 ones acknowledged (for ``flush``), QoS 0
     ones written to the socket (for a publish's ``on_written``). paho may report either
     before publish() returns the message id to us, so early reports are remembered briefly.
+    Every publish is registered (a QoS 0 one without ``on_written`` too), so its report is
+    not taken for an early one: left in ``_early``, it would outlive paho's 16-bit message
+    ids and mark a later QoS 1 publish with the same id acknowledged before it was.
     Used from the publishing threads and paho's network thread."""
 
     def __init__(self) -> None:
@@ -110,8 +117,8 @@ class _Deliveries:
                 del self._early[mid]
             elif qos > 0:
                 self._unacked.add(mid)
-            elif on_written is not None:
-                self._written[mid] = on_written
+            else:
+                self._written[mid] = on_written or _nothing
         if finished and qos == 0 and on_written is not None:
             on_written()
 
@@ -125,7 +132,7 @@ class _Deliveries:
                     self._lock.notify_all()
             elif on_written is None:
                 self._early[mid] = None
-                while len(self._early) > 4096:  # QoS 0 "acks" land here too; keep it small
+                while len(self._early) > 4096:  # only reports of mids paho dropped stay
                     self._early.popitem(last=False)
         if on_written is not None:
             on_written()
@@ -276,8 +283,7 @@ class MQTTClient:
             return False
         if qos == 0 and info.rc != paho.MQTT_ERR_SUCCESS:
             return False
-        if qos > 0 or on_written is not None:
-            self._deliveries.published(info.mid, qos, on_written)
+        self._deliveries.published(info.mid, qos, on_written)
         return True
 
     def _correlation_properties(self, correlation_data: bytes) -> Properties:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -132,3 +135,39 @@ def test_bad_credentials_stop_retrying_with_a_clear_log(tmp_path: Path):
         good.stop()
     finally:
         broker.stop()
+
+
+def test_a_qos1_publish_is_acked_only_by_its_puback_after_message_ids_wrap(broker):
+    """paho's message ids wrap after 65535. A QoS 0 publish nobody waits for must not leave its
+    id behind as "already finished": a QoS 1 publish that reuses the id later would count as
+    acknowledged before the broker's PUBACK, and flush() at stop would not wait for it."""
+    inbox: queue.Queue = queue.Queue()
+    client = MQTTClient(_config(broker), client_id="dev-wrap", inbox=inbox)
+    client.start()
+    try:
+        assert _next(inbox, ConnectionChange).connected
+        ids = 65535  # paho hands out 1..65535, then 1 again
+        unwatched = 4096  # a span of ids, so the QoS 1 publish below reuses one of them
+        for _ in range(unwatched):
+            assert client.publish("t/noise", b"x")
+        all_written = threading.Event()
+        left = [ids - unwatched]
+
+        def written() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                all_written.set()
+
+        for _ in range(ids - unwatched):
+            assert client.publish("t/noise", b"x", on_written=written)
+        assert all_written.wait(60), "paho did not write the QoS 0 messages"
+
+        os.kill(broker.process.pid, signal.SIGSTOP)  # no PUBACK can come
+        try:
+            assert client.publish("t/out", b"must-be-acked", qos=1)
+            assert not client.flush(0.5)
+        finally:
+            os.kill(broker.process.pid, signal.SIGCONT)
+        assert client.flush(10)
+    finally:
+        client.stop()
