@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import msgspec
@@ -49,6 +50,7 @@ log = get_logger(__name__)
 
 ENTRY = "entry.json"
 DIGEST_CHARS = 16
+MAX_METADATA_BYTES = 1 << 20  # real METADATA (with a long description) is tens of KiB
 _SERVED = re.compile(
     r"(engine/[0-9a-f]{16}|agent/[0-9][A-Za-z0-9_.!+]{0,63})/[0-9a-f]{16}/[A-Za-z0-9_.!+-]{1,255}\.whl"
 )
@@ -70,10 +72,6 @@ class WheelHouse:
 
     def signature(self, key: ControllerKey) -> str:
         return key.sign(self.index_bytes())
-
-    def agent_wheel(self, version: str) -> AgentWheel | None:
-        """The hosted edge-agent wheel of ``version`` (for the ``upgrade`` op), else None."""
-        return self.index().agent_wheel(version)
 
     def resolve(self, path: str) -> Path | None:
         """The hosted wheel at ``path`` (as the index names it), or None."""
@@ -204,9 +202,18 @@ class WheelUpload:
                 if metadata is None:
                     raise RequestError(f"{shown(self.name)}: no .dist-info/METADATA in it",
                                        field="file")
-                headers = email.parser.BytesHeaderParser().parsebytes(
-                    archive.read(metadata)[:65536])
-        except (zipfile.BadZipFile, OSError) as exc:
+                # A small upload may inflate to gigabytes: refuse what the member's header
+                # says is over the bound, and bound the read too, since a header may lie.
+                too_big = RequestError(f"{shown(self.name)}: its METADATA is over "
+                                       f"{MAX_METADATA_BYTES} bytes", field="file")
+                if archive.getinfo(metadata).file_size > MAX_METADATA_BYTES:
+                    raise too_big
+                with archive.open(metadata) as member:
+                    text = member.read(MAX_METADATA_BYTES + 1)
+                if len(text) > MAX_METADATA_BYTES:
+                    raise too_big
+                headers = email.parser.BytesHeaderParser().parsebytes(text)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as exc:
             raise RequestError(f"{shown(self.name)}: not a wheel ({exc})", field="file") from exc
         name = re.sub(r"[-_.]+", "-", headers.get("Name", "")).lower()
         if name != self.dist or headers.get("Version") != self.version:

@@ -115,3 +115,35 @@ def test_uploads_need_a_token_and_paths_stay_inside(fleet, api, tmp_path: Path) 
     for path in ("../secret.whl", "agent/../../secret.whl", "%2e%2e/secret.whl",
                  "agent/0.2.0/0123456789abcdef/../../../../secret.whl"):
         assert api.get(f"/files/wheels/{path}").status_code == 404, path
+
+
+def test_a_wheel_whose_metadata_inflates_to_hundreds_of_mib_is_refused(fleet, api,
+                                                                       tmp_path: Path) -> None:
+    """A zip bomb: a few hundred KiB uploaded, its METADATA member inflating to 200 MiB. The
+    controller (in this process) refuses it without inflating it, and takes wheels after."""
+    import tracemalloc
+
+    inflated = 200 << 20
+    bomb = tmp_path / "edge_agent-0.5.0-py3-none-any.whl"
+    metadata = "edge_agent-0.5.0.dist-info/METADATA"
+    with (zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+          archive.open(metadata, "w", force_zip64=True) as out):
+        out.write(b"Metadata-Version: 2.1\nName: edge-agent\nVersion: 0.5.0\n\n")
+        zeros = bytes(1 << 20)
+        for _ in range(inflated // len(zeros)):
+            out.write(zeros)
+    assert bomb.stat().st_size < inflated // 100
+    tracemalloc.start()
+    try:
+        refused = api.put(f"/api/wheels/{bomb.name}", content=bomb.read_bytes())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < inflated // 10  # nothing near the inflated size was ever held
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "bad_request"
+    assert "METADATA" in refused.json()["error"]["message"]
+    assert signed_index(api).agent == []
+    wheel = make_wheel(tmp_path / "edge_agent-0.2.0-py3-none-any.whl", "edge-agent", "0.2.0")
+    assert api.put(f"/api/wheels/{wheel.name}", content=wheel.read_bytes()).status_code == 201
+    assert signed_index(api).agent_wheel("0.2.0") is not None
