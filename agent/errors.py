@@ -158,6 +158,12 @@ class UnknownOpError(RequestError):
     code = "unknown_op"
 
 
+class InRolloutError(RequestError):
+    """A rollout asked for devices another active rollout still has to move."""
+
+    code = "in_rollout"
+
+
 class BusyError(EdgeAgentError):
     code = "busy"
 

@@ -87,6 +87,7 @@ class SimDevice:
     requests_ok: int = 0
     fail_commands: bool = False
     answer_prompts: bool = True  # False: prompts go unanswered (a rollout's canary times out)
+    final_reply: dict | None = None  # sent instead of a prompt's final record (a broken device)
     degraded_after_switch: bool = False  # reports degraded once a command switched its model
     state: str = "ready"
     client: Any = None  # the connection that carries it
@@ -511,19 +512,17 @@ class SimulatedFleet:
             )
             time.sleep(0.01)
         device.requests_ok += 1
-        self._publish(
-            device.client,
-            topic,
-            {
-                "id": request_id,
-                "done": True,
-                "text": " ".join(words),
-                "finish_reason": "stop",
-                "usage": {"prompt_tokens": len(text_in.split()), "completion_tokens": len(words)},
-                "timings": {"decode_tps": 24.0},
-            },
-            qos=1,
-        )
+        final = {
+            "id": request_id,
+            "done": True,
+            "text": " ".join(words),
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": len(text_in.split()), "completion_tokens": len(words)},
+            "timings": {"decode_tps": 24.0},
+        }
+        if device.final_reply is not None:
+            final = {"id": request_id, **device.final_reply}
+        self._publish(device.client, topic, final, qos=1)
 
     def _answer_command(self, device: SimDevice, body: dict[str, Any]) -> None:
         command_id, op, args = body.get("id"), body.get("op"), body.get("args") or {}

@@ -105,6 +105,7 @@ HTTP_STATUS = {
     "unknown_op": 400,
     "manifest_invalid": 400,
     "no_fit": 409,
+    "in_rollout": 409,
     "too_large": 413,
     "busy": 429,
     "rate_limited": 429,
@@ -914,7 +915,7 @@ class FleetWeb:
                 raise _bad("dry_run: a plan is for model rollouts", "dry_run")
             spec = await run_in_threadpool(self._with_agent_wheels, spec, self._base_url(request))
             rollout = await run_in_threadpool(self.controller.rollouts.create, spec, "", "")
-            return JSONResponse(await run_in_threadpool(rollout.to_dict), status_code=201)
+            return JSONResponse(await self._created(rollout.id), status_code=201)
         hosted = self.models.resolve(spec.manifest)
         if spec.manifest.startswith(("http://", "https://")):
             source = location = spec.manifest
@@ -934,7 +935,12 @@ class FleetWeb:
         rollout = await run_in_threadpool(
             self.controller.rollouts.create, spec, source, location
         )
-        return JSONResponse(await run_in_threadpool(rollout.to_dict), status_code=201)
+        return JSONResponse(await self._created(rollout.id), status_code=201)
+
+    async def _created(self, rollout_id: str) -> dict[str, Any] | None:
+        """A new rollout as GET shows it, read under the manager's lock (its thread may be
+        driving it already): a thread."""
+        return await run_in_threadpool(self.controller.rollouts.describe, rollout_id)
 
     def _with_agent_wheels(self, spec: RolloutSpec, base: str) -> RolloutSpec:
         """``spec`` with every hosted agent wheel, as devices fetch it. Reads the wheelhouse."""

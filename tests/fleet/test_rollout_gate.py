@@ -167,12 +167,15 @@ def test_a_device_that_never_becomes_healthy_times_out(api, sim, fleet, clock, q
 
 def test_devices_that_join_mid_rollout_are_included_unless_pinned(api, sim, fleet, clock, q2):
     sim(2, id_prefix="store")
-    wait_for(lambda: len(api.get("/api/devices").json()["devices"]) == 2, what="2 devices")
-    common = {"manifest": q2, "group": "store*", "rate_per_min": 600, "soak_s": 60}
-    dynamic = start(api, **common)
-    pinned = start(api, **common, pinned=True)
+    sim(2, id_prefix="kiosk")  # a device is in one active rollout at a time: a set of its own
+    wait_for(lambda: len(api.get("/api/devices").json()["devices"]) == 4, what="4 devices")
+    common = {"manifest": q2, "rate_per_min": 600, "soak_s": 60}
+    dynamic = start(api, **common, group="store*")
+    pinned = start(api, **common, group="kiosk*", pinned=True)
+    late_kiosk = sim(1, id_prefix="kiosk-late").devices[0]
+    wait_for(lambda: api.get(f"/api/devices/{late_kiosk.id}").status_code == 200, what="it")
     late = sim(1, id_prefix="store-late").devices[0]
-    # Both rollouts look for joiners in the same ticks; only the dynamic one takes it.
+    # Both rollouts look for joiners in the same ticks; only the dynamic one takes its own.
     wait_for(
         lambda: late.id in {d["device_id"] for d in rollout_of(api, dynamic["id"])["devices"]},
         what="the late device to join the dynamic rollout",
@@ -184,7 +187,7 @@ def test_devices_that_join_mid_rollout_are_included_unless_pinned(api, sim, flee
     )
     assert done
     dynamic_final, pinned_final = rollout_of(api, dynamic["id"]), rollout_of(api, pinned["id"])
-    assert [d["device_id"] for d in pinned_final["devices"]] == ["store-00000", "store-00001"]
+    assert [d["device_id"] for d in pinned_final["devices"]] == ["kiosk-00000", "kiosk-00001"]
     assert [d["device_id"] for d in dynamic_final["devices"]] == [
         "store-00000",
         "store-00001",

@@ -526,19 +526,28 @@ class Registry:
         reason: str | None,
         steps: list[tuple],
         *,
+        owner: str,
         events: list[tuple] = (),
-    ) -> None:
+    ) -> bool:
         """A rollout's state, the device steps given and its new decision events, in one
-        transaction. ``steps`` rows: (device_id, position, state, previous JSON, cmd_id,
-        progress, error, sent_ts, detail JSON); ``events``: (ts, device_id, decision, reason)."""
+        transaction, written only while ``owner`` holds its lease: False (nothing written)
+        when another controller took it. ``steps`` rows: (device_id, position, state, previous
+        JSON, cmd_id, progress, error, sent_ts, detail JSON); ``events``: (ts, device_id,
+        decision, reason)."""
         with self.backend.transaction() as tx:
-            tx.execute(
-                "UPDATE rollouts SET state=?, reason=? WHERE id=?", (state, reason, rollout_id)
-            )
+            if (
+                tx.execute(
+                    "UPDATE rollouts SET state=?, reason=? WHERE id=? AND lease_owner=?",
+                    (state, reason, rollout_id, owner),
+                )
+                != 1
+            ):
+                return False
             if steps:
                 tx.executemany(_UPSERT_STEP, [(rollout_id, *step) for step in steps])
             if events:
                 tx.executemany(_INSERT_ROLLOUT_EVENT, [(rollout_id, *e) for e in events])
+        return True
 
     def rollout_events(
         self, rollout_id: str, *, after_id: int = 0, limit: int = 50

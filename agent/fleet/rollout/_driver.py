@@ -9,7 +9,9 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
+
+import msgspec
 
 from agent.errors import EdgeAgentError
 from agent.fleet.rollout._kinds import KINDS, Command, RolloutKind
@@ -34,9 +36,42 @@ TICK_S = 0.25  # how often the manager's thread drives (a late tick catches up b
 SYNC_S = 1.0  # how often a rollout looks for devices that joined its target
 
 
+class Lease(Protocol):
+    """What the driver asks of the manager that holds the rollouts' leases."""
+
+    owner: str
+
+    def renew_lease(self, rollout_id: str) -> bool:
+        """Renew the lease in the registry: False when another controller holds it."""
+
+    def lease_lost(self, rollout_id: str) -> None:
+        """Stop driving the rollout: another controller holds its lease."""
+
+    def busy_devices(self, except_rollout: str) -> set[str]:
+        """Devices with a step still to do in an active rollout other than this one."""
+
+
+class CanaryUsage(msgspec.Struct):
+    completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class CanaryError(msgspec.Struct):
+    code: Annotated[str, msgspec.Meta(max_length=64)] = "error"
+    message: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+
+
+class CanaryFinal(msgspec.Struct):
+    """The final record of a canary prompt's reply: all the health gate reads of it."""
+
+    done: bool
+    error: CanaryError | None = None
+    usage: CanaryUsage | None = None
+
+
 class RolloutDriver:
-    def __init__(self, controller: FleetController, device_timeout_s: float) -> None:
+    def __init__(self, controller: FleetController, device_timeout_s: float, lease: Lease) -> None:
         self.controller = controller
+        self.lease = lease
         self.device_timeout_s = device_timeout_s  # a spec's device_timeout_s overrides it
         self.by_command: dict[str, tuple[Rollout, DeviceStep]] = {}
         # Canary prompts in flight: request id -> (rollout id, device id, reply waiter key).
@@ -88,8 +123,13 @@ class RolloutDriver:
             return
         self._joins_checked[rollout.id] = time.monotonic()
         kind = KINDS[rollout.spec.kind]
+        busy = self.lease.busy_devices(rollout.id)  # one device is in one rollout at a time
         for record in sorted(self.controller.registry.snapshot(), key=lambda r: r.id):
-            if rollout.step_of(record.id) is None and target.matches(record):
+            if (
+                rollout.step_of(record.id) is None
+                and record.id not in busy
+                and target.matches(record)
+            ):
                 step = DeviceStep(record.id, len(rollout.steps), previous=kind.previous_of(record))
                 rollout.add_step(step)
                 rollout.record(now, "join", "came to match the target while it runs", step)
@@ -187,21 +227,25 @@ class RolloutDriver:
                 continue
             if step.canary_id != request_id:
                 continue
-            error = body.get("error")
-            if isinstance(error, dict):
-                why = f"the canary prompt failed: {error.get('code')}: {error.get('message')}"
-                self._fail(rollout, step, now, "failure", why)
+            try:
+                final = msgspec.convert(body, CanaryFinal)
+            except msgspec.ValidationError as exc:
+                self._fail(rollout, step, now, "failure", f"the canary reply is malformed: {exc}")
             else:
-                tokens = (body.get("usage") or {}).get("completion_tokens")
-                step.move("soaking", now)
-                rollout.record(
-                    now,
-                    "canary",
-                    "answered the canary prompt"
-                    + (f" ({tokens} tokens)" if isinstance(tokens, int) else "")
-                    + f"; soaking {rollout.spec.soak_s:g} s",
-                    step,
-                )
+                if final.error is not None:
+                    why = f"the canary prompt failed: {final.error.code}: {final.error.message}"
+                    self._fail(rollout, step, now, "failure", why)
+                else:
+                    tokens = final.usage.completion_tokens if final.usage else None
+                    step.move("soaking", now)
+                    rollout.record(
+                        now,
+                        "canary",
+                        "answered the canary prompt"
+                        + (f" ({tokens} tokens)" if tokens is not None else "")
+                        + f"; soaking {rollout.spec.soak_s:g} s",
+                        step,
+                    )
             self.persist(rollout)
 
     def _start_due(self, rollout: Rollout, now: float) -> None:
@@ -225,14 +269,16 @@ class RolloutDriver:
                 if rollout.last_start
                 else now
             )
-            self._start(rollout, step, now)
+            if not self._start(rollout, step, now):
+                return
 
-    def _start(self, rollout: Rollout, step: DeviceStep, now: float) -> None:
+    def _start(self, rollout: Rollout, step: DeviceStep, now: float) -> bool:
+        """False when the lease is gone: nothing was sent."""
         step.move("starting", now)
         step.started_at, step.command_index, step.error = now, 0, None
         commands = self._commands(rollout, step)
         rollout.record(now, "start", " then ".join(op for op, _ in commands), step)
-        self._send_next(rollout, step, commands, now)
+        return self._send_next(rollout, step, commands, now)
 
     def _commands(self, rollout: Rollout, step: DeviceStep) -> list[Command]:
         kind = KINDS[rollout.spec.kind]
@@ -242,7 +288,13 @@ class RolloutDriver:
 
     def _send_next(
         self, rollout: Rollout, step: DeviceStep, commands: list[Command], now: float
-    ) -> None:
+    ) -> bool:
+        """Send the step's next command; False, sending nothing, when the lease is gone (the
+        next persist then writes nothing and drops the rollout)."""
+        # The lease is renewed every lease_s / 4; a rollback forced on another controller
+        # meanwhile must not be undone by a command sent from this one.
+        if not self.lease.renew_lease(rollout.id):
+            return False
         op, args = commands[step.command_index]
         step.sent_at = now
         rollout.dirty.add(step.device_id)
@@ -256,8 +308,9 @@ class RolloutDriver:
                 self._fail(rollout, step, now, "failure", why)
             else:
                 self._rollback_failed(rollout, step, now, why)
-            return
+            return True
         self.by_command[step.cmd_id] = (rollout, step)
+        return True
 
     def _fail(
         self, rollout: Rollout, step: DeviceStep, now: float, decision: str, reason: str
@@ -326,17 +379,21 @@ class RolloutDriver:
                 self.roll_back(rollout, step, now, "the rollout aborted")
         if not any(s.state == "rolling_back" for s in rollout.steps):
             rollout.move("aborted")
+            rollout.record(now, "aborted", "no device needed rolling back")
 
     def persist(self, rollout: Rollout) -> None:
         if not (rollout.dirty or rollout.unsaved_events):
             return
-        self.controller.registry.save_rollout(
+        if not self.controller.registry.save_rollout(
             rollout.id,
             rollout.state,
             rollout.reason,
             step_rows(rollout, only_dirty=True),
+            owner=self.lease.owner,
             events=event_rows(rollout),
-        )
+        ):
+            self.lease.lease_lost(rollout.id)
+            return
         rollout.dirty.clear()
         rollout.unsaved_events.clear()
 

@@ -14,11 +14,15 @@ State lives in the registry (rollouts, rollout_devices, rollout_events) and, as 
 memory (for the API). Several controllers may share one registry: exactly one drives each
 rollout, the one holding its lease (``Registry.take_lease``, renewed every ``lease_s / 4``
 while the rollout runs, so a dead holder's lease runs out after ``lease_s`` and another
-controller takes over). Taking over reloads the rollout from the registry, settles the steps
-whose commands were answered meanwhile (every controller records every cmd/result), resends
-the canary of a device that was waiting for one (its answer went to the old driver), and goes
-on with every soak from the time stored with it. The others reload their copy every
-``SYNC_S``; a rollback asked of any controller takes the lease from whoever holds it.
+controller takes over), and renewed in the registry before each command it sends. A save is
+written only while this controller holds the lease (``Registry.save_rollout``): one that finds
+it taken (a rollback forced by another controller) writes nothing, and this controller stops
+driving and shows the registry's copy. Taking over reloads the rollout from the registry,
+settles the steps whose commands were answered meanwhile (every controller records every
+cmd/result), resends the canary of a device that was waiting for one (its answer went to the
+old driver), and goes on with every soak from the time stored with it. The others reload
+their copy every ``SYNC_S``; a rollback asked of any controller takes the lease from whoever
+holds it.
 
 Threads: ``fleet-rollout`` paces, watches and renews (``tick``); cmd results and events
 arrive from the ingest thread (``on_cmd_result``, ``on_event``); both under ``_lock``. A
@@ -38,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from agent.errors import RequestError
+from agent.errors import InRolloutError, RequestError
 from agent.fleet.rollout._driver import TICK_S, RolloutDriver
 from agent.fleet.rollout._kinds import KINDS
 from agent.fleet.rollout._spec import RolloutSpec, check
@@ -46,6 +50,7 @@ from agent.fleet.rollout._state import (
     ACTIVE,
     IN_PROGRESS,
     SENDING,
+    STILL_TO_DO,
     DeviceStep,
     Rollout,
     event_rows,
@@ -87,7 +92,7 @@ class RolloutManager:
         self.clock = clock
         self.owner = controller.config.controller_id
         self.rollouts: dict[str, Rollout] = {}
-        self._driver = RolloutDriver(controller, command_timeout_s)
+        self._driver = RolloutDriver(controller, command_timeout_s, self)
         self._held: dict[str, float] = {}  # rollout id -> when this controller last renewed
         self._synced = 0.0
         self._lock = threading.RLock()
@@ -136,6 +141,34 @@ class RolloutManager:
         if renewed is None:
             rollout = self._take_over(rollout.id) or rollout
         return rollout
+
+    def renew_lease(self, rollout_id: str) -> bool:
+        """Renew the lease in the registry now (before a command goes out): False, dropping
+        nothing yet, when another controller holds it. Under ``_lock``."""
+        if not self.controller.registry.take_lease(rollout_id, self.owner, self.lease_s):
+            return False
+        self._held[rollout_id] = time.monotonic()
+        return True
+
+    def lease_lost(self, rollout_id: str) -> None:
+        """Another controller drives the rollout (a save found its lease gone): stop, and
+        show the registry's copy instead of this one's unsaved changes. Under ``_lock``."""
+        log.warning("rollout_lease_lost", rollout=rollout_id, owner=self.owner)
+        self._drop(rollout_id)
+        found = self.controller.registry.rollout_rows(rollout_id)
+        if found:
+            self.rollouts[rollout_id] = rollout_of(*found[0])
+
+    def busy_devices(self, except_rollout: str | None = None) -> set[str]:
+        """Devices with a step still to do in an active rollout (other than one). Under
+        ``_lock``."""
+        return {
+            step.device_id
+            for rollout in self.rollouts.values()
+            if rollout.id != except_rollout and rollout.state in ACTIVE
+            for step in rollout.steps
+            if step.state in STILL_TO_DO
+        }
 
     def _drop(self, rollout_id: str) -> None:
         self._held.pop(rollout_id, None)
@@ -193,19 +226,28 @@ class RolloutManager:
             f"{len(chosen)} devices at {rollout.rate_per_min():g}/min"
             + ("" if target.dynamic else ", a fixed set"),
         )
-        # With its steps in one transaction: a controller that saw the rollout without its
-        # steps would find nothing left to do and complete it.
-        self.controller.registry.insert_rollout(
-            rollout.id,
-            rollout.created,
-            msgspec.json.encode(rollout.spec).decode(),
-            rollout.state,
-            step_rows(rollout),
-            expect=msgspec.json.encode(expect).decode(),
-            events=event_rows(rollout),
-        )
-        rollout.unsaved_events.clear()
         with self._lock:
+            # One device is in one rollout at a time: two would send it opposite commands.
+            busy = sorted(self.busy_devices() & {record.id for record in chosen})
+            if busy:
+                raise InRolloutError(
+                    f"devices: already in an active rollout: {', '.join(busy[:5])}"
+                    + (f" and {len(busy) - 5} more" if len(busy) > 5 else ""),
+                    field="devices",
+                    devices=busy[:100],
+                )
+            # With its steps in one transaction: a controller that saw the rollout without its
+            # steps would find nothing left to do and complete it.
+            self.controller.registry.insert_rollout(
+                rollout.id,
+                rollout.created,
+                msgspec.json.encode(rollout.spec).decode(),
+                rollout.state,
+                step_rows(rollout),
+                expect=msgspec.json.encode(expect).decode(),
+                events=event_rows(rollout),
+            )
+            rollout.unsaved_events.clear()
             self.rollouts[rollout.id] = rollout
         log.info(
             "rollout_created",
@@ -301,13 +343,21 @@ class RolloutManager:
                 self.restore()
             self._driver.take_canary_replies(self.rollouts, now)
             for rollout in list(self.rollouts.values()):
-                if not needs_driver(rollout):
-                    if rollout.id in self._held:
-                        self._drop(rollout.id)
-                        self.controller.registry.release_lease(rollout.id, self.owner)
-                    continue
-                held = self._hold(rollout)
-                if held is None:
-                    continue
-                self._driver.drive(held, now)
-                self._driver.persist(held)
+                # One rollout that fails to drive (a bug, a registry error) must not stop
+                # the others: the next tick tries it again.
+                try:
+                    self._tick_one(rollout, now)
+                except Exception:
+                    log.exception("rollout_drive_failed", rollout=rollout.id)
+
+    def _tick_one(self, rollout: Rollout, now: float) -> None:
+        if not needs_driver(rollout):
+            if rollout.id in self._held:
+                self._drop(rollout.id)
+                self.controller.registry.release_lease(rollout.id, self.owner)
+            return
+        held = self._hold(rollout)
+        if held is None:
+            return
+        self._driver.drive(held, now)
+        self._driver.persist(held)

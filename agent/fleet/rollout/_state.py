@@ -34,6 +34,8 @@ STEP_TRANSITIONS: dict[str, frozenset[str]] = {
 IN_PROGRESS = frozenset({"starting", "verifying", "canary", "soaking"})
 SENDING = frozenset({"starting", "rolling_back"})  # states that wait for a cmd/result
 WATCHED = frozenset({"verifying", "canary", "soaking"})  # states the health gate watches
+# A device in one of these is being moved by its rollout: no other rollout may take it.
+STILL_TO_DO = IN_PROGRESS | {"pending", "rolling_back"}
 
 # --- the rollout ----------------------------------------------------------------------------
 # running → completed | aborting (rolling back what switched) → aborted; running, completed,
@@ -115,8 +117,8 @@ class RolloutEvent:
     """One decision, with its reason: what the rollout page and the events API show."""
 
     ts: float
-    decision: str  # join start switched healthy canary success failure timeout abort
-    # rollback rolled_back rollback_failed complete rollback_requested resume
+    decision: str  # created join start switched healthy canary success failure timeout abort
+    # aborted rollback rolled_back rollback_failed complete rollback_requested resume
     reason: str
     device_id: str | None = None
     id: int | None = None  # the registry's, once stored

@@ -18,6 +18,7 @@ class Target:
 
     def __init__(self, spec: RolloutSpec) -> None:
         self.spec = spec
+        self.named = frozenset(spec.devices)  # matches() runs per device, per SYNC_S
         self.filter: InventoryFilter | None = (
             parse_filter(spec.filter) if spec.filter is not None else None
         )
@@ -30,7 +31,7 @@ class Target:
 
     def matches(self, record: DeviceRecord) -> bool:
         spec = self.spec
-        if record.id in spec.devices:
+        if record.id in self.named:
             return True
         if spec.group is not None and fnmatch.fnmatchcase(record.id, spec.group):
             return True
@@ -48,8 +49,9 @@ class Target:
                 f"devices: unknown device(s) {', '.join(unknown[:5])}", field="devices"
             )
         chosen = [by_id[d] for d in dict.fromkeys(self.spec.devices)]
-        named = set(self.spec.devices)
-        chosen += [by_id[i] for i in sorted(by_id) if i not in named and self.matches(by_id[i])]
+        chosen += [
+            by_id[i] for i in sorted(by_id) if i not in self.named and self.matches(by_id[i])
+        ]
         if not chosen:
             raise RequestError(
                 "target: no device matches devices/group/pool/filter", field="devices"
