@@ -42,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable
 
+from agent.atomic_file import fsync_directory
 from agent.config import FetchConfig
 from agent.errors import ChecksumError, DiskFullError, FetchError, StoreError
 from agent.fetch.http import (ConnectFailed, HttpClient, HttpError, Response, Timeouts,
@@ -154,15 +155,6 @@ class FileLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` survive a power cut."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_of(path: Path) -> str:

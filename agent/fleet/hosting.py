@@ -26,6 +26,7 @@ thread.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -382,16 +383,16 @@ class ModelDirectory:
             )
 
 
-class Upload:
-    """One GGUF file arriving: written to a temporary file in the directory, chunk by chunk
-    (write() from a thread per chunk), and linked under its name by finish() once complete
-    and readable as GGUF; abort() removes it. Never more than ``limit`` bytes on disk."""
+class SpooledUpload:
+    """A file arriving chunk by chunk (write() from a thread per chunk): spooled to a temporary
+    file in ``root`` and hashed as it goes, never more than ``limit`` bytes on disk. A
+    subclass's finish() checks it and puts it in place; abort() removes it."""
 
     def __init__(self, root: Path, name: str, limit: int) -> None:
         self.name = name
-        self.path = root / name
         self.limit = limit
         self.received = 0
+        self._hash = hashlib.sha256()
         fd, temp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".upload")
         self._temp = Path(temp)
         self._out = os.fdopen(fd, "wb")
@@ -401,12 +402,30 @@ class Upload:
             raise TooLargeError(f"{shown(self.name)}: larger than this controller takes "
                                  f"({self.limit} bytes, fleet.upload_max_bytes)", field="file")
         self._out.write(data)
+        self._hash.update(data)
         self.received += len(data)
 
-    def finish(self) -> Path:
+    def _close_synced(self) -> None:
         self._out.flush()
         os.fsync(self._out.fileno())
         self._out.close()
+
+    def abort(self) -> None:
+        if not self._out.closed:
+            self._out.close()
+        self._temp.unlink(missing_ok=True)
+
+
+class Upload(SpooledUpload):
+    """One GGUF file arriving, linked under its name by finish() once complete and readable
+    as GGUF."""
+
+    def __init__(self, root: Path, name: str, limit: int) -> None:
+        super().__init__(root, name, limit)
+        self.path = root / name
+
+    def finish(self) -> Path:
+        self._close_synced()
         try:
             read_gguf_part_file(self._temp)
         except GGUFError as exc:
@@ -418,8 +437,3 @@ class Upload:
             raise RequestError(f"{shown(self.name)} is already hosted here", field="file") from None
         self._temp.unlink()
         return self.path
-
-    def abort(self) -> None:
-        if not self._out.closed:
-            self._out.close()
-        self._temp.unlink(missing_ok=True)

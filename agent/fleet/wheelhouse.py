@@ -20,17 +20,16 @@ added. All of this is file work: call it in a thread.
 from __future__ import annotations
 
 import email.parser
-import hashlib
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import msgspec
 
+from agent.atomic_file import atomic_write
 from agent.catalog.wheels import (
     AGENT_PACKAGE,
     ENGINE_PACKAGE,
@@ -42,8 +41,8 @@ from agent.catalog.wheels import (
     is_key,
     wheel_name_parts,
 )
-from agent.errors import RequestError, TooLargeError, shown
-from agent.fleet.hosting import ControllerKey
+from agent.errors import RequestError, shown
+from agent.fleet.hosting import ControllerKey, SpooledUpload
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -129,38 +128,21 @@ class WheelHouse:
                             "platform": platform or ""})
 
 
-class WheelUpload:
-    """One wheel arriving: written to a temporary file in the wheelhouse chunk by chunk
-    (write() from a thread per chunk, hashed as it goes), added by finish(), removed by
-    abort(). Never more than ``limit`` bytes on disk."""
+class WheelUpload(SpooledUpload):
+    """One wheel arriving, hashed as it goes, added by finish() once it is a wheel of the
+    distribution and version its name says."""
 
     def __init__(self, house: WheelHouse, folder: Path, name: str, dist: str, version: str,
                  described: dict[str, str | None]) -> None:
+        super().__init__(house.root, name, house.upload_max_bytes)
         self.house = house
         self.folder = folder
-        self.name = name
         self.dist = dist
         self.version = version
         self.described = described
-        self.limit = house.upload_max_bytes
-        self.received = 0
-        self._hash = hashlib.sha256()
-        fd, temp = tempfile.mkstemp(dir=house.root, prefix=f".{name}.", suffix=".upload")
-        self._temp = Path(temp)
-        self._out = os.fdopen(fd, "wb")
-
-    def write(self, data: bytes) -> None:
-        if self.received + len(data) > self.limit:
-            raise TooLargeError(f"{shown(self.name)}: larger than this controller takes "
-                                f"({self.limit} bytes, fleet.upload_max_bytes)", field="file")
-        self._out.write(data)
-        self._hash.update(data)
-        self.received += len(data)
 
     def finish(self) -> EngineWheel | AgentWheel:
-        self._out.flush()
-        os.fsync(self._out.fileno())
-        self._out.close()
+        self._close_synced()
         self._check_wheel()
         sha256 = self._hash.hexdigest()
         relative = self.folder.relative_to(self.house.root) / sha256[:DIGEST_CHARS] / self.name
@@ -179,13 +161,7 @@ class WheelUpload:
             if (self.folder / ENTRY).exists() else None
         os.chmod(self._temp, 0o644)  # mkstemp's 0600: a web server in front may serve it too
         os.replace(self._temp, target)
-        fd, temp_entry = tempfile.mkstemp(dir=self.folder, prefix=f".{ENTRY}.")
-        with os.fdopen(fd, "wb") as out:
-            out.write(msgspec.json.encode(entry))
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp_entry, 0o644)
-        os.replace(temp_entry, self.folder / ENTRY)
+        atomic_write(self.folder / ENTRY, msgspec.json.encode(entry), mode=0o644)
         if previous is not None and previous.path != entry.path:
             shutil.rmtree((self.house.root / previous.path).parent, ignore_errors=True)
         log.info("wheel_added", file=self.name, path=entry.path, size=self.received,
@@ -220,8 +196,3 @@ class WheelUpload:
             raise RequestError(f"{shown(self.name)}: its METADATA says "
                                f"{shown(headers.get('Name'))} {shown(headers.get('Version'))}",
                                field="file")
-
-    def abort(self) -> None:
-        if not self._out.closed:
-            self._out.close()
-        self._temp.unlink(missing_ok=True)
