@@ -27,21 +27,13 @@ from agent.fleet.client import FleetClient
 from tests.fleet.conftest import Credentials, make_config
 from tests.service.container import ensure_wheelhouse
 from tests.support.broker import free_port
+from tests.support.engine_wheel import built_engine_wheel
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("EDGE_AGENT_CACHE", Path.home() / ".cache" / "edge-agent"))
 SETUP_TIMEOUT_S = 900
-
-
-def built_wheel(key: str) -> Path:
-    """The wheel scripts/setup built on this machine for ``key`` (the suite's own venv)."""
-    wheels = sorted((CACHE / "wheels").glob(f"llama-cpp-python-*-{key}/llama_cpp_python-*.whl"))
-    if not wheels:
-        pytest.fail(f"no llama-cpp-python wheel for build key {key} under {CACHE / 'wheels'}: "
-                    "run scripts/setup first")
-    return wheels[0]
 
 
 class Machine:
@@ -100,17 +92,11 @@ def machine(tmp_path_factory) -> Machine:
 
 
 @pytest.fixture(scope="module")
-def hosted(controller, machine: Machine, tmp_path_factory):
+def hosted(controller, tmp_path_factory):
     """The wheel setup built on this machine, added to the wheelhouse under this machine's key."""
-    cache = tmp_path_factory.mktemp("key-cache")
-    key = machine.setup("--print-build-key", cache=cache).stdout.strip()
-    wheel = built_wheel(key)
-    cmake_args = machine.setup("--print-cmake-args", cache=cache).stdout.strip()
-    tags = "import sys, sysconfig; print(sys.implementation.cache_tag, sysconfig.get_platform())"
-    python = subprocess.run([sys.executable, "-c", tags], capture_output=True, text=True,
-                            check=True).stdout.split()
-    entry = controller.client.add_wheel(wheel, {"key": key, "cmake_args": cmake_args,
-                                                "python": python[0], "platform": python[1]})
+    wheel, described = built_engine_wheel(tmp_path_factory.mktemp("key-cache"))
+    key = described["key"]
+    entry = controller.client.add_wheel(wheel, described)
     return {"wheel": wheel, "key": key, "entry": entry,
             "stored": Path(controller.config.wheel_dir) / entry["path"]}
 

@@ -7,10 +7,11 @@ are ordered tests over a module fixture; a failed step skips nothing silently, t
 ones fail with the journal in their message.
 
 What makes it fast after the first run: the debootstrap root is cached in
-~/.cache/edge-agent/nspawn, the llama.cpp wheel that scripts/setup built on the host is
-bind-mounted (same Debian, same CPython 3.11 ABI, and the wheel is py3-none-linux_x86_64,
-so setup inside computes the same build key and finds it), and every other dependency
-comes from a cached wheelhouse with PIP_NO_INDEX, so nothing is built or downloaded.
+~/.cache/edge-agent/nspawn; the llama.cpp wheel that scripts/setup built on the host comes
+from a controller's wheelhouse on the host (install.sh --wheels-from: same Debian, same
+CPython 3.11 ABI, so setup inside computes the same build key, and the container has no
+compiler); every other dependency comes from a cached wheelhouse with PIP_NO_INDEX, so
+nothing is built or downloaded.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from agent import __version__
 from agent.errors import EdgeAgentError
 from agent.fleet.auth import hash_secret
 from agent.fleet.client import FleetClient
+from tests.fleet.conftest import Credentials, make_config
 from tests.service.container import (
     CACHE,
     REPO,
@@ -41,6 +43,7 @@ from tests.service.container import (
 )
 from tests.support.agent_wheels import build_agent_wheel
 from tests.support.broker import Broker, free_port
+from tests.support.engine_wheel import built_engine_wheel
 from tests.support.signing import TEST_PRIVATE_KEY, TEST_PUBLIC_KEY, sign_file
 
 pytestmark = [
@@ -54,6 +57,7 @@ FLEET_UNIT = "edge-fleet.service"
 # Where the admin checked the source out: their own user, a umask of 002 (group-writable
 # files), as on a desktop. install.sh must not carry either into the tree root runs.
 CHECKOUT = "/home/dev/edge-agent"
+DEVICE_CACHE = "/var/tmp/edge-agent-cache"  # setup's engine cache on the device, empty at first
 PREFIX = f"edge/v1/{DEVICE}"
 RELEASES = "/opt/edge-agent/releases"
 START_TIMEOUT_S = 300  # model copy + load + canary on two shared cores
@@ -137,9 +141,6 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     if not (ladder / "manifest.json").exists():
         pytest.fail(f"no model ladder at {ladder}: run scripts/make-test-models")
     sign_file(ladder / "manifest.json")
-    wheels = CACHE / "wheels"
-    if not list(wheels.glob("llama-cpp-python-*/llama_cpp_python-*.whl")):
-        pytest.fail(f"no llama-cpp-python wheel under {wheels}: run scripts/setup first")
     started = time.monotonic()
     # A snapshot of the checkout: the shared tree changes under a running test, and a
     # changed source is an upgrade to install.sh (it would rightly reinstall and restart).
@@ -151,7 +152,7 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     prepared = time.monotonic()
     ct = Container.from_base(
         base, tmp_path_factory.mktemp("nspawn"), "edge-agent-test",
-        {source: "/mnt/edge-agent", wheels: "/mnt/cache/wheels", wheelhouse: "/mnt/wheelhouse",
+        {source: "/mnt/edge-agent", wheelhouse: "/mnt/wheelhouse",
          ladder: "/mnt/ladder"},
     )
     try:
@@ -163,10 +164,34 @@ def container(tmp_path_factory: pytest.TempPathFactory):
         ct.stop()
 
 
+@pytest.fixture(scope="module")
+def engine_wheelhouse(tmp_path_factory: pytest.TempPathFactory):
+    """A controller on the host (the container shares its network) whose wheelhouse holds the
+    llama.cpp wheel setup built here, its index signed with the key the device pins. On a
+    broker of its own: on the device's, it would take half the events of the shared
+    subscription from the container's controller, which drives the rollouts below."""
+    from agent.fleet.service import FleetService
+
+    root = tmp_path_factory.mktemp("wheelhouse-controller")
+    key = root / "signing.key"  # beside db_path: the controller's manifest key
+    key.write_text(TEST_PRIVATE_KEY + "\n")
+    key.chmod(0o600)
+    own_broker = Broker(root / "broker").start()
+    service = FleetService(make_config(root, own_broker)).start()
+    try:
+        wheel, described = built_engine_wheel(tmp_path_factory.mktemp("key-cache"))
+        FleetClient(service.url, Credentials.token).add_wheel(wheel, described)
+        yield service.url
+    finally:
+        service.stop()
+        own_broker.stop()
+
+
 def install(ct: Container, *args: str) -> str:
     result = ct.run(
         f"{CHECKOUT}/scripts/install.sh", *args,
-        env={"EDGE_AGENT_CACHE": "/mnt/cache", "PIP_NO_INDEX": "1",
+        # An empty engine cache: the first install takes llama.cpp from --wheels-from.
+        env={"EDGE_AGENT_CACHE": DEVICE_CACHE, "PIP_NO_INDEX": "1",
              "PIP_FIND_LINKS": "/mnt/wheelhouse", "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
         timeout=900,
     )
@@ -198,7 +223,8 @@ def as_user(ct: Container, user: str, script: str):
 
 
 @pytest.fixture(scope="module")
-def installed(container: Container, broker: Broker, observer: Observer) -> dict:
+def installed(container: Container, broker: Broker, observer: Observer,
+              engine_wheelhouse: str) -> dict:
     # How an admin pins a variant without touching agent.yaml: a drop-in, made before install.
     container.run("mkdir", "-p", f"/etc/systemd/system/{UNIT}.d")
     container.run("sh", "-c", f"printf '[Service]\\nEnvironment=EDGE_AGENT_MODEL__PIN=Q2_K\\n"
@@ -222,12 +248,22 @@ EOF""")
     started = time.monotonic()
     log = install(container, "--fleet", "--device-id", DEVICE, "--broker-host", broker.host,
                   "--broker-port", str(broker.port), "--manifest", "/mnt/ladder/manifest.json",
-                  "--signing-key", TEST_PUBLIC_KEY)  # the ladder is signed with the test key
+                  "--signing-key", TEST_PUBLIC_KEY,  # the ladder is signed with the test key
+                  "--wheels-from", engine_wheelhouse)
     installed_at = time.monotonic()
     props = wait_active(container)
     print(f"install.sh {installed_at - started:.0f} s, unit active after "
           f"{time.monotonic() - installed_at:.0f} s more")
     return {"props": props, "log": log, "controller": f"http://127.0.0.1:{http_port}"}
+
+
+def test_the_engine_came_from_the_wheelhouse_with_no_compiler_here(container: Container,
+                                                                    installed: dict) -> None:
+    assert "wheelhouse: fetched llama_cpp_python-" in installed["log"], installed["log"][-2000:]
+    assert "nothing to compile" in installed["log"] and "building llama-cpp-python" not in \
+        installed["log"]
+    toolchain = container.run("sh", "-c", "command -v cc gcc g++ c++ cmake make", check=False)
+    assert toolchain.stdout.strip() == "", toolchain.stdout
 
 
 def test_unit_reaches_active_with_a_readable_status(container: Container, installed: dict) -> None:
