@@ -62,6 +62,9 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
 
     def start(self) -> None:
+        # Fresh from now: the model's bring-up ran between __init__ and here, and a stale
+        # heartbeat would withhold the first watchdog ping and log a stall that is none.
+        self.heartbeat = time.monotonic()
         self._thread.start()
 
     def join(self, timeout_s: float) -> None:
