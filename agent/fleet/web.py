@@ -49,7 +49,7 @@ from agent.catalog.manifest import MAX_MANIFEST_BYTES
 from agent.catalog.signing import SIGNATURE_SUFFIX
 from agent.config import FleetConfig
 from agent.errors import EdgeAgentError, RateLimitedError, RequestError, TooLargeError, shown
-from agent.fleet.bodies import read_bounded
+from agent.fleet.bodies import read_bounded, spool_body
 from agent.fleet.auth import Authenticator, FailureLimiter, Session
 from agent.fleet.controller import FleetController
 from agent.fleet.hosting import MAX_BUILD_FILES, ModelDirectory
@@ -115,7 +115,6 @@ HTTP_STATUS = {
 SLOW_CHECKS_QUEUED = 8
 LIMITED_DELAY_S = 1.0  # a limited address waits this long for its 429
 EVENT_ID_MAX = 2**63 - 1  # SQLite's INTEGER
-UPLOAD_WRITE_BYTES = 4 << 20  # an upload goes to disk in writes of about this size
 
 
 class ManifestPublish(msgspec.Struct, forbid_unknown_fields=True):
@@ -882,13 +881,7 @@ class FleetWeb:
                                 " bytes, fleet.upload_max_bytes)", field="file")
         upload = await run_in_threadpool(self.models.start_upload, request.path_params["name"])
         try:
-            pending = bytearray()
-            async for chunk in request.stream():
-                pending += chunk
-                if upload.received + len(pending) > upload.limit or len(pending) >= UPLOAD_WRITE_BYTES:
-                    await run_in_threadpool(upload.write, bytes(pending))
-                    pending.clear()
-            await run_in_threadpool(upload.write, bytes(pending))
+            await spool_body(request, upload)
             path = await run_in_threadpool(upload.finish)
         except BaseException:
             await run_in_threadpool(upload.abort)

@@ -23,10 +23,10 @@ from agent.catalog.signing import SIGNATURE_SUFFIX
 from agent.catalog.wheels import INDEX_NAME
 from agent.config import FleetConfig
 from agent.errors import TooLargeError
+from agent.fleet.bodies import spool_body
 from agent.fleet.hosting import ControllerKey
 from agent.fleet.wheelhouse import WheelHouse
 
-UPLOAD_WRITE_BYTES = 4 << 20  # an upload goes to disk in writes of about this size
 NO_STORE = {"cache-control": "no-store"}
 
 
@@ -85,14 +85,7 @@ class WheelAPI:
                 cmake_args=query.get("cmake_args"), python=query.get("python"),
                 platform=query.get("platform")))
         try:
-            pending = bytearray()
-            async for chunk in request.stream():
-                pending += chunk
-                full = upload.received + len(pending) > upload.limit
-                if full or len(pending) >= UPLOAD_WRITE_BYTES:
-                    await run_in_threadpool(upload.write, bytes(pending))
-                    pending.clear()
-            await run_in_threadpool(upload.write, bytes(pending))
+            await spool_body(request, upload)
             entry = await run_in_threadpool(upload.finish)
         except BaseException:
             await run_in_threadpool(upload.abort)
