@@ -188,6 +188,111 @@ def _build_flags(device: DeviceInfo) -> list[str]:
     return device.cpu.flags
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """The llama.cpp settings that do not depend on the variant: config over profile."""
+
+    flash_attn: bool
+    n_batch: int
+    min_tokens_per_s: float
+    kv_pref: KVType
+    kv_types: list[KVType]  # the preferred KV type, then q8_0 when f16 was only a preference
+    n_threads: int
+
+
+def _settings(device: DeviceInfo, policy: Policy, model_cfg: ModelConfig,
+              flash_attn: bool | None) -> _Settings:
+    # Flash attention: the CPU backend has it and it keeps the score matrices out of RAM.
+    flash = True if flash_attn is None else flash_attn
+    min_speed = (model_cfg.min_tokens_per_s if model_cfg.min_tokens_per_s is not None
+                 else policy.min_tokens_per_s)
+    kv_pref: KVType = model_cfg.kv_type or policy.kv_type
+    kv_types: list[KVType] = [kv_pref]
+    if model_cfg.kv_type is None and kv_pref == "f16" and flash:
+        kv_types.append("q8_0")
+    n_threads = model_cfg.n_threads or policy.n_threads or device.cpu.physical_cores or 1
+    return _Settings(flash, policy.n_batch, min_speed, kv_pref, kv_types, n_threads)
+
+
+def _check_pin(model: ModelEntry, pin: str | None) -> None:
+    if pin is not None and not any(v.quant == pin for v in model.variants):
+        raise ConfigError(
+            f"model.pin: {pin!r} is not a variant of {model.id} "
+            f"(it has: {', '.join(v.quant for v in model.variants)})"
+        )
+
+
+# One row per variant: the plan that fits (None when it does not) and why not.
+_Row = tuple[Variant, _Plan | None, str]
+
+
+def _plan_variants(
+    model: ModelEntry, device: DeviceInfo, policy: Policy, model_cfg: ModelConfig,
+    headers: Mapping[str, GGUFInfo], budget: Budget, settings: _Settings, *, use_mmap: bool,
+    efficiency: float, learned: LearnedLookup | None, rates: DecodeRates | None,
+) -> tuple[list[_Row], dict[str, tuple[_Plan, str]]]:
+    """A row per variant, and for each variant that was planned its fitting plan (or the
+    smallest one tried) with the reason it failed."""
+    rows: list[_Row] = []
+    plans: dict[str, tuple[_Plan, str]] = {}
+    for variant in model.variants:
+        if model_cfg.pin is not None and variant.quant != model_cfg.pin:
+            rows.append((variant, None, f"not the pinned variant ({model_cfg.pin})"))
+            continue
+        problem = _requires_problem(variant, device)
+        info = headers.get(variant.file)
+        if problem is None and info is None:
+            problem = "GGUF header unavailable"
+        if problem:
+            rows.append((variant, None, problem))
+            continue
+        target = model_cfg.n_ctx_target or policy.n_ctx_target
+        if info.context_length:
+            target = min(target, info.context_length)
+        floor = min(model_cfg.n_ctx_floor or policy.n_ctx_floor, target)
+        fitting, tried, failure = _plan_variant(
+            variant, info, device, budget, contexts=_context_ladder(target, floor),
+            kv_types=settings.kv_types, n_batch=settings.n_batch, gpu_layers=model_cfg.n_gpu_layers,
+            flash_attn=settings.flash_attn, use_mmap=use_mmap,
+            min_tokens_per_s=settings.min_tokens_per_s, efficiency=efficiency, learned=learned,
+            rates=rates,
+        )
+        if fitting is not None:
+            plans[variant.file] = (fitting, "")
+            rows.append((variant, fitting, ""))
+        else:
+            plans[variant.file] = (tried, failure)
+            rows.append((variant, None, failure))
+    return rows, plans
+
+
+def _candidates(rows: list[_Row], plans: dict[str, tuple[_Plan, str]], best: Variant,
+                budget: Budget, device: DeviceInfo, kv_pref: KVType) -> list[Candidate]:
+    """The explain table: every variant with its verdict, the settings it was judged at
+    and the reason."""
+    candidates = []
+    for variant, plan, reason in rows:
+        shown = plan or plans.get(variant.file, (None, ""))[0]
+        if variant is best:
+            verdict, reason = "chosen", _chosen_reason(best, plans[best.file][0], budget, device)
+        elif plan is not None:
+            verdict = "fits"
+            reason = (f"lower quality than {best.quant}" if variant.quality < best.quality
+                      else f"same quality as {best.quant}, larger file")
+        else:
+            verdict = "rejected"
+        candidates.append(Candidate(
+            quant=variant.quant, file=variant.file, size=variant.size, quality=variant.quality,
+            n_ctx=shown.n_ctx if shown else 0, kv_type=shown.kv_type if shown else kv_pref,
+            n_gpu_layers=shown.n_gpu_layers if shown else 0,
+            estimate=shown.estimate if shown else MemoryEstimate(ram_bytes=0),
+            predicted_tokens_per_s=shown.tokens_per_s if shown else None,
+            measured_tokens_per_s=shown.measured_tokens_per_s if shown else None,
+            verdict=verdict, reason=reason,
+        ))
+    return candidates
+
+
 def choose(
     device: DeviceInfo,
     profile: Profile,
@@ -210,50 +315,11 @@ def choose(
     policy = profile.policy
     model = manifest.model(model_cfg.model_id)
     budget = _budget(device, policy, model_cfg, memory_bytes, vram_bytes)
-    # Flash attention: the CPU backend has it and it keeps the score matrices out of RAM.
-    flash = True if flash_attn is None else flash_attn
-    n_batch = policy.n_batch
-    min_speed = model_cfg.min_tokens_per_s if model_cfg.min_tokens_per_s is not None else policy.min_tokens_per_s
-    kv_pref: KVType = model_cfg.kv_type or policy.kv_type
-    kv_types: list[KVType] = [kv_pref]
-    if model_cfg.kv_type is None and kv_pref == "f16" and flash:
-        kv_types.append("q8_0")
-    n_threads = model_cfg.n_threads or policy.n_threads or device.cpu.physical_cores or 1
-
-    if model_cfg.pin is not None and not any(v.quant == model_cfg.pin for v in model.variants):
-        raise ConfigError(
-            f"model.pin: {model_cfg.pin!r} is not a variant of {model.id} "
-            f"(it has: {', '.join(v.quant for v in model.variants)})"
-        )
-
-    rows: list[tuple[Variant, _Plan | None, str]] = []
-    plans: dict[str, tuple[_Plan, str]] = {}
-    for variant in model.variants:
-        if model_cfg.pin is not None and variant.quant != model_cfg.pin:
-            rows.append((variant, None, f"not the pinned variant ({model_cfg.pin})"))
-            continue
-        problem = _requires_problem(variant, device)
-        info = headers.get(variant.file)
-        if problem is None and info is None:
-            problem = "GGUF header unavailable"
-        if problem:
-            rows.append((variant, None, problem))
-            continue
-        target = model_cfg.n_ctx_target or policy.n_ctx_target
-        if info.context_length:
-            target = min(target, info.context_length)
-        floor = min(model_cfg.n_ctx_floor or policy.n_ctx_floor, target)
-        fitting, tried, failure = _plan_variant(
-            variant, info, device, budget, contexts=_context_ladder(target, floor), kv_types=kv_types,
-            n_batch=n_batch, gpu_layers=model_cfg.n_gpu_layers, flash_attn=flash, use_mmap=use_mmap,
-            min_tokens_per_s=min_speed, efficiency=efficiency, learned=learned, rates=rates,
-        )
-        if fitting is not None:
-            plans[variant.file] = (fitting, "")
-            rows.append((variant, fitting, ""))
-        else:
-            plans[variant.file] = (tried, failure)
-            rows.append((variant, None, failure))
+    settings = _settings(device, policy, model_cfg, flash_attn)
+    _check_pin(model, model_cfg.pin)
+    rows, plans = _plan_variants(
+        model, device, policy, model_cfg, headers, budget, settings, use_mmap=use_mmap,
+        efficiency=efficiency, learned=learned, rates=rates)
 
     fitting_variants = [v for v, plan, _ in rows if plan is not None]
     if not fitting_variants:
@@ -261,41 +327,22 @@ def choose(
                              budget_bytes=budget.ram_bytes, vram_budget_bytes=budget.vram_bytes)
     best = max(fitting_variants, key=lambda v: (v.quality, -v.size))
     chosen_plan = plans[best.file][0]
-
-    candidates = []
-    for variant, plan, reason in rows:
-        shown = plan or plans.get(variant.file, (None, ""))[0]
-        if variant is best:
-            verdict, reason = "chosen", _chosen_reason(best, chosen_plan, budget, device)
-        elif plan is not None:
-            verdict = "fits"
-            reason = (f"lower quality than {best.quant}" if variant.quality < best.quality
-                      else f"same quality as {best.quant}, larger file")
-        else:
-            verdict = "rejected"
-        candidates.append(Candidate(
-            quant=variant.quant, file=variant.file, size=variant.size, quality=variant.quality,
-            n_ctx=shown.n_ctx if shown else 0, kv_type=shown.kv_type if shown else kv_pref,
-            n_gpu_layers=shown.n_gpu_layers if shown else 0,
-            estimate=shown.estimate if shown else MemoryEstimate(ram_bytes=0),
-            predicted_tokens_per_s=shown.tokens_per_s if shown else None,
-            measured_tokens_per_s=shown.measured_tokens_per_s if shown else None,
-            verdict=verdict, reason=reason,
-        ))
-    selection = Selection(
+    n_batch = settings.n_batch
+    return Selection(
         model_id=model.id, quant=best.quant, file=best.file, size=best.size, sha256=best.sha256,
         urls=list(best.urls), quality=best.quality, n_ctx=chosen_plan.n_ctx, n_batch=n_batch,
         n_ubatch=min(n_batch, MAX_UBATCH), kv_type=chosen_plan.kv_type,
-        n_gpu_layers=chosen_plan.n_gpu_layers, n_threads=n_threads,
-        flash_attn=flash or chosen_plan.kv_type != "f16", use_mmap=use_mmap, use_mlock=use_mlock,
-        estimate=chosen_plan.estimate, predicted_tokens_per_s=chosen_plan.tokens_per_s,
-        budget_bytes=budget.ram_bytes, vram_budget_bytes=budget.vram_bytes, profile=profile.name,
-        candidates=candidates, manifest_url=manifest.source,
+        n_gpu_layers=chosen_plan.n_gpu_layers, n_threads=settings.n_threads,
+        flash_attn=settings.flash_attn or chosen_plan.kv_type != "f16", use_mmap=use_mmap,
+        use_mlock=use_mlock, estimate=chosen_plan.estimate,
+        predicted_tokens_per_s=chosen_plan.tokens_per_s, budget_bytes=budget.ram_bytes,
+        vram_budget_bytes=budget.vram_bytes, profile=profile.name,
+        candidates=_candidates(rows, plans, best, budget, device, settings.kv_pref),
+        manifest_url=manifest.source,
         **_chat_template(model_cfg, model, best, headers[best.file]),
         parts=[SelectionPart(file=p.file, size=p.size, sha256=p.sha256, urls=list(p.urls))
                for p in best.parts],
     )
-    return selection
 
 
 def _chat_template(model_cfg: ModelConfig, model: ModelEntry, variant: Variant,
