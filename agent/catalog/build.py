@@ -404,6 +404,19 @@ def build_manifest(
     when its size and sha256 are the files'; a changed file's entry is rebuilt. ``measured``
     maps sha256 to a measured quality, which replaces a prior."""
     measured = measured or {}
+    models = _existing_models(existing)
+    for group in _group_by_model(files, model_id).values():
+        mid = model_id or model_id_of(group[0])
+        model = models.setdefault(mid, {"id": mid, "family": group[0].architecture, "variants": []})
+        for facts in sorted(group, key=lambda f: -precision_rank(f.quant, f.bits_per_weight)):
+            _merge_variant(model["variants"], facts, mid, url_base, measured)
+    document = {"schema": 1, "models": list(models.values())}
+    parse_manifest(_json(document))  # what we write must load: raise here, not on the device
+    return document
+
+
+def _existing_models(existing: Manifest | None) -> dict[str, dict[str, Any]]:
+    """The existing manifest's models as documents, by id."""
     models: dict[str, dict[str, Any]] = {}
     for entry in existing.models if existing else []:
         models[entry.id] = msgspec.to_builtins(entry)
@@ -421,6 +434,12 @@ def build_manifest(
                 variant.pop("requires")
             if not variant["parts"]:
                 variant.pop("parts")
+    return models
+
+
+def _group_by_model(
+    files: list[FileFacts], model_id: str | None
+) -> dict[tuple[str, str, int], list[FileFacts]]:
     groups: dict[tuple[str, str, int], list[FileFacts]] = {}
     for facts in files:
         groups.setdefault(group_key(facts), []).append(facts)
@@ -428,48 +447,49 @@ def build_manifest(
         names = ", ".join(sorted({f.name for f in files}))
         raise ManifestError(
             f"--model-id names one model, the files hold {len(groups)}: {shown(names, 200)}")
-    def urls_of(facts: FileFacts | FilePart) -> list[str]:
-        return [facts.location] if is_url(facts.location) else (
-            [f"{url_base.rstrip('/')}/{facts.file}"] if url_base else [])
+    return groups
 
-    for group in groups.values():
-        mid = model_id or model_id_of(group[0])
-        model = models.setdefault(mid, {"id": mid, "family": group[0].architecture, "variants": []})
-        variants: list[dict[str, Any]] = model["variants"]
-        for facts in sorted(group, key=lambda f: -precision_rank(f.quant, f.bits_per_weight)):
-            parts = [{"file": p.file, "size": p.size, "sha256": p.sha256, "urls": urls_of(p)}
-                     for p in facts.parts]
-            old = next((v for v in variants if v["file"] == facts.file), None)
-            same_parts = [(p["file"], p["size"], p["sha256"]) for p in old.get("parts", [])] == \
-                [(p.file, p.size, p.sha256) for p in facts.parts] if old is not None else False
-            if old is not None and old["sha256"] == facts.sha256 and old["size"] == facts.size \
-                    and same_parts:
-                if facts.sha256 in measured:
-                    old.update(quality=measured[facts.sha256], quality_source="measured")
-                continue
-            clash = next((v for v in variants if v["quant"] == facts.quant and v is not old), None)
-            if clash is not None:
-                raise ManifestError(
-                    f"{facts.file} and {clash['file']} are both {facts.quant} of model {mid}: "
-                    "give them separate --model-id runs or remove one")
-            variant: dict[str, Any] = {
-                "quant": facts.quant, "file": facts.file, "size": facts.size,
-                "sha256": facts.sha256, "urls": [] if parts else urls_of(facts),
-            }
-            if parts:
-                variant["parts"] = parts
-            if facts.sha256 in measured:
-                variant.update(quality=measured[facts.sha256], quality_source="measured")
-            else:
-                variant.update(quality=prior_quality(facts.quant, facts.bits_per_weight),
-                               quality_source="prior")
-            if old is not None:
-                variants[variants.index(old)] = variant
-            else:
-                variants.append(variant)
-    document = {"schema": 1, "models": list(models.values())}
-    parse_manifest(_json(document))  # what we write must load: raise here, not on the device
-    return document
+
+def _urls_of(facts: FileFacts | FilePart, url_base: str | None) -> list[str]:
+    """A URL source is its own mirror; a local file's is under ``url_base``, if given."""
+    return [facts.location] if is_url(facts.location) else (
+        [f"{url_base.rstrip('/')}/{facts.file}"] if url_base else [])
+
+
+def _merge_variant(variants: list[dict[str, Any]], facts: FileFacts, mid: str,
+                   url_base: str | None, measured: dict[str, float]) -> None:
+    """Put ``facts`` into a model's variants: an unchanged file keeps its entry, a changed
+    one's entry is rebuilt in place, a new one is appended."""
+    parts = [{"file": p.file, "size": p.size, "sha256": p.sha256, "urls": _urls_of(p, url_base)}
+             for p in facts.parts]
+    old = next((v for v in variants if v["file"] == facts.file), None)
+    same_parts = [(p["file"], p["size"], p["sha256"]) for p in old.get("parts", [])] == \
+        [(p.file, p.size, p.sha256) for p in facts.parts] if old is not None else False
+    if old is not None and old["sha256"] == facts.sha256 and old["size"] == facts.size \
+            and same_parts:
+        if facts.sha256 in measured:
+            old.update(quality=measured[facts.sha256], quality_source="measured")
+        return
+    clash = next((v for v in variants if v["quant"] == facts.quant and v is not old), None)
+    if clash is not None:
+        raise ManifestError(
+            f"{facts.file} and {clash['file']} are both {facts.quant} of model {mid}: "
+            "give them separate --model-id runs or remove one")
+    variant: dict[str, Any] = {
+        "quant": facts.quant, "file": facts.file, "size": facts.size,
+        "sha256": facts.sha256, "urls": [] if parts else _urls_of(facts, url_base),
+    }
+    if parts:
+        variant["parts"] = parts
+    if facts.sha256 in measured:
+        variant.update(quality=measured[facts.sha256], quality_source="measured")
+    else:
+        variant.update(quality=prior_quality(facts.quant, facts.bits_per_weight),
+                       quality_source="prior")
+    if old is not None:
+        variants[variants.index(old)] = variant
+    else:
+        variants.append(variant)
 
 
 def _json(document: dict[str, Any]) -> bytes:
