@@ -23,7 +23,17 @@ HELP = "fleet controller, dashboard and its API client"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    _add_local_commands(sub)
+    _add_device_commands(sub)
+    _add_hosting_commands(sub)
+    _add_rollout_command(sub)
 
+
+_Subparsers = argparse._SubParsersAction  # what add_subparsers returns
+
+
+def _add_local_commands(sub: _Subparsers) -> None:
+    """The subcommands that run here, without a controller URL."""
     serve = sub.add_parser("serve", help="run the controller, dashboard, API and model hosting")
     serve.add_argument("--config", help="fleet YAML config (FleetConfig)")
 
@@ -49,24 +59,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     acl.add_argument("--inventory", required=True, help="inventory YAML (see agent/fleet/acl.py)")
 
-    def client(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument(
-            "--url", default=os.environ.get("EDGE_AGENT_FLEET_URL"), help="controller URL"
-        )
-        p.add_argument(
-            "--token-file", help="file holding the API token (default: $EDGE_AGENT_FLEET_TOKEN)"
-        )
-        p.add_argument("--json", action="store_true", help="print JSON")
-        return p
 
-    devices = client("devices", "list devices with state, model and throughput")
+def _client_parser(sub: _Subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand that talks to a controller's API: its URL, token file and --json."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument(
+        "--url", default=os.environ.get("EDGE_AGENT_FLEET_URL"), help="controller URL"
+    )
+    p.add_argument(
+        "--token-file", help="file holding the API token (default: $EDGE_AGENT_FLEET_TOKEN)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _add_device_commands(sub: _Subparsers) -> None:
+    """List devices, show one, prompt one and send one a command."""
+    devices = _client_parser(sub, "devices", "list devices with state, model and throughput")
     devices.add_argument("--state", help="only devices in this state (ready, stale, lost …)")
 
-    device = client("device", "one device's status, meta and latest telemetry")
+    device = _client_parser(sub, "device", "one device's status, meta and latest telemetry")
     device.add_argument("device")
 
-    prompt = client("prompt", "send a prompt to a device, a model or a pool and stream the reply")
+    prompt = _client_parser(
+        sub, "prompt", "send a prompt to a device, a model or a pool and stream the reply"
+    )
     prompt.add_argument(
         "device",
         metavar="target",
@@ -78,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prompt.add_argument("--temperature", type=float, default=0.7)
     prompt.add_argument("--system", help="a system message before the prompt")
 
-    cmd = client(
+    cmd = _client_parser(
+        sub,
         "cmd",
         "send a command (reload, drain, resume, rebirth, bench, pin, select, fetch, "
         "set_manifest, upgrade)",
@@ -92,12 +110,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--wait", type=float, default=60.0, help="seconds to wait for cmd/result (0: do not wait)"
     )
 
-    manifests = client("manifests", "list manifests hosted by the controller, or publish one")
+
+def _add_hosting_commands(sub: _Subparsers) -> None:
+    """The manifests and wheels the controller hosts."""
+    manifests = _client_parser(
+        sub, "manifests", "list manifests hosted by the controller, or publish one"
+    )
     manifests.add_argument(
         "--publish", metavar="FILE", help="publish this manifest file (its name is kept)"
     )
 
-    wheels = client("wheels", "list the wheelhouse, or add an engine or edge-agent wheel to it")
+    wheels = _client_parser(
+        sub, "wheels", "list the wheelhouse, or add an engine or edge-agent wheel to it"
+    )
     wheels.add_argument("action", choices=["list", "add"])
     wheels.add_argument("wheel", nargs="?", help="the .whl file (add)")
     wheels.add_argument(
@@ -107,7 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wheels.add_argument("--python", help="the builder's sys.implementation.cache_tag (cpython-311)")
     wheels.add_argument("--platform", help="the builder's sysconfig.get_platform() (linux-x86_64)")
 
-    rollout = client("rollout", "plan, start, watch or roll back a rollout")
+
+def _add_rollout_command(sub: _Subparsers) -> None:
+    rollout = _client_parser(sub, "rollout", "plan, start, watch or roll back a rollout")
     rollout.add_argument(
         "action", choices=["plan", "start", "status", "events", "list", "rollback"]
     )
