@@ -1,7 +1,12 @@
 """Fetching model files: verified, resumable downloads and the on-disk model store.
 
-``ModelStore`` is the entry point (``ensure(selection)`` → local path); ``Downloader``
-does one verified transfer; progress events and the terminal bar live in ``progress``.
+``ModelStore`` is the entry point (``ensure(selection)`` → local path); its index is
+``store_index``, eviction by budget and free space ``store_space``. ``Downloader`` does one
+verified transfer: its mirror and retry policy sits over ``transfer`` (one Range GET),
+``part`` (the hashed ``.part`` file) and ``http`` (the one HTTP client); a file already on
+this machine goes through ``local_copy``. ``store_files`` opens, locks and hashes the store's
+files safely, ``disk_space`` checks free space; progress events and the terminal bar live in
+``progress``.
 """
 
 from agent.fetch.downloader import Downloader
