@@ -5,8 +5,9 @@ builds these, starts them in order and stops them in reverse):
 
 - the model: agent.supervisor.ModelSupervisor, on its ``model`` thread: the probe, profile,
   plan, fetch, load, last good Selection, pins and manifest overrides, and every slow
-  command op. agent.runtime.engine.Engine runs what it is given (queue, state machine,
-  crash restarts on its ``engine-supervisor`` thread).
+  command op. agent.runtime.engine.Engine runs what it is given: queue and state machine
+  (agent.runtime.model_state), generations on its ``engine`` thread (agent.runtime.runner),
+  crash restarts on its ``engine-supervisor`` thread (agent.runtime.restarts).
 - in-flight requests: agent.ledger.RequestLedger: every admitted prompt and command id,
   in flight (with its reply route) or answered (its final, for duplicates).
 - the worker process: agent.runtime.process.WorkerProcess, spawned by the engine; the
