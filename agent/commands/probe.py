@@ -15,7 +15,14 @@ import sys
 import msgspec
 
 from agent.catalog.profiles import load_profiles, match_profile
-from agent.hardware.device import DeviceInfo
+from agent.hardware.device import (
+    CPUInfo,
+    DeviceInfo,
+    GPUInfo,
+    LlamaBuildInfo,
+    MemoryInfo,
+    PowerInfo,
+)
 from agent.hardware.probe import probe, probe_root_from_env
 from agent.log import configure_logging
 
@@ -56,11 +63,33 @@ def _gib(value: int | None) -> str:
 
 
 def format_table(device: DeviceInfo, profile: str, reasons: list[str]) -> str:
-    cpu, mem = device.cpu, device.memory
+    rows = [
+        *_cpu_rows(device.cpu),
+        *_memory_rows(device.memory),
+        *_gpu_rows(device.gpus),
+        *_system_rows(device),
+        ("power", _power_text(device.power)),
+        *_llama_rows(device.llama),
+        (
+            "bandwidth",
+            f"{device.bandwidth_gbps:.1f} GB/s" if device.bandwidth_gbps else "not measured",
+        ),
+        ("profile", f"{profile} ({'; '.join(reasons)})"),
+    ]
+    if device.probe_ms is not None:
+        rows.append(("probe time", f"{device.probe_ms:.0f} ms"))
+    width = max(len(label) for label, _ in rows)
+    return "".join(f"{label:<{width}}  {value}\n" for label, value in rows)
+
+
+_Row = tuple[str, str]  # (label, value)
+
+
+def _cpu_rows(cpu: CPUInfo) -> list[_Row]:
     name = cpu.model or "unknown"
     if cpu.vendor and not name.startswith(cpu.vendor):
         name = f"{cpu.vendor} {name}"
-    rows: list[tuple[str, str]] = [
+    rows: list[_Row] = [
         ("CPU", f"{name} ({cpu.arch})"),
         ("cores", f"{cpu.physical_cores} physical, {cpu.logical_cores} logical"),
     ]
@@ -72,38 +101,50 @@ def format_table(device: DeviceInfo, profile: str, reasons: list[str]) -> str:
             ("  cluster", " ".join(x for x in (f"{cluster.count}x {label}", where, speed) if x))
         )
     rows.append(("ISA flags", " ".join(cpu.flags) or "none"))
+    return rows
+
+
+def _memory_rows(mem: MemoryInfo) -> list[_Row]:
     memory = f"{_gib(mem.total_bytes)} total, {_gib(mem.available_bytes)} available"
     if mem.swap_total_bytes:
         memory += f", swap {_gib(mem.swap_total_bytes)}"
-    rows.append(("memory", memory))
+    rows = [("memory", memory)]
     if mem.cgroup_limit_bytes is not None:
         used = (
             f", {_gib(mem.cgroup_usage_bytes)} used" if mem.cgroup_usage_bytes is not None else ""
         )
         rows.append(("cgroup limit", f"{_gib(mem.cgroup_limit_bytes)}{used}"))
     rows.append(("memory budget", _gib(mem.budget_bytes)))
-    if device.gpus:
-        for gpu in device.gpus:
-            vram = "unified memory" if gpu.unified_memory else f"{_gib(gpu.vram_total_bytes)} VRAM"
-            if gpu.vram_free_bytes is not None and not gpu.unified_memory:
-                vram += f" ({_gib(gpu.vram_free_bytes)} free)"
-            extra = ", ".join(
-                x
-                for x in (
-                    gpu.driver,
-                    f"compute {gpu.compute_capability}" if gpu.compute_capability else None,
-                )
-                if x
+    return rows
+
+
+def _gpu_rows(gpus: list[GPUInfo]) -> list[_Row]:
+    if not gpus:
+        return [("GPU", "none")]
+    rows = []
+    for gpu in gpus:
+        vram = "unified memory" if gpu.unified_memory else f"{_gib(gpu.vram_total_bytes)} VRAM"
+        if gpu.vram_free_bytes is not None and not gpu.unified_memory:
+            vram += f" ({_gib(gpu.vram_free_bytes)} free)"
+        extra = ", ".join(
+            x
+            for x in (
+                gpu.driver,
+                f"compute {gpu.compute_capability}" if gpu.compute_capability else None,
             )
-            rows.append(
-                (
-                    f"GPU {gpu.index}",
-                    f"[{gpu.vendor}] {gpu.name}, {vram}" + (f", {extra}" if extra else ""),
-                )
+            if x
+        )
+        rows.append(
+            (
+                f"GPU {gpu.index}",
+                f"[{gpu.vendor}] {gpu.name}, {vram}" + (f", {extra}" if extra else ""),
             )
-    else:
-        rows.append(("GPU", "none"))
-    rows += [
+        )
+    return rows
+
+
+def _system_rows(device: DeviceInfo) -> list[_Row]:
+    return [
         ("board", device.board or "unknown"),
         ("OS", device.os or "unknown"),
         ("kernel", device.kernel or "unknown"),
@@ -116,30 +157,24 @@ def format_table(device: DeviceInfo, profile: str, reasons: list[str]) -> str:
             ", ".join(f"{k} {v:.1f}°C" for k, v in device.temperatures_c.items()) or "none",
         ),
     ]
-    power = device.power
+
+
+def _power_text(power: PowerInfo | None) -> str:
     if power is None:
-        rows.append(("power", "none"))
-    else:
-        parts = []
-        if power.battery_percent is not None:
-            parts.append(f"battery {power.battery_percent:.0f}%")
-        if power.on_ac_power is not None:
-            parts.append("on AC" if power.on_ac_power else "on battery")
-        rows.append(("power", ", ".join(parts) or "present, state unknown"))
-    if device.llama is None:
-        rows.append(("llama.cpp", "not available"))
-    else:
-        offload = "GPU offload" if device.llama.gpu_offload else "CPU only"
-        rows.append(("llama.cpp", f"{device.llama.version}, {offload}"))
-        rows.append(("  features", " ".join(device.llama.features) or "none"))
-    rows.append(
-        (
-            "bandwidth",
-            f"{device.bandwidth_gbps:.1f} GB/s" if device.bandwidth_gbps else "not measured",
-        )
-    )
-    rows.append(("profile", f"{profile} ({'; '.join(reasons)})"))
-    if device.probe_ms is not None:
-        rows.append(("probe time", f"{device.probe_ms:.0f} ms"))
-    width = max(len(label) for label, _ in rows)
-    return "".join(f"{label:<{width}}  {value}\n" for label, value in rows)
+        return "none"
+    parts = []
+    if power.battery_percent is not None:
+        parts.append(f"battery {power.battery_percent:.0f}%")
+    if power.on_ac_power is not None:
+        parts.append("on AC" if power.on_ac_power else "on battery")
+    return ", ".join(parts) or "present, state unknown"
+
+
+def _llama_rows(llama: LlamaBuildInfo | None) -> list[_Row]:
+    if llama is None:
+        return [("llama.cpp", "not available")]
+    offload = "GPU offload" if llama.gpu_offload else "CPU only"
+    return [
+        ("llama.cpp", f"{llama.version}, {offload}"),
+        ("  features", " ".join(llama.features) or "none"),
+    ]
