@@ -53,10 +53,15 @@ delay) are loop callbacks. ``run_in_thread()`` runs that loop in a daemon thread
 that are not async (the tests).
 
 Modules: ``codec`` (packet and property encoding, reason codes), ``topics`` (name and filter
-rules, shared with agent.mqtt.topics), ``sessions`` (messages, sessions, subscriptions),
-``connection`` (one client socket: framing and packet handling), ``server``
-(``EmbeddedBroker``: sessions, routing, retained messages, limits from ``limits``) and
-``cli``. Run it alone with ``python -m agent.broker --port 1883 [--host 127.0.0.1]``.
+rules, shared with agent.mqtt.topics), ``sessions`` (messages, sessions, subscriptions as
+plain state), ``connection`` (one client socket: framing, writes, close, keepalive),
+``connect`` (CONNECT parsed into a ``ConnectRequest``, CONNACK), ``handler`` (what each
+packet from a client means), ``registry`` (sessions by client id: takeover, expiry, wills),
+``subscriptions`` (the filter index), ``routing`` (fan-out of one message), ``retained``
+(the bounded retained store), ``delivery`` (QoS 0/1 to one session: in-flight window and
+bounded queue), ``server`` (``EmbeddedBroker``: listener, lifecycle and connection limit,
+defaults from ``limits``) and ``cli``. Run it alone with
+``python -m agent.broker --port 1883 [--host 127.0.0.1]``.
 """
 
 from agent.broker.server import EmbeddedBroker

@@ -109,12 +109,14 @@ Properties = list[tuple[int, Any]]
 
 
 class Reject(Exception):
-    """Ends one connection: ``reason`` is the v5 reason code sent before closing it."""
+    """Ends one connection: ``reason`` is the v5 reason code sent before closing it.
+    ``reply``, when given, is written first: a CONNACK with a 3.1.1 return code."""
 
-    def __init__(self, reason: int, detail: str) -> None:
+    def __init__(self, reason: int, detail: str, *, reply: bytes = b"") -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.reply = reply
 
 
 

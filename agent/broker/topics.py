@@ -42,3 +42,8 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
         return False
     return filter_matches(topic_filter, topic)
+
+
+def has_wildcard(topic_filter: str) -> bool:
+    """A filter without wildcards matches one topic, its own name: found by a dict lookup."""
+    return "+" in topic_filter or "#" in topic_filter
