@@ -337,120 +337,18 @@ class _Exchange(ReplyBuffer):
         self.sent: SentPrompt | None = None
 
 
-class OpenAIAPI:
-    """The /v1 handlers, and ``POST /api/prompt``: the project's prompt (NDJSON records, as
-    /api/devices/{id}/prompt) to any target, for the dashboard and ``edge-agent fleet prompt``."""
+class Dispatcher:
+    """Routing and failover: sends a prompt to the device (or pool) a target names and waits
+    for its first record, trying the next device where a model id allows; then hands out the
+    exchange's records. ``close`` gives back what a send took (its waiter, its device's count)."""
 
-    def __init__(self, controller: FleetController, config: FleetConfig,
-                 authorized: Callable[[Request], Awaitable[bool]],
-                 authorize_dashboard: Callable[[Request], Awaitable[Response | None]]) -> None:
+    def __init__(self, controller: FleetController, router: Router) -> None:
         self.controller = controller
         self.registry = controller.registry
-        self.router = Router(controller, config)
-        self._authorized = authorized
-        self._authorize_dashboard = authorize_dashboard
+        self.router = router
 
-    def routes(self) -> list[Route]:
-        return [
-            Route("/v1/models", self.models, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/api/prompt", self.api_prompt, methods=["POST"]),
-        ]
-
-    # --- handlers ------------------------------------------------------------------------
-
-    async def _guard(self, request: Request) -> None:
-        try:
-            ok = await self._authorized(request)
-        except RateLimitedError as exc:
-            raise APIError.of(exc) from None
-        if not ok:
-            raise APIError("unauthorized", "send Authorization: Bearer <API token>")
-
-    async def models(self, request: Request) -> Response:
-        try:
-            await self._guard(request)
-        except APIError as exc:
-            return exc.response()
-        return JSONResponse({"object": "list", "data": await run_in_threadpool(self.router.servable)})
-
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._complete(request, ChatRequest)
-
-    async def completions(self, request: Request) -> Response:
-        return await self._complete(request, CompletionRequest)
-
-    async def _complete(self, request: Request, kind: type[ChatRequest | CompletionRequest]
-                        ) -> Response:
-        try:
-            await self._guard(request)
-            parsed = await self._parse(request, kind)
-            body = prompt_body(parsed)
-            exchange, first = await self._start(parse_target(parsed.model), body)
-        except APIError as exc:
-            return exc.response()
-        except EdgeAgentError as exc:
-            return APIError.of(exc).response()
-        reply = _Reply(parsed, exchange)
-        headers = {"cache-control": "no-store"}
-        if exchange.device:
-            headers["x-edge-device"] = exchange.device
-        if parsed.stream:
-            return StreamingResponse(self._stream(reply, first), media_type="text/event-stream",
-                                     headers=headers)
-        try:
-            final = await self._final(reply, first)
-        finally:
-            await self._close(exchange)
-        if "error" in final:
-            return APIError(final["error"].get("code", "internal"),
-                            final["error"].get("message", "")).response()
-        return JSONResponse(reply.whole(final), headers=headers)
-
-    async def api_prompt(self, request: Request) -> Response:
-        """``{target, ...prompt fields}``: target as /v1's ``model`` (a model id,
-        ``device/<id>``, ``pool/<name>``); the reply's records as NDJSON, errors before the
-        first record as an HTTP error."""
-        if denied := await self._authorize_dashboard(request):
-            return denied
-        try:
-            raw = await self._body(request)
-            target = _decode(raw, PromptTarget).target
-            body = _decode(raw, dict[str, Any])
-            for own in ("target", "id", "reply_to"):  # each device tried gets a fresh id
-                body.pop(own, None)
-            exchange, first = await self._start(parse_target(target), {**body, "stream": True})
-        except APIError as exc:
-            return exc.response()
-        except EdgeAgentError as exc:
-            return APIError.of(exc).response()
-
-        async def lines() -> AsyncIterator[bytes]:
-            try:
-                async for record in self._records(exchange, first):
-                    yield msgspec.json.encode(record) + b"\n"
-            finally:
-                await self._close(exchange)
-
-        headers = {"cache-control": "no-store"}
-        if exchange.device:
-            headers["x-edge-device"] = exchange.device
-        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
-
-    async def _parse(self, request: Request, kind: type[msgspec.Struct]) -> Any:
-        return _decode(await self._body(request), kind)
-
-    async def _body(self, request: Request) -> bytes:
-        try:
-            return await read_bounded(request, MAX_BODY_BYTES)
-        except TooLargeError as exc:
-            raise APIError.of(exc) from None
-
-    # --- routing and failover ---------------------------------------------------------------
-
-    async def _start(self, target: Target, body: dict[str, Any]
-                     ) -> tuple[_Exchange, dict[str, Any]]:
+    async def start(self, target: Target, body: dict[str, Any]
+                    ) -> tuple[_Exchange, dict[str, Any]]:
         """Send the prompt and wait for its first record, failing over where the target allows.
         Returns the exchange and a first record that is not an error; raises APIError when
         nothing serves the request (an error the device answered at once included)."""
@@ -462,12 +360,12 @@ class OpenAIAPI:
                 await run_in_threadpool(self._send, exchange, target, body, tried)
                 first = await self._first(exchange)
             except BaseException:  # nothing serves it, a bad prompt, or the client went away
-                await self._close(exchange)
+                await self.close(exchange)
                 raise
             code = "gone" if first is None else _error_code(first)
             if code is None:
                 return exchange, first
-            await self._close(exchange)
+            await self.close(exchange)
             device = exchange.device
             if code not in ("busy", "gone") or target.kind != "model" or device is None:
                 raise self._refusal(target, code, first)
@@ -550,17 +448,15 @@ class OpenAIAPI:
                     return None
         return _timeout_record(FIRST_RECORD_S)
 
-    async def _close(self, exchange: _Exchange) -> None:
+    async def close(self, exchange: _Exchange) -> None:
         if exchange.sent is not None:
             self.controller.remove_waiter(exchange.sent.key)
             exchange.sent = None
             if exchange.device is not None:
                 self.router.end(exchange.device)
 
-    # --- responses ------------------------------------------------------------------------
-
-    async def _records(self, exchange: _Exchange, first: dict[str, Any]
-                       ) -> AsyncIterator[dict[str, Any]]:
+    async def records(self, exchange: _Exchange, first: dict[str, Any]
+                      ) -> AsyncIterator[dict[str, Any]]:
         record = first
         while True:
             yield record
@@ -574,16 +470,127 @@ class OpenAIAPI:
                 except asyncio.TimeoutError:
                     record = _timeout_record(RECORD_GAP_S)
 
+
+class OpenAIAPI:
+    """The /v1 handlers, and ``POST /api/prompt``: the project's prompt (NDJSON records, as
+    /api/devices/{id}/prompt) to any target, for the dashboard and ``edge-agent fleet prompt``."""
+
+    def __init__(self, controller: FleetController, config: FleetConfig,
+                 authorized: Callable[[Request], Awaitable[bool]],
+                 authorize_dashboard: Callable[[Request], Awaitable[Response | None]]) -> None:
+        self.dispatcher = Dispatcher(controller, Router(controller, config))
+        self.router = self.dispatcher.router
+        self._authorized = authorized
+        self._authorize_dashboard = authorize_dashboard
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/api/prompt", self.api_prompt, methods=["POST"]),
+        ]
+
+    # --- handlers ------------------------------------------------------------------------
+
+    async def _guard(self, request: Request) -> None:
+        try:
+            ok = await self._authorized(request)
+        except RateLimitedError as exc:
+            raise APIError.of(exc) from None
+        if not ok:
+            raise APIError("unauthorized", "send Authorization: Bearer <API token>")
+
+    async def models(self, request: Request) -> Response:
+        try:
+            await self._guard(request)
+        except APIError as exc:
+            return exc.response()
+        return JSONResponse({"object": "list", "data": await run_in_threadpool(self.router.servable)})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, ChatRequest)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, CompletionRequest)
+
+    async def _complete(self, request: Request, kind: type[ChatRequest | CompletionRequest]
+                        ) -> Response:
+        try:
+            await self._guard(request)
+            parsed = await self._parse(request, kind)
+            body = prompt_body(parsed)
+            exchange, first = await self.dispatcher.start(parse_target(parsed.model), body)
+        except APIError as exc:
+            return exc.response()
+        except EdgeAgentError as exc:
+            return APIError.of(exc).response()
+        reply = _Reply(parsed, exchange)
+        headers = {"cache-control": "no-store"}
+        if exchange.device:
+            headers["x-edge-device"] = exchange.device
+        if parsed.stream:
+            return StreamingResponse(self._stream(reply, first), media_type="text/event-stream",
+                                     headers=headers)
+        try:
+            final = await self._final(reply, first)
+        finally:
+            await self.dispatcher.close(exchange)
+        if "error" in final:
+            return APIError(final["error"].get("code", "internal"),
+                            final["error"].get("message", "")).response()
+        return JSONResponse(reply.whole(final), headers=headers)
+
+    async def api_prompt(self, request: Request) -> Response:
+        """``{target, ...prompt fields}``: target as /v1's ``model`` (a model id,
+        ``device/<id>``, ``pool/<name>``); the reply's records as NDJSON, errors before the
+        first record as an HTTP error."""
+        if denied := await self._authorize_dashboard(request):
+            return denied
+        try:
+            raw = await self._body(request)
+            target = _decode(raw, PromptTarget).target
+            body = _decode(raw, dict[str, Any])
+            for own in ("target", "id", "reply_to"):  # each device tried gets a fresh id
+                body.pop(own, None)
+            exchange, first = await self.dispatcher.start(parse_target(target),
+                                                          {**body, "stream": True})
+        except APIError as exc:
+            return exc.response()
+        except EdgeAgentError as exc:
+            return APIError.of(exc).response()
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                async for record in self.dispatcher.records(exchange, first):
+                    yield msgspec.json.encode(record) + b"\n"
+            finally:
+                await self.dispatcher.close(exchange)
+
+        headers = {"cache-control": "no-store"}
+        if exchange.device:
+            headers["x-edge-device"] = exchange.device
+        return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
+
+    async def _parse(self, request: Request, kind: type[msgspec.Struct]) -> Any:
+        return _decode(await self._body(request), kind)
+
+    async def _body(self, request: Request) -> bytes:
+        try:
+            return await read_bounded(request, MAX_BODY_BYTES)
+        except TooLargeError as exc:
+            raise APIError.of(exc) from None
+
     async def _final(self, reply: _Reply, first: dict[str, Any]) -> dict[str, Any]:
-        async for record in self._records(reply.exchange, first):
+        async for record in self.dispatcher.records(reply.exchange, first):
             if record.get("done"):
                 return record
-        raise AssertionError("unreachable: _records ends with a final record")
+        raise AssertionError("unreachable: records ends with a final record")
 
     async def _stream(self, reply: _Reply, first: dict[str, Any]) -> AsyncIterator[bytes]:
         try:
             yield reply.event(reply.chunk(role=True))
-            async for record in self._records(reply.exchange, first):
+            async for record in self.dispatcher.records(reply.exchange, first):
                 if not record.get("done"):
                     yield reply.event(reply.chunk(text=str(record.get("delta", ""))))
                     continue
@@ -598,7 +605,7 @@ class OpenAIAPI:
                 yield b"data: [DONE]\n\n"
                 return
         finally:
-            await self._close(reply.exchange)
+            await self.dispatcher.close(reply.exchange)
 
 
 class _Reply:

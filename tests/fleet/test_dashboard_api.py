@@ -75,5 +75,5 @@ def test_the_fleet_charts_cache_stays_bounded_whatever_windows_are_asked(api, fl
     windows = range(60, 60 + 4 * web.HISTORY_CACHE_ENTRIES)
     for window_s in windows:
         assert api.get("/api/fleet/history", params={"window_s": window_s}).status_code == 200
-    assert len(fleet.web._history) <= web.HISTORY_CACHE_ENTRIES
-    assert windows[-1] in fleet.web._history  # the newest answer is the one kept
+    assert len(fleet.web.devices._history) <= web.HISTORY_CACHE_ENTRIES
+    assert windows[-1] in fleet.web.devices._history  # the newest answer is the one kept
