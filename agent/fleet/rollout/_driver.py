@@ -1,20 +1,21 @@
-"""The per-device work of the rollouts one controller drives: start commands, the health
-gate (serving the new target, the canary prompt, the soak), pacing, failures, abort and
-rollback. See agent.fleet.rollout._manager for the threads and the lease: every method here
-runs under the manager's lock, on the rollout thread or the ingest thread, and is given
-``now`` (the manager's clock)."""
+"""The rollouts one controller drives, tick by tick: a device that takes too long fails, the
+watched ones go through the health gate (agent.fleet.rollout._gate), pending ones start at
+the rate (fixed or ramp) within max_in_progress, devices that came to match a dynamic target
+join, and the rollout aborts on evidence or finishes. What is sent to a device and what its
+answers mean is agent.fleet.rollout._commands.
+
+See agent.fleet.rollout._manager for the threads and agent.fleet.rollout._leases for the
+lease: every method here runs under the manager's lock, on the rollout thread or the ingest
+thread, and is given ``now`` (the manager's clock)."""
 
 from __future__ import annotations
 
-import queue
 import time
-import uuid
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from agent.errors import EdgeAgentError
-from agent.fleet.rollout._kinds import KINDS, Command, RolloutKind
+from agent.fleet.rollout._commands import DeviceCommands
+from agent.fleet.rollout._gate import HealthGate
+from agent.fleet.rollout._kinds import KINDS
 from agent.fleet.rollout._state import (
     IN_PROGRESS,
     SENDING,
@@ -29,6 +30,7 @@ from agent.log import get_logger
 
 if TYPE_CHECKING:
     from agent.fleet.controller import FleetController
+    from agent.fleet.rollout._leases import RolloutLeases
 
 log = get_logger(__name__)
 
@@ -36,56 +38,22 @@ TICK_S = 0.25  # how often the manager's thread drives (a late tick catches up b
 SYNC_S = 1.0  # how often a rollout looks for devices that joined its target
 
 
-class Lease(Protocol):
-    """What the driver asks of the manager that holds the rollouts' leases."""
-
-    owner: str
-
-    def renew_lease(self, rollout_id: str) -> bool:
-        """Renew the lease in the registry: False when another controller holds it."""
-
-    def lease_lost(self, rollout_id: str) -> None:
-        """Stop driving the rollout: another controller holds its lease."""
-
-    def busy_devices(self, except_rollout: str) -> set[str]:
-        """Devices with a step still to do in an active rollout other than this one."""
-
-
-class CanaryUsage(msgspec.Struct):
-    completion_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
-
-
-class CanaryError(msgspec.Struct):
-    code: Annotated[str, msgspec.Meta(max_length=64)] = "error"
-    message: Annotated[str, msgspec.Meta(max_length=1000)] = ""
-
-
-class CanaryFinal(msgspec.Struct):
-    """The final record of a canary prompt's reply: all the health gate reads of it."""
-
-    done: bool
-    error: CanaryError | None = None
-    usage: CanaryUsage | None = None
-
-
 class RolloutDriver:
-    def __init__(self, controller: FleetController, device_timeout_s: float, lease: Lease) -> None:
+    def __init__(
+        self, controller: FleetController, device_timeout_s: float, leases: RolloutLeases
+    ) -> None:
         self.controller = controller
-        self.lease = lease
+        self.leases = leases
         self.device_timeout_s = device_timeout_s  # a spec's device_timeout_s overrides it
-        self.by_command: dict[str, tuple[Rollout, DeviceStep]] = {}
-        # Canary prompts in flight: request id -> (rollout id, device id, reply waiter key).
-        self.canaries: dict[str, tuple[str, str, str]] = {}
-        self.canary_replies: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
+        self.gate = HealthGate(controller)
+        self.commands = DeviceCommands(controller, self.gate, leases)
         self._targets: dict[str, Target] = {}
         self._joins_checked: dict[str, float] = {}
 
     def forget(self, rollout_id: str) -> None:
         """Stop waiting for the rollout's commands and canaries (its lease went elsewhere)."""
-        for cmd_id in [k for k, (r, _) in self.by_command.items() if r.id == rollout_id]:
-            del self.by_command[cmd_id]
-        for request_id in [k for k, v in self.canaries.items() if v[0] == rollout_id]:
-            self.forget_canary(request_id)
+        self.commands.forget(rollout_id)
+        self.gate.forget(rollout_id)
 
     def drive(self, rollout: Rollout, now: float) -> None:
         kind = KINDS[rollout.spec.kind]
@@ -94,7 +62,7 @@ class RolloutDriver:
             self._admit_joiners(rollout, now)
         for step in rollout.steps:
             if step.state in IN_PROGRESS and now - step.started_at > timeout:
-                self._fail(
+                self.commands.fail(
                     rollout,
                     step,
                     now,
@@ -103,11 +71,13 @@ class RolloutDriver:
                     f" (still {step.state}" + (f": {step.error})" if step.error else ")"),
                 )
             elif step.state == "rolling_back" and now - step.sent_at > timeout:
-                self._rollback_failed(
+                self.commands.rollback_failed(
                     rollout, step, now, f"timeout: no cmd/result within {timeout:g} s"
                 )
             elif step.state in WATCHED:
-                self._watch(rollout, kind, step, now)
+                failure = self.gate.watch(rollout, kind, step, now)
+                if failure is not None:
+                    self.commands.fail(rollout, step, now, "failure", failure)
         self._start_due(rollout, now)
         self.settle(rollout, now)
 
@@ -123,7 +93,7 @@ class RolloutDriver:
             return
         self._joins_checked[rollout.id] = time.monotonic()
         kind = KINDS[rollout.spec.kind]
-        busy = self.lease.busy_devices(rollout.id)  # one device is in one rollout at a time
+        busy = self.leases.busy_devices(rollout.id)  # one device is in one rollout at a time
         for record in sorted(self.controller.registry.snapshot(), key=lambda r: r.id):
             if (
                 rollout.step_of(record.id) is None
@@ -134,118 +104,10 @@ class RolloutDriver:
                 rollout.add_step(step)
                 rollout.record(now, "join", "came to match the target while it runs", step)
 
-    def _watch(self, rollout: Rollout, kind: RolloutKind, step: DeviceStep, now: float) -> None:
-        """The health gate, for a device whose start commands were answered ok."""
-        record = self.controller.registry.devices.get(step.device_id)
-        if record is None:
-            return
-        restarts = record.telemetry.get("worker_restarts")
-        if step.crashed:
-            self._fail(rollout, step, now, "failure", f"{step.crashed} while {step.state}")
-            return
-        if record.state in kind.fatal_states:
-            problem = record.meta.get("problem")
-            detail = f" ({problem})" if isinstance(problem, str) and problem else ""
-            self._fail(rollout, step, now, "failure", f"reports {record.state}{detail}")
-            return
-        if step.restarts is not None and isinstance(restarts, int) and restarts > step.restarts:
-            self._fail(
-                rollout,
-                step,
-                now,
-                "failure",
-                f"its worker restarted ({restarts - step.restarts} times) while {step.state}",
-            )
-            return
-        serving, what = kind.serving(rollout.expect, record)
-        if step.state == "verifying":
-            if not serving:
-                if step.error != what:
-                    step.error = what
-                    rollout.dirty.add(step.device_id)
-                return
-            step.error = None
-            step.restarts = restarts if isinstance(restarts, int) else None
-            step.move("canary", now)
-            rollout.record(now, "healthy", what, step)
-            self._send_canary(rollout, step, now)
-        elif step.state == "canary":
-            if step.canary_id not in self.canaries:  # sent by an earlier driver
-                self._send_canary(rollout, step, now)
-        elif not serving:
-            self._fail(rollout, step, now, "failure", f"during the soak: {what}")
-        elif now - step.since >= rollout.spec.soak_s:
-            step.move("done", now)
-            step.outcome = "succeeded"
-            rollout.record(
-                now, "success", f"healthy for {rollout.spec.soak_s:g} s after its canary", step
-            )
-
-    def _send_canary(self, rollout: Rollout, step: DeviceStep, now: float) -> None:
-        request_id = f"canary-{uuid.uuid4().hex[:16]}"
-        replies = self.canary_replies
-
-        def waiter(record: dict[str, Any]) -> None:  # paho's thread: only hand it on
-            if record.get("done"):
-                replies.put((request_id, record))
-
-        request = {
-            "id": request_id,
-            "prompt": rollout.spec.canary_prompt,
-            "max_tokens": rollout.spec.canary_max_tokens,
-            "temperature": 0.0,
-        }
-        try:
-            sent = self.controller.send_prompt(step.device_id, request, waiter)
-        except EdgeAgentError as exc:
-            self._fail(rollout, step, now, "failure", f"canary not sent: {exc.code}: {exc.message}")
-            return
-        if step.canary_id in self.canaries:
-            self.forget_canary(step.canary_id)
-        self.canaries[request_id] = (rollout.id, step.device_id, sent.key)
-        step.canary_id = request_id
-        rollout.dirty.add(step.device_id)
-
-    def forget_canary(self, request_id: str | None) -> None:
-        found = self.canaries.pop(request_id or "", None)
-        if found is not None:
-            self.controller.remove_waiter(found[2])
-
     def take_canary_replies(self, rollouts: dict[str, Rollout], now: float) -> None:
-        while True:
-            try:
-                request_id, body = self.canary_replies.get_nowait()
-            except queue.Empty:
-                return
-            found = self.canaries.get(request_id)
-            self.forget_canary(request_id)
-            if found is None:
-                continue
-            rollout = rollouts.get(found[0])
-            step = rollout.step_of(found[1]) if rollout else None
-            if rollout is None or step is None or step.state != "canary":
-                continue
-            if step.canary_id != request_id:
-                continue
-            try:
-                final = msgspec.convert(body, CanaryFinal)
-            except msgspec.ValidationError as exc:
-                self._fail(rollout, step, now, "failure", f"the canary reply is malformed: {exc}")
-            else:
-                if final.error is not None:
-                    why = f"the canary prompt failed: {final.error.code}: {final.error.message}"
-                    self._fail(rollout, step, now, "failure", why)
-                else:
-                    tokens = final.usage.completion_tokens if final.usage else None
-                    step.move("soaking", now)
-                    rollout.record(
-                        now,
-                        "canary",
-                        "answered the canary prompt"
-                        + (f" ({tokens} tokens)" if tokens is not None else "")
-                        + f"; soaking {rollout.spec.soak_s:g} s",
-                        step,
-                    )
+        for rollout, step, failure in self.gate.replies(rollouts, now):
+            if failure is not None:
+                self.commands.fail(rollout, step, now, "failure", failure)
             self.persist(rollout)
 
     def _start_due(self, rollout: Rollout, now: float) -> None:
@@ -269,83 +131,8 @@ class RolloutDriver:
                 if rollout.last_start
                 else now
             )
-            if not self._start(rollout, step, now):
+            if not self.commands.start(rollout, step, now):
                 return
-
-    def _start(self, rollout: Rollout, step: DeviceStep, now: float) -> bool:
-        """False when the lease is gone: nothing was sent."""
-        step.move("starting", now)
-        step.started_at, step.command_index, step.error = now, 0, None
-        commands = self._commands(rollout, step)
-        rollout.record(now, "start", " then ".join(op for op, _ in commands), step)
-        return self._send_next(rollout, step, commands, now)
-
-    def _commands(self, rollout: Rollout, step: DeviceStep) -> list[Command]:
-        kind = KINDS[rollout.spec.kind]
-        if step.state == "rolling_back":
-            return kind.rollback_commands(rollout.spec, step.previous) or []
-        return kind.start_commands(rollout.spec, rollout.source)
-
-    def _send_next(
-        self, rollout: Rollout, step: DeviceStep, commands: list[Command], now: float
-    ) -> bool:
-        """Send the step's next command; False, sending nothing, when the lease is gone (the
-        next persist then writes nothing and drops the rollout)."""
-        # The lease is renewed every lease_s / 4; a rollback forced on another controller
-        # meanwhile must not be undone by a command sent from this one.
-        if not self.lease.renew_lease(rollout.id):
-            return False
-        op, args = commands[step.command_index]
-        step.sent_at = now
-        rollout.dirty.add(step.device_id)
-        try:
-            step.cmd_id = self.controller.send_command(
-                step.device_id, op, args, source=f"rollout:{rollout.id}"
-            )
-        except EdgeAgentError as exc:
-            why = f"{op} not sent: {exc.code}: {exc.message}"
-            if step.state == "starting":
-                self._fail(rollout, step, now, "failure", why)
-            else:
-                self._rollback_failed(rollout, step, now, why)
-            return True
-        self.by_command[step.cmd_id] = (rollout, step)
-        return True
-
-    def _fail(
-        self, rollout: Rollout, step: DeviceStep, now: float, decision: str, reason: str
-    ) -> None:
-        """A device failed the rollout: counted, and rolled back when it may have switched."""
-        self.by_command.pop(step.cmd_id or "", None)
-        self.forget_canary(step.canary_id)
-        # A start command that timed out may still have been carried out.
-        maybe_switched = step.switched or (decision == "timeout" and step.state == "starting")
-        step.move("failed", now)
-        step.outcome, step.error, step.crashed = "failed", reason, None
-        rollout.record(now, decision, reason, step)
-        log.warning(
-            "rollout_device_failed", rollout=rollout.id, device=step.device_id, reason=reason
-        )
-        if maybe_switched:
-            self.roll_back(rollout, step, now, "it failed after switching")
-
-    def roll_back(self, rollout: Rollout, step: DeviceStep, now: float, why: str) -> None:
-        self.by_command.pop(step.cmd_id or "", None)
-        self.forget_canary(step.canary_id)
-        step.move("rolling_back", now)
-        step.command_index = 0
-        commands = self._commands(rollout, step)
-        if not commands:
-            self._rollback_failed(rollout, step, now, "nothing known to roll back to")
-            return
-        rollout.record(now, "rollback", f"{why}: " + " then ".join(op for op, _ in commands), step)
-        self._send_next(rollout, step, commands, now)
-
-    def _rollback_failed(self, rollout: Rollout, step: DeviceStep, now: float, why: str) -> None:
-        self.by_command.pop(step.cmd_id or "", None)
-        step.move("rollback_failed", now)
-        step.error = why
-        rollout.record(now, "rollback_failed", why, step)
 
     def settle(self, rollout: Rollout, now: float) -> None:
         """Abort on evidence; finish when nothing is left to do."""
@@ -371,15 +158,19 @@ class RolloutDriver:
         rollout.move("aborting", reason)
         rollout.record(now, "abort", reason)
         log.warning("rollout_aborted", rollout=rollout.id, reason=reason)
+        self.roll_back_all(rollout, now, "the rollout aborted")
+        if not any(s.state == "rolling_back" for s in rollout.steps):
+            rollout.move("aborted")
+            rollout.record(now, "aborted", "no device needed rolling back")
+
+    def roll_back_all(self, rollout: Rollout, now: float, why: str) -> None:
+        """Skip the devices not started yet and roll back every one started, done included."""
         for step in rollout.steps:
             if step.state == "pending":
                 step.move("skipped", now)
                 rollout.dirty.add(step.device_id)
             elif step.state in IN_PROGRESS or step.state == "done":
-                self.roll_back(rollout, step, now, "the rollout aborted")
-        if not any(s.state == "rolling_back" for s in rollout.steps):
-            rollout.move("aborted")
-            rollout.record(now, "aborted", "no device needed rolling back")
+                self.commands.roll_back(rollout, step, now, why)
 
     def persist(self, rollout: Rollout) -> None:
         if not (rollout.dirty or rollout.unsaved_events):
@@ -389,45 +180,42 @@ class RolloutDriver:
             rollout.state,
             rollout.reason,
             step_rows(rollout, only_dirty=True),
-            owner=self.lease.owner,
+            owner=self.leases.owner,
             events=event_rows(rollout),
         ):
-            self.lease.lease_lost(rollout.id)
+            self.leases.lease_lost(rollout.id)
             return
         rollout.dirty.clear()
         rollout.unsaved_events.clear()
 
-    def answered(
-        self, rollout: Rollout, step: DeviceStep, body: dict[str, Any], now: float
-    ) -> None:
-        """A cmd/result for the command ``step`` waits on: the next command, the health gate,
-        or the end of its rollback."""
-        commands = self._commands(rollout, step)
-        op = commands[step.command_index][0] if step.command_index < len(commands) else "?"
-        if not body.get("ok"):
-            error = body.get("error") or {}
-            why = f"{op} failed: {error.get('code', 'error')}: {error.get('message', '')}"
-            if step.state == "starting":
-                self._fail(rollout, step, now, "failure", why.strip())
-            else:
-                self._rollback_failed(rollout, step, now, why.strip())
-        else:
-            if step.state == "starting":
-                step.switched = True
-            step.command_index += 1
-            rollout.dirty.add(step.device_id)
-            if step.command_index < len(commands):
-                self._send_next(rollout, step, commands, now)
-            elif step.state == "starting":
-                step.move("verifying", now)
-                step.progress = 1.0
-                ops = " and ".join(o for o, _ in commands)
-                rollout.record(now, "switched", f"answered {ops} ok", step)
-            else:
-                step.move("rolled_back", now)
-                step.cmd_id = None
-                rollout.record(now, "rolled_back", "back on what it ran before", step)
+    def on_cmd_result(self, device_id: str, body: dict[str, Any], now: float) -> None:
+        """A cmd/result from a device: it moves on the step that waits for it, if any."""
+        found = self.commands.waiting.pop(str(body.get("id")), None)
+        if found is None:
+            return
+        rollout, step = found
+        if step.device_id != device_id or step.state not in SENDING:
+            return
+        self.commands.answered(rollout, step, body, now)
         self.settle(rollout, now)
+        self.persist(rollout)
+
+    def resume(self, rollout: Rollout, now: float) -> None:
+        """Wait again for the commands of a rollout whose lease this controller just took,
+        settling those answered while no one here was waiting (every controller records
+        every cmd/result)."""
+        for step in rollout.steps:
+            if not (step.cmd_id and step.state in SENDING):
+                continue
+            self.commands.waiting[step.cmd_id] = (rollout, step)
+            command = self.controller.registry.command(step.cmd_id)
+            if command is not None and command["done_ts"] is not None:
+                self.on_cmd_result(
+                    step.device_id,
+                    {"id": step.cmd_id, "ok": command["ok"], "error": command["result"]},
+                    now,
+                )
+        self.persist(rollout)
 
     def event(self, rollout: Rollout, step: DeviceStep, body: dict[str, Any]) -> None:
         """A device event: download progress of its start, or a fatal event while watched."""

@@ -1,8 +1,8 @@
 """What a rollout does to one device, per kind: what to remember before it starts, the commands
 that start it, whether it serves the new target, and the commands that put back what it ran.
 
-The manager (agent.fleet.rollout._manager) runs the same health gate for every kind: start
-commands answered ok, then ``serving`` true, then the canary prompt answered, then ``soak_s``
+Every kind goes through the same health gate (agent.fleet.rollout._gate): start commands
+answered ok, then ``serving`` true, then the canary prompt answered, then ``soak_s``
 without a state in ``fatal_states``, a fatal event or a worker restart. A kind only says
 what those words mean for it: ``model`` (a manifest and a pin) and ``upgrade`` (the agent's
 own version, agent/upgrade.py on the device).
