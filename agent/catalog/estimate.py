@@ -115,6 +115,23 @@ def compute_bytes(info: GGUFInfo, n_ctx: int, n_ubatch: int, flash_attn: bool) -
     return activations + mask + scores + logits_row
 
 
+def _place_tensors(info: GGUFInfo, n_gpu_layers: int) -> tuple[list[TensorInfo], int]:
+    """The tensors that stay on the host, and the bytes of those offloaded to the GPU: the
+    first ``n_gpu_layers`` blocks, and the output too when every block is offloaded."""
+    gpu_layers = max(0, min(n_gpu_layers, info.block_count))
+    output_on_gpu = n_gpu_layers > info.block_count
+    offloaded = {t.name for t in info.tensors if t.layer is not None and t.layer < gpu_layers}
+    if output_on_gpu:
+        offloaded |= {t.name for t in info.tensors
+                      if t.layer is None and t.name != "token_embd.weight"}
+    host_tensors = [t for t in info.tensors if t.name not in offloaded]
+    gpu_tensor_bytes = sum(t.nbytes for t in info.tensors if t.name in offloaded)
+    if output_on_gpu and not any(t.name == "output.weight" for t in info.tensors):
+        # Tied embeddings: llama.cpp gives the GPU its own copy of token_embd as the output.
+        gpu_tensor_bytes += sum(t.nbytes for t in info.tensors if t.name == "token_embd.weight")
+    return host_tensors, gpu_tensor_bytes
+
+
 def estimate_memory(
     info: GGUFInfo,
     file_size: int,
@@ -137,16 +154,7 @@ def estimate_memory(
     """
     n_ubatch = min(n_ubatch, n_batch)
     gpu_layers = max(0, min(n_gpu_layers, info.block_count))
-    output_on_gpu = n_gpu_layers > info.block_count
-    offloaded = {t.name for t in info.tensors if t.layer is not None and t.layer < gpu_layers}
-    if output_on_gpu:
-        offloaded |= {t.name for t in info.tensors if t.layer is None and t.name != "token_embd.weight"}
-    host_tensors = [t for t in info.tensors if t.name not in offloaded]
-    gpu_tensor_bytes = sum(t.nbytes for t in info.tensors if t.name in offloaded)
-    if output_on_gpu and not any(t.name == "output.weight" for t in info.tensors):
-        # Tied embeddings: llama.cpp gives the GPU its own copy of token_embd as the output.
-        gpu_tensor_bytes += sum(t.nbytes for t in info.tensors if t.name == "token_embd.weight")
-
+    host_tensors, gpu_tensor_bytes = _place_tensors(info, n_gpu_layers)
     if use_mmap:
         # The whole mapping is populated; offloaded tensors' pages are dropped after upload.
         host_weights = file_size - gpu_tensor_bytes if gpu_layers else file_size

@@ -616,14 +616,32 @@ def _arch_number(metadata: dict[str, Any], arch: str, key: str, default: int | N
     return max(numbers) if numbers else default
 
 
-def _info(
-    version: int, metadata: dict[str, Any], tensors: list[TensorInfo], header_bytes: int, alignment: int
-) -> GGUFInfo:
+def _architecture(metadata: dict[str, Any]) -> str:
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise GGUFError("general.architecture is missing")
     if not _ARCH_NAME.fullmatch(arch):
         raise GGUFError(f"general.architecture {shown(arch)} is not an architecture name")
+    return arch
+
+
+def _tensor_bytes_by_layer(tensors: list[TensorInfo], block_count: int) -> tuple[list[int], int]:
+    """Bytes of each block's tensors, and of the rest (embeddings, output, norms)."""
+    per_layer = [0] * block_count
+    other = 0
+    for tensor in tensors:
+        layer = tensor.layer
+        if layer is not None and layer < block_count:
+            per_layer[layer] += tensor.nbytes
+        else:
+            other += tensor.nbytes
+    return per_layer, other
+
+
+def _info(
+    version: int, metadata: dict[str, Any], tensors: list[TensorInfo], header_bytes: int, alignment: int
+) -> GGUFInfo:
+    arch = _architecture(metadata)
 
     def number(key: str, default: int | None = None) -> int | None:
         return _arch_number(metadata, arch, key, default)
@@ -644,14 +662,7 @@ def _info(
     vocab_size = number("vocab_size") or token_count
     if vocab_size > ARCH_LIMITS["vocab_size"][1]:
         raise GGUFError(f"tokenizer.ggml.tokens has {vocab_size} entries: corrupt file")
-    per_layer = [0] * block_count
-    other = 0
-    for tensor in tensors:
-        layer = tensor.layer
-        if layer is not None and layer < block_count:
-            per_layer[layer] += tensor.nbytes
-        else:
-            other += tensor.nbytes
+    per_layer, other = _tensor_bytes_by_layer(tensors, block_count)
     file_type = metadata.get("general.file_type")
     return GGUFInfo(
         version=version,
