@@ -581,6 +581,8 @@ class OpenAIAPI:
         except TooLargeError as exc:
             raise APIError.of(exc) from None
 
+    # --- responses ------------------------------------------------------------------------
+
     async def _final(self, reply: _Reply, first: dict[str, Any]) -> dict[str, Any]:
         async for record in self.dispatcher.records(reply.exchange, first):
             if record.get("done"):

@@ -18,8 +18,7 @@ from agent.fleet.metrics import render_metrics
 from agent.fleet.table import MAX_PER_PAGE, parse_query
 from agent.fleet.web._access import Access
 from agent.fleet.web._http import error_response, query_float, query_int
-from agent.fleet.web._pages import with_text
-from agent.fleet.web._rows import DeviceRows
+from agent.fleet.web._rows import DeviceRows, with_text
 
 # The fleet chart: at most this many buckets over a window of at most HISTORY_MAX_WINDOW_S,
 # and one answer per window reused for HISTORY_CACHE_S (each query reads the window's samples).

@@ -26,8 +26,7 @@ from agent.fleet.table import TableQuery, parse_query
 from agent.fleet.view import fleet_summary
 from agent.fleet.web._access import Access
 from agent.fleet.web._http import table_params
-from agent.fleet.web._pages import commands_with_text, with_text
-from agent.fleet.web._rows import DeviceRows
+from agent.fleet.web._rows import DeviceRows, commands_with_text, with_text
 
 STREAM_TICK_S = 1.0
 # Past this many devices the fleet stream slows to BIG_FLEET_TICK_S: each tick builds, filters

@@ -23,10 +23,10 @@ from agent.fleet.controller import FleetController
 from agent.fleet.hosting import ModelDirectory
 from agent.fleet.schemas import Candidates
 from agent.fleet.table import TableQuery, parse_query
-from agent.fleet.view import command_text, event_text, format_bytes, hardware
+from agent.fleet.view import format_bytes, hardware
 from agent.fleet.web._access import Access
 from agent.fleet.web._http import table_params
-from agent.fleet.web._rows import DeviceRows
+from agent.fleet.web._rows import DeviceRows, commands_with_text, with_text
 
 TEMPLATES = Path(__file__).parent.parent / "templates"
 PAGE_HEADERS = {
@@ -170,14 +170,6 @@ class Pages:
         except EdgeAgentError as exc:
             message = f"not published: {exc.message}"
         return RedirectResponse(f"/models?message={quote(message)}", status_code=303)
-
-
-def with_text(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**event, "text": event_text(event["kind"], event["body"])} for event in events]
-
-
-def commands_with_text(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**command, "text": command_text(command)} for command in commands]
 
 
 def _explained(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:

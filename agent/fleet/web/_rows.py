@@ -1,5 +1,6 @@
 """The devices as the pages, the API, the live stream and /metrics show them: rows
-(agent.fleet.view.device_row) built from the registry's in-memory records."""
+(agent.fleet.view.device_row) built from the registry's in-memory records, and events and
+commands with their text."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from agent.config import FleetConfig
 from agent.fleet.registry import DeviceRecord, Registry
 from agent.fleet.table import FactsCache, TableQuery, table_page
-from agent.fleet.view import device_row
+from agent.fleet.view import command_text, device_row, event_text
 
 
 class DeviceRows:
@@ -49,3 +50,11 @@ class DeviceRows:
             "telemetry": record.telemetry,
             "status": {"state": record.state, "session": record.session, "ts": record.status_ts},
         }
+
+
+def with_text(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**event, "text": event_text(event["kind"], event["body"])} for event in events]
+
+
+def commands_with_text(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**command, "text": command_text(command)} for command in commands]
