@@ -41,7 +41,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.version = 0  # protocol level once CONNECT is parsed
-        self.session: Session | None = None  # set once CONNACK is sent
+        self.session: Session | None = None  # set by the registry as CONNACK goes out
         self.will: Will | None = None
         self.keepalive_s = 0
         self.last_received = 0.0

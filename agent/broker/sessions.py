@@ -1,5 +1,6 @@
 """What the broker keeps between packets: messages, wills, sessions (which outlive their
-connection), subscriptions and shared groups. Plain state; the server decides what happens."""
+connection), subscriptions and shared groups. Plain state; what happens to it is decided
+by the session registry, the subscription index and delivery."""
 
 from __future__ import annotations
 
