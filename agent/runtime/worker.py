@@ -8,7 +8,9 @@ matmul kernel, an abort in an assert, the OOM killer) ends this process, not the
 Threads: the main thread loads the model and runs one generation at a time: it tokenizes
 the prompt (the only place a prompt is tokenized) and refuses one longer than the context
 (``too_long``); a reader thread reads frames and sets the cancel flag that the generation
-checks after every token.
+checks after every token. A load is ``_load_model`` (one rung's settings to a Llama and its
+chat formatter); a generation is ``Worker._generate``: ``_prepare`` (tokens, ``too_long``, the
+grammar from its GrammarCache), ``_stream`` (sampling, cancel, chunk frames), ``_result``.
 
 llama_cpp is imported only in child processes: this worker and agent.runtime.quality's
 measuring child, never in the daemon. This module must not import the engine, MQTT or
@@ -33,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.config import MAX_CHAT_TEMPLATE_BYTES, is_chat_template_file
 from agent.runtime.protocol import (
@@ -173,6 +175,163 @@ def _read_template(path: str) -> str:
     return data.decode("utf-8")
 
 
+def _configured_chat_format(settings: dict[str, Any]) -> tuple[Any, str | None]:
+    """The rung's ``chat_format`` as (a registered formatter, a Jinja template's text), at most
+    one of them set. Checked before the model is built: one that cannot work costs nothing."""
+    chat_format = settings.get("chat_format")
+    if chat_format is None:
+        return None, None
+    if is_chat_template_file(chat_format):
+        return None, _read_template(chat_format)
+    return registered_formatter(chat_format), None
+
+
+def _build_llama(settings: dict[str, Any]) -> Any:
+    """The Llama of one ladder rung's settings (agent.runtime.ladder)."""
+    import llama_cpp
+
+    kv = _KV_TYPES[settings.get("kv_type", "f16")]
+    flash_attn = bool(settings.get("flash_attn")) or kv != _KV_TYPES["f16"]
+    wanted_bufts = settings.get("use_extra_bufts", True)
+    with _model_params(wanted_bufts):
+        llama = llama_cpp.Llama(
+            model_path=settings["model_path"],
+            n_ctx=settings["n_ctx"],
+            n_batch=settings["n_batch"],
+            n_ubatch=settings["n_ubatch"],
+            n_threads=settings["n_threads"],
+            n_threads_batch=settings["n_threads"],
+            n_gpu_layers=settings["n_gpu_layers"],
+            use_mmap=settings.get("use_mmap", True),
+            use_mlock=settings.get("use_mlock", False),
+            flash_attn=flash_attn,
+            type_k=kv,
+            # V cache quantization needs flash attention in llama.cpp.
+            type_v=kv if flash_attn else _KV_TYPES["f16"],
+            seed=settings.get("seed", 0xFFFFFFFF),
+            verbose=False,
+        )
+    if bool(llama.model_params.use_extra_bufts) != wanted_bufts:
+        raise RuntimeError(f"this llama-cpp-python ignored use_extra_bufts={wanted_bufts}")
+    return llama
+
+
+def _load_model(settings: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The Llama of one rung's settings, its vocab (llama_vocab_p) and its chat formatter (None
+    when the model has no chat template and the rung names no chat format)."""
+    import llama_cpp
+
+    named, template_text = _configured_chat_format(settings)
+    llama = _build_llama(settings)
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    if named is not None:
+        return llama, vocab, named
+    # Precedence (config over manifest over the GGUF's own) was settled by the selector:
+    # chat_format is set only when it overrides the file's template.
+    template = template_text or llama.metadata.get("tokenizer.chat_template")
+    return llama, vocab, _template_formatter(llama, vocab, template) if template else None
+
+
+def _template_formatter(llama: Any, vocab: Any, template: str) -> Any:
+    """The chat formatter of a Jinja ``template``, with the model's own BOS and EOS tokens."""
+    from llama_cpp import llama_chat_format
+
+    eos = llama.token_eos()
+    bos = llama.token_bos()
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        eos_token=_token_text(vocab, eos) if eos != -1 else "",
+        bos_token=_token_text(vocab, bos) if bos != -1 else "",
+        stop_token_ids=[eos],
+    )
+
+
+class GrammarCache:
+    """The LlamaGrammar a request asks for (``grammar`` or ``response_format``), checked once
+    and kept per grammar text or schema, least recently used out first."""
+
+    def __init__(self) -> None:
+        self._grammars: OrderedDict[str, Any] = OrderedDict()  # key -> LlamaGrammar
+
+    def lookup(self, message: Generate, vocab: Any) -> Any:
+        """The request's grammar, or None when it asks for none; raises GrammarRefused."""
+        from llama_cpp import llama_grammar
+
+        form = message.response_format
+        if message.grammar is not None:
+            key = "gbnf:" + message.grammar
+        elif form is None:
+            return None
+        elif form["type"] == "json_object":
+            key = "json_object"
+        else:
+            key = "schema:" + json.dumps(form["json_schema"]["schema"], sort_keys=True)
+        cached = self._grammars.get(key)
+        if cached is not None:
+            self._grammars.move_to_end(key)
+            return cached
+        if key.startswith("gbnf:"):
+            text = message.grammar
+        elif key == "json_object":
+            text = llama_grammar.JSON_GBNF
+        else:
+            try:
+                text = llama_grammar.json_schema_to_gbnf(key.removeprefix("schema:"))
+            except Exception as exc:  # the converter asserts on what it does not support
+                raise GrammarRefused(
+                    f"response_format.json_schema: not a schema this runtime can enforce: "
+                    f"{type(exc).__name__}: {str(exc)[:300]}"
+                ) from None
+        _check_grammar(text, vocab)
+        grammar = llama_grammar.LlamaGrammar.from_string(text, verbose=False)
+        self._grammars[key] = grammar
+        while len(self._grammars) > GRAMMAR_CACHE_SIZE:
+            self._grammars.popitem(last=False)
+        return grammar
+
+
+def _check_grammar(text: str, vocab: Any) -> None:
+    """llama.cpp parses a grammar only when a sampler is made from it, and llama-cpp-python
+    adds the NULL sampler of a grammar it refused to the chain anyway (a crash at the first
+    token). So it is parsed once here, through the public bindings;
+    tests/runtime/test_grammar.py fails loudly if an upgrade changes that."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+    if not sampler:
+        raise GrammarRefused("grammar: llama.cpp cannot parse it as GBNF with a `root` rule")
+    llama_cpp.llama_sampler_free(sampler)
+
+
+def _timings(sampled: list[tuple[int, float]], perf: Any, prompt_tokens: int, started: float,
+             finished: float) -> dict[str, float]:
+    """A generation's timings from its sampled tokens' times and llama.cpp's prefill counters
+    (``perf``: llama_perf_context_data); ``started`` and ``finished`` are perf_counter times."""
+    ttft_s = (sampled[0][1] - started) if sampled else finished - started
+    decode_s = (sampled[-1][1] - sampled[0][1]) if sampled else 0.0
+    if perf.n_p_eval > 0 and perf.t_p_eval_ms > 0:
+        prefill_rate = perf.n_p_eval / (perf.t_p_eval_ms / 1000)
+    else:
+        prefill_rate = prompt_tokens / ttft_s if ttft_s > 0 else 0.0
+    return {
+        "ttft_ms": round(ttft_s * 1000, 3),
+        "prefill_tokens_per_s": round(prefill_rate, 2),
+        "decode_tokens_per_s": round((len(sampled) - 1) / decode_s, 2)
+        if decode_s > 0 and len(sampled) > 1
+        else 0.0,
+        "total_ms": round((finished - started) * 1000, 3),
+    }
+
+
+class _Prepared(NamedTuple):
+    """What a generation starts from, once the request is known to fit."""
+
+    tokens: list[int]  # the prompt, tokenized once
+    stop: list[str]  # the chat format's stop strings, beside the request's
+    stop_check: Any  # the chat template's stop-token check, or None
+    grammar: Any  # a LlamaGrammar, or None
+
+
 class Worker:
     def __init__(self, reader: FrameReader, writer: FrameWriter) -> None:
         self._reader = reader
@@ -187,7 +346,7 @@ class Worker:
         self._llama: Any = None
         self._formatter: Any = None
         self._sampled: list[tuple[int, float]] = []
-        self._grammars: OrderedDict[str, Any] = OrderedDict()  # key -> LlamaGrammar, LRU
+        self._grammars = GrammarCache()
         self._vocab: Any = None  # llama_vocab_p of the loaded model
 
     # reader thread ------------------------------------------------------------------
@@ -223,57 +382,11 @@ class Worker:
         started = time.perf_counter()
         try:
             import llama_cpp
-            from llama_cpp import llama_chat_format
 
             rss_before = _rss_bytes()
-            # A chat format that cannot work fails the load before the model costs anything.
-            chat_format = settings.get("chat_format")
-            named = template_text = None
-            if chat_format is not None and is_chat_template_file(chat_format):
-                template_text = _read_template(chat_format)
-            elif chat_format is not None:
-                named = registered_formatter(chat_format)
-            kv = _KV_TYPES[settings.get("kv_type", "f16")]
-            flash_attn = bool(settings.get("flash_attn")) or kv != _KV_TYPES["f16"]
-            with _model_params(settings.get("use_extra_bufts", True)):
-                llama = llama_cpp.Llama(
-                    model_path=settings["model_path"],
-                    n_ctx=settings["n_ctx"],
-                    n_batch=settings["n_batch"],
-                    n_ubatch=settings["n_ubatch"],
-                    n_threads=settings["n_threads"],
-                    n_threads_batch=settings["n_threads"],
-                    n_gpu_layers=settings["n_gpu_layers"],
-                    use_mmap=settings.get("use_mmap", True),
-                    use_mlock=settings.get("use_mlock", False),
-                    flash_attn=flash_attn,
-                    type_k=kv,
-                    # V cache quantization needs flash attention in llama.cpp.
-                    type_v=kv if flash_attn else _KV_TYPES["f16"],
-                    seed=settings.get("seed", 0xFFFFFFFF),
-                    verbose=False,
-                )
-            wanted_bufts = settings.get("use_extra_bufts", True)
-            if bool(llama.model_params.use_extra_bufts) != wanted_bufts:
-                raise RuntimeError(f"this llama-cpp-python ignored use_extra_bufts={wanted_bufts}")
-            vocab = llama_cpp.llama_model_get_vocab(llama.model)
-            # Precedence (config over manifest over the GGUF's own) was settled by the selector:
-            # chat_format is set only when it overrides the file's template.
-            template = template_text or llama.metadata.get("tokenizer.chat_template")
-            if named is not None:
-                self._formatter = named
-            elif template:
-                eos = llama.token_eos()
-                bos = llama.token_bos()
-                self._formatter = llama_chat_format.Jinja2ChatFormatter(
-                    template=template,
-                    eos_token=_token_text(vocab, eos) if eos != -1 else "",
-                    bos_token=_token_text(vocab, bos) if bos != -1 else "",
-                    stop_token_ids=[eos],
-                )
+            llama, vocab, formatter = _load_model(settings)
             _watch_sampling(llama, self._sampled)
-            self._llama = llama
-            self._vocab = vocab
+            self._llama, self._vocab, self._formatter = llama, vocab, formatter
         except Exception as exc:
             self._writer.send(LoadFailed(message=f"{type(exc).__name__}: {exc}"))
             return
@@ -323,89 +436,69 @@ class Worker:
         prompt = message.prompt or ""
         return llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), [], None
 
-    def _grammar(self, message: Generate) -> Any:
-        """The LlamaGrammar the request asks for (``grammar`` or ``response_format``), or None;
-        checked and kept per grammar text or schema, least recently used out first."""
-        from llama_cpp import llama_grammar
-
-        form = message.response_format
-        if message.grammar is not None:
-            key = "gbnf:" + message.grammar
-        elif form is None:
-            return None
-        elif form["type"] == "json_object":
-            key = "json_object"
-        else:
-            key = "schema:" + json.dumps(form["json_schema"]["schema"], sort_keys=True)
-        cached = self._grammars.get(key)
-        if cached is not None:
-            self._grammars.move_to_end(key)
-            return cached
-        if key.startswith("gbnf:"):
-            text = message.grammar
-        elif key == "json_object":
-            text = llama_grammar.JSON_GBNF
-        else:
-            try:
-                text = llama_grammar.json_schema_to_gbnf(key.removeprefix("schema:"))
-            except Exception as exc:  # the converter asserts on what it does not support
-                raise GrammarRefused(
-                    f"response_format.json_schema: not a schema this runtime can enforce: "
-                    f"{type(exc).__name__}: {str(exc)[:300]}"
-                ) from None
-        self._check_grammar(text)
-        grammar = llama_grammar.LlamaGrammar.from_string(text, verbose=False)
-        self._grammars[key] = grammar
-        while len(self._grammars) > GRAMMAR_CACHE_SIZE:
-            self._grammars.popitem(last=False)
-        return grammar
-
-    def _check_grammar(self, text: str) -> None:
-        """llama.cpp parses a grammar only when a sampler is made from it, and llama-cpp-python
-        adds the NULL sampler of a grammar it refused to the chain anyway (a crash at the first
-        token). So it is parsed once here, through the public bindings;
-        tests/runtime/test_grammar.py fails loudly if an upgrade changes that."""
-        import llama_cpp
-
-        vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
-        if not sampler:
-            raise GrammarRefused("grammar: llama.cpp cannot parse it as GBNF with a `root` rule")
-        llama_cpp.llama_sampler_free(sampler)
-
     def _generate(self, message: Generate) -> None:
-        import llama_cpp
-
         request_id = message.id
-        llama = self._llama
         started = time.perf_counter()
+        prepared = self._prepare(message)
+        if prepared is None:
+            return  # refused; its final is sent
+        cancelled = self._cancels_for(request_id)
+        try:
+            text, finish_reason = self._stream(message, prepared, cancelled)
+        except Exception as exc:
+            self._final_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            reason = cancelled.pop(request_id, None)
+        if reason is not None:
+            code = "timeout" if reason == "timeout" else "cancelled"
+            self._final_error(request_id, code, f"generation stopped: {reason}")
+            return
+        self._writer.send(self._result(request_id, text, finish_reason, prepared, started))
+
+    def _prepare(self, message: Generate) -> _Prepared | None:
+        """Tokenize the prompt and find its grammar; None when the request is refused
+        (bad_request, too_long, bad_grammar) with its final sent."""
+        request_id = message.id
         try:
             tokens, extra_stop, template_stop = self._prompt_tokens(message)
         except Exception as exc:
             self._final_error(request_id, "bad_request", f"{type(exc).__name__}: {exc}")
-            return
-        n_ctx = llama.n_ctx()
+            return None
+        n_ctx = self._llama.n_ctx()
         if len(tokens) >= n_ctx:
             self._final_error(
                 request_id, "too_long", f"prompt is {len(tokens)} tokens, context is {n_ctx}",
                 prompt_tokens=len(tokens), n_ctx=n_ctx,
             )
-            return
+            return None
         try:
-            grammar = self._grammar(message)
+            grammar = self._grammars.lookup(message, self._vocab)
         except GrammarRefused as exc:
             self._final_error(request_id, "bad_grammar", str(exc))
-            return
-        # Cancels for requests that have already finished are stale now.
+            return None
+        return _Prepared(tokens, extra_stop, template_stop, grammar)
+
+    def _cancels_for(self, request_id: str) -> dict[str, str]:
+        """The cancel flags, emptied of all but ``request_id``'s: cancels for requests that have
+        already finished are stale now. The reader keeps inserting into this same dict."""
         with self._cancelled_lock:
             reason = self._cancelled.get(request_id)
             self._cancelled.clear()  # in place: the reader inserts into this same dict
             if reason is not None:
                 self._cancelled[request_id] = reason
-        cancelled = self._cancelled
+        return self._cancelled
 
-        sampled = self._sampled
-        sampled.clear()
+    def _stream(self, message: Generate, prepared: _Prepared,
+                cancelled: dict[str, str]) -> tuple[str, str]:
+        """Generate, sending each piece as a chunk when the request streams and stopping once
+        the request is cancelled (checked after every token); the text and finish reason."""
+        import llama_cpp
+
+        request_id = message.id
+        llama = self._llama
+        template_stop = prepared.stop_check
+        self._sampled.clear()
 
         def watch(input_ids: Any, logits: Any) -> bool:
             if template_stop is not None and template_stop(input_ids, logits):
@@ -416,66 +509,50 @@ class Worker:
         text_parts: list[str] = []
         finish_reason = "length"
         seq = 0
-        try:
-            stream = llama.create_completion(
-                tokens,
-                max_tokens=message.max_tokens,
-                temperature=message.temperature,
-                top_p=message.top_p,
-                top_k=message.top_k,
-                min_p=message.min_p,
-                repeat_penalty=message.repeat_penalty,
-                stop=message.stop + extra_stop,
-                seed=message.seed,
-                grammar=grammar,
-                stream=True,
-                stopping_criteria=llama_cpp.StoppingCriteriaList([watch]),
-            )
-            for chunk in stream:
-                choice = chunk["choices"][0]
-                delta = choice["text"]
-                if delta:
-                    text_parts.append(delta)
-                    if message.stream:
-                        self._writer.send(Chunk(id=request_id, seq=seq, delta=delta))
-                        seq += 1
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-                if request_id in cancelled:
-                    break
-        except Exception as exc:
-            self._final_error(request_id, "internal", f"{type(exc).__name__}: {exc}")
-            return
-        finally:
-            reason = cancelled.pop(request_id, None)
-        if reason is not None:
-            code = "timeout" if reason == "timeout" else "cancelled"
-            self._final_error(request_id, code, f"generation stopped: {reason}")
-            return
+        stream = llama.create_completion(
+            prepared.tokens,
+            max_tokens=message.max_tokens,
+            temperature=message.temperature,
+            top_p=message.top_p,
+            top_k=message.top_k,
+            min_p=message.min_p,
+            repeat_penalty=message.repeat_penalty,
+            stop=message.stop + prepared.stop,
+            seed=message.seed,
+            grammar=prepared.grammar,
+            stream=True,
+            stopping_criteria=llama_cpp.StoppingCriteriaList([watch]),
+        )
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            delta = choice["text"]
+            if delta:
+                text_parts.append(delta)
+                if message.stream:
+                    self._writer.send(Chunk(id=request_id, seq=seq, delta=delta))
+                    seq += 1
+            if choice.get("finish_reason"):
+                finish_reason = choice["finish_reason"]
+            if request_id in cancelled:
+                break
+        return "".join(text_parts), finish_reason
+
+    def _result(self, request_id: str, text: str, finish_reason: str, prepared: _Prepared,
+                started: float) -> Final:
+        """The final of a finished generation, its usage and timings from the sampled tokens."""
+        import llama_cpp
+
         finished = time.perf_counter()
+        sampled = self._sampled
+        prompt_tokens = len(prepared.tokens)
         completion = [t for t, _ in sampled if not llama_cpp.llama_vocab_is_eog(self._vocab, t)]
-        perf = llama_cpp.llama_perf_context(llama.ctx)
-        ttft_s = (sampled[0][1] - started) if sampled else finished - started
-        decode_s = (sampled[-1][1] - sampled[0][1]) if sampled else 0.0
-        if perf.n_p_eval > 0 and perf.t_p_eval_ms > 0:
-            prefill_rate = perf.n_p_eval / (perf.t_p_eval_ms / 1000)
-        else:
-            prefill_rate = len(tokens) / ttft_s if ttft_s > 0 else 0.0
-        self._writer.send(
-            Final(
-                id=request_id,
-                text="".join(text_parts),
-                finish_reason=finish_reason,
-                usage={"prompt_tokens": len(tokens), "completion_tokens": len(completion)},
-                timings={
-                    "ttft_ms": round(ttft_s * 1000, 3),
-                    "prefill_tokens_per_s": round(prefill_rate, 2),
-                    "decode_tokens_per_s": round((len(sampled) - 1) / decode_s, 2)
-                    if decode_s > 0 and len(sampled) > 1
-                    else 0.0,
-                    "total_ms": round((finished - started) * 1000, 3),
-                },
-            )
+        perf = llama_cpp.llama_perf_context(self._llama.ctx)
+        return Final(
+            id=request_id,
+            text=text,
+            finish_reason=finish_reason,
+            usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(completion)},
+            timings=_timings(sampled, perf, prompt_tokens, started, finished),
         )
 
     def _final_error(self, request_id: str, code: str, message: str, **details: int) -> None:
