@@ -40,6 +40,7 @@ from agent.errors import EdgeAgentError, RequestError
 from agent.fetch.store import ModelStore
 from agent.hardware.device import DeviceInfo
 from agent.hardware.probe import probe
+from agent.heap import release_freed_memory
 from agent.log import get_logger
 from agent.mqtt import payloads
 from agent.runtime.engine import Engine
@@ -102,6 +103,7 @@ class ModelSupervisor:
                 work()
             except Exception:  # one failed message must never stop the model thread
                 log.exception("model_work_failed")
+            release_freed_memory()  # what the work parsed is garbage now; the daemon idles
 
     def _update(self, **changes: Any) -> None:
         self.status = replace(self.status, **changes)  # one reference swap: readers see old or new

@@ -129,7 +129,7 @@ def main() -> int:
     started = time.monotonic()
     result: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     print("bench: serving paths …", file=sys.stderr, flush=True)
-    result["decode"] = bench_decode.run(rounds=2 if args.quick else 3)
+    result["decode"] = bench_decode.run(rounds=3 if args.quick else 6)
     print("bench: memory estimator …", file=sys.stderr, flush=True)
     result["estimator"] = bench_estimator.run()
     print("bench: speed prediction vs measurement …", file=sys.stderr, flush=True)

@@ -10,10 +10,12 @@ machine, pinned to one variant), measured as a client of each path sees it:
 - edge-agent's daemon over MQTT (mosquitto on loopback, MQTT 5 response topic)
 - llama-cpp-python's own OpenAI-compatible server over HTTP (``llama_cpp.server``)
 
-The paths take turns round by round, so machine noise hits them alike, and the figures are
-medians. Also measured: the daemon's idle parent RSS and CPU with the model loaded.
+The paths take turns round by round, so machine noise hits them alike. The figures are
+medians, and each ratio is the median over rounds of that round's ratio to the baseline (both
+measured within seconds of each other, so a slow spell on a shared machine cancels out). Also
+measured: the daemon's idle parent RSS and CPU with the model loaded.
 
-    ~/.cache/edge-agent/venv/bin/python scripts/bench_decode.py [--rounds 3] [--json out.json]
+    ~/.cache/edge-agent/venv/bin/python scripts/bench_decode.py [--rounds 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ class OverHTTP:
         self.server.close()
 
 
-def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int = 64) -> dict:
+def run(quant: str = "Q4_K_M", rounds: int = 6, asks: int = 3, max_tokens: int = 64) -> dict:
     ladder = ladder_dir()
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
@@ -244,7 +246,8 @@ def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int =
             "llama_cpp.server over HTTP": lambda: OverHTTP(model, selection),
         }
         runners = {}
-        results: dict[str, list[dict]] = {name: [] for name in paths}
+        # results[name][round]: that path's answers in one round
+        results: dict[str, list[list[dict]]] = {name: [] for name in paths}
         footprint = None
         try:
             for name, make in paths.items():
@@ -252,7 +255,7 @@ def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int =
                 runners[name].ask(4)  # warm-up: first-use allocations are not what users see
             for _ in range(rounds):
                 for name, runner in runners.items():
-                    results[name] += [runner.ask(max_tokens) for _ in range(asks)]
+                    results[name].append([runner.ask(max_tokens) for _ in range(asks)])
             footprint = runners["edge-agent daemon over MQTT"].idle_footprint()
             daemon_settings = (runners["edge-agent daemon over MQTT"].meta.get("selection") or {})
         finally:
@@ -260,15 +263,22 @@ def run(quant: str = "Q4_K_M", rounds: int = 3, asks: int = 3, max_tokens: int =
                 runner.close()
 
     baseline = "llama-cpp-python in-process"
+    def per_round(name: str, key: str) -> list[float]:
+        return [statistics.median(answer[key] for answer in answers) for answers in results[name]]
+
     table = {}
-    for name, rows in results.items():
-        table[name] = {"decode_tps": statistics.median(r["decode_tps"] for r in rows),
-                       "ttft_ms": statistics.median(r["ttft_ms"] for r in rows)}
-    base = table[baseline]
-    engine = table["edge-agent engine"]
+    for name, rounds_of in results.items():
+        answers = [answer for answers in rounds_of for answer in answers]
+        table[name] = {"decode_tps": statistics.median(a["decode_tps"] for a in answers),
+                       "ttft_ms": statistics.median(a["ttft_ms"] for a in answers)}
+    base_tps = per_round(baseline, "decode_tps")
+    engine_ttft = per_round("edge-agent engine", "ttft_ms")
     for name, row in table.items():
-        row["decode_ratio"] = row["decode_tps"] / base["decode_tps"]
-        row["ttft_overhead_ms"] = row["ttft_ms"] - engine["ttft_ms"]
+        row["decode_ratio_by_round"] = [
+            tps / base for tps, base in zip(per_round(name, "decode_tps"), base_tps)]
+        row["decode_ratio"] = statistics.median(row["decode_ratio_by_round"])
+        row["ttft_overhead_ms"] = statistics.median(
+            ttft - engine for ttft, engine in zip(per_round(name, "ttft_ms"), engine_ttft))
     mqtt = table["edge-agent daemon over MQTT"]
     targets = {**TARGETS, "meets": {
         "mqtt_decode_ratio": mqtt["decode_ratio"] >= TARGETS["mqtt_decode_ratio_min"],
@@ -302,7 +312,7 @@ def print_table(result: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quant", default="Q4_K_M")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--asks", type=int, default=3, help="prompts per path per round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path)

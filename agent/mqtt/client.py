@@ -7,14 +7,16 @@ What it guarantees:
 - A persistent session (clean start off + Session Expiry Interval on MQTT 5, clean session off
   on 3.1.1), so QoS 1 messages sent to the device while it was away are delivered; with
   ``session_expiry_s`` 0 the session ends with the connection on both protocols.
-- Reconnect with exponential backoff (paho's own loop), re-subscribe from a local registry on
-  every connect, and no retrying at all once the broker says the credentials are bad.
+- Reconnect with exponential backoff (``agent.mqtt.network``), re-subscribe from a local
+  registry on every connect, and no retrying at all once the broker says the credentials are bad.
+- A publish is written to the socket by the thread that makes it (``agent.mqtt.network``):
+  no hand-off to a network thread per streamed chunk.
 - QoS 1 messages published while the broker is away stay in paho's outgoing queue (bounded by
   ``outgoing_queue_limit``) and go out after the reconnect.
 
-What it must not do: run application code on paho's network thread. Callbacks only decode a
-message into an :class:`Inbound` or a :class:`ConnectionChange` and put it on the caller's
-queue; the caller's dispatcher thread does the rest.
+What it must not do: run application code in paho's callbacks. They only decode a message into
+an :class:`Inbound` or a :class:`ConnectionChange`, which the connection's thread puts on the
+caller's queue; the caller's dispatcher thread does the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import queue
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import MQTTConfig
 from agent.errors import ConfigError
 from agent.log import get_logger
+from agent.mqtt.network import NetworkLoop
 
 log = get_logger(__name__)
 
@@ -184,10 +186,13 @@ class MQTTClient:
             # 3.1.1 has no expiry interval: a session either persists or ends with the connection.
             clean_session=None if self.is_v5 else config.session_expiry_s == 0,
         )
-        self._client.suppress_exceptions = True  # a bug in a callback must not kill the network thread
+        self._client.suppress_exceptions = True  # a bug in a callback must not kill the I/O thread
         self._client.max_queued_messages_set(config.outgoing_queue_limit)
-        self._client.reconnect_delay_set(
-            max(1, round(config.reconnect_min_s)), max(1, round(config.reconnect_max_s))
+        self._network = NetworkLoop(
+            self._client, name=client_id, deliver=inbox.put,
+            reconnect_min_s=max(1, round(config.reconnect_min_s)),
+            reconnect_max_s=max(1, round(config.reconnect_max_s)),
+            on_connect_fail=self._on_connect_fail,
         )
         username = config.username or client_id
         self._client.username_pw_set(username, password)
@@ -200,7 +205,6 @@ class MQTTClient:
             )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_socket_open = self._on_socket_open
@@ -208,7 +212,7 @@ class MQTTClient:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect in the background; paho's thread keeps reconnecting until stop()."""
+        """Connect in the background; the connection's thread keeps reconnecting until stop()."""
         properties = None
         if self.is_v5:
             properties = Properties(PacketTypes.CONNECT)
@@ -220,7 +224,7 @@ class MQTTClient:
             clean_start=False if self.is_v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
         )
-        self._client.loop_start()
+        self._network.start()
         log.info("mqtt_connecting", host=self.config.host, port=self.config.port,
                  protocol=self.config.protocol, client_id=self.client_id, tls=self.config.tls.enabled)
 
@@ -236,9 +240,8 @@ class MQTTClient:
         return self._deliveries.wait_acked(timeout)
 
     def stop(self) -> None:
-        """A normal disconnect (the broker discards the Will), then stop paho's thread."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        """A normal disconnect (the broker discards the Will), then stop the connection's thread."""
+        self._network.stop()
         self._connected.clear()
 
     # -- subscriptions and publishing -----------------------------------------------------
@@ -248,7 +251,9 @@ class MQTTClient:
         with self._subscriptions_lock:
             self._subscriptions[topic] = qos
         if self.connected:
-            self._client.subscribe(topic, qos)
+            with self._network.io:
+                self._client.subscribe(topic, qos)
+            self._network.written()
 
     def publish(
         self,
@@ -266,8 +271,8 @@ class MQTTClient:
         ``response_topic`` and ``correlation_data`` are MQTT 5 properties (left out on 3.1.1).
         False when the message was dropped: QoS 0 while disconnected, or the outgoing queue
         is full (logged). ``on_written`` (QoS 0): called once the message has been written to
-        the socket, or the connection it waited for was lost; on paho's network thread, so it
-        must only enqueue.
+        the socket, or the connection it waited for was lost; it runs under the connection's
+        I/O lock (often inside this call), so it must only enqueue.
         """
         properties = None
         if response_topic is not None and self.is_v5:
@@ -277,7 +282,10 @@ class MQTTClient:
                 properties.CorrelationData = correlation_data
         elif correlation_data is not None and self.is_v5:
             properties = self._correlation_properties(correlation_data)
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        with self._network.io:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain,
+                                        properties=properties)
+        self._network.written()
         if info.rc == paho.MQTT_ERR_QUEUE_SIZE:
             log.error("mqtt_outgoing_queue_full", topic=topic, limit=self.config.outgoing_queue_limit)
             return False
@@ -298,7 +306,7 @@ class MQTTClient:
         self._last_properties = (correlation_data, properties)
         return properties
 
-    # -- paho callbacks (network thread: decode and enqueue only) ---------------------------
+    # -- paho callbacks (under the I/O lock: decode and defer only) -------------------------
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # Streamed chunks are small writes in quick succession. With Nagle's algorithm on (paho
@@ -320,9 +328,10 @@ class MQTTClient:
                 log.error("mqtt_credentials_rejected", reason=self.fatal_reason,
                           username=self.config.username or self.client_id, host=self.config.host,
                           hint="check mqtt.username and the password file; not retrying")
-                client.disconnect()  # ends paho's reconnect loop
-                self.inbox.put(ConnectionChange(False, reason=self.fatal_reason, fatal=True,
-                                                client_id=self.client_id))
+                self._network.give_up()
+                client.disconnect()
+                self._network.defer(ConnectionChange(False, reason=self.fatal_reason, fatal=True,
+                                                     client_id=self.client_id))
             else:
                 log.warning("mqtt_connect_refused", reason=str(reason_code))
             return
@@ -333,12 +342,12 @@ class MQTTClient:
         self._connected.set()
         log.info("mqtt_connected", session_present=bool(flags.session_present),
                  subscriptions=len(wanted))
-        self.inbox.put(ConnectionChange(True, session_present=bool(flags.session_present),
-                                        client_id=self.client_id))
+        self._network.defer(ConnectionChange(True, session_present=bool(flags.session_present),
+                                             client_id=self.client_id))
 
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+    def _on_connect_fail(self, error: OSError) -> None:
         log.warning("mqtt_connect_failed", host=self.config.host, port=self.config.port,
-                    tls=self.config.tls.enabled, error=_connect_error())
+                    tls=self.config.tls.enabled, error=f"{type(error).__name__}: {error}")
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Any) -> None:
@@ -347,7 +356,8 @@ class MQTTClient:
         self._deliveries.connection_lost()
         if was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code))
-            self.inbox.put(ConnectionChange(False, reason=str(reason_code), client_id=self.client_id))
+            self._network.defer(ConnectionChange(False, reason=str(reason_code),
+                                                 client_id=self.client_id))
         elif self.fatal_reason is None and reason_code.is_failure:
             # Closed before CONNACK: e.g. a broker that wants a client certificate (TLS 1.3
             # lets the handshake finish and refuses it at the first read).
@@ -362,8 +372,9 @@ class MQTTClient:
         if props is not None:
             response_topic = getattr(props, "ResponseTopic", None)
             correlation_data = getattr(props, "CorrelationData", None)
-        # Blocks when the dispatcher is far behind: TCP back-pressure instead of unbounded memory.
-        self.inbox.put(Inbound(
+        # Delivered by the connection's thread, which blocks while the dispatcher is far behind
+        # and reads no more: TCP back-pressure instead of unbounded memory.
+        self._network.defer(Inbound(
             topic=message.topic,
             payload=bytes(message.payload),
             response_topic=response_topic,
@@ -393,11 +404,3 @@ class MQTTClient:
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConfigError(f"mqtt.tls: cannot set up TLS: {exc}", key="mqtt.tls") from exc
 
-
-def _connect_error() -> str:
-    """Why paho's connect attempt failed. paho calls on_connect_fail from inside its ``except
-    OSError`` and passes no error, so the exception being handled is the reason (a refused TLS
-    handshake names the check that failed). tests/mqtt/test_tls.py fails loudly if a paho
-    upgrade stops calling it there."""
-    error = sys.exc_info()[1]
-    return f"{type(error).__name__}: {error}" if error is not None else "unknown (paho gave no reason)"
