@@ -13,18 +13,20 @@ builds these, starts them in order and stops them in reverse):
 - the worker process: agent.runtime.process.WorkerProcess, spawned by the engine; the
   worker (agent.runtime.worker) is the only place llama_cpp is imported.
 - MQTT I/O: agent.mqtt.client.MQTTClient (paho) under agent.presence.DeviceLink, which
-  makes the device's connections; agent.dispatcher reads what arrives, agent.replies
-  publishes prompt replies, agent.presence status, meta and events.
+  makes the device's connections; each connection's socket is read by its own thread
+  (agent.mqtt.network) and written by whichever thread publishes, under one I/O lock.
+  agent.dispatcher handles what arrives, agent.replies publishes prompt replies,
+  agent.presence status, meta and events.
 - telemetry: agent.telemetry.Telemetry, on the hardware readers (cgroup-aware).
 
-Threads in the daemon process: main (signals, watchdog), paho's network thread per
-connection, ``dispatcher``, ``model``, ``replies``, ``telemetry``, ``upgrades`` (ends once a
+Threads in the daemon process: main (signals, watchdog), an ``mqtt-<client id>`` I/O thread
+per connection, ``dispatcher``, ``model``, ``replies``, ``telemetry``, ``upgrades`` (ends once a
 trial is settled), the engine's ``engine`` and ``engine-supervisor``, and two reader threads
 per worker process. The worker has its main thread and a frame reader.
 
 One prompt's path, with its hand-offs (threads → queues):
 
-1. paho's network thread decodes the PUBLISH → ``inbox``
+1. the connection's ``mqtt-<client id>`` thread decodes the PUBLISH → ``inbox``
 2. ``dispatcher``: parses and validates once (agent.mqtt.payloads.decode_prompt), checks the
    reply route, admits the id in the ledger, ``Engine.submit`` → the engine's queue
 3. ``engine`` thread: starts it → pipe → the worker's frame reader → its ``_ops`` queue
@@ -32,13 +34,14 @@ One prompt's path, with its hand-offs (threads → queues):
    chunk and final frames → pipe
 5. the worker's frame-reader thread in the daemon hands every record of the request, in
    order, to ``Replies.recorder``, which publishes it there (chunks QoS 0, the final QoS 1,
-   finishing the ledger entry) → paho's outgoing queue → the network thread. Only while the
-   line is busy does a chunk wait, for the ``replies`` thread to publish it coalesced with
-   the next ones (agent.replies).
+   finishing the ledger entry): that thread writes the packet to the socket itself. Only
+   while the line is busy does a chunk wait, for the ``replies`` thread to publish it
+   coalesced with the next ones (agent.replies); only a short write leaves bytes for the
+   ``mqtt-<client id>`` thread to finish.
 
-So: 6 threads in two processes (paho's network thread counted once, for both ways) and 4
-queues (inbox, the engine's, the worker's ``_ops``, paho's); one hand-off each way between
-the daemon's MQTT side and the model, no round trip to the worker before the queue.
+So: 6 threads in two processes and 3 queues (inbox, the engine's, the worker's ``_ops``);
+one hand-off each way between the daemon's MQTT side and the model, no round trip to the
+worker before the queue, and no thread between a reply and the socket.
 """
 
 __version__ = "0.1.0"
