@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import EdgeAgentError
+from agent.errors import BusyError, EdgeAgentError
 from agent.ledger import ReplyRoute, RequestLedger
 from agent.log import get_logger
 from agent.mqtt import payloads
@@ -55,12 +55,23 @@ class CommandOps:
             raise RuntimeError(f"the command table {sorted(self.table)} and the parsed ops "
                                f"{sorted(payloads.OPS)} differ")
 
-    def submit(self, command: payloads.Command, route: ReplyRoute | None) -> None:
-        """Dispatcher thread: run a quick op now, post any other to the ``model`` thread."""
+    def submit(self, command: payloads.Command, route: ReplyRoute) -> None:
+        """Dispatcher thread: run a quick op now, post any other to the ``model`` thread, or
+        answer ``busy`` when too many wait there (the id is forgotten: a retry may run)."""
         if self.table[command.op].quick:
             self.run(command, route)
-        else:
-            self.supervisor.post(lambda: self.run(command, route))
+            return
+        try:
+            self.supervisor.post_command(lambda: self.run(command, route))
+        except BusyError as exc:
+            self.ledger.forget("cmd", command.id)
+            self.link.reply(route, payloads.encode(
+                payloads.cmd_result(command.id, error=exc.to_dict())))
+
+    def submit_own(self, command: payloads.Command) -> None:
+        """The device's own command (SIGHUP's reload), with no one to answer: never refused,
+        and safe in a signal handler (one put on a SimpleQueue)."""
+        self.supervisor.post(lambda: self.run(command, None))
 
     def run(self, command: payloads.Command, route: ReplyRoute | None) -> None:
         """Answer one command: its result or its error, remembered in the ledger."""

@@ -18,7 +18,8 @@ Threads, and what each owns:
 - main: signal handlers (they only set ``stop_event``; SIGHUP posts a reload to ``model``),
   the sd_notify watchdog ping at half of WATCHDOG_USEC while every thread below is alive and
   the dispatcher's heartbeat is fresh (a hung dispatcher gets the unit restarted), start, stop.
-- paho's network thread, one per connection (agent.mqtt.client): decodes into ``inbox``.
+- ``mqtt-<client id>``, one per connection (agent.mqtt.network): reads the socket, decodes
+  into ``inbox``, keeps the connection alive; publishes are written by their own threads.
 - ``dispatcher`` (agent.dispatcher): owns ``inbox``; parses and validates prompts and commands,
   admits ids in the RequestLedger (agent.ledger), submits prompts to the engine, answers quick
   ops, posts slow ones to ``model``.
@@ -182,7 +183,7 @@ class Daemon:
         def reload(signum: int, frame: Any) -> None:  # systemctl reload: re-plan and swap
             command = payloads.Command(id=f"sighup-{int(time.time())}", op="reload",
                                        args=payloads.NoArgs())
-            self.ops.submit(command, None)
+            self.ops.submit_own(command)
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)

@@ -36,7 +36,7 @@ from agent.catalog.select import plan_selection
 from agent.catalog.selection import Selection
 from agent.config import AgentConfig, ModelConfig
 from agent.daemon_state import DaemonState
-from agent.errors import EdgeAgentError, RequestError
+from agent.errors import BusyError, EdgeAgentError, RequestError
 from agent.fetch.store import ModelStore
 from agent.hardware.device import DeviceInfo
 from agent.hardware.probe import probe
@@ -49,6 +49,9 @@ from agent.runtime.request import ChatMessage, GenerateRequest
 log = get_logger(__name__)
 
 Work = Callable[[], None]
+# Commands that may wait for the model thread at once; one more is answered ``busy``. Each is
+# a model change, fetch or bench of its own: more in a row is a flood, not a plan.
+MAX_COMMANDS_WAITING = 32
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,10 @@ class ModelSupervisor:
         self.status = ModelStatus()
         self.brought_up = threading.Event()
         self._loaded: Selection | None = None  # what this thread last loaded
-        self._inbox: queue.Queue[Work | None] = queue.Queue()
+        # SimpleQueue: its put is reentrant, so a signal handler may post (SIGHUP's reload).
+        self._inbox: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._commands_waiting = 0  # under _commands_lock: posted by post_command, not yet run
+        self._commands_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
 
     # -- the thread -----------------------------------------------------------------------
@@ -87,8 +93,26 @@ class ModelSupervisor:
         self.post(self._bring_up)
 
     def post(self, work: Work) -> None:
-        """Run ``work`` on the ``model`` thread after what is queued; never blocks."""
+        """Run ``work`` on the ``model`` thread after what is queued; never blocks, and is safe
+        in a signal handler."""
         self._inbox.put(work)
+
+    def post_command(self, work: Work) -> None:
+        """``post`` for a peer's command: BusyError once MAX_COMMANDS_WAITING wait already, so
+        a flood of commands neither grows the queue without end nor pushes the ids of
+        requests still in flight out of the ledger."""
+        with self._commands_lock:
+            if self._commands_waiting >= MAX_COMMANDS_WAITING:
+                raise BusyError(f"{MAX_COMMANDS_WAITING} commands already wait for the model "
+                                "thread; send it again later")
+            self._commands_waiting += 1
+
+        def run() -> None:
+            with self._commands_lock:
+                self._commands_waiting -= 1
+            work()
+
+        self._inbox.put(run)
 
     def stop(self, timeout_s: float) -> None:
         self._inbox.put(None)

@@ -247,3 +247,40 @@ def test_graceful_stop_publishes_stopped_and_exits_zero(own_daemon):
     observer.wait_for(lambda m: json.loads(m.payload)["state"] == "stopped", timeout=10)
     notes = "\n".join(daemon.read_notifications())
     assert "STOPPING=1" in notes
+
+
+def test_a_flood_of_commands_is_answered_busy_past_the_bound_and_nothing_is_lost(own_daemon):
+    """Slow ops wait for the one model thread. A flood of them must not queue without end
+    (nor push in-flight ids out of the ledger): past the bound each is answered ``busy`` at
+    once, every id is answered exactly once, and a refused id sent again runs."""
+    from agent.supervisor import MAX_COMMANDS_WAITING
+
+    _, watch = own_daemon
+    observer = watch(f"{BASE}/cmd/result")
+
+    def send(command_id: str, op: str, **args) -> None:
+        observer.publish(f"{BASE}/cmd", json.dumps({"id": command_id, "op": op, "args": args}).encode())
+
+    def answers() -> dict[str, list[dict]]:
+        found: dict[str, list[dict]] = {}
+        for message in observer.on(f"{BASE}/cmd/result"):
+            body = json.loads(message.payload)
+            found.setdefault(body["id"], []).append(body)
+        return found
+
+    send("flood-bench", "bench", max_tokens=512)  # holds the model thread for seconds
+    flood = [f"flood-{n}" for n in range(2 * MAX_COMMANDS_WAITING)]
+    for command_id in flood:
+        send(command_id, "select")
+    observer.wait_for(lambda m: len(answers()) == len(flood) + 1, timeout=180)
+    got = answers()
+    assert all(len(replies) == 1 for replies in got.values()), got
+    busy = [i for i in flood if not got[i][0]["ok"]]
+    assert busy, "no command was refused: the model thread's queue has no bound"
+    assert all(got[i][0]["error"]["code"] == "busy" for i in busy)
+    assert len(flood) - len(busy) <= MAX_COMMANDS_WAITING  # all came while the bench ran
+    assert all(got[i][0]["ok"] for i in flood if i not in busy)
+
+    send(busy[0], "select")  # forgotten when refused: it runs now
+    observer.wait_for(lambda m: len(answers()[busy[0]]) == 2, timeout=60)
+    assert answers()[busy[0]][1]["ok"]

@@ -10,7 +10,6 @@ from starlette.requests import Request
 
 from agent.errors import TooLargeError
 
-
 UPLOAD_WRITE_BYTES = 4 << 20  # an upload goes to disk in writes of about this size
 
 
@@ -19,6 +18,15 @@ class Spool(Protocol):
     limit: int
 
     def write(self, data: bytes) -> None: ...
+
+
+def refuse_declared_oversize(request: Request, limit: int) -> None:
+    """An upload whose Content-Length already says it is over ``limit`` is refused before a
+    byte is read (one that says less, or nothing, is still counted by ``spool_body``)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError(f"larger than this controller takes ({limit} bytes, "
+                            "fleet.upload_max_bytes)", field="file")
 
 
 async def spool_body(request: Request, upload: Spool) -> None:

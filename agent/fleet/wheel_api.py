@@ -22,8 +22,7 @@ from starlette.routing import Route
 from agent.catalog.signing import SIGNATURE_SUFFIX
 from agent.catalog.wheels import INDEX_NAME
 from agent.config import FleetConfig
-from agent.errors import TooLargeError
-from agent.fleet.bodies import spool_body
+from agent.fleet.bodies import refuse_declared_oversize, spool_body
 from agent.fleet.hosting import ControllerKey
 from agent.fleet.wheelhouse import WheelHouse
 
@@ -73,11 +72,7 @@ class WheelAPI:
     async def upload(self, request: Request) -> Response:
         if denied := await self._authorize(request):
             return denied
-        declared = request.headers.get("content-length")
-        limit = self.house.upload_max_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise TooLargeError(f"larger than this controller takes ({limit} bytes, "
-                                "fleet.upload_max_bytes)", field="file")
+        refuse_declared_oversize(request, self.house.upload_max_bytes)
         query = request.query_params
         upload = await run_in_threadpool(
             lambda: self.house.start_add(

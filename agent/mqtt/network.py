@@ -125,8 +125,8 @@ class NetworkLoop:
             try:
                 readable, writable, _ = select.select(
                     [sock, self._wake_read], writes, [], 0.0 if buffered else IDLE_WAIT_S)
-            except (OSError, ValueError):
-                readable = writable = []  # closed by a publishing thread that found it lost
+            except (OSError, ValueError):  # the socket was closed under this thread
+                break
             if self._wake_read in readable:
                 self._drain_wakeups()
             with self.io:
@@ -137,6 +137,11 @@ class NetworkLoop:
                     rc = self._client.loop_write()
                 if rc == paho.MQTT_ERR_SUCCESS:
                     rc = self._client.loop_misc()
+                if rc == paho.MQTT_ERR_SUCCESS and self._client.want_write():
+                    # What callbacks queued just now (on_connect's SUBSCRIBE, acks) goes out
+                    # before what they deferred is delivered: a caller told "connected" may
+                    # count on its subscriptions having been sent.
+                    rc = self._client.loop_write()
                 accepted = accepted or self._client.is_connected()
             self._deliver_deferred()
             if rc != paho.MQTT_ERR_SUCCESS:

@@ -101,8 +101,10 @@ def test_will_is_published_after_its_delay_on_a_broken_connection(broker, observ
                         will=Will("dev/status", b"lost", delay_s=1))
     client.start()
     _next(inbox, ConnectionChange)
-    client._client.socket().close()  # what a crash looks like to the broker: no DISCONNECT
-    client._client.loop_stop()
+    # What a crash looks like to the broker: the socket closes with no DISCONNECT, and no one
+    # reconnects.
+    client._network.give_up()
+    client._client.socket().close()
     start = time.monotonic()
     watcher.wait_for(lambda m: m.payload == b"lost", timeout=10)
     assert time.monotonic() - start >= 0.9

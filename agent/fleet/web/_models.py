@@ -16,8 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from agent.catalog.manifest import MAX_MANIFEST_BYTES
 from agent.catalog.signing import SIGNATURE_SUFFIX
 from agent.config import FleetConfig
-from agent.errors import TooLargeError
-from agent.fleet.bodies import spool_body
+from agent.fleet.bodies import refuse_declared_oversize, spool_body
 from agent.fleet.hosting import MAX_BUILD_FILES, ControllerKey, ModelDirectory
 from agent.fleet.web._access import Access
 from agent.fleet.web._http import bad, error_response, json_body
@@ -85,11 +84,7 @@ class ModelAPI:
         in a thread), never held whole in memory; refused past fleet.upload_max_bytes."""
         if denied := await self.access.authorize(request):
             return denied
-        declared = request.headers.get("content-length")
-        limit = self.models.upload_max_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise TooLargeError(f"larger than this controller takes ({limit}"
-                                " bytes, fleet.upload_max_bytes)", field="file")
+        refuse_declared_oversize(request, self.models.upload_max_bytes)
         upload = await run_in_threadpool(self.models.start_upload, request.path_params["name"])
         try:
             await spool_body(request, upload)
