@@ -49,8 +49,9 @@ class _Stream:
     seq: int = 0  # the next published chunk's number
     pending: list[str] = field(default_factory=list)  # deltas not yet published
     published: int = 0  # chunks handed to paho (under Replies' lock)
-    # Chunks written to the socket: counted on paho's network thread only, which must not
-    # take Replies' lock (paho holds its own locks there). Two counters, one writer each.
+    # Chunks written to the socket: counted under the connection's I/O lock by whichever
+    # thread finished the write, which must not take Replies' lock (a short write is finished
+    # by the I/O thread, without it). Two counters, each written under one lock.
     written: int = 0
     last_publish: float = 0.0
 
@@ -149,7 +150,7 @@ class Replies:
         return False
 
     def _on_written(self, request_id: str, stream: _Stream) -> None:
-        """paho's network thread: count it; wake the thread only if text waits for it. (The
+        """Under the MQTT I/O lock: count it; wake the thread only if text waits for it. (The
         count goes first and a publisher appends before it reads the count, so one of the two
         always sees the other.)"""
         stream.written += 1

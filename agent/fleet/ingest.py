@@ -1,6 +1,6 @@
 """Bounded, batched ingest of device messages: the MQTT thread enqueues, one writer commits.
 
-``offer`` runs on the MQTT network thread (and, for cmd/result, on fleet-dispatch). It reads
+``offer`` runs on the MQTT I/O thread (and, for cmd/result, on fleet-dispatch). It reads
 no JSON and does no SQL; per message it only checks the topic, the size and the device's
 rate, and enqueues the raw bytes, so the broker connection never waits on the disk. The
 writer thread wakes every ``flush_s``, decodes and validates everything queued

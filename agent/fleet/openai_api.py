@@ -20,8 +20,8 @@ shape, ``{"error": {message, type, param, code}}``, with the project's stable co
 
 Request bodies are parsed with msgspec into bounded structs. Routing (a registry snapshot and a
 sort) and publishing run in a worker thread, never on the event loop. A request crosses:
-uvicorn's loop -> a worker thread (route, publish) -> broker -> device -> broker -> paho's
-network thread -> the loop (``call_soon_threadsafe``), one hand-off each way.
+uvicorn's loop -> a worker thread (route, publish) -> broker -> device -> broker -> the MQTT
+I/O thread -> the loop (``call_soon_threadsafe``), one hand-off each way.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ SEND_BUFFER_BYTES = 32 * 1024
 
 @dataclass(frozen=True)
 class Inbound:
-    """One received message, decoded on the network thread and handled elsewhere."""
+    """One received message, decoded on the connection's I/O thread and handled elsewhere."""
 
     topic: str
     payload: bytes
@@ -104,7 +104,7 @@ class _Deliveries:
     Every publish is registered (a QoS 0 one without ``on_written`` too), so its report is
     not taken for an early one: left in ``_early``, it would outlive paho's 16-bit message
     ids and mark a later QoS 1 publish with the same id acknowledged before it was.
-    Used from the publishing threads and paho's network thread."""
+    Used under the connection's I/O lock, by the publishing threads and the I/O thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
@@ -170,7 +170,6 @@ class MQTTClient:
     ) -> None:
         self.config = config
         self.client_id = client_id
-        self.inbox = inbox
         self.is_v5 = config.protocol == "5"
         self.fatal_reason: str | None = None
         self._connected = threading.Event()
