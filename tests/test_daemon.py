@@ -259,7 +259,8 @@ def test_a_flood_of_commands_is_answered_busy_past_the_bound_and_nothing_is_lost
     observer = watch(f"{BASE}/cmd/result")
 
     def send(command_id: str, op: str, **args) -> None:
-        observer.publish(f"{BASE}/cmd", json.dumps({"id": command_id, "op": op, "args": args}).encode())
+        body = {"id": command_id, "op": op, "args": args}
+        observer.publish(f"{BASE}/cmd", json.dumps(body).encode())
 
     def answers() -> dict[str, list[dict]]:
         found: dict[str, list[dict]] = {}

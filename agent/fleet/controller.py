@@ -2,13 +2,13 @@
 
 Threads and who owns what:
 
-- the connection's I/O thread (``mqtt-<controller id>``, agent.mqtt.network) only decodes and
-  enqueues. Its "queue" is ``_InboxRouter``: status/meta/telemetry/events go straight into ingest's bounded
-  queues (the bulk of the traffic, one hop fewer; size, rate and overflow limits per device
-  are ingest's, see agent.fleet.ingest), and each record of a prompt's reply straight to its
-  waiter (one per streamed token: a waiter only enqueues, e.g. onto the web's event loop, so
-  a token crosses the I/O thread and the loop, nothing else); everything else onto the
-  dispatch queue. Only the I/O thread writes ``reply_counts``.
+- the connection's I/O thread (``mqtt-<controller id>``, agent.mqtt.network) only decodes
+  and enqueues. Its "queue" is ``_InboxRouter``: status/meta/telemetry/events go straight
+  into ingest's bounded queues (the bulk of the traffic, one hop fewer; size, rate and
+  overflow limits per device are ingest's, see agent.fleet.ingest), and each record of a
+  prompt's reply straight to its waiter (one per streamed token: a waiter only enqueues, e.g.
+  onto the web's event loop, so a token crosses the I/O thread and the loop, nothing else);
+  everything else onto the dispatch queue. Only the I/O thread writes ``reply_counts``.
 - ``fleet-dispatch`` takes cmd results to their waiter (a callback registered by the web
   side), then to ingest.
 - ``fleet-ingest`` (agent.fleet.ingest) owns batched writes to the registry and calls
