@@ -10,7 +10,9 @@ What it guarantees:
 - Reconnect with exponential backoff (``agent.mqtt.network``), re-subscribe from a local
   registry on every connect, and no retrying at all once the broker says the credentials are bad.
 - A publish is written to the socket by the thread that makes it (``agent.mqtt.network``):
-  no hand-off to a network thread per streamed chunk.
+  no hand-off to a network thread per streamed chunk. A small QoS 0 publish on a plain TCP
+  connection is built here and written whole (``agent.mqtt.packets``), without paho's
+  per-message bookkeeping; everything else is paho's.
 - QoS 1 messages published while the broker is away stay in paho's outgoing queue (bounded by
   ``outgoing_queue_limit``) and go out after the reconnect.
 
@@ -39,6 +41,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.config import MQTTConfig
 from agent.errors import ConfigError
 from agent.log import get_logger
+from agent.mqtt import packets
 from agent.mqtt.network import NetworkLoop
 
 log = get_logger(__name__)
@@ -177,6 +180,8 @@ class MQTTClient:
         self._subscriptions_lock = threading.Lock()
         self._deliveries = _Deliveries()
         self._last_properties: tuple[bytes, Properties] | None = None
+        # The last QoS 0 topic and Correlation Data, with their packet prefix (None: paho's).
+        self._last_prefix: tuple[tuple[str, bytes | None], bytes | None] | None = None
 
         self._client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
@@ -273,6 +278,9 @@ class MQTTClient:
         the socket, or the connection it waited for was lost; it runs under the connection's
         I/O lock (often inside this call), so it must only enqueue.
         """
+        if qos == 0 and not retain and response_topic is None \
+                and self._publish_whole(topic, payload, correlation_data, on_written):
+            return True
         properties = None
         if response_topic is not None and self.is_v5:
             properties = Properties(PacketTypes.PUBLISH)
@@ -291,6 +299,26 @@ class MQTTClient:
         if qos == 0 and info.rc != paho.MQTT_ERR_SUCCESS:
             return False
         self._deliveries.published(info.mid, qos, on_written)
+        return True
+
+    def _publish_whole(self, topic: str, payload: bytes, correlation_data: bytes | None,
+                       on_written: Callable[[], None] | None) -> bool:
+        """A QoS 0 publish built here and written at once (agent.mqtt.packets): a streamed
+        reply's chunks skip paho's per-message bookkeeping. False: paho publishes it."""
+        key = (topic, correlation_data)
+        cached = self._last_prefix
+        if cached is None or cached[0] != key:
+            cached = self._last_prefix = (key, packets.publish_prefix(
+                topic, correlation_data if self.is_v5 else None, v5=self.is_v5))
+        prefix = cached[1]
+        packet = packets.publish_qos0(prefix, payload) if prefix is not None else None
+        if packet is None:
+            return False
+        with self._network.io:
+            if not self._network.send_whole(packet):
+                return False
+            if on_written is not None:
+                on_written()
         return True
 
     def _correlation_properties(self, correlation_data: bytes) -> Properties:

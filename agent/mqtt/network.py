@@ -6,7 +6,8 @@ Here paho runs in its documented external-loop mode (``loop_read``/``loop_write`
 ``loop_misc``, never ``loop_start``), in which ``paho.Client.publish()`` writes the packet at
 once from the calling thread. One lock, ``io``, is held around every paho call that can touch
 the socket, so packets never interleave on the wire and a TLS socket is never read and
-written at once.
+written at once. A streamed chunk skips even paho: ``send_whole`` writes a QoS 0 PUBLISH that
+agent.mqtt.packets built, under the same lock, when nothing of paho's waits to be written.
 
 The thread (``mqtt-<client id>``) connects, waits on the socket and a wake-up socket, reads,
 writes what a short write left over, keeps the connection alive and reconnects with
@@ -32,6 +33,10 @@ import paho.mqtt.client as paho
 # How long the thread waits on a quiet connection before paho's keepalive check runs again.
 IDLE_WAIT_S = 1.0
 STOP_JOIN_S = 5.0
+# send_whole: packets up to this size (a streamed chunk; a bigger one is paho's to queue), and
+# how long the rest of one that a full send buffer cut may wait for room.
+WHOLE_PACKET_MAX_BYTES = 4096
+STALLED_WRITE_S = 10.0
 
 
 class NetworkLoop:
@@ -79,6 +84,51 @@ class NetworkLoop:
         """From a callback: hand ``item`` to ``deliver`` on this thread, outside ``io``."""
         self._deferred.append(item)
         if threading.current_thread() is not self._thread:
+            self.wake()
+
+    def send_whole(self, packet: bytes) -> bool:
+        """Write a packet built outside paho (agent.mqtt.packets) from the calling thread.
+
+        Only when it can go straight onto the wire: connected (CONNACK seen), paho has nothing
+        of its own waiting to be written (so no packet is cut into), a plain TCP socket (a TLS
+        record must be retried with the same bytes, which only paho's queue does) and a small
+        packet. False, with nothing written, otherwise: the caller hands it to paho.
+        """
+        if len(packet) > WHOLE_PACKET_MAX_BYTES:
+            return False
+        with self.io:
+            sock = self._client.socket()
+            if type(sock) is not socket.socket or self._client.want_write() \
+                    or not self._client.is_connected():
+                return False
+            try:
+                sent = sock.send(packet)
+            except OSError:  # full (BlockingIOError) or broken: paho's own write will tell
+                return False
+            if sent < len(packet):
+                self._finish_write(sock, memoryview(packet)[sent:])
+            return True
+
+    def _finish_write(self, sock: socket.socket, rest: memoryview) -> None:
+        """The rest of a packet that the kernel took only part of (its buffer filled up
+        mid-packet). No other packet may start before it ends, so this waits, under ``io``,
+        for room; a line that takes none of it for ``STALLED_WRITE_S`` is cut mid-packet and
+        must end: it is shut down, and the thread reads the end and reconnects."""
+        while rest:
+            try:
+                _, writable, _ = select.select([], [sock], [], STALLED_WRITE_S)
+                if not writable:
+                    break
+                rest = rest[sock.send(rest):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                break
+        if rest:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.wake()
 
     def written(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 _HEADER = struct.Struct(">I")
+READ_BYTES = 64 * 1024  # a pipe's capacity on Linux
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a prompt is at most a context of text; anything bigger is a bug
 
 
@@ -141,29 +142,31 @@ class FrameReader:
     def __init__(self, fd: int, frame_type: Any = Any) -> None:
         self._fd = fd
         self._decoder = msgspec.msgpack.Decoder(frame_type)
+        # What one read brought beyond the frame it finished: a streamed reply's frames are
+        # small, so most of them arrive, header and body, in a single read.
+        self._buffer = bytearray()
 
-    def _read_exactly(self, size: int) -> bytes | None:
-        chunks = []
-        remaining = size
-        while remaining:
-            chunk = os.read(self._fd, min(remaining, 1 << 20))
+    def _fill(self, size: int) -> bool:
+        """Buffer at least ``size`` bytes; False at end of file."""
+        while len(self._buffer) < size:
+            chunk = os.read(self._fd, READ_BYTES)
             if not chunk:
-                return None
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
+                return False
+            self._buffer += chunk
+        return True
 
     def receive(self) -> Any:
         """The next frame, or None at end of file (the other side is gone)."""
-        header = self._read_exactly(_HEADER.size)
-        if header is None:
+        if not self._fill(_HEADER.size):
             return None
-        (size,) = _HEADER.unpack(header)
+        (size,) = _HEADER.unpack_from(self._buffer)
         if size > MAX_FRAME_BYTES:
             raise ProtocolError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
-        body = self._read_exactly(size)
-        if body is None:
+        end = _HEADER.size + size
+        if not self._fill(end):
             return None
+        body = bytes(memoryview(self._buffer)[_HEADER.size:end])
+        del self._buffer[:end]
         try:
             return self._decoder.decode(body)
         except msgspec.DecodeError as exc:  # ValidationError included
