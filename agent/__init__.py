@@ -34,7 +34,8 @@ One prompt's path, with its hand-offs (threads → queues):
    chunk and final frames → pipe
 5. the worker's frame-reader thread in the daemon hands every record of the request, in
    order, to ``Replies.recorder``, which publishes it there (chunks QoS 0, the final QoS 1,
-   finishing the ledger entry): that thread writes the packet to the socket itself. Only
+   finishing the ledger entry): that thread writes the packet to the socket itself (a chunk
+   as one PUBLISH built by agent.mqtt.packets, without paho's per-message bookkeeping). Only
    while the line is busy does a chunk wait, for the ``replies`` thread to publish it
    coalesced with the next ones (agent.replies); only a short write leaves bytes for the
    ``mqtt-<client id>`` thread to finish.

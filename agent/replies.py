@@ -2,7 +2,7 @@
 
 The engine hands every record of a request, in order, from one thread (the worker's frame
 reader) to ``Replies.recorder(id)``. That thread publishes it at once when the line is idle:
-one hand-off from the worker to paho, no queue in between. Replies' one lock (it never
+one hand-off from the worker to the socket, no queue in between. Replies' one lock (it never
 calls into the engine, and paho's callbacks never take it) keeps the stream state and the
 order of publishes consistent with the ``replies`` thread, which publishes what the line held
 back (on a written-notice or at the interval) and the finals of requests the engine never
@@ -11,7 +11,7 @@ chunk it follows, and no chunk after its final.
 
 Streamed chunks are coalesced when the broker connection is slower than the tokens: a chunk
 is published at once when the line is idle (every chunk published before has been written to
-the socket: paho's QoS 0 publish callback); otherwise its text waits and goes out with the
+the socket: MQTTClient.publish's ``on_written``); otherwise its text waits and goes out with the
 chunks after it as one chunk, when the last outstanding publish has been written or
 ``mqtt.stream_interval_ms`` after the previous publish, whichever comes first (the interval
 also covers a written-notice that a broken connection never sends). Published chunks are
@@ -48,7 +48,7 @@ class _Stream:
     flight: InFlight
     seq: int = 0  # the next published chunk's number
     pending: list[str] = field(default_factory=list)  # deltas not yet published
-    published: int = 0  # chunks handed to paho (under Replies' lock)
+    published: int = 0  # chunks handed to MQTTClient (under Replies' lock)
     # Chunks written to the socket: counted under the connection's I/O lock by whichever
     # thread finished the write, which must not take Replies' lock (a short write is finished
     # by the I/O thread, without it). Two counters, each written under one lock.
@@ -175,7 +175,7 @@ class Replies:
         stream.seq += 1
         stream.last_publish = time.monotonic()
         route = stream.flight.route
-        stream.published += 1  # first: paho may report it written before publish() returns
+        stream.published += 1  # first: it may be reported written before publish() returns
         queued = self.mqtt.publish(route.topic, payloads.encode(body), qos=0,
                                    correlation_data=route.correlation_data,
                                    on_written=lambda: self._on_written(request_id, stream))

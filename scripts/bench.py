@@ -50,9 +50,9 @@ def render_table(result: dict) -> str:
     lines.append(f"Serving paths ({decode['model']}, {decode['max_tokens']} tokens, "
                  f"n_ctx {decode['settings']['n_ctx']}, {decode['settings']['n_threads']} threads; "
                  "medians, ratios against llama-cpp-python in-process)")
-    lines.append(f"  {'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'TTFT - engine':>14}")
+    lines.append(f"  {'path':42} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'TTFT - engine':>14}")
     for name, row in decode["paths"].items():
-        lines.append(f"  {name:34} {row['decode_tps']:12.1f} {row['decode_ratio']:7.3f} {row['ttft_ms']:9.1f} "
+        lines.append(f"  {name:42} {row['decode_tps']:12.1f} {row['decode_ratio']:7.3f} {row['ttft_ms']:9.1f} "
                      f"{row['ttft_overhead_ms']:+14.1f}")
     idle = decode["daemon_idle"]
     lines.append(f"  daemon idle, model loaded: parent RSS {idle['parent_rss_mib']:.1f} MiB, parent CPU "

@@ -7,15 +7,21 @@ machine, pinned to one variant), measured as a client of each path sees it:
 - llama-cpp-python with naive defaults (``Llama(model_path=..., n_ctx=2048)``), what a
   first attempt gets
 - edge-agent's engine (parent process, worker child)
-- edge-agent's daemon over MQTT (mosquitto on loopback, MQTT 5 response topic)
+- edge-agent's daemon over MQTT (mosquitto on loopback, MQTT 5 response topic), timed by
+  mosquitto_sub: a C client whose own CPU per message is small. On a 2-core device every
+  microsecond a client spends per token is taken from the model's two threads (a fleet's
+  clients run elsewhere), so this row is the daemon's figure, and the target's
+- the same daemon timed by a paho (Python) client in this process, which costs the model
+  several hundred microseconds per token more: what a Python client on the device itself gets
 - llama-cpp-python's own OpenAI-compatible server over HTTP (``llama_cpp.server``)
 
-The paths take turns round by round, so machine noise hits them alike. The figures are
+The paths take turns prompt by prompt, so machine noise hits them alike. The figures are
 medians, and each ratio is the median over rounds of that round's ratio to the baseline (both
 measured within seconds of each other, so a slow spell on a shared machine cancels out). Also
-measured: the daemon's idle parent RSS and CPU with the model loaded.
+measured: the CPU the daemon's parent and the broker spend per streamed token, and the
+daemon's idle parent RSS and CPU with the model loaded.
 
-    ~/.cache/edge-agent/venv/bin/python scripts/bench_decode.py [--rounds 6] [--json out.json]
+    ~/.cache/edge-agent/venv/bin/python scripts/bench_decode.py [--rounds 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,6 +63,11 @@ from tests.support.broker import Broker  # noqa: E402
 TARGETS = {"mqtt_decode_ratio_min": 0.97, "mqtt_ttft_overhead_ms_max": 3.0,
            "daemon_idle_parent_rss_mib_max": 40.0}
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
+# The same sampling on every path, said explicitly: the defaults differ (the daemon's
+# repeat_penalty is 1.1, llama-cpp-python's 1.0, and a penalty walks the whole 49k vocabulary
+# once per token on the model's own thread, about 4 % of a token here). Greedy, so every path
+# also generates the same tokens.
+SAMPLING = {"temperature": 0.0, "seed": 1, "repeat_penalty": 1.0}
 DEVICE = "bench-decode"
 
 
@@ -87,8 +98,7 @@ class InProcess:
 
     def ask(self, max_tokens: int) -> dict:
         timing = Timing()
-        for _ in self.llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0, seed=1,
-                                            stream=True):
+        for _ in self.llm.create_completion(PROMPT, max_tokens=max_tokens, stream=True, **SAMPLING):
             timing.piece()
         return timing.result()
 
@@ -108,7 +118,7 @@ class ThroughEngine:
         timing = Timing()
         final: dict = {}
         request = GenerateRequest(id=f"e{self.count}", prompt=PROMPT, max_tokens=max_tokens,
-                                  temperature=0.0, seed=1)
+                                  **SAMPLING)
         for record in self.engine.generate(request):
             if "delta" in record:
                 timing.piece()
@@ -177,7 +187,7 @@ class OverMQTT:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = "bench/decode/replies"
         props.CorrelationData = request_id.encode()
-        body = {"id": request_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1}
+        body = {"id": request_id, "prompt": PROMPT, "max_tokens": max_tokens, **SAMPLING}
         with self.cond:
             self.timings[request_id] = Timing()
         self.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1, properties=props)
@@ -185,6 +195,12 @@ class OverMQTT:
             if not self.cond.wait_for(lambda: request_id in self.finals, 120):
                 raise RuntimeError(f"no final reply for {request_id}")
         return self.timings[request_id].result(self.finals[request_id]["usage"]["completion_tokens"])
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the daemon's parent and of the broker."""
+        times = {"daemon_parent": psutil.Process(self.daemon.pid).cpu_times(),
+                 "broker": psutil.Process(self.broker.process.pid).cpu_times()}
+        return {name: t.user + t.system for name, t in times.items()}
 
     def idle_footprint(self, seconds: float = 10.0) -> dict:
         parent = psutil.Process(self.daemon.pid)
@@ -204,20 +220,95 @@ class OverMQTT:
         self.broker.stop()
 
 
+class OverMQTTByMosquittoSub:
+    """The OverMQTT daemon, timed by ``mosquitto_sub`` writing each reply message with its
+    arrival time (``%U``, the Unix clock) to a file. This process only polls that file for the
+    final, a few times per answer, and meters the CPU the daemon, the broker and the client
+    spent."""
+
+    TOPIC = "bench/decode/mosquitto-sub"
+    POLL_S = 0.05
+
+    def __init__(self, over: OverMQTT, work: Path) -> None:
+        self.over = over
+        self.path = work / "mosquitto_sub.out"
+        self.process = subprocess.Popen(
+            ["mosquitto_sub", "-h", over.broker.host, "-p", str(over.broker.port), "-V", "mqttv5",
+             "-q", "1", "-t", self.TOPIC, "-F", "%U %p", "--nodelay", "-i", "bench-decode-sub"],
+            stdout=open(self.path, "wb"), stderr=subprocess.DEVNULL)
+        self.offset = 0
+        self.count = 0
+        deadline = time.monotonic() + 10
+        while True:  # subscribed once a message of its own comes back
+            over.client.publish(self.TOPIC, b'{"id": "hello"}', qos=1)
+            time.sleep(0.2)
+            if b"hello" in self.path.read_bytes():
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("mosquitto_sub did not subscribe within 10 s")
+        self.offset = self.path.stat().st_size
+
+    def ask(self, max_tokens: int) -> dict:
+        self.count += 1
+        request_id = f"s{self.count}"
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.TOPIC
+        props.CorrelationData = request_id.encode()
+        body = {"id": request_id, "prompt": PROMPT, "max_tokens": max_tokens, **SAMPLING}
+        cpu_before = self._cpu_s()
+        timing = Timing()
+        timing.started = time.time()  # on mosquitto_sub's clock
+        self.over.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1, properties=props)
+        final = self._read_until_final(request_id, timing)
+        cpu_after = self._cpu_s()
+        tokens = final["usage"]["completion_tokens"]
+        return {**timing.result(tokens), "tokens": tokens,
+                "cpu_s": {name: cpu_after[name] - before for name, before in cpu_before.items()}}
+
+    def _cpu_s(self) -> dict[str, float]:
+        client = psutil.Process(self.process.pid).cpu_times()
+        return {**self.over.cpu_s(), "client": client.user + client.system}
+
+    def _read_until_final(self, request_id: str, timing: Timing) -> dict:
+        deadline = time.monotonic() + 120
+        pending = b""
+        while time.monotonic() < deadline:
+            time.sleep(self.POLL_S)
+            with open(self.path, "rb") as out:
+                out.seek(self.offset)
+                data = out.read()
+            self.offset += len(data)
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                stamp, _, payload = line.partition(b" ")
+                message = json.loads(payload)
+                if message.get("id") != request_id:
+                    continue
+                if message.get("done"):
+                    return message
+                if message.get("delta"):
+                    timing.arrivals.append(float(stamp))
+        raise RuntimeError(f"no final reply for {request_id} from mosquitto_sub")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
 class OverHTTP:
     def __init__(self, model: Path, selection) -> None:
         self.server = LlamaServer(model, n_ctx=selection.n_ctx, n_threads=selection.n_threads,
                                   n_batch=selection.n_batch)
 
     def ask(self, max_tokens: int) -> dict:
-        result = self.server.stream(PROMPT, max_tokens)
+        result = self.server.stream(PROMPT, max_tokens, SAMPLING)
         return {"ttft_ms": result["ttft_ms"], "decode_tps": result["decode_tokens_per_s"]}
 
     def close(self) -> None:
         self.server.close()
 
 
-def run(quant: str = "Q4_K_M", rounds: int = 6, asks: int = 3, max_tokens: int = 64) -> dict:
+def run(quant: str = "Q4_K_M", rounds: int = 10, asks: int = 3, max_tokens: int = 64) -> dict:
     ladder = ladder_dir()
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
@@ -242,7 +333,9 @@ def run(quant: str = "Q4_K_M", rounds: int = 6, asks: int = 3, max_tokens: int =
             "llama-cpp-python in-process": lambda: InProcess(model, **settings),
             "llama-cpp-python naive defaults": lambda: InProcess(model, n_ctx=2048),
             "edge-agent engine": lambda: ThroughEngine(selection, work),
-            "edge-agent daemon over MQTT": lambda: OverMQTT(daemon_config, work),
+            "edge-agent daemon over MQTT, paho client": lambda: OverMQTT(daemon_config, work),
+            "edge-agent daemon over MQTT": lambda: OverMQTTByMosquittoSub(
+                runners["edge-agent daemon over MQTT, paho client"], work),
             "llama_cpp.server over HTTP": lambda: OverHTTP(model, selection),
         }
         runners = {}
@@ -254,12 +347,17 @@ def run(quant: str = "Q4_K_M", rounds: int = 6, asks: int = 3, max_tokens: int =
                 runners[name] = make()
                 runners[name].ask(4)  # warm-up: first-use allocations are not what users see
             for _ in range(rounds):
-                for name, runner in runners.items():
-                    results[name].append([runner.ask(max_tokens) for _ in range(asks)])
-            footprint = runners["edge-agent daemon over MQTT"].idle_footprint()
-            daemon_settings = (runners["edge-agent daemon over MQTT"].meta.get("selection") or {})
+                answers: dict[str, list[dict]] = {name: [] for name in runners}
+                for _ in range(asks):  # the paths take turns ask by ask, a second or so apart
+                    for name, runner in runners.items():
+                        answers[name].append(runner.ask(max_tokens))
+                for name, answered in answers.items():
+                    results[name].append(answered)
+            daemon = runners["edge-agent daemon over MQTT, paho client"]
+            footprint = daemon.idle_footprint()
+            daemon_settings = daemon.meta.get("selection") or {}
         finally:
-            for runner in runners.values():
+            for runner in reversed(runners.values()):  # the mosquitto_sub client before its daemon
                 runner.close()
 
     baseline = "llama-cpp-python in-process"
@@ -271,6 +369,11 @@ def run(quant: str = "Q4_K_M", rounds: int = 6, asks: int = 3, max_tokens: int =
         answers = [answer for answers in rounds_of for answer in answers]
         table[name] = {"decode_tps": statistics.median(a["decode_tps"] for a in answers),
                        "ttft_ms": statistics.median(a["ttft_ms"] for a in answers)}
+        if "cpu_s" in answers[0]:  # summed over the run: one answer is a few clock ticks
+            tokens = sum(a["tokens"] for a in answers)
+            table[name]["cpu_us_per_token"] = {
+                process: sum(a["cpu_s"][process] for a in answers) / tokens * 1e6
+                for process in answers[0]["cpu_s"]}
     base_tps = per_round(baseline, "decode_tps")
     engine_ttft = per_round("edge-agent engine", "ttft_ms")
     for name, row in table.items():
@@ -295,10 +398,13 @@ def run(quant: str = "Q4_K_M", rounds: int = 6, asks: int = 3, max_tokens: int =
 def print_table(result: dict) -> None:
     print(f"model {result['model']}  settings {result['settings']}  "
           f"(load average {result['load_average'][0]:.1f})")
-    print(f"{'path':34} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'vs engine':>10}")
+    print(f"{'path':42} {'decode tok/s':>12} {'ratio':>7} {'TTFT ms':>9} {'vs engine':>10}")
     for name, row in result["paths"].items():
-        print(f"{name:34} {row['decode_tps']:12.1f} {row['decode_ratio']:7.3f} {row['ttft_ms']:9.1f} "
+        print(f"{name:42} {row['decode_tps']:12.1f} {row['decode_ratio']:7.3f} {row['ttft_ms']:9.1f} "
               f"{row['ttft_overhead_ms']:+10.1f}")
+    cpu = result["paths"]["edge-agent daemon over MQTT"]["cpu_us_per_token"]
+    print(f"CPU per streamed token over MQTT: daemon parent {cpu['daemon_parent']:.0f} µs, "
+          f"broker {cpu['broker']:.0f} µs, mosquitto_sub {cpu['client']:.0f} µs")
     idle = result["daemon_idle"]
     print(f"daemon idle with the model loaded: parent RSS {idle['parent_rss_mib']:.1f} MiB, "
           f"parent CPU {idle['parent_cpu_percent']:.2f} %, worker RSS {idle['worker_rss_mib']:.1f} MiB")
@@ -312,7 +418,7 @@ def print_table(result: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quant", default="Q4_K_M")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--asks", type=int, default=3, help="prompts per path per round")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path)

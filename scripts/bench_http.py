@@ -50,10 +50,12 @@ class LlamaServer:
                 time.sleep(0.2)
         raise RuntimeError("llama_cpp.server did not come up within 120 s")
 
-    def stream(self, prompt: str, max_tokens: int) -> dict:
-        """One streamed completion: TTFT and decode tok/s as the HTTP client sees them."""
+    def stream(self, prompt: str, max_tokens: int, sampling: dict | None = None) -> dict:
+        """One streamed completion: TTFT and decode tok/s as the HTTP client sees them.
+        ``sampling``: request fields beside the greedy default (the server's repeat_penalty
+        is 1.1 unless told)."""
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": 1,
-                "stream": True}
+                "stream": True, **(sampling or {})}
         arrivals: list[float] = []
         started = time.perf_counter()
         with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=300) as response:
