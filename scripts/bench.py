@@ -54,6 +54,9 @@ def render_table(result: dict) -> str:
     for name, row in decode["paths"].items():
         lines.append(f"  {name:42} {row['decode_tps']:12.1f} {row['decode_ratio']:7.3f} {row['ttft_ms']:9.1f} "
                      f"{row['ttft_overhead_ms']:+14.1f}")
+    cpu = decode["paths"]["edge-agent daemon over MQTT"]["cpu_us_per_token"]
+    lines.append(f"  CPU per streamed token over MQTT: daemon parent {cpu['daemon_parent']:.0f} µs, "
+                 f"broker {cpu['broker']:.0f} µs, mosquitto_sub {cpu['client']:.0f} µs")
     idle = decode["daemon_idle"]
     lines.append(f"  daemon idle, model loaded: parent RSS {idle['parent_rss_mib']:.1f} MiB, parent CPU "
                  f"{idle['parent_cpu_percent']:.2f} %, worker RSS {idle['worker_rss_mib']:.1f} MiB")
@@ -129,7 +132,7 @@ def main() -> int:
     started = time.monotonic()
     result: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     print("bench: serving paths …", file=sys.stderr, flush=True)
-    result["decode"] = bench_decode.run(rounds=3 if args.quick else 6)
+    result["decode"] = bench_decode.run(rounds=3 if args.quick else 10)
     print("bench: memory estimator …", file=sys.stderr, flush=True)
     result["estimator"] = bench_estimator.run()
     print("bench: speed prediction vs measurement …", file=sys.stderr, flush=True)

@@ -63,10 +63,10 @@ from tests.support.broker import Broker  # noqa: E402
 TARGETS = {"mqtt_decode_ratio_min": 0.97, "mqtt_ttft_overhead_ms_max": 3.0,
            "daemon_idle_parent_rss_mib_max": 40.0}
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
-# The same sampling on every path, said explicitly: the defaults differ (the daemon's
-# repeat_penalty is 1.1, llama-cpp-python's 1.0, and a penalty walks the whole 49k vocabulary
-# once per token on the model's own thread, about 4 % of a token here). Greedy, so every path
-# also generates the same tokens.
+# The same sampling on every path, said explicitly: the defaults differ (the daemon's and
+# llama_cpp.server's repeat_penalty is 1.1, llama-cpp-python's 1.0, and a penalty walks the
+# whole 49k vocabulary once per token on the model's own thread: 0.975 of the speed here,
+# median of 12 pairs). Greedy, so every path also generates the same tokens.
 SAMPLING = {"temperature": 0.0, "seed": 1, "repeat_penalty": 1.0}
 DEVICE = "bench-decode"
 
@@ -258,7 +258,8 @@ class OverMQTTByMosquittoSub:
         cpu_before = self._cpu_s()
         timing = Timing()
         timing.started = time.time()  # on mosquitto_sub's clock
-        self.over.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1, properties=props)
+        self.over.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1,
+                                 properties=props)
         final = self._read_until_final(request_id, timing)
         cpu_after = self._cpu_s()
         tokens = final["usage"]["completion_tokens"]
@@ -308,11 +309,14 @@ class OverHTTP:
         self.server.close()
 
 
-def run(quant: str = "Q4_K_M", rounds: int = 10, asks: int = 3, max_tokens: int = 64) -> dict:
+def run(quant: str = "Q4_K_M", rounds: int = 10, asks: int = 3, max_tokens: int = 64,
+        threads: int | None = None) -> dict:
     ladder = ladder_dir()
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         work = Path(tmp)
         model_config = {"manifest": str(ladder / "manifest.json"), "pin": quant}
+        if threads is not None:
+            model_config["n_threads"] = threads
         # The local test ladder: nothing to verify it against, so unsigned is fine here.
         agent_config = AgentConfig(device_id=DEVICE, state_dir=str(work / "plan-state"),
                                    model=ModelConfig(**model_config),
@@ -421,10 +425,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--asks", type=int, default=3, help="prompts per path per round")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int,
+                        help="model.n_threads for every path but the naive one (default: the "
+                             "selector's, all physical cores); fewer leave a core to the broker, "
+                             "the daemon's relay and the client")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     configure_logging("warning")
-    result = run(args.quant, args.rounds, args.asks, args.max_tokens)
+    result = run(args.quant, args.rounds, args.asks, args.max_tokens, args.threads)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -42,7 +42,8 @@ def publish_prefix(topic: str, correlation_data: bytes | None, *, v5: bool) -> b
         return header
     properties = b""
     if correlation_data is not None:
-        properties = bytes((_CORRELATION_DATA,)) + _U16.pack(len(correlation_data)) + correlation_data
+        properties = (bytes((_CORRELATION_DATA,)) + _U16.pack(len(correlation_data))
+                      + correlation_data)
     return header + _varint(len(properties)) + properties
 
 
