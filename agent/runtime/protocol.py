@@ -165,7 +165,7 @@ class FrameReader:
         end = _HEADER.size + size
         if not self._fill(end):
             return None
-        body = bytes(memoryview(self._buffer)[_HEADER.size:end])
+        body = self._buffer[_HEADER.size:end]
         del self._buffer[:end]
         try:
             return self._decoder.decode(body)
