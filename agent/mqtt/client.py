@@ -38,7 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import MQTTConfig
+from agent.config import MQTTConfig, TLSConfig
 from agent.errors import ConfigError
 from agent.log import get_logger
 from agent.mqtt import packets
@@ -180,8 +180,7 @@ class MQTTClient:
         self._subscriptions_lock = threading.Lock()
         self._deliveries = _Deliveries()
         self._last_properties: tuple[bytes, Properties] | None = None
-        # The last QoS 0 topic and Correlation Data, with their packet prefix (None: paho's).
-        self._last_prefix: tuple[tuple[str, bytes | None], bytes | None] | None = None
+        self._qos0_packets = packets.Qos0Packets(v5=self.is_v5)
 
         self._client = paho.Client(
             callback_api_version=paho.CallbackAPIVersion.VERSION2,
@@ -201,11 +200,11 @@ class MQTTClient:
         username = config.username or client_id
         self._client.username_pw_set(username, password)
         if config.tls.enabled:
-            self._configure_tls()
+            _configure_tls(self._client, config.tls)
         if will is not None:
             self._client.will_set(
                 will.topic, will.payload, qos=will.qos, retain=will.retain,
-                properties=self._will_properties(will) if self.is_v5 else None,
+                properties=_will_properties(will) if self.is_v5 else None,
             )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -305,13 +304,7 @@ class MQTTClient:
                        on_written: Callable[[], None] | None) -> bool:
         """A QoS 0 publish built here and written at once (agent.mqtt.packets): a streamed
         reply's chunks skip paho's per-message bookkeeping. False: paho publishes it."""
-        key = (topic, correlation_data)
-        cached = self._last_prefix
-        if cached is None or cached[0] != key:
-            cached = self._last_prefix = (key, packets.publish_prefix(
-                topic, correlation_data if self.is_v5 else None, v5=self.is_v5))
-        prefix = cached[1]
-        packet = packets.publish_qos0(prefix, payload) if prefix is not None else None
+        packet = self._qos0_packets.build(topic, payload, correlation_data)
         if packet is None:
             return False
         with self._network.io:
@@ -412,22 +405,21 @@ class MQTTClient:
                     reason_code: ReasonCode, properties: Any) -> None:
         self._deliveries.done(mid)
 
-    # -- setup ------------------------------------------------------------------------------
 
-    def _will_properties(self, will: Will) -> Properties:
-        properties = Properties(PacketTypes.WILLMESSAGE)
-        properties.WillDelayInterval = will.delay_s
-        return properties
+def _will_properties(will: Will) -> Properties:
+    properties = Properties(PacketTypes.WILLMESSAGE)
+    properties.WillDelayInterval = will.delay_s
+    return properties
 
-    def _configure_tls(self) -> None:
-        tls = self.config.tls
-        try:
-            self._client.tls_set(
-                ca_certs=tls.ca_file,
-                certfile=tls.cert_file,
-                keyfile=tls.key_file,
-                cert_reqs=ssl.CERT_REQUIRED if tls.verify else ssl.CERT_NONE,
-            )
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"mqtt.tls: cannot set up TLS: {exc}", key="mqtt.tls") from exc
+
+def _configure_tls(client: paho.Client, tls: TLSConfig) -> None:
+    try:
+        client.tls_set(
+            ca_certs=tls.ca_file,
+            certfile=tls.cert_file,
+            keyfile=tls.key_file,
+            cert_reqs=ssl.CERT_REQUIRED if tls.verify else ssl.CERT_NONE,
+        )
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"mqtt.tls: cannot set up TLS: {exc}", key="mqtt.tls") from exc
 

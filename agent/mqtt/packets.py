@@ -4,8 +4,9 @@ paho builds a PUBLISH through ~150 Python calls (a message-info object, the pack
 written-callback with a fresh ReasonCode and Properties), which on a device whose cores are
 all decoding cost more per token than the token's own bookkeeping. A QoS 0 PUBLISH has no
 packet id and no state, so its bytes are a pure function of topic, properties and payload
-(MQTT 5.0 §3.3, MQTT 3.1.1 §3.3). ``agent.mqtt.network.NetworkLoop.send_whole`` writes them;
-everything else still goes through paho.
+(MQTT 5.0 §3.3, MQTT 3.1.1 §3.3). ``agent.mqtt.client.MQTTClient`` builds them with
+``Qos0Packets`` and ``agent.mqtt.network.NetworkLoop.send_whole`` writes them; everything else
+still goes through paho.
 """
 
 from __future__ import annotations
@@ -53,3 +54,22 @@ def publish_qos0(prefix: bytes, payload: bytes) -> bytes | None:
     if remaining > _MAX_REMAINING:
         return None
     return bytes((_PUBLISH_QOS0,)) + _varint(remaining) + prefix + payload
+
+
+class Qos0Packets:
+    """One connection's QoS 0 packets, keeping the variable header of the last topic and
+    Correlation Data: every chunk of a streamed reply shares them."""
+
+    def __init__(self, *, v5: bool) -> None:
+        self._v5 = v5
+        self._last: tuple[tuple[str, bytes | None], bytes | None] | None = None
+
+    def build(self, topic: str, payload: bytes, correlation_data: bytes | None) -> bytes | None:
+        """The packet, or None where paho must build it. Correlation Data is left out on
+        3.1.1, as paho leaves it out."""
+        key = (topic, correlation_data)
+        last = self._last
+        if last is None or last[0] != key:
+            prefix = publish_prefix(topic, correlation_data if self._v5 else None, v5=self._v5)
+            last = self._last = (key, prefix)
+        return publish_qos0(last[1], payload) if last[1] is not None else None
