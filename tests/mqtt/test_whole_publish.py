@@ -47,7 +47,7 @@ def test_whole_written_publishes_arrive_as_sent(broker, observer, monkeypatch, p
     watcher = observer()
     watcher.subscribe("replies/#")
     client, _ = _connected_client(broker, protocol)
-    # Remaining Length takes 1, 2 and 3 bytes across these; 5000 is past the whole-write size.
+    # Remaining Length takes 1 and 2 bytes across these; 5000 is past the whole-write size.
     sizes = [0, 1, 100, 127, 128, 4000, 5000, 3]
     written = []
     try:
