@@ -147,3 +147,40 @@ def test_a_wheel_whose_metadata_inflates_to_hundreds_of_mib_is_refused(fleet, ap
     wheel = make_wheel(tmp_path / "edge_agent-0.2.0-py3-none-any.whl", "edge-agent", "0.2.0")
     assert api.put(f"/api/wheels/{wheel.name}", content=wheel.read_bytes()).status_code == 201
     assert signed_index(api).agent_wheel("0.2.0") is not None
+
+
+def test_a_wheel_upload_past_the_limit_is_refused_before_its_body(tmp_path: Path, broker,
+                                                                  credentials) -> None:
+    """A client that claims 10 GiB and sends nothing more is answered 413 at once, not waited
+    for; one that declares nothing is counted and stopped at the limit; the next upload works."""
+    import socket
+
+    import httpx
+
+    from agent.fleet.service import FleetService
+    from tests.fleet.conftest import make_config
+
+    service = FleetService(make_config(tmp_path, broker, upload_max_bytes=1 << 20)).start()
+    try:
+        host, port = service.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as claimer:
+            claimer.sendall(
+                b"PUT /api/wheels/edge_agent-0.3.0-py3-none-any.whl HTTP/1.1\r\n"
+                b"Host: fleet\r\nAuthorization: Bearer " + credentials.token.encode() + b"\r\n"
+                b"Content-Length: 10737418240\r\n\r\nPK")
+            answer = claimer.recv(4096)  # within the timeout: the body is never awaited
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b'"too_large"' in answer
+        with httpx.Client(base_url=service.url, timeout=60,
+                          headers={"Authorization": f"Bearer {credentials.token}"}) as api:
+            undeclared = api.put("/api/wheels/edge_agent-0.3.0-py3-none-any.whl",
+                                 content=(bytes(1 << 19) for _ in range(3)))
+            assert undeclared.status_code == 413
+            assert undeclared.json()["error"]["code"] == "too_large"
+            assert signed_index(api).agent == []
+            wheel = make_wheel(tmp_path / "edge_agent-0.2.0-py3-none-any.whl", "edge-agent",
+                               "0.2.0")
+            added = api.put(f"/api/wheels/{wheel.name}", content=wheel.read_bytes())
+            assert added.status_code == 201
+    finally:
+        service.stop()
