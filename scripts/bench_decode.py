@@ -18,8 +18,8 @@ machine, pinned to one variant), measured as a client of each path sees it:
 The paths take turns prompt by prompt, so machine noise hits them alike. The figures are
 medians, and each ratio is the median over rounds of that round's ratio to the baseline (both
 measured within seconds of each other, so a slow spell on a shared machine cancels out). Also
-measured: the CPU the daemon's parent and the broker spend per streamed token, and the
-daemon's idle parent RSS and CPU with the model loaded.
+measured: the CPU the daemon's parent, the broker and mosquitto_sub spend per streamed token,
+and the daemon's idle parent RSS and CPU with the model loaded.
 
     ~/.cache/edge-agent/venv/bin/python scripts/bench_decode.py [--rounds 10] [--json out.json]
 """
@@ -184,17 +184,20 @@ class OverMQTT:
     def ask(self, max_tokens: int) -> dict:
         self.count += 1
         request_id = f"m{self.count}"
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = "bench/decode/replies"
-        props.CorrelationData = request_id.encode()
-        body = {"id": request_id, "prompt": PROMPT, "max_tokens": max_tokens, **SAMPLING}
         with self.cond:
             self.timings[request_id] = Timing()
-        self.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1, properties=props)
+        self.send_prompt(request_id, max_tokens, "bench/decode/replies")
         with self.cond:
             if not self.cond.wait_for(lambda: request_id in self.finals, 120):
                 raise RuntimeError(f"no final reply for {request_id}")
         return self.timings[request_id].result(self.finals[request_id]["usage"]["completion_tokens"])
+
+    def send_prompt(self, request_id: str, max_tokens: int, response_topic: str) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = response_topic
+        props.CorrelationData = request_id.encode()
+        body = {"id": request_id, "prompt": PROMPT, "max_tokens": max_tokens, **SAMPLING}
+        self.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1, properties=props)
 
     def cpu_s(self) -> dict[str, float]:
         """CPU seconds so far of the daemon's parent and of the broker."""
@@ -251,15 +254,10 @@ class OverMQTTByMosquittoSub:
     def ask(self, max_tokens: int) -> dict:
         self.count += 1
         request_id = f"s{self.count}"
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.TOPIC
-        props.CorrelationData = request_id.encode()
-        body = {"id": request_id, "prompt": PROMPT, "max_tokens": max_tokens, **SAMPLING}
         cpu_before = self._cpu_s()
         timing = Timing()
         timing.started = time.time()  # on mosquitto_sub's clock
-        self.over.client.publish(f"edge/v1/{DEVICE}/prompt", json.dumps(body), qos=1,
-                                 properties=props)
+        self.over.send_prompt(request_id, max_tokens, self.TOPIC)
         final = self._read_until_final(request_id, timing)
         cpu_after = self._cpu_s()
         tokens = final["usage"]["completion_tokens"]
